@@ -1,0 +1,155 @@
+"""Shared file plumbing for the datasets: where data lives, checksums, downloads, extraction.
+
+Everything that writes goes through a temporary name beside the target and ``os.replace``, so
+an interrupted download or extraction never leaves something that looks complete.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import http.client
+import os
+import shutil
+import tarfile
+import tempfile
+import urllib.request
+import zlib
+from collections.abc import Iterator
+from pathlib import Path
+from typing import BinaryIO
+
+from tqdm import tqdm
+
+from ..errors import DataError
+
+TIMEOUT_S = 30.0
+_CHUNK = 1 << 20
+_STAMP = ".fastdarts-source"
+
+
+class DownloadError(Exception):
+    """A download failed; the message is the reason, for the dataset to wrap in a DataError."""
+
+
+def cache_dir() -> Path:
+    """The user cache folder: $FASTDARTS_CACHE, else $XDG_CACHE_HOME/fastdarts, else ~/.cache."""
+    explicit = os.environ.get("FASTDARTS_CACHE")
+    if explicit:
+        return Path(explicit).expanduser()
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    # The XDG spec says to ignore relative paths.
+    if xdg and os.path.isabs(xdg):
+        return Path(xdg) / "fastdarts"
+    return Path.home() / ".cache" / "fastdarts"
+
+
+def env_data_dir(name: str) -> Path | None:
+    """``$FASTDARTS_DATA/<name>`` when the variable is set, else None."""
+    root = os.environ.get("FASTDARTS_DATA")
+    return Path(root).expanduser() / name if root else None
+
+
+def file_digest(path: Path, algorithm: str) -> str:
+    """Hex digest of a file, read in chunks."""
+    # Not hashlib.file_digest: that needs Python 3.11 and the package supports 3.10.
+    digest = hashlib.new(algorithm)
+    with open(path, "rb") as f:
+        while chunk := f.read(_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def check_digest(path: Path, algorithm: str, expected: str, what: str) -> None:
+    """Raise DataError unless the file at ``path`` has the expected digest."""
+    if file_digest(path, algorithm) != expected:
+        raise DataError(f"{path}: {algorithm} mismatch (corrupt or not {what}); replace it")
+
+
+@contextlib.contextmanager
+def atomic_write(dest: Path) -> Iterator[BinaryIO]:
+    """Open a temporary file beside ``dest``; it becomes ``dest`` only if the block succeeds."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".part")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, dest)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+
+
+def download(url: str, dest: Path, algorithm: str, expected: str) -> None:
+    """Fetch ``url`` into ``dest`` atomically and verify its digest; raise DownloadError."""
+    request = urllib.request.Request(url, headers={"User-Agent": "fastdarts"})
+    try:
+        with (
+            urllib.request.urlopen(request, timeout=TIMEOUT_S) as response,
+            atomic_write(dest) as out,
+            tqdm(
+                total=getattr(response, "length", None),
+                desc=f"downloading {dest.name}",
+                unit="B",
+                unit_scale=True,
+                disable=None,  # no bar when stderr is not a terminal
+            ) as bar,
+        ):
+            digest = hashlib.new(algorithm)
+            while chunk := response.read(_CHUNK):
+                digest.update(chunk)
+                out.write(chunk)
+                bar.update(len(chunk))
+            if digest.hexdigest() != expected:
+                # Raising inside the block makes atomic_write discard the temporary file.
+                raise DownloadError(f"{url}: {algorithm} mismatch")
+    except (OSError, http.client.HTTPException) as e:
+        raise DownloadError(f"{url}: {e}") from e
+
+
+def extract_tar_once(archive: Path, dest: Path, stamp: str) -> Path:
+    """Extract ``archive`` into ``dest`` unless ``dest`` already holds it (same ``stamp``).
+
+    Extraction goes to a temporary folder beside ``dest`` that is renamed into place, so a
+    killed run leaves no half tree; ``stamp`` identifies the archive so a different one is
+    extracted afresh instead of reusing a stale tree.
+    """
+    if _read_stamp(dest) == stamp:
+        return dest
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".part"))
+    # mkdtemp makes the folder private (0700); the tree should read like any other cache entry.
+    tmp.chmod(0o755)
+    try:
+        try:
+            with tarfile.open(archive) as tar:
+                members = tqdm(tar, desc=f"extracting {archive.name}", unit=" files", disable=None)
+                tar.extractall(tmp, members=members, filter="data")
+        except (tarfile.TarError, OSError, EOFError, zlib.error) as e:
+            raise DataError(f"{archive}: cannot extract ({e}); replace the archive") from e
+        (tmp / _STAMP).write_text(stamp)
+        _swap_into_place(tmp, dest, stamp)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return dest
+
+
+def _read_stamp(tree: Path) -> str | None:
+    try:
+        return (tree / _STAMP).read_text()
+    except OSError:
+        return None
+
+
+def _swap_into_place(tmp: Path, dest: Path, stamp: str) -> None:
+    if dest.exists():
+        # Another process may have finished the same extraction meanwhile: keep its tree.
+        if _read_stamp(dest) == stamp:
+            return
+        # os.replace cannot overwrite a non-empty folder: move the stale tree aside first.
+        stale = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".old"))
+        os.replace(dest, stale / dest.name)
+        shutil.rmtree(stale, ignore_errors=True)
+    os.replace(tmp, dest)

@@ -1,0 +1,1 @@
+"""Fast ops and the single place that chooses between them and the reference."""

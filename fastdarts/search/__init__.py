@@ -1,0 +1,1 @@
+"""The bilevel search: mask sampler, architect, per-space tasks, loop and CLI."""

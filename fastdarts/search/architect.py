@@ -1,0 +1,200 @@
+r"""The architecture (α) step of DARTS: first or second order (reference implementation).
+
+First order: α-grad = ∇α L_val(w, α).
+
+Second order, one rule for both spaces (η the weight step's learning rate, λ its weight
+decay, μ its momentum and buf its momentum buffer, zero before the first step):
+
+    g  = ∇w L_train(w, α)                       c = min(1, clip / ‖g‖)   (1 with no clip)
+    w' = w − η · (μ · buf + c · g + λ · w)
+    v  = ∇w' L_val(w', α), clipped to norm ``clip`` as well (when there is one)
+    ε  = r / ‖v‖,  r = 0.01,   w± = w ± ε · v
+    α-grad = ∇α L_val(w', α) − η · c · (∇α L_train(w⁺, α) − ∇α L_train(w⁻, α)) / (2ε)
+
+- CNN: μ = 0.9, λ = 3e-4, no clip, η the cosine-scheduled learning rate.
+- RNN: μ = 0, λ = 5e-7, clip 0.25, η = ξ, the step's learning rate after its rescaling by
+  seq_len / bptt; the losses are the plain NLL (no activation regularisation).
+
+The last term is η·c times a central finite difference of the Hessian-vector product
+∇²_{α,w} L_train · v; its truncation error is (ε²/6)·∂³ of ∇α L_train along v, i.e. of
+relative order r² ≈ 1e-4 times the loss's third- to first-derivative ratio along v̂
+(``hvp="exact"`` replaces it by double backward). The passes at w' and w± reuse the masks
+of the matching pass at w (the train masks for w±), so the difference quotient
+differentiates one function; they update no BatchNorm running statistics.
+
+``compat="darts"`` reproduces the published code instead, where it departs from the maths:
+its correction is scaled by clip/‖g‖ even when that exceeds 1 (nothing was clipped); its
+virtual model keeps the old tied embedding (the state_dict load of the copied model writes
+the stale ``decoder.weight`` over the updated ``encoder.weight``); every pass draws new
+dropout masks, w⁺ and w⁻ included; w± are formed in place (w + εv − 2εv + εv, which
+rounds); and the w± passes update BatchNorm running statistics.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch.func import functional_call
+
+from fastdarts.search.masks import MaskSampler
+from fastdarts.spaces.base import Batch, SearchModel, SearchOutput
+
+COMPAT_MODES = ("darts",)
+HVP_MODES = ("fd", "exact")
+
+
+@dataclass(frozen=True)
+class UnrollRule:
+    """The virtual step's hyper-parameters besides η (see the module docstring)."""
+
+    momentum: float = 0.0
+    weight_decay: float = 0.0
+    clip: float | None = None
+
+
+def _norm(tensors: list[torch.Tensor]) -> torch.Tensor:
+    return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(t) for t in tensors]))
+
+
+class Architect:
+    """Computes α-gradients and steps α's optimiser.
+
+    ``step(train, val, lr, weight_optimizer)`` runs one α step and returns the validation
+    pass's output (its ``state`` is the RNN's next validation hidden state).
+    """
+
+    def __init__(
+        self,
+        model: SearchModel,
+        optimizer: torch.optim.Optimizer,
+        sampler: MaskSampler,
+        *,
+        order: int = 2,
+        rule: UnrollRule = UnrollRule(),
+        compat: str | None = None,
+        hvp: str = "fd",
+        fd_radius: float = 0.01,
+    ) -> None:
+        if order not in (1, 2):
+            raise ValueError(f"order must be 1 or 2, got {order}")
+        if compat not in (None, *COMPAT_MODES):
+            raise ValueError(f"compat must be one of {COMPAT_MODES} or None, got {compat!r}")
+        if hvp not in HVP_MODES:
+            raise ValueError(f"hvp must be one of {HVP_MODES}, got {hvp!r}")
+        if compat and hvp != "fd":
+            raise ValueError("compat='darts' reproduces the finite-difference HVP only")
+        self.model, self.optimizer, self.sampler = model, optimizer, sampler
+        self.order, self.rule, self.compat, self.hvp = order, rule, compat, hvp
+        self.fd_radius = fd_radius
+
+    def step(
+        self,
+        train: Batch,
+        val: Batch,
+        lr: float,
+        weight_optimizer: torch.optim.Optimizer | None = None,
+    ) -> SearchOutput:
+        """One α update; ``lr`` is η (ξ for the RNN), ``weight_optimizer`` holds the momentum."""
+        out, grads = self.alpha_grads(train, val, lr, weight_optimizer)
+        for alpha, grad in zip(self.model.arch_parameters(), grads):
+            alpha.grad = grad
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return out
+
+    def alpha_grads(
+        self,
+        train: Batch,
+        val: Batch,
+        lr: float,
+        weight_optimizer: torch.optim.Optimizer | None = None,
+    ) -> tuple[SearchOutput, list[torch.Tensor]]:
+        """The α-gradient of this step (without applying it) and the validation output."""
+        if self.order == 1:
+            out = self.model(val, self._masks(val))
+            return out, list(torch.autograd.grad(out.loss, self.model.arch_parameters()))
+        return self._second_order(train, val, lr, weight_optimizer)
+
+    def _masks(self, batch: Batch) -> dict[str, torch.Tensor]:
+        dtype = next(iter(self.model.weights())).dtype
+        return self.sampler.draw(self.model.mask_specs(batch), dtype)
+
+    def _second_order(self, train, val, lr, weight_optimizer):
+        model, rule = self.model, self.rule
+        alphas = model.arch_parameters()
+        names, weights = zip(*model.named_weights())
+
+        train_masks = self._masks(train)
+        out_train = model(train, train_masks)
+        g = torch.autograd.grad(out_train.loss, weights, create_graph=self.hvp == "exact")
+        c_step = c_hvp = torch.ones((), dtype=weights[0].dtype, device=weights[0].device)
+        if rule.clip is not None:
+            coef = rule.clip / (_norm([t.detach() for t in g]) + 1e-6)
+            c_step = coef.clamp(max=1.0)
+            c_hvp = coef if self.compat else c_step
+
+        with torch.no_grad():
+            virtual = []
+            for name, p, gi in zip(names, weights, g):
+                if self.compat and name in model.tied_weight_names:
+                    virtual.append(p.detach().clone())
+                    continue
+                step = c_step * gi + rule.weight_decay * p
+                if rule.momentum:
+                    buf = self._momentum_buffer(weight_optimizer, p)
+                    if buf is not None:
+                        step = step + rule.momentum * buf
+                virtual.append(p - lr * step)
+        virtual = [t.requires_grad_() for t in virtual]
+
+        val_masks = self._masks(val)
+        with model.frozen_bn_stats():
+            out_val = functional_call(model, dict(zip(names, virtual)), (val, val_masks))
+        grads = torch.autograd.grad(out_val.loss, [*alphas, *virtual])
+        dalpha, v = list(grads[: len(alphas)]), list(grads[len(alphas) :])
+        if rule.clip is not None:
+            c_v = (rule.clip / (_norm(v) + 1e-6)).clamp(max=1.0)
+            v = [t * c_v for t in v]
+
+        if self.hvp == "exact":
+            hvp = torch.autograd.grad(g, alphas, grad_outputs=v)
+        elif self.compat:
+            hvp = self._hvp_fd_in_place(v, train)
+        else:
+            hvp = self._hvp_fd(names, weights, v, train, train_masks)
+        return out_val, [d - lr * c_hvp * h for d, h in zip(dalpha, hvp)]
+
+    @staticmethod
+    def _momentum_buffer(optimizer, p):
+        if optimizer is None:
+            return None
+        return optimizer.state.get(p, {}).get("momentum_buffer")
+
+    def _hvp_fd(self, names, weights, v, train, masks):
+        """(∇α L_train(w + εv) − ∇α L_train(w − εv)) / 2ε, evaluated functionally."""
+        model, alphas = self.model, self.model.arch_parameters()
+        eps = self.fd_radius / _norm(v)
+        diffs = []
+        for sign in (1.0, -1.0):
+            shifted = {n: p.detach() + (sign * eps) * t for n, p, t in zip(names, weights, v)}
+            with model.frozen_bn_stats():
+                loss = functional_call(model, shifted, (train, masks)).loss
+            diffs.append(torch.autograd.grad(loss, alphas))
+        return [(gp - gn) / (2 * eps) for gp, gn in zip(*diffs)]
+
+    def _hvp_fd_in_place(self, v, train):
+        """The published code's version: w moved in place, new masks for each pass."""
+        model, alphas, weights = self.model, self.model.arch_parameters(), self.model.weights()
+        eps = self.fd_radius / _norm(v)
+        diffs = []
+        for shift in (eps, -2 * eps):
+            with torch.no_grad():
+                for p, t in zip(weights, v):
+                    p.add_(t, alpha=float(shift))
+            loss = model(train, self._masks(train)).loss
+            diffs.append(torch.autograd.grad(loss, alphas))
+        with torch.no_grad():
+            for p, t in zip(weights, v):
+                p.add_(t, alpha=float(eps))
+        return [(gp - gn) / (2 * eps) for gp, gn in zip(*diffs)]

@@ -1,0 +1,97 @@
+"""Search settings: the paper's defaults per space, and which settings a resume must keep."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+SPACES = {"rnn": "ptb", "cnn": "cifar10"}  # space -> its dataset
+
+
+@dataclass
+class SearchConfig:
+    """Every setting of a search run. ``None`` means the space's paper default."""
+
+    space: str = "rnn"
+    dataset: str | None = None
+    order: int = 2
+    epochs: int = 50
+    max_steps: int | None = None
+    epoch_steps: int | None = None  # cap on steps per epoch (quick trials and tests)
+    batch_size: int | None = None
+    seed: int = 2
+    device: str | None = None
+    dtype: str = "float32"
+    data: str | None = None
+    out: str = "runs/search"
+    resume: bool = False
+    backend: str = "reference"
+    compat: str | None = None
+    hvp: str = "fd"
+    threads: int | None = None
+    checkpoint_every: int = 200
+    log_every: int = 50
+    eval_batches: int | None = None  # cap on evaluation batches per epoch
+    lr: float | None = None
+    weight_decay: float | None = None
+    arch_lr: float | None = None
+    arch_weight_decay: float = 1e-3
+    # recurrent space (PTB)
+    emsize: int = 300
+    nhid: int = 300
+    bptt: int = 35
+    clip: float = 0.25
+    dropout: float = 0.75
+    dropouth: float = 0.25
+    dropoutx: float = 0.75
+    dropouti: float = 0.2
+    dropoute: float = 0.0
+    tar: float = 1e-3
+    eval_batch_size: int = 10
+    # convolutional space (CIFAR-10)
+    init_channels: int = 16
+    layers: int = 8
+    lr_min: float = 0.001
+    momentum: float = 0.9
+    grad_clip: float = 5.0
+    train_portion: float = 0.5
+    workers: int = 0
+
+    def resolved(self) -> SearchConfig:
+        """A copy with the space's paper defaults filled in."""
+        rnn = self.space == "rnn"
+        paper = {
+            "dataset": SPACES.get(self.space),
+            "batch_size": 256 if rnn else 64,
+            "lr": 20.0 if rnn else 0.025,
+            "weight_decay": 5e-7 if rnn else 3e-4,
+            "arch_lr": 3e-3 if rnn else 3e-4,
+        }
+        filled = {k: v for k, v in paper.items() if getattr(self, k) is None}
+        return dataclasses.replace(self, **filled)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+# Settings that may differ between a run and its resumption: where things are and how long
+# to go on, not what is computed.
+RESUMABLE_CHANGES = frozenset(
+    {
+        "max_steps",
+        "data",
+        "out",
+        "resume",
+        "device",
+        "threads",
+        "workers",
+        "checkpoint_every",
+        "log_every",
+    }
+)
+
+
+def trajectory_mismatch(saved: dict, current: dict) -> list[str]:
+    """Settings that differ between a checkpoint's run and this one (and would change α)."""
+    keys = (set(saved) | set(current)) - RESUMABLE_CHANGES
+    return sorted(k for k in keys if saved.get(k) != current.get(k))

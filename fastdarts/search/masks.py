@@ -1,0 +1,37 @@
+"""The dropout mask sampler: the one source of randomness inside a search step.
+
+Every backend asks it for the masks of each pass, so a reference run and a fast run with the
+same seed see identical masks and can be compared exactly. Its state is checkpointed.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from fastdarts.spaces.base import MaskSpec
+
+
+class MaskSampler:
+    """Draws inverted-dropout masks (entries 0 or 1/(1 − rate)) from its own generator."""
+
+    def __init__(self, seed: int, device: torch.device | str = "cpu") -> None:
+        self.device = torch.device(device)
+        self.generator = torch.Generator(self.device)
+        self.generator.manual_seed(seed)
+
+    def draw(self, specs: dict[str, MaskSpec], dtype: torch.dtype) -> dict[str, torch.Tensor]:
+        """One pass's masks, in the order of ``specs`` (rate 0 entries are left out)."""
+        masks = {}
+        for name, spec in specs.items():
+            if spec.rate <= 0:
+                continue
+            keep = 1.0 - spec.rate
+            mask = torch.empty(spec.shape, device=self.device, dtype=dtype)
+            masks[name] = mask.bernoulli_(keep, generator=self.generator).div_(keep)
+        return masks
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {"generator": self.generator.get_state()}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        self.generator.set_state(state["generator"])

@@ -1,0 +1,303 @@
+"""One search step per space: data order, α step, weight step, evaluation, resumable state.
+
+A task owns the model, both optimisers, the architect and the data position; the loop
+(``loop.py``) only calls ``begin_epoch``, ``step``, ``evaluate`` and the state methods.
+Every random draw comes from a generator the task checkpoints: the mask sampler (dropout),
+a NumPy generator (the RNN's sequence lengths) and a torch generator (the CNN's shuffling
+and augmentation), so a resumed run repeats an uninterrupted one exactly.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import torch
+
+from fastdarts.data import cifar, ptb
+from fastdarts.search.architect import Architect, UnrollRule
+from fastdarts.search.config import SearchConfig
+from fastdarts.search.masks import MaskSampler
+from fastdarts.spaces import Batch, ConvSearchModel, RNNSearchModel, SearchModel
+
+
+class SearchTask:
+    """What both spaces share: the optimisers, the architect and the weight step."""
+
+    model: SearchModel
+
+    def __init__(self, cfg: SearchConfig, model: SearchModel, device: torch.device):
+        self.cfg, self.model, self.device = cfg, model, device
+        self.dtype = next(iter(model.parameters())).dtype
+        self.sampler = MaskSampler(cfg.seed + 1, device)
+        self.weight_optimizer = torch.optim.SGD(
+            model.weights(), lr=cfg.lr, momentum=self.momentum, weight_decay=cfg.weight_decay
+        )
+        self.arch_optimizer = torch.optim.Adam(
+            model.arch_parameters(),
+            lr=cfg.arch_lr,
+            betas=self.arch_betas,
+            weight_decay=cfg.arch_weight_decay,
+        )
+        self.architect = Architect(
+            model,
+            self.arch_optimizer,
+            self.sampler,
+            order=cfg.order,
+            rule=UnrollRule(self.momentum, cfg.weight_decay, self.unroll_clip),
+            compat=cfg.compat,
+            hvp=cfg.hvp,
+        )
+
+    momentum = 0.0
+    arch_betas = (0.9, 0.999)
+    unroll_clip: float | None = None
+    weight_clip: float = math.inf
+
+    def end_epoch(self) -> None:
+        """Called once an epoch's steps are done (the CNN steps its scheduler)."""
+
+    def weight_step(self, batch: Batch, lr: float):
+        """One SGD step on the weights with the training loss (+ penalty); returns the output."""
+        for group in self.weight_optimizer.param_groups:
+            group["lr"] = lr
+        weights = self.model.weights()
+        out = self.model(batch, self.sampler.draw(self.model.mask_specs(batch), self.dtype))
+        grads = torch.autograd.grad(out.loss + out.penalty, weights)
+        for p, g in zip(weights, grads):
+            p.grad = g
+        torch.nn.utils.clip_grad_norm_(weights, self.weight_clip)
+        self.weight_optimizer.step()
+        self.weight_optimizer.zero_grad(set_to_none=True)
+        return out
+
+    def state_dict(self) -> dict:
+        return {
+            "model": self.model.state_dict(),
+            "weight_optimizer": self.weight_optimizer.state_dict(),
+            "arch_optimizer": self.arch_optimizer.state_dict(),
+            "sampler": self.sampler.state_dict(),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.model.load_state_dict(state["model"])
+        self.weight_optimizer.load_state_dict(state["weight_optimizer"])
+        self.arch_optimizer.load_state_dict(state["arch_optimizer"])
+        self.sampler.load_state_dict(state["sampler"])
+
+
+class RNNTask(SearchTask):
+    """DARTS on Penn Treebank: α steps on the validation split, carried hidden states.
+
+    Each step draws its sequence length like the paper's code (bptt, or bptt/2 with
+    probability 0.05), rescales the learning rate by seq_len / bptt, takes an α step on the
+    validation batch at the same position, then an SGD step (gradient clipped to 0.25).
+    """
+
+    unroll_clip = 0.25
+
+    def __init__(self, cfg: SearchConfig, device: torch.device, dtype: torch.dtype):
+        corpus = ptb.load_ptb(cfg.data)
+        torch.manual_seed(cfg.seed)
+        model = RNNSearchModel(
+            corpus.vocab_size,
+            cfg.emsize,
+            cfg.nhid,
+            dropout=cfg.dropout,
+            dropouth=cfg.dropouth,
+            dropoutx=cfg.dropoutx,
+            dropouti=cfg.dropouti,
+            dropoute=cfg.dropoute,
+            tar=cfg.tar,
+        ).to(device, dtype)
+        self.weight_clip = cfg.clip
+        self.unroll_clip = cfg.clip
+        super().__init__(cfg, model, device)
+        self.train_data = ptb.batchify(corpus.train, cfg.batch_size).to(device)
+        self.search_data = ptb.batchify(corpus.valid, cfg.batch_size).to(device)
+        self.eval_data = ptb.batchify(corpus.valid, cfg.eval_batch_size).to(device)
+        self.rng = np.random.default_rng(cfg.seed)
+        self.pos = 0
+        self.hidden = self.hidden_valid = None
+
+    def steps_per_epoch(self) -> int:
+        # Expected sequence length: 0.95·bptt + 0.05·bptt/2.
+        return math.ceil((len(self.train_data) - 2) / (0.975 * self.cfg.bptt))
+
+    def begin_epoch(self, epoch: int) -> None:
+        self.pos = 0
+        self.hidden = self.model.init_state(self.cfg.batch_size)
+        self.hidden_valid = self.model.init_state(self.cfg.batch_size)
+
+    def epoch_done(self) -> bool:
+        return self.pos >= len(self.train_data) - 2
+
+    def step(self) -> dict[str, float]:
+        cfg = self.cfg
+        bptt = cfg.bptt if self.rng.random() < 0.95 else cfg.bptt / 2
+        seq_len = max(1, int(bptt))
+        lr = cfg.lr * seq_len / cfg.bptt
+        data, targets = ptb.get_batch(self.train_data, self.pos, seq_len)
+        vdata, vtargets = ptb.get_batch(
+            self.search_data, self.pos % (len(self.search_data) - 1), cfg.bptt
+        )
+        train = Batch(data, targets, self.hidden)
+        val = Batch(vdata, vtargets, self.hidden_valid)
+        val_out = self.architect.step(train, val, lr, self.weight_optimizer)
+        self.hidden_valid = val_out.state.detach()
+        out = self.weight_step(train, lr)
+        self.hidden = out.state.detach()
+        self.pos += seq_len
+        loss, val_loss = out.loss.item(), val_out.loss.item()
+        return {"loss": loss, "ppl": _ppl(loss), "val_loss": val_loss, "lr": lr}
+
+    @torch.no_grad()
+    def evaluate(self, max_batches: int | None = None) -> dict[str, float]:
+        """Validation perplexity without dropout, BN on running statistics (as the paper)."""
+        self.model.eval()
+        hidden = self.model.init_state(self.cfg.eval_batch_size)
+        total, count = 0.0, 0
+        for n, i in enumerate(range(0, len(self.eval_data) - 1, self.cfg.bptt)):
+            if max_batches is not None and n >= max_batches:
+                break
+            data, targets = ptb.get_batch(self.eval_data, i, self.cfg.bptt)
+            out = self.model(Batch(data, targets, hidden))
+            hidden = out.state
+            total += out.loss.item() * len(data)
+            count += len(data)
+        self.model.train()
+        loss = total / max(count, 1)
+        return {"valid_loss": loss, "valid_ppl": _ppl(loss)}
+
+    def state_dict(self) -> dict:
+        return {
+            **super().state_dict(),
+            "pos": self.pos,
+            "hidden": self.hidden,
+            "hidden_valid": self.hidden_valid,
+            "rng": json.dumps(self.rng.bit_generator.state),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        super().load_state_dict(state)
+        self.pos = state["pos"]
+        self.hidden = state["hidden"].to(self.device)
+        self.hidden_valid = state["hidden_valid"].to(self.device)
+        self.rng.bit_generator.state = json.loads(state["rng"])
+
+
+class CNNTask(SearchTask):
+    """DARTS on CIFAR-10: a 50/50 split of the training set for weights and α.
+
+    Cosine learning rate (0.025 → 0.001 over the epochs), momentum 0.9, weight decay 3e-4,
+    weight gradients clipped to norm 5; α by Adam (3e-4, betas (0.5, 0.999), wd 1e-3). Both
+    splits get the search augmentation (random crop with padding 4, horizontal flip). The
+    α batches cycle through a shuffled validation half (the paper's code instead takes the
+    first batch of a fresh shuffle at every step).
+    """
+
+    momentum = 0.9
+    arch_betas = (0.5, 0.999)
+
+    def __init__(self, cfg: SearchConfig, device: torch.device, dtype: torch.dtype):
+        self.images = cifar.load_cifar10(cfg.data, train=True)
+        torch.manual_seed(cfg.seed)
+        model = ConvSearchModel(cfg.init_channels, len(self.images.classes), cfg.layers)
+        self.weight_clip = cfg.grad_clip
+        super().__init__(cfg, model.to(device, dtype), device)
+        self.scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(
+            self.weight_optimizer, float(cfg.epochs), eta_min=cfg.lr_min
+        )
+        self.train_idx, self.val_idx = cifar.search_split(len(self.images), cfg.train_portion)
+        self.generator = torch.Generator().manual_seed(cfg.seed)
+        self.order = self.val_order = torch.empty(0, dtype=torch.long)
+        self.pos = self.val_pos = 0
+
+    def steps_per_epoch(self) -> int:
+        return math.ceil(len(self.train_idx) / self.cfg.batch_size)
+
+    def begin_epoch(self, epoch: int) -> None:
+        self.pos = 0
+        self.order = self.train_idx[torch.randperm(len(self.train_idx), generator=self.generator)]
+
+    def epoch_done(self) -> bool:
+        return self.pos >= len(self.order)
+
+    def _batch(self, idx: torch.Tensor) -> Batch:
+        images, labels = self.images.get(idx)
+        x = cifar.augment(images, self.generator, dtype=self.dtype)
+        return Batch(x.to(self.device), labels.to(self.device))
+
+    def _next_val_indices(self) -> torch.Tensor:
+        bs = self.cfg.batch_size
+        if self.val_pos + bs > len(self.val_order):
+            perm = torch.randperm(len(self.val_idx), generator=self.generator)
+            self.val_order, self.val_pos = self.val_idx[perm], 0
+        self.val_pos += bs
+        return self.val_order[self.val_pos - bs : self.val_pos]
+
+    def step(self) -> dict[str, float]:
+        bs = self.cfg.batch_size
+        train = self._batch(self.order[self.pos : self.pos + bs])
+        val = self._batch(self._next_val_indices())
+        lr = self.scheduler.get_last_lr()[0]
+        val_out = self.architect.step(train, val, lr, self.weight_optimizer)
+        out = self.weight_step(train, lr)
+        self.pos += bs
+        return {
+            "loss": out.loss.item(),
+            "acc": _accuracy(out.logits, train.targets),
+            "val_loss": val_out.loss.item(),
+            "lr": lr,
+        }
+
+    def end_epoch(self) -> None:
+        self.scheduler.step()
+
+    @torch.no_grad()
+    def evaluate(self, max_batches: int | None = None) -> dict[str, float]:
+        """Accuracy on the α half of the training set, no augmentation, BN running stats."""
+        self.model.eval()
+        total, correct, count = 0.0, 0.0, 0
+        bs = self.cfg.batch_size
+        for n, start in enumerate(range(0, len(self.val_idx), bs)):
+            if max_batches is not None and n >= max_batches:
+                break
+            images, labels = self.images.get(self.val_idx[start : start + bs])
+            x = cifar.normalize(images, dtype=self.dtype).to(self.device)
+            out = self.model(Batch(x, labels.to(self.device)))
+            total += out.loss.item() * len(labels)
+            correct += (out.logits.argmax(-1).cpu() == labels).sum().item()
+            count += len(labels)
+        self.model.train()
+        return {"valid_loss": total / max(count, 1), "valid_acc": correct / max(count, 1)}
+
+    def state_dict(self) -> dict:
+        return {
+            **super().state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "generator": self.generator.get_state(),
+            "order": self.order,
+            "pos": self.pos,
+            "val_order": self.val_order,
+            "val_pos": self.val_pos,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        super().load_state_dict(state)
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.generator.set_state(state["generator"])
+        self.order, self.pos = state["order"], state["pos"]
+        self.val_order, self.val_pos = state["val_order"], state["val_pos"]
+
+
+def _ppl(loss: float) -> float:
+    return math.exp(min(loss, 700.0))
+
+
+def _accuracy(logits: torch.Tensor, targets: torch.Tensor) -> float:
+    return (logits.argmax(-1) == targets).double().mean().item()
+
+
+TASKS = {"rnn": RNNTask, "cnn": CNNTask}

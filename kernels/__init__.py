@@ -1,0 +1,1 @@
+"""Triton kernels, installed as ``fastdarts.kernels``; imported only by the fast ops."""

@@ -1,0 +1,470 @@
+"""Tests for fastdarts.data: locating, verifying and loading PTB and CIFAR-10, and augmentation."""
+
+from __future__ import annotations
+
+import io
+import os
+import shutil
+import tarfile
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from fastdarts.data import (
+    _files,
+    augment,
+    batchify,
+    cifar,
+    get_batch,
+    load_cifar10,
+    load_ptb,
+    normalize,
+    ptb,
+    search_split,
+)
+from fastdarts.errors import DataError
+
+REPO = Path(__file__).resolve().parents[1]
+# Read before the autouse fixture clears the variable for each test.
+SHARED = Path(os.environ.get("FASTDARTS_DATA", REPO.parent / "shared" / "data"))
+PTB_DIR = SHARED / "ptb"
+CIFAR_TARBALL = SHARED / "cifar10" / cifar.TARBALL
+PTB_FILES = [f"ptb.{split}.txt" for split in ptb.SPLITS]
+
+needs_ptb = pytest.mark.skipif(
+    not all((PTB_DIR / name).is_file() for name in PTB_FILES), reason=f"no PTB in {PTB_DIR}"
+)
+needs_cifar = pytest.mark.skipif(not CIFAR_TARBALL.is_file(), reason=f"no {CIFAR_TARBALL}")
+
+
+@pytest.fixture(autouse=True)
+def cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Every test gets its own empty cache and no $FASTDARTS_DATA unless it sets one."""
+    folder = tmp_path / "cache"
+    monkeypatch.setenv("FASTDARTS_CACHE", str(folder))
+    monkeypatch.delenv("FASTDARTS_DATA", raising=False)
+    return folder
+
+
+@pytest.fixture
+def no_download(monkeypatch: pytest.MonkeyPatch) -> None:
+    def fail(*args: object, **kwargs: object) -> None:
+        pytest.fail("tried to download")
+
+    monkeypatch.setattr(_files, "download", fail)
+    monkeypatch.setattr(urllib.request, "urlopen", fail)
+
+
+@pytest.fixture
+def offline(monkeypatch: pytest.MonkeyPatch) -> None:
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise urllib.error.URLError("network is unreachable")
+
+    monkeypatch.setattr(urllib.request, "urlopen", refuse)
+
+
+def serve(monkeypatch: pytest.MonkeyPatch, files: dict[str, bytes]) -> list[float]:
+    """Make urlopen answer with ``files[basename of url]``; returns the timeouts it was given."""
+    timeouts: list[float] = []
+
+    def fake_urlopen(request: urllib.request.Request, timeout: float) -> io.BytesIO:
+        timeouts.append(timeout)
+        return io.BytesIO(files[request.full_url.rsplit("/", 1)[-1]])
+
+    monkeypatch.setattr(urllib.request, "urlopen", fake_urlopen)
+    return timeouts
+
+
+def leftovers(folder: Path) -> list[str]:
+    """Temporary files or folders a download or extraction left behind."""
+    return [p.name for p in folder.rglob("*") if p.name.endswith((".part", ".old"))]
+
+
+# --- PTB ------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def corpus() -> ptb.Corpus:
+    if not PTB_DIR.is_dir():
+        pytest.skip(f"no PTB in {PTB_DIR}")
+    # The parent folder: --data may point at the folder that holds ptb/.
+    return load_ptb(str(SHARED))
+
+
+@needs_ptb
+def test_ptb_counts_and_vocab(corpus: ptb.Corpus) -> None:
+    assert corpus.vocab_size == 10000
+    assert (len(corpus.train), len(corpus.valid), len(corpus.test)) == (929589, 73760, 82430)
+    assert all(t.dtype == torch.int64 and t.dim() == 1 for t in (corpus.train, corpus.valid))
+    eos = corpus.vocab.index("<eos>")
+    assert corpus.train[-1] == eos and corpus.test[-1] == eos
+    first_line = (PTB_DIR / "ptb.train.txt").read_text().splitlines()[0].split()
+    assert [corpus.vocab[i] for i in corpus.train[: len(first_line)]] == first_line
+    # Ids are given by first occurrence, so the first line's new words come first.
+    assert corpus.vocab[0] == first_line[0]
+    assert int(corpus.train.max()) < corpus.vocab_size
+
+
+@needs_ptb
+def test_ptb_explicit_folder_itself(corpus: ptb.Corpus, no_download: None) -> None:
+    assert torch.equal(load_ptb(str(PTB_DIR)).valid, corpus.valid)
+
+
+@needs_ptb
+def test_ptb_from_env_does_not_download(
+    corpus: ptb.Corpus, monkeypatch: pytest.MonkeyPatch, no_download: None
+) -> None:
+    monkeypatch.setenv("FASTDARTS_DATA", str(SHARED))
+    assert torch.equal(load_ptb().test, corpus.test)
+
+
+@needs_ptb
+def test_ptb_md5_mismatch(tmp_path: Path, no_download: None) -> None:
+    for name in PTB_FILES:
+        shutil.copy(PTB_DIR / name, tmp_path / name)
+    with open(tmp_path / "ptb.valid.txt", "ab") as f:
+        f.write(b" extra\n")
+    with pytest.raises(DataError, match="md5 mismatch") as info:
+        load_ptb(str(tmp_path))
+    assert str(tmp_path / "ptb.valid.txt") in str(info.value)
+    assert "\n" not in str(info.value)
+
+
+@needs_ptb
+def test_ptb_missing_file_with_explicit_data(tmp_path: Path, no_download: None) -> None:
+    for name in PTB_FILES[:2]:
+        shutil.copy(PTB_DIR / name, tmp_path / name)
+    with pytest.raises(DataError) as info:
+        load_ptb(str(tmp_path))
+    assert str(tmp_path / "ptb.test.txt") in str(info.value)
+
+
+def test_ptb_explicit_data_not_there(tmp_path: Path, no_download: None) -> None:
+    with pytest.raises(DataError, match="not a directory"):
+        load_ptb(str(tmp_path / "nowhere"))
+    with pytest.raises(DataError, match=r"ptb\.train\.txt"):
+        load_ptb(str(tmp_path))
+
+
+def test_ptb_offline_says_where_to_put_files(cache: Path, offline: None) -> None:
+    with pytest.raises(DataError, match="could not download PTB") as info:
+        load_ptb()
+    message = str(info.value)
+    assert str(cache / "ptb") in message and "ptb.train.txt" in message and "--data" in message
+    assert "network is unreachable" in message
+    assert not (cache / "ptb").exists() or not any((cache / "ptb").iterdir())
+
+
+@needs_ptb
+def test_ptb_download_verifies_and_caches(
+    corpus: ptb.Corpus, cache: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    timeouts = serve(monkeypatch, {name: (PTB_DIR / name).read_bytes() for name in PTB_FILES})
+    downloaded = load_ptb()
+    assert timeouts == [_files.TIMEOUT_S] * 3
+    assert torch.equal(downloaded.train, corpus.train) and downloaded.vocab == corpus.vocab
+    for name in PTB_FILES:
+        assert (cache / "ptb" / name).read_bytes() == (PTB_DIR / name).read_bytes()
+    assert leftovers(cache) == []
+    # Now the cache is used without the network.
+    monkeypatch.setattr(urllib.request, "urlopen", None)
+    assert torch.equal(load_ptb().valid, corpus.valid)
+
+
+@needs_ptb
+def test_ptb_corrupt_download_leaves_nothing(cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    serve(monkeypatch, {name: b"not ptb\n" for name in PTB_FILES})
+    with pytest.raises(DataError, match="md5 mismatch"):
+        load_ptb()
+    assert not (cache / "ptb" / "ptb.train.txt").exists()
+    assert leftovers(cache) == []
+
+
+@needs_ptb
+def test_ptb_corrupt_env_copy_is_skipped_with_a_warning(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, offline: None
+) -> None:
+    (tmp_path / "data" / "ptb").mkdir(parents=True)
+    for name in PTB_FILES:
+        (tmp_path / "data" / "ptb" / name).write_text("wrong\n")
+    monkeypatch.setenv("FASTDARTS_DATA", str(tmp_path / "data"))
+    with pytest.warns(UserWarning, match="md5 mismatch"), pytest.raises(DataError):
+        load_ptb()
+
+
+def test_batchify_columns_are_contiguous_chunks() -> None:
+    source = batchify(torch.arange(11), 3)
+    assert source.shape == (3, 3)
+    # Column b is the b-th chunk; the two tokens past 3 * 3 are dropped.
+    assert source.t().tolist() == [[0, 1, 2], [3, 4, 5], [6, 7, 8]]
+    assert source.is_contiguous()
+    with pytest.raises(ValueError, match="fewer than batch_size"):
+        batchify(torch.arange(2), 3)
+
+
+def test_get_batch_shapes_and_tail() -> None:
+    source = batchify(torch.arange(20), 2)  # (10, 2)
+    data, target = get_batch(source, 0, 4)
+    assert data.shape == target.shape == (4, 2)
+    assert torch.equal(data, source[0:4]) and torch.equal(target, source[1:5])
+    # Near the end the sequence is shortened so every input has a target.
+    data, target = get_batch(source, 7, 4)
+    assert data.shape == (2, 2)
+    assert torch.equal(data, source[7:9]) and torch.equal(target, source[8:10])
+    with pytest.raises(ValueError):
+        get_batch(source, 9, 4)
+
+
+# --- CIFAR-10 -------------------------------------------------------------------------------
+
+
+def colour(split: str, label: int, k: int) -> tuple[int, int, int]:
+    return (label * 25, 40 + k * 60, 200 if split == "train" else 100)
+
+
+def make_tree(
+    root: Path,
+    per_class: int = 2,
+    classes: tuple[str, ...] = cifar.CLASSES,
+    splits: tuple[str, ...] = ("train", "test"),
+) -> Path:
+    """An ImageFolder tree of solid-colour 32x32 JPEGs (solid colours survive JPEG closely)."""
+    for split in splits:
+        for label, name in enumerate(classes):
+            (root / split / name).mkdir(parents=True)
+            for k in range(per_class):
+                image = Image.new("RGB", (32, 32), colour(split, label, k))
+                image.save(root / split / name / f"{k:04d}.jpg", quality=95)
+    return root
+
+
+def make_tarball(path: Path, tree: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(path, "w:gz") as tar:
+        for split in ("train", "test"):
+            tar.add(tree / split, arcname=split)
+    return path
+
+
+def assert_matches_colours(split_data: cifar.CIFAR10Split, split: str, per_class: int) -> None:
+    n = len(split_data)
+    assert n == per_class * 10
+    images, labels = split_data.get(list(range(n)))
+    assert images.shape == (n, 3, 32, 32) and images.dtype == torch.uint8
+    assert labels.dtype == torch.int64
+    assert labels.tolist() == [i // per_class for i in range(n)]
+    expected = torch.tensor([colour(split, i // per_class, i % per_class) for i in range(n)])
+    assert (images.float().mean((2, 3)) - expected).abs().max() <= 3
+
+
+def test_cifar_tree(tmp_path: Path, no_download: None) -> None:
+    root = make_tree(tmp_path / "cifar10")
+    for data in (root, tmp_path):  # the folder itself, or its parent
+        train = load_cifar10(str(data), train=True)
+        assert train.classes == list(cifar.CLASSES)
+        assert_matches_colours(train, "train", 2)
+        assert_matches_colours(load_cifar10(str(data), train=False), "test", 2)
+    images, labels = train.get(torch.tensor([19, 0]))
+    assert labels.tolist() == [9, 0] and images.shape == (2, 3, 32, 32)
+    with pytest.raises(IndexError):
+        train.get([20])
+
+
+def test_cifar_tree_decodes_lazily_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    make_tree(tmp_path)
+    opened: list[str] = []
+    real_open = Image.open
+
+    def counting_open(path: str) -> Image.Image:
+        opened.append(path)
+        return real_open(path)
+
+    monkeypatch.setattr(cifar.Image, "open", counting_open)
+    train = load_cifar10(str(tmp_path))
+    assert opened == []
+    first, _ = train.get([3, 5])
+    assert len(opened) == 2
+    again, _ = train.get([5, 3, 5])
+    assert len(opened) == 2
+    assert torch.equal(again[1], first[0]) and torch.equal(again[0], first[1])
+
+
+def test_cifar_tree_with_wrong_classes(tmp_path: Path) -> None:
+    make_tree(tmp_path, per_class=1, classes=("cat", "dog"))
+    with pytest.raises(DataError, match="class folders are cat, dog") as info:
+        load_cifar10(str(tmp_path))
+    assert str(tmp_path / "train") in str(info.value)
+
+
+def test_cifar_tree_without_requested_split(tmp_path: Path) -> None:
+    make_tree(tmp_path, per_class=1, splits=("train",))
+    with pytest.raises(DataError, match="missing"):
+        load_cifar10(str(tmp_path), train=False)
+
+
+def test_cifar_explicit_data_not_there(tmp_path: Path, no_download: None) -> None:
+    with pytest.raises(DataError, match="no such file"):
+        load_cifar10(str(tmp_path / "nowhere"))
+    with pytest.raises(DataError, match="no CIFAR-10"):
+        load_cifar10(str(tmp_path))
+
+
+def test_cifar_tarball_extracted_once(
+    tmp_path: Path, cache: Path, monkeypatch: pytest.MonkeyPatch, no_download: None
+) -> None:
+    archive = make_tarball(tmp_path / "data" / "tiny.tar.gz", make_tree(tmp_path / "tree"))
+    assert_matches_colours(load_cifar10(str(archive)), "train", 2)
+    assert (cache / "cifar10-jpeg" / "train" / "bird").is_dir()
+    assert leftovers(cache) == []
+
+    def no_extract(*args: object, **kwargs: object) -> None:
+        pytest.fail("extracted again")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(tarfile, "open", no_extract)
+        assert_matches_colours(load_cifar10(str(archive), train=False), "test", 2)
+
+    # A different archive replaces the extracted tree instead of reusing it.
+    other = make_tarball(tmp_path / "data2" / "tiny.tar.gz", make_tree(tmp_path / "t2", 1))
+    assert_matches_colours(load_cifar10(str(other)), "train", 1)
+    assert leftovers(cache) == []
+
+
+def test_cifar_tree_from_env(
+    tmp_path: Path, cache: Path, monkeypatch: pytest.MonkeyPatch, no_download: None
+) -> None:
+    make_tree(tmp_path / "data" / "cifar10", per_class=1)
+    monkeypatch.setenv("FASTDARTS_DATA", str(tmp_path / "data"))
+    assert_matches_colours(load_cifar10(), "train", 1)
+    assert not cache.exists()
+
+
+def test_cifar_tarball_wrong_sha256(tmp_path: Path, cache: Path, no_download: None) -> None:
+    archive = make_tarball(tmp_path / "data" / cifar.TARBALL, make_tree(tmp_path / "tree", 1))
+    with pytest.raises(DataError, match="sha256 mismatch") as info:
+        load_cifar10(str(tmp_path / "data"))
+    assert str(archive) in str(info.value)
+    assert not (cache / "cifar10-jpeg").exists()
+
+
+def test_cifar_tarball_with_unsafe_member(tmp_path: Path, cache: Path) -> None:
+    archive = tmp_path / "evil.tar.gz"
+    with tarfile.open(archive, "w:gz") as tar:
+        payload = b"x"
+        member = tarfile.TarInfo("../escaped.jpg")
+        member.size = len(payload)
+        tar.addfile(member, io.BytesIO(payload))
+    with pytest.raises(DataError, match="cannot extract"):
+        load_cifar10(str(archive))
+    assert not (cache / "escaped.jpg").exists() and not (cache / "cifar10-jpeg").exists()
+    assert leftovers(cache) == []
+
+
+def test_cifar_offline_says_where_to_put_files(cache: Path, offline: None) -> None:
+    with pytest.raises(DataError, match="could not download CIFAR-10") as info:
+        load_cifar10()
+    message = str(info.value)
+    assert str(cache / "cifar10") in message and "--data" in message
+    assert cifar.TARBALL in message
+    assert leftovers(cache) == []
+
+
+@needs_cifar
+def test_real_tarball_checksum() -> None:
+    assert _files.file_digest(CIFAR_TARBALL, "sha256") == cifar.TARBALL_SHA256
+
+
+@pytest.mark.slow
+@needs_cifar
+def test_real_cifar_tarball(monkeypatch: pytest.MonkeyPatch, no_download: None) -> None:
+    monkeypatch.setenv("FASTDARTS_DATA", str(SHARED))
+    train, test = load_cifar10(), load_cifar10(train=False)
+    assert (len(train), len(test)) == (50000, 10000)
+    images, labels = train.get(torch.arange(0, 50000, 997))
+    assert images.shape == (len(labels), 3, 32, 32) and images.dtype == torch.uint8
+    assert torch.bincount(train.get(torch.arange(0, 50000, 50))[1]).tolist() == [100] * 10
+    assert 60 < images.float().mean() < 200
+
+
+# --- search split and augmentation ----------------------------------------------------------
+
+
+def test_search_split() -> None:
+    train, arch = search_split(10)
+    assert train.tolist() == [0, 1, 2, 3, 4] and arch.tolist() == [5, 6, 7, 8, 9]
+    train, arch = search_split(10, portion=0.75)
+    assert (len(train), len(arch)) == (7, 3)
+    with pytest.raises(ValueError):
+        search_split(10, portion=1.0)
+
+
+def random_images(n: int, seed: int = 0, size: int = 8) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 256, (n, 3, size, size), generator=g, dtype=torch.uint8)
+
+
+def test_normalize_values() -> None:
+    images = torch.zeros(2, 3, 4, 5, dtype=torch.uint8)
+    images[1] = 255
+    out = normalize(images)
+    assert out.dtype == torch.float32 and out.shape == (2, 3, 4, 5)
+    for c in range(3):
+        assert torch.allclose(out[0, c], torch.tensor(-cifar.MEAN[c] / cifar.STD[c]))
+        assert torch.allclose(out[1, c], torch.tensor((1 - cifar.MEAN[c]) / cifar.STD[c]))
+    assert normalize(images, dtype=torch.float64).dtype == torch.float64
+    with pytest.raises(ValueError, match="uint8"):
+        normalize(images.float())
+
+
+def test_augment_shape_dtype_and_determinism() -> None:
+    images = random_images(16)
+    out = augment(images, torch.Generator().manual_seed(1))
+    assert out.shape == images.shape and out.dtype == torch.float32
+    # Only the given generator is used: the global seed makes no difference.
+    torch.manual_seed(123)
+    assert torch.equal(augment(images, torch.Generator().manual_seed(1)), out)
+    assert not torch.equal(augment(images, torch.Generator().manual_seed(2)), out)
+    half = augment(images, torch.Generator().manual_seed(1), dtype=torch.bfloat16)
+    assert half.dtype == torch.bfloat16
+    non_square = augment(random_images(4, size=12)[..., :7], torch.Generator().manual_seed(0))
+    assert non_square.shape == (4, 3, 12, 7)
+
+
+def test_augment_outputs_are_crops_and_flips_of_the_padded_input() -> None:
+    images = random_images(64)
+    out = augment(images, torch.Generator().manual_seed(0))
+    padded = F.pad(images, (4, 4, 4, 4))  # black padding, as torchvision's RandomCrop
+    seen = set()
+    for b in range(len(images)):
+        matches = [
+            (dy, dx, flip)
+            for dy in range(9)
+            for dx in range(9)
+            for flip in (False, True)
+            if torch.equal(out[b], normalize(crop(padded[b], dy, dx, flip))[0])
+        ]
+        assert len(matches) == 1, f"image {b} is not one crop/flip of its padded input"
+        seen.add(matches[0])
+    assert len({flip for _, _, flip in seen}) == 2
+    assert len({(dy, dx) for dy, dx, _ in seen}) > 10
+    assert not torch.equal(out, normalize(images))
+
+
+def crop(padded: torch.Tensor, dy: int, dx: int, flip: bool) -> torch.Tensor:
+    window = padded[None, :, dy : dy + 8, dx : dx + 8]
+    return window.flip(-1) if flip else window
+
+
+def test_augment_without_padding_only_flips() -> None:
+    images = random_images(32)
+    out = augment(images, torch.Generator().manual_seed(0), padding=0)
+    plain, flipped = normalize(images), normalize(images.flip(-1))
+    is_plain = [torch.equal(out[b], plain[b]) for b in range(32)]
+    is_flipped = [torch.equal(out[b], flipped[b]) for b in range(32)]
+    assert all(p or f for p, f in zip(is_plain, is_flipped))
+    assert any(is_plain) and any(is_flipped)
