@@ -97,8 +97,15 @@ class RNNTask(SearchTask):
 
     unroll_clip = 0.25
 
-    def __init__(self, cfg: SearchConfig, device: torch.device, dtype: torch.dtype):
-        corpus = ptb.load_ptb(cfg.data)
+    def __init__(
+        self,
+        cfg: SearchConfig,
+        device: torch.device,
+        dtype: torch.dtype,
+        corpus: ptb.Corpus | None = None,
+    ):
+        """``corpus`` replaces PTB (benchmarks pass synthetic tokens of the same shape)."""
+        corpus = corpus or ptb.load_ptb(cfg.data)
         torch.manual_seed(cfg.seed)
         model = RNNSearchModel(
             corpus.vocab_size,
@@ -200,8 +207,15 @@ class CNNTask(SearchTask):
     momentum = 0.9
     arch_betas = (0.5, 0.999)
 
-    def __init__(self, cfg: SearchConfig, device: torch.device, dtype: torch.dtype):
-        self.images = cifar.load_cifar10(cfg.data, train=True)
+    def __init__(
+        self,
+        cfg: SearchConfig,
+        device: torch.device,
+        dtype: torch.dtype,
+        images: cifar.CIFAR10Split | None = None,
+    ):
+        """``images`` replaces CIFAR-10's training set (benchmarks pass synthetic images)."""
+        self.images = images or cifar.load_cifar10(cfg.data, train=True)
         torch.manual_seed(cfg.seed)
         model = ConvSearchModel(cfg.init_channels, len(self.images.classes), cfg.layers)
         self.weight_clip = cfg.grad_clip
