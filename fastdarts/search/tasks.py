@@ -105,7 +105,7 @@ class RNNTask(SearchTask):
         corpus: ptb.Corpus | None = None,
     ):
         """``corpus`` replaces PTB (benchmarks pass synthetic tokens of the same shape)."""
-        corpus = corpus or ptb.load_ptb(cfg.data)
+        corpus = corpus if corpus is not None else ptb.load_ptb(cfg.data)
         torch.manual_seed(cfg.seed)
         model = RNNSearchModel(
             corpus.vocab_size,
@@ -215,7 +215,7 @@ class CNNTask(SearchTask):
         images: cifar.CIFAR10Split | None = None,
     ):
         """``images`` replaces CIFAR-10's training set (benchmarks pass synthetic images)."""
-        self.images = images or cifar.load_cifar10(cfg.data, train=True)
+        self.images = images if images is not None else cifar.load_cifar10(cfg.data, train=True)
         torch.manual_seed(cfg.seed)
         model = ConvSearchModel(cfg.init_channels, len(self.images.classes), cfg.layers)
         self.weight_clip = cfg.grad_clip
