@@ -1,7 +1,79 @@
-"""Tests read the shared data through FASTDARTS_DATA (default: ../shared/data beside the repo)."""
+"""Shared test helpers. Tests read the shared data through FASTDARTS_DATA (default:
+../shared/data beside the repository) and never touch the user's cache."""
+
+from __future__ import annotations
 
 import os
+import subprocess
+import sys
+from dataclasses import dataclass
 from pathlib import Path
+
+import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 os.environ.setdefault("FASTDARTS_DATA", str(REPO.parent / "shared" / "data"))
+
+# Tiny search configurations: a few steps take seconds on 2 cores.
+RNN_TINY = ["--space", "rnn", "--emsize", "8", "--nhid", "8", "--batch-size", "4", "--bptt", "5"]
+RNN_TINY += ["--eval-batches", "2", "--log-every", "1"]
+CNN_TINY = ["--space", "cnn", "--init-channels", "4", "--layers", "3", "--batch-size", "2"]
+CNN_TINY += ["--eval-batches", "1", "--log-every", "1"]
+
+
+def run_module(module: str, *args: str, env: dict | None = None, timeout: float = 300):
+    """``python -m module args``; returns the CompletedProcess (text mode)."""
+    return subprocess.run(
+        [sys.executable, "-m", module, *args],
+        capture_output=True,
+        text=True,
+        env={**os.environ, **(env or {})},
+        timeout=timeout,
+        cwd=REPO,
+    )
+
+
+@dataclass
+class Result:
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+@pytest.fixture
+def cli(capsys):
+    """Call a command's ``main(argv)`` in this process (no interpreter start-up per call)."""
+    from fastdarts.derive.__main__ import main as derive_main
+    from fastdarts.search.__main__ import main as search_main
+
+    mains = {"fastdarts.search": search_main, "fastdarts.derive": derive_main}
+
+    def call(module: str, *args: str) -> Result:
+        capsys.readouterr()
+        try:
+            code = mains[module](list(args))
+        except SystemExit as e:  # argparse's exits
+            code = e.code
+        out = capsys.readouterr()
+        return Result(code, out.out, out.err)
+
+    return call
+
+
+@pytest.fixture(scope="session", autouse=True)
+def cache_env(tmp_path_factory):
+    """A private data cache for the session (CIFAR-10's JPEG tree is extracted there once);
+    tests never touch the user's cache."""
+    path = str(tmp_path_factory.mktemp("cache"))
+    old = os.environ.get("FASTDARTS_CACHE")
+    os.environ["FASTDARTS_CACHE"] = path
+    yield {"FASTDARTS_CACHE": path}
+    if old is None:
+        del os.environ["FASTDARTS_CACHE"]
+    else:
+        os.environ["FASTDARTS_CACHE"] = old
+
+
+def snapshot(folder: Path) -> dict[str, bytes]:
+    """Every file's bytes, to check that a failed command left earlier outputs intact."""
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir()) if p.is_file()}

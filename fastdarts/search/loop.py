@@ -156,6 +156,9 @@ class Searcher:
         return saved
 
     def _checkpoint(self) -> None:
+        # A step can leave non-finite weights behind a finite loss: never save those.
+        if not all(torch.isfinite(p).all() for p in self.task.model.parameters()):
+            self._diverged("the weights are not finite")
         state = {
             "format": CHECKPOINT_FORMAT,
             "config": self.cfg.to_dict(),
@@ -220,16 +223,18 @@ class Searcher:
         bad = {k: v for k, v in metrics.items() if not math.isfinite(v)}
         alphas_ok = all(torch.isfinite(a).all() for a in self.task.model.arch_parameters())
         if bad or not alphas_ok:
-            what = ", ".join(f"{k}={v}" for k, v in bad.items()) or "α"
-            kept = (
-                f"the last good checkpoint (step {self.last_checkpoint}) is kept in {self.out}"
-                if self.last_checkpoint is not None
-                else "no checkpoint was written yet"
-            )
-            raise DivergedError(
-                f"training diverged at step {self.step} (epoch {self.epoch + 1}): {what} is not "
-                f"finite; stopped, {kept}; lower the learning rate"
-            )
+            self._diverged(", ".join(f"{k}={v}" for k, v in bad.items()) or "α is not finite")
+
+    def _diverged(self, what: str) -> None:
+        kept = (
+            f"the last good checkpoint (step {self.last_checkpoint}) is kept in {self.out}"
+            if self.last_checkpoint is not None
+            else "no checkpoint was written yet"
+        )
+        raise DivergedError(
+            f"training diverged at step {self.step} (epoch {self.epoch + 1}): {what}; stopped, "
+            f"{kept}; lower the learning rate"
+        )
 
     def _budget_left(self) -> bool:
         return self.cfg.max_steps is None or self.step < self.cfg.max_steps

@@ -1,0 +1,1 @@
+"""Deriving the discrete architecture from a search (``python -m fastdarts.derive``)."""

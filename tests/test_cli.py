@@ -1,0 +1,183 @@
+"""python -m fastdarts.search end to end on the real data, and every bad input."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import CNN_TINY, RNN_TINY, snapshot
+
+from fastdarts.genotypes import load_genotype, to_dict
+
+SEARCH = "fastdarts.search"
+
+
+def check_outputs(cli, out: Path, proc, space: str, steps: int, epochs_done: int) -> None:
+    assert proc.returncode == 0, proc.stderr
+    for name in ("metrics.jsonl", "genotype.json", "alpha.json", "alpha.png", "checkpoint.pt"):
+        assert (out / name).is_file(), name
+    genotype = load_genotype(out / "genotype.json", space)
+    assert json.loads(proc.stdout.strip().splitlines()[-1]) == to_dict(genotype)
+
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    step_records = [r for r in records if "loss" in r]
+    assert [r["step"] for r in step_records] == list(range(1, steps + 1))
+    evals = [r for r in records if "valid_loss" in r]
+    assert len(evals) == epochs_done
+    key = "valid_ppl" if space == "rnn" else "valid_acc"
+    assert all(key in r for r in evals)
+
+    alpha = json.loads((out / "alpha.json").read_text())
+    assert alpha["space"] == space and alpha["history"][-1]["step"] == steps
+    names = ["recurrent"] if space == "rnn" else ["normal", "reduce"]
+    for entry in alpha["history"]:
+        assert sorted(entry["alphas"]) == sorted(names)
+        for rows in entry["alphas"].values():
+            assert all(abs(sum(row) - 1) < 1e-9 for row in rows)  # softmax rows
+    assert (out / "alpha.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    ckpt = torch.load(out / "checkpoint.pt", weights_only=True)
+    assert ckpt["step"] == steps and ckpt["config"]["space"] == space
+    derived = cli("fastdarts.derive", str(out))
+    assert derived.returncode == 0, derived.stderr
+    assert json.loads(derived.stdout) == to_dict(genotype)
+
+
+def test_rnn_search_on_ptb_writes_every_output(tmp_path, cli):
+    out = tmp_path / "rnn"
+    args = ["--dataset", "ptb", "--max-steps", "3", "--epoch-steps", "2", "--out", str(out)]
+    proc = cli(SEARCH, *RNN_TINY, *args)
+    check_outputs(cli, out, proc, "rnn", steps=3, epochs_done=1)
+
+
+@pytest.mark.parametrize("order", ["1", "2"])
+def test_cnn_search_on_cifar10_writes_every_output(tmp_path, cli, cache_env, order):
+    out = tmp_path / "cnn"
+    args = ["--dataset", "cifar10", "--order", order, "--max-steps", "2", "--epoch-steps", "1"]
+    proc = cli(SEARCH, *CNN_TINY, *args, "--out", str(out))
+    check_outputs(cli, out, proc, "cnn", steps=2, epochs_done=1)
+
+
+# -- bad input: one line on stderr, a non-zero exit, earlier outputs intact ------------------
+
+
+@pytest.fixture(scope="module")
+def earlier_run(tmp_path_factory) -> Path:
+    from fastdarts.search.__main__ import main
+
+    out = tmp_path_factory.mktemp("earlier") / "run"
+    assert main([*RNN_TINY, "--max-steps", "2", "--out", str(out)]) == 0
+    return out
+
+
+def assert_error(proc, code: int, *fragments: str) -> None:
+    assert proc.returncode == code, (proc.returncode, proc.stderr)
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert "Traceback" not in proc.stderr
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+
+
+@pytest.mark.parametrize(
+    ("args", "fragments"),
+    [
+        (["--space", "lstm"], ["invalid choice", "lstm"]),
+        (["--space", "rnn", "--dataset", "cifar10"], ["does not go with", "cifar10"]),
+        (["--space", "rnn", "--dataset", "imagenet"], ["invalid choice", "imagenet"]),
+        (["--space", "rnn", "--backend", "cuda-magic"], ["unknown backend", "cuda-magic"]),
+        (["--space", "rnn", "--device", "cuda"], ["no CUDA device"]),
+        (["--space", "rnn", "--order", "3"], ["invalid choice"]),
+    ],
+)
+def test_bad_flags(tmp_path, args, fragments, cli):
+    proc = cli(SEARCH, *args, "--out", str(tmp_path / "x"))
+    assert_error(proc, 2, *fragments)
+    assert not (tmp_path / "x").exists()
+
+
+def test_missing_data(tmp_path, cli):
+    missing = tmp_path / "nowhere"
+    proc = cli(SEARCH, *RNN_TINY, "--data", str(missing), "--out", str(tmp_path / "x"))
+    assert_error(proc, 2, str(missing))
+
+
+def test_corrupt_data(tmp_path, cli):
+    data = tmp_path / "ptb"
+    shutil.copytree(Path(__file__).resolve().parents[2] / "shared" / "data" / "ptb", data)
+    with (data / "ptb.valid.txt").open("ab") as f:
+        f.write(b"extra words\n")
+    proc = cli(SEARCH, *RNN_TINY, "--data", str(data), "--out", str(tmp_path / "x"))
+    assert_error(proc, 2, "md5", "ptb.valid.txt")
+
+
+def test_existing_run_is_not_overwritten(earlier_run, cli):
+    before = snapshot(earlier_run)
+    proc = cli(SEARCH, *RNN_TINY, "--max-steps", "2", "--out", str(earlier_run))
+    assert_error(proc, 2, "already holds a search", "--resume")
+    assert snapshot(earlier_run) == before
+
+
+@pytest.mark.parametrize(
+    ("args", "fragments"),
+    [
+        (CNN_TINY, ["of the rnn space", "cnn"]),
+        ([*RNN_TINY, "--nhid", "12", "--emsize", "12"], ["other settings", "nhid=8"]),
+        ([*RNN_TINY, "--order", "1"], ["other settings", "order=2"]),
+    ],
+)
+def test_resume_refuses_another_configuration(earlier_run, args, fragments, cli):
+    before = snapshot(earlier_run)
+    proc = cli(SEARCH, *args, "--resume", "--max-steps", "3", "--out", str(earlier_run))
+    assert_error(proc, 2, *fragments)
+    assert snapshot(earlier_run) == before
+
+
+def test_resume_without_checkpoint(tmp_path, cli):
+    proc = cli(SEARCH, *RNN_TINY, "--resume", "--out", str(tmp_path))
+    assert_error(proc, 2, "no checkpoint.pt")
+
+
+def test_resume_from_damaged_checkpoint(tmp_path, earlier_run, cli):
+    out = tmp_path / "run"
+    shutil.copytree(earlier_run, out)
+    (out / "checkpoint.pt").write_bytes(b"not a checkpoint")
+    before = snapshot(out)
+    proc = cli(SEARCH, *RNN_TINY, "--resume", "--max-steps", "3", "--out", str(out))
+    assert_error(proc, 2, "checkpoint.pt", "not a readable fastdarts checkpoint")
+    assert snapshot(out) == before
+
+
+def test_diverging_loss_stops_and_keeps_last_good_checkpoint(tmp_path, cli):
+    out = tmp_path / "nan"
+    args = ["--order", "1", "--lr", "1e30", "--checkpoint-every", "1", "--max-steps", "20"]
+    proc = cli(SEARCH, *RNN_TINY, *args, "--out", str(out))
+    assert_error(proc, 3, "diverged at step 2", "last good checkpoint (step 1)", str(out))
+    ckpt = torch.load(out / "checkpoint.pt", weights_only=True)
+    assert ckpt["step"] == 1
+    assert all(torch.isfinite(t).all() for t in ckpt["task"]["model"].values())
+    assert cli("fastdarts.derive", str(out)).returncode == 0
+
+
+@pytest.mark.parametrize(
+    ("content", "fragments"),
+    [
+        ("{not json", ["not valid JSON"]),
+        ('{"recurrent": [["gelu", 0]], "concat": [1]}', ["unknown op 'gelu'"]),
+        ('{"normal": [], "reduce": []}', ["match neither"]),
+    ],
+)
+def test_bad_genotype_file(tmp_path, content, fragments, cli):
+    path = tmp_path / "genotype.json"
+    path.write_text(content)
+    proc = cli("fastdarts.derive", str(path))
+    assert_error(proc, 2, str(path), *fragments)
+
+
+def test_published_genotype_by_name(cli):
+    proc = cli("fastdarts.derive", "DARTS_V2", "--space", "cnn")
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["normal"][-1] == ["dil_conv_3x3", 2]

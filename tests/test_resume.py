@@ -1,0 +1,85 @@
+"""A search stopped or killed at any point and resumed ends exactly where an uninterrupted
+one does: same α, weights, genotype and metrics (CPU, same thread count)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import CNN_TINY, REPO, RNN_TINY
+
+from fastdarts.search.__main__ import main
+
+# An epoch boundary (with its evaluation) falls inside each run: epochs of 3 steps.
+RNN_RUN = [*RNN_TINY, "--epoch-steps", "3", "--checkpoint-every", "2"]
+CNN_RUN = [*CNN_TINY, "--epoch-steps", "2", "--checkpoint-every", "2"]
+
+
+def final_state(out: Path) -> dict:
+    ckpt = torch.load(out / "checkpoint.pt", weights_only=True)
+    metrics = []
+    for line in (out / "metrics.jsonl").read_text().splitlines():
+        record = json.loads(line)
+        record.pop("time_s", None)
+        metrics.append(record)
+    return {
+        "step": ckpt["step"],
+        "model": ckpt["task"]["model"],
+        "genotype": (out / "genotype.json").read_text(),
+        "alpha": json.loads((out / "alpha.json").read_text()),
+        "metrics": metrics,
+    }
+
+
+def assert_same_run(a: dict, b: dict) -> None:
+    assert a["step"] == b["step"]
+    assert a["model"].keys() == b["model"].keys()
+    for name, tensor in a["model"].items():
+        assert torch.equal(tensor, b["model"][name]), name
+    assert a["genotype"] == b["genotype"]
+    assert a["alpha"] == b["alpha"]
+    assert a["metrics"] == b["metrics"]
+
+
+@pytest.mark.parametrize(("args", "steps", "stop_at"), [(RNN_RUN, 7, 3), (CNN_RUN, 5, 3)])
+def test_stop_then_resume_equals_straight_run(tmp_path, args, steps, stop_at):
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    assert main([*args, "--max-steps", str(steps), "--out", str(straight)]) == 0
+    assert main([*args, "--max-steps", str(stop_at), "--out", str(split)]) == 0
+    assert main([*args, "--max-steps", str(steps), "--out", str(split), "--resume"]) == 0
+    assert_same_run(final_state(straight), final_state(split))
+
+
+def test_sigkill_then_resume_equals_straight_run(tmp_path):
+    """Kill the process with SIGKILL mid-run (after a checkpoint, at a step that is not one),
+    resume: metrics logged after the checkpoint are dropped and the run ends identical."""
+    args = [*RNN_RUN, "--max-steps", "8"]
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    assert main([*args, "--out", str(straight)]) == 0
+
+    env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}
+    command = [sys.executable, "-m", "fastdarts.search", *args, "--out", str(killed)]
+    proc = subprocess.Popen(command, cwd=REPO, env=env, stderr=subprocess.DEVNULL)
+    metrics = killed / "metrics.jsonl"
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and proc.poll() is None:
+        logged = metrics.read_text().count('"loss"') if metrics.exists() else 0
+        if logged >= 5 and (killed / "checkpoint.pt").exists():
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None, "the run ended before it could be killed"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    saved = torch.load(killed / "checkpoint.pt", weights_only=True)["step"]
+    logged = metrics.read_text().count('"loss"')
+    assert saved < logged <= 8, (saved, logged)  # killed past its last checkpoint
+
+    assert main([*args, "--out", str(killed), "--resume"]) == 0
+    assert_same_run(final_state(straight), final_state(killed))
