@@ -10,8 +10,9 @@ import argparse
 import dataclasses
 import json
 import sys
+from pathlib import Path
 
-from fastdarts.errors import FastDartsError
+from fastdarts.errors import ConfigError, FastDartsError
 from fastdarts.genotypes import to_dict
 from fastdarts.search.config import SearchConfig
 from fastdarts.search.loop import run_search
@@ -78,32 +79,52 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog=PROG, description=__doc__.splitlines()[0].split(": ", 1)[1])
+    """Flags mirror SearchConfig's fields; only the flags given end up in the namespace."""
+    parser = _Parser(
+        prog=PROG,
+        description=__doc__.splitlines()[0].split(": ", 1)[1],
+        argument_default=argparse.SUPPRESS,
+    )
     for f in dataclasses.fields(SearchConfig):
         flag = "--" + f.name.replace("_", "-")
         if f.type == "bool":
             parser.add_argument(flag, action="store_true", help=HELP[f.name])
             continue
         kind = {"int": int, "float": float}.get(f.type.split(" ")[0], str)
-        default = None if f.name == "out" else f.default
-        parser.add_argument(
-            flag, type=kind, default=default, choices=CHOICES.get(f.name), help=HELP[f.name]
-        )
+        shown = "" if f.default is None else f" (default: {f.default})"
+        parser.add_argument(flag, type=kind, choices=CHOICES.get(f.name), help=HELP[f.name] + shown)
     return parser
 
 
+def make_config(given: dict) -> SearchConfig:
+    """The run's settings: the flags given, over (with --resume) the run's saved settings,
+    over the defaults — so ``--resume --out DIR`` alone continues a run as it was started."""
+    out = given.get("out") or f"runs/search-{given.get('space', 'rnn')}"
+    base = {}
+    saved = Path(out) / "config.json"
+    if given.get("resume") and saved.is_file():
+        try:
+            base = json.loads(saved.read_text())
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{saved}: not valid JSON ({e})") from None
+        known = {f.name for f in dataclasses.fields(SearchConfig)}
+        base = {k: v for k, v in base.items() if k in known}
+        if given.get("space", base.get("space")) != base.get("space"):
+            base = {}  # another space: let the checkpoint check say so
+    return SearchConfig(**{**base, **given, "out": out})
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    if args.out is None:
-        args.out = f"runs/search-{args.space}"
+    given = vars(build_parser().parse_args(argv))
     try:
-        genotype = run_search(SearchConfig(**vars(args)))
+        genotype = run_search(make_config(given))
     except FastDartsError as e:
         message = " ".join(str(e).split())
         print(f"{PROG}: error: {message}", file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt:
-        print(f"{PROG}: interrupted; continue with --resume --out {args.out}", file=sys.stderr)
+        out = given.get("out", "runs/search-SPACE")
+        print(f"{PROG}: interrupted; continue with --resume --out {out}", file=sys.stderr)
         return 130
     print(json.dumps(to_dict(genotype)))
     return 0
