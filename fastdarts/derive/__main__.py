@@ -6,13 +6,13 @@ genotype JSON file (validated), or a published genotype's name with --space.
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
 
 import torch
 
+from fastdarts.cli import OneLineParser, report
 from fastdarts.errors import ConfigError, FastDartsError
 from fastdarts.genotypes import derive_conv, derive_recurrent, load_genotype, to_dict
 
@@ -32,13 +32,8 @@ def genotype_from_checkpoint(path: Path):
     return derive_conv(model["alphas_normal"], model["alphas_reduce"])
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
-
-
 def main(argv: list[str] | None = None) -> int:
-    parser = _Parser(prog=PROG, description=__doc__.splitlines()[0].split(": ", 1)[1])
+    parser = OneLineParser(prog=PROG, description=__doc__.splitlines()[0].split(": ", 1)[1])
     parser.add_argument("source", help="run folder, checkpoint.pt, genotype JSON, or a name")
     parser.add_argument("--space", choices=("rnn", "cnn"), help="space of a named genotype")
     args = parser.parse_args(argv)
@@ -53,8 +48,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             genotype = load_genotype(args.source, args.space)
     except FastDartsError as e:
-        print(f"{PROG}: error: {' '.join(str(e).split())}", file=sys.stderr)
-        return e.exit_code
+        return report(PROG, e)
     print(json.dumps(to_dict(genotype)))
     return 0
 

@@ -12,6 +12,7 @@ import json
 import sys
 from pathlib import Path
 
+from fastdarts.cli import OneLineParser, report
 from fastdarts.errors import ConfigError, FastDartsError
 from fastdarts.genotypes import to_dict
 from fastdarts.search.config import SearchConfig
@@ -33,7 +34,7 @@ HELP = {
     "data": "data folder (never downloads); default: $FASTDARTS_DATA, the cache, a download",
     "out": "run folder (default: runs/search-SPACE)",
     "resume": "continue the run in --out from its checkpoint.pt",
-    "backend": "MixedOp implementation (only 'reference' for now)",
+    "backend": "MixedOp implementation: reference, fused (RNN only) or auto (the fastest that runs)",
     "compat": "'darts': reproduce the published code where it departs from the maths",
     "hvp": "Hessian-vector product: fd (finite difference, the paper's) or exact",
     "threads": "CPU threads (a resumed run keeps its run's count unless given)",
@@ -73,14 +74,9 @@ CHOICES = {
 }
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # one line, not usage + message
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
-
-
 def build_parser() -> argparse.ArgumentParser:
     """Flags mirror SearchConfig's fields; only the flags given end up in the namespace."""
-    parser = _Parser(
+    parser = OneLineParser(
         prog=PROG,
         description=__doc__.splitlines()[0].split(": ", 1)[1],
         argument_default=argparse.SUPPRESS,
@@ -119,9 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         genotype = run_search(make_config(given))
     except FastDartsError as e:
-        message = " ".join(str(e).split())
-        print(f"{PROG}: error: {message}", file=sys.stderr)
-        return e.exit_code
+        return report(PROG, e)
     except KeyboardInterrupt:
         out = given.get("out", "runs/search-SPACE")
         print(f"{PROG}: interrupted; continue with --resume --out {out}", file=sys.stderr)
