@@ -1,0 +1,361 @@
+"""What every benchmark shares: environment, timing, op and launch counts, memory, output.
+
+- ``env_info``: the facts a result needs to be read later (versions, machine, commit, command).
+- ``interleaved``: runs configurations A B A B … after warm-up, so drift in the machine's
+  load (other processes, clocks, thermals) spreads over all of them alike.
+- ``OpCounter``: counts every ATen operator dispatched — the CPU-measurable stand-in for GPU
+  kernel launches — including those a torch.library custom op dispatches inside itself; the
+  custom op counts once as well, so a fused kernel with no ATen calls inside counts one.
+- ``count_kernel_launches``: on CUDA, device kernels per call from torch.profiler (the
+  authoritative figure there).
+- ``peak_memory_in_subprocess``: each configuration in its own process, so they don't mask
+  each other (CPU: the child's peak RSS; CUDA: max allocated).
+- ``projected_gpu_hours``: a full paper search from one step's time.
+"""
+
+from __future__ import annotations
+
+import collections
+import importlib.metadata
+import json
+import math
+import os
+import platform
+import resource
+import shlex
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
+
+REPO = Path(__file__).resolve().parents[1]
+
+# -- environment --------------------------------------------------------------------------
+
+
+def _triton_version() -> str | None:
+    # Package metadata, not an import: importing triton is slow and may touch the GPU driver.
+    for dist in ("triton", "pytorch-triton"):
+        try:
+            return importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return None
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def device_name(device: torch.device) -> str:
+    """The GPU's name on CUDA, else the CPU's model name."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return _cpu_name()
+
+
+def git_commit() -> str | None:
+    """HEAD's hash, with ``+dirty`` when the tree has uncommitted changes (None outside git)."""
+    try:
+        head = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return head + ("+dirty" if dirty else "")
+
+
+def env_info(device: torch.device, argv: Sequence[str]) -> dict[str, Any]:
+    """The ``env`` block of a result: versions, machine, threads, date, commit and command."""
+    return {
+        "torch": torch.__version__,
+        "triton": _triton_version(),
+        "python": platform.python_version(),
+        "device_name": device_name(device),
+        "cpu_count": os.cpu_count(),
+        "threads": torch.get_num_threads(),
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "git_commit": git_commit(),
+        "command": shlex.join(["python", *argv]),
+    }
+
+
+# -- timing -------------------------------------------------------------------------------
+
+
+def synchronizer(device: torch.device) -> Callable[[], None]:
+    """What to call before reading the clock: waits for queued GPU work on CUDA."""
+    if device.type == "cuda":
+        return lambda: torch.cuda.synchronize(device)
+    return lambda: None
+
+
+def interleaved(
+    fns: Mapping[str, Callable[[], object]],
+    repeats: int,
+    warmup: int = 0,
+    sync: Callable[[], None] = lambda: None,
+    clock: Callable[[], float] = time.perf_counter,
+) -> dict[str, list[float]]:
+    """Seconds per call of each function, run A B A B …: ``warmup`` untimed rounds first."""
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    sync()
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            sync()
+            start = clock()
+            fn()
+            sync()
+            times[name].append(clock() - start)
+    return times
+
+
+@dataclass(frozen=True)
+class Summary:
+    median: float
+    min: float
+    max: float
+
+    @classmethod
+    def of(cls, samples: Sequence[float]) -> Summary:
+        return cls(statistics.median(samples), min(samples), max(samples))
+
+
+# -- op and kernel-launch counts ----------------------------------------------------------
+
+_ATEN_NAMESPACES = ("aten", "prim", "prims")
+
+
+class OpCounter(TorchDispatchMode):
+    """Counts the operators dispatched while active, by name (``aten.add.Tensor``).
+
+    Ops reaching this mode are the ATen ops left after autograd, which is what runs on the
+    device. A torch.library custom op arrives here whole: it is counted, then its kernel is
+    run below the Python dispatch key with this mode active again, so the ATen ops its
+    implementation calls are counted too (a Triton kernel inside adds nothing).
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.counts: collections.Counter[str] = collections.Counter()
+
+    @property
+    def total(self) -> int:
+        return sum(self.counts.values())
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        self.counts[str(func)] += 1
+        if func.namespace in _ATEN_NAMESPACES:
+            return func(*args, **kwargs)
+        keys = None
+        for t in tree_leaves((args, kwargs)):
+            if isinstance(t, torch.Tensor):
+                k = torch._C._dispatch_keys(t)
+                keys = k if keys is None else keys | k
+        if keys is None:
+            return func(*args, **kwargs)
+        # The tensors' own backend keys below Python (CPU, CUDA): the custom op's kernel
+        # itself, not this handler again; re-entering the mode lets it see the ops inside.
+        keys = keys & torch._C._dispatch_keyset_full_after(torch._C.DispatchKey.Python)
+        with self:
+            return func.redispatch(keys, *args, **kwargs)
+
+
+def count_ops(fn: Callable[[], object]) -> collections.Counter[str]:
+    """Operators dispatched by one call of ``fn``, by name."""
+    with OpCounter() as counter:
+        fn()
+    return counter.counts
+
+
+def profiled_events(
+    fn: Callable[[], object], activities: Sequence[Any]
+) -> list[tuple[torch.autograd.DeviceType, str]]:
+    """(device type, name) of every event torch.profiler records during one call of ``fn``.
+
+    Read from the raw Kineto results: building the profiler's FunctionEvents for the ~10⁵
+    kernels of a reference step takes longer than the step.
+    """
+    from torch.profiler import profile
+
+    with profile(activities=list(activities)) as prof:
+        fn()
+    results = getattr(getattr(prof, "profiler", None), "kineto_results", None)
+    if results is None:  # a torch without the raw results: the slower public route
+        return [(e.device_type, e.name) for e in prof.events()]
+    return [(e.device_type(), e.name()) for e in results.events()]
+
+
+def count_kernel_launches(fn: Callable[[], object], device: torch.device) -> int | None:
+    """Device kernels one call of ``fn`` launches (CUDA, from torch.profiler); None elsewhere.
+
+    Copies and memsets are left out: they are not kernels the code chose to launch.
+    """
+    if device.type != "cuda":
+        return None
+    from torch.profiler import ProfilerActivity
+
+    def synced() -> None:
+        fn()
+        torch.cuda.synchronize(device)
+
+    torch.cuda.synchronize(device)
+    events = profiled_events(synced, [ProfilerActivity.CUDA])
+    return sum(
+        1
+        for kind, name in events
+        if kind == torch.autograd.DeviceType.CUDA and not name.startswith(("Memcpy", "Memset"))
+    )
+
+
+# -- memory -------------------------------------------------------------------------------
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    """This process's peak so far: max allocated on CUDA, peak RSS on CPU (MiB)."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    # ru_maxrss is in KiB on Linux, bytes on macOS.
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss / 2**20 if sys.platform == "darwin" else rss / 2**10
+
+
+MEMORY_TAG = "PEAK_MEM_MB"
+
+
+def print_peak_memory(device: torch.device) -> None:
+    """What a memory child prints last; ``peak_memory_in_subprocess`` reads it back."""
+    print(f"{MEMORY_TAG} {peak_memory_mb(device):.3f}", flush=True)
+
+
+def peak_memory_in_subprocess(cmd: Sequence[str], timeout: float | None = None) -> float | None:
+    """Runs ``cmd`` (a child that ends with ``print_peak_memory``) and returns its peak (MiB).
+
+    None, with the reason on stderr, if the child fails: a long benchmark keeps its timings.
+    """
+    try:
+        done = subprocess.run(
+            list(cmd), capture_output=True, text=True, timeout=timeout, cwd=REPO, check=False
+        )
+    except subprocess.TimeoutExpired:
+        print(f"memory child timed out after {timeout} s: {shlex.join(cmd)}", file=sys.stderr)
+        return None
+    for line in reversed(done.stdout.splitlines()):
+        if line.startswith(MEMORY_TAG):
+            return float(line.split()[1])
+    tail = "\n".join(done.stderr.splitlines()[-5:])
+    print(f"memory child failed (exit {done.returncode}): {tail}", file=sys.stderr)
+    return None
+
+
+# -- GPU-hours projection -----------------------------------------------------------------
+
+SEARCH_EPOCHS = 50
+PTB_TRAIN_TOKENS = 929_589
+# RNN: PTB train batchified into 929589 // 256 = 3631 rows; an epoch runs until its position
+# reaches rows − 2, so at the full bptt of 35 it is ceil((3631 − 2) / 35) = 104 steps. The
+# paper's random halving (5 % of steps at bptt/2) covers the same rows in more, shorter
+# steps, so 104 full-length steps is the epoch's work to within a few per cent.
+RNN_STEPS_PER_EPOCH = math.ceil((PTB_TRAIN_TOKENS // 256 - 2) / 35)
+# CNN: half of CIFAR-10's 50,000 training images train the weights, at batch 64.
+CNN_STEPS_PER_EPOCH = math.ceil(25_000 / 64)
+STEPS_PER_EPOCH = {"rnn": RNN_STEPS_PER_EPOCH, "cnn": CNN_STEPS_PER_EPOCH}
+PROJECTION_FORMULA = {
+    "rnn": f"step_s * {SEARCH_EPOCHS} * ceil((929589 // 256 - 2) / 35) / 3600"
+    f" = step_s * {SEARCH_EPOCHS * RNN_STEPS_PER_EPOCH} / 3600",
+    "cnn": f"step_s * {SEARCH_EPOCHS} * ceil(25000 / 64) / 3600"
+    f" = step_s * {SEARCH_EPOCHS * CNN_STEPS_PER_EPOCH} / 3600",
+}
+# One second-order search in the DARTS paper (Liu et al., 2019), on one GTX 1080 Ti.
+PAPER_GPU_HOURS = {"rnn": 6.0, "cnn": 24.0}
+
+
+def projected_gpu_hours(space: str, step_s: float) -> float:
+    """Hours for a full paper search (50 epochs) at ``step_s`` seconds per step."""
+    return step_s * SEARCH_EPOCHS * STEPS_PER_EPOCH[space] / 3600
+
+
+# -- output -------------------------------------------------------------------------------
+
+# Row keys of each script, in the issue's schema order.
+SEARCH_ROW_KEYS = (
+    "space",
+    "order",
+    "config",
+    "backend",
+    "flags",
+    "device",
+    "median_s",
+    "min_s",
+    "max_s",
+    "ratio_vs_reference",
+    "ops_per_step",
+    "kernel_launches_per_step",
+    "peak_mem_mb",
+    "projected_gpu_hours",
+)
+KERNEL_ROW_KEYS = (
+    "kernel",
+    "shape",
+    "pass",
+    *SEARCH_ROW_KEYS[2:],
+    "speedup",
+    "bytes",
+    "gb_per_s",
+    "bandwidth_fraction",
+)
+
+
+def write_json(path: str | os.PathLike, doc: Mapping[str, Any]) -> None:
+    """Writes ``doc`` as indented JSON, creating the folder."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(doc, indent=2) + "\n")
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return "—"
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    if isinstance(value, (list, tuple)):
+        return " ".join(map(str, value)) or "—"
+    return str(value)
+
+
+def markdown_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[tuple[str, str]]) -> str:
+    """A markdown table of ``rows``; ``columns`` are (header, key) pairs."""
+    lines = [
+        "| " + " | ".join(h for h, _ in columns) + " |",
+        "|" + "|".join("---" for _ in columns) + "|",
+    ]
+    for row in rows:
+        lines.append("| " + " | ".join(_cell(row.get(k)) for _, k in columns) + " |")
+    return "\n".join(lines)

@@ -1,0 +1,327 @@
+"""Each search kernel against its reference: time, speedup, bytes moved, achieved bandwidth.
+
+    python benchmarks/kernels.py --device cuda --json out.json
+
+Kernels are entries of ``KERNELS``: input builders per shape and implementations side by
+side (``impls``: "reference" first; later issues add their fused versions there). Each is
+timed forward (with autograd recording, as in a search step) and forward + backward, the
+implementations interleaved A B A B … on the same inputs. "Bytes" is the traffic a kernel
+cannot avoid — its inputs read and its outputs written once (formula per kernel in the
+JSON) — so GB/s is the bandwidth that lower bound achieves. The device's own bandwidth is
+measured in the same run by a large copy (bytes read + written), and each row gives the
+fraction of it reached.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+if __package__ in (None, ""):
+    # Run as a script: make ``benchmarks`` and an uninstalled ``fastdarts`` importable.
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks import harness
+from fastdarts.genotypes import CNN_PRIMITIVES, RNN_PRIMITIVES
+from fastdarts.ops.recurrent_mixed import recurrent_mixed
+from fastdarts.spaces.cnn import MixedOp
+from fastdarts.spaces.rnn import recurrent_mixed_reference
+
+SCRIPT = "benchmarks/kernels.py"
+PASSES = ("fwd", "fwd+bwd")
+
+
+@dataclass
+class Inputs:
+    """One shape's inputs: ``args`` go to every implementation, ``leaves`` get gradients."""
+
+    args: dict[str, Any]
+    leaves: list[torch.Tensor]
+
+
+@dataclass
+class Kernel:
+    """A kernel's benchmark entry.
+
+    ``shapes`` maps a configuration (paper, large, tiny) to shape parameters; ``make``
+    builds the inputs of one shape; ``impls`` are the implementations (each takes
+    ``Inputs.args`` and returns one tensor); ``bytes_moved(shape, pass, element_size)`` is
+    the unavoidable traffic, as ``formula`` says.
+    """
+
+    name: str
+    shapes: dict[str, list[dict[str, int]]]
+    make: Callable[[dict[str, int], torch.device, torch.dtype], Inputs]
+    impls: dict[str, Callable[[dict[str, Any]], torch.Tensor]]
+    bytes_moved: Callable[[dict[str, int], str, int], int]
+    formula: str
+    describe: Callable[[dict[str, int]], str] = field(
+        default=lambda s: " ".join(f"{k}={v}" for k, v in s.items())
+    )
+
+
+# -- the recurrent node mixture -----------------------------------------------------------
+
+K_RNN = len(RNN_PRIMITIVES)
+
+
+def _make_recurrent(shape: dict[str, int], device: torch.device, dtype: torch.dtype) -> Inputs:
+    n, b, d = shape["n"], shape["B"], shape["D"]
+    g = torch.Generator().manual_seed(0)
+    states = torch.randn(n, b, d, generator=g, dtype=dtype)
+    ch = torch.randn(n, b, 2 * d, generator=g, dtype=dtype)
+    probs = torch.softmax(torch.randn(n, K_RNN, generator=g, dtype=dtype), -1)
+    leaves = [t.to(device).requires_grad_() for t in (states, ch, probs)]
+    return Inputs(dict(zip(("states", "ch", "probs"), leaves)), leaves)
+
+
+def _recurrent_bytes(shape: dict[str, int], pass_: str, size: int) -> int:
+    n, b, d = shape["n"], shape["B"], shape["D"]
+    inputs = 3 * n * b * d + n * K_RNN  # states, ch = [C, H], probs
+    fwd = inputs + b * d  # + the node's output
+    bwd = b * d + 2 * inputs  # grad_out and the inputs read, one gradient per input written
+    return size * (fwd if pass_ == "fwd" else fwd + bwd)
+
+
+RECURRENT = Kernel(
+    name="rnn_node_mixture",
+    shapes={
+        # The last node of the cell has n = 8 predecessors; n = 4 is the middle of the cell.
+        "paper": [{"n": 8, "B": 256, "D": 300}, {"n": 4, "B": 256, "D": 300}],
+        "large": [{"n": 8, "B": 1024, "D": 1024}],
+        "tiny": [{"n": 2, "B": 4, "D": 8}],
+    },
+    make=_make_recurrent,
+    impls={
+        "reference": lambda a: recurrent_mixed_reference(a["states"], a["ch"], a["probs"]),
+        # One kernel per pass: C++ on the CPU, Triton on CUDA (fastdarts.ops.recurrent_mixed).
+        "fused": lambda a: recurrent_mixed(a["states"], a["ch"], a["probs"]),
+    },
+    bytes_moved=_recurrent_bytes,
+    formula="fwd: (3nBD + nK + BD)·size (states, ch, probs read; output written); "
+    "fwd+bwd: fwd + (BD + 2·(3nBD + nK))·size (grad_out and inputs read, their grads written)",
+)
+
+
+# -- the convolutional MixedOp ------------------------------------------------------------
+
+
+def _make_mixed(shape: dict[str, int], device: torch.device, dtype: torch.dtype) -> Inputs:
+    torch.manual_seed(0)
+    module = MixedOp(shape["C"], shape["stride"]).to(device, dtype)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(shape["B"], shape["C"], shape["H"], shape["H"], generator=g, dtype=dtype)
+    w = torch.softmax(torch.randn(len(CNN_PRIMITIVES), generator=g, dtype=dtype), -1)
+    x, w = x.to(device).requires_grad_(), w.to(device).requires_grad_()
+    return Inputs({"module": module, "x": x, "weights": w}, [x, w, *module.parameters()])
+
+
+def _mixed_params(c: int, stride: int) -> int:
+    return sum(p.numel() for p in MixedOp(c, stride).parameters())
+
+
+def _mixed_bytes(shape: dict[str, int], pass_: str, size: int) -> int:
+    b, c, h, s = shape["B"], shape["C"], shape["H"], shape["stride"]
+    x, out = b * c * h * h, b * c * (h // s) ** 2
+    p = _mixed_params(c, s) + len(CNN_PRIMITIVES)  # conv weights + the 8 op weights
+    fwd = x + p + out
+    bwd = out + 2 * x + 2 * p  # grad_out, x and params read; grad_x and their grads written
+    return size * (fwd if pass_ == "fwd" else fwd + bwd)
+
+
+MIXED_OP = Kernel(
+    name="cnn_mixed_op",
+    shapes={
+        # Search network at batch 64: first normal cells (C 16, 32×32), the first reduction
+        # edges (C 32 at 32×32, stride 2), the last normal cells (C 64, 8×8).
+        "paper": [
+            {"B": 64, "C": 16, "H": 32, "stride": 1},
+            {"B": 64, "C": 32, "H": 32, "stride": 2},
+            {"B": 64, "C": 64, "H": 8, "stride": 1},
+        ],
+        "large": [{"B": 256, "C": 64, "H": 16, "stride": 1}],
+        "tiny": [{"B": 2, "C": 4, "H": 8, "stride": 1}],
+    },
+    make=_make_mixed,
+    impls={"reference": lambda a: a["module"](a["x"], a["weights"])},
+    bytes_moved=_mixed_bytes,
+    formula="x = B·C·H·W, out = B·C·H'·W', P = conv weights + 8; fwd: (x + P + out)·size; "
+    "fwd+bwd: fwd + (out + 2x + 2P)·size (grad_out, x, P read; grad_x, grad_P written)",
+)
+
+KERNELS: list[Kernel] = [RECURRENT, MIXED_OP]
+
+
+# -- measurement --------------------------------------------------------------------------
+
+
+def copy_bandwidth_gb_s(device: torch.device, mib: int, repeats: int = 5) -> float:
+    """Achieved GB/s of a large device-to-device (or RAM-to-RAM) copy, bytes read + written."""
+    src = torch.ones(mib * 2**20 // 4, device=device)
+    dst = torch.empty_like(src)
+    times = harness.interleaved(
+        {"copy": lambda: dst.copy_(src)}, repeats, warmup=2, sync=harness.synchronizer(device)
+    )["copy"]
+    return 2 * src.numel() * 4 / harness.Summary.of(times).median / 1e9
+
+
+def _pass_fn(impl, inputs: Inputs, pass_: str, grad_out: torch.Tensor | None):
+    if pass_ == "fwd":
+        return lambda: impl(inputs.args)
+    return lambda: torch.autograd.grad(impl(inputs.args), inputs.leaves, grad_out)
+
+
+def _peak_mb(fn: Callable[[], object], device: torch.device) -> float | None:
+    """Peak allocated during one call (CUDA); None on CPU, where RSS can't be reset."""
+    if device.type != "cuda":
+        return None
+    torch.cuda.synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    fn()
+    torch.cuda.synchronize(device)
+    return torch.cuda.max_memory_allocated(device) / 2**20
+
+
+def bench_kernel(
+    kernel: Kernel,
+    config: str,
+    device: torch.device,
+    dtype: torch.dtype,
+    repeats: int,
+    warmup: int,
+    copy_gb_s: float | None,
+) -> list[dict]:
+    """Rows for every shape of ``config``, both passes, every implementation."""
+    rows = []
+    size = torch.empty((), dtype=dtype).element_size()
+    for shape in kernel.shapes.get(config, []):
+        inputs = kernel.make(shape, device, dtype)
+        grad_out = torch.randn_like(kernel.impls["reference"](inputs.args).detach())
+        for pass_ in PASSES:
+            fns = {
+                name: _pass_fn(impl, inputs, pass_, grad_out) for name, impl in kernel.impls.items()
+            }
+            times = harness.interleaved(fns, repeats, warmup, sync=harness.synchronizer(device))
+            ref = harness.Summary.of(times["reference"]).median
+            moved = kernel.bytes_moved(shape, pass_, size)
+            for name, fn in fns.items():
+                s = harness.Summary.of(times[name])
+                gb_s = moved / s.median / 1e9
+                rows.append(
+                    {
+                        "kernel": kernel.name,
+                        "shape": kernel.describe(shape),
+                        "pass": pass_,
+                        "config": config,
+                        "backend": name,
+                        "flags": [],
+                        "device": str(device),
+                        "median_s": s.median,
+                        "min_s": s.min,
+                        "max_s": s.max,
+                        "ratio_vs_reference": s.median / ref,
+                        "ops_per_step": harness.count_ops(fn).total(),
+                        "kernel_launches_per_step": harness.count_kernel_launches(fn, device),
+                        "peak_mem_mb": _peak_mb(fn, device),
+                        "projected_gpu_hours": None,
+                        "speedup": ref / s.median,
+                        "bytes": moved,
+                        "gb_per_s": gb_s,
+                        "bandwidth_fraction": gb_s / copy_gb_s if copy_gb_s else None,
+                    }
+                )
+    return rows
+
+
+COLUMNS = [
+    ("kernel", "kernel"),
+    ("shape", "shape"),
+    ("pass", "pass"),
+    ("impl", "backend"),
+    ("median s", "median_s"),
+    ("speedup", "speedup"),
+    ("ops", "ops_per_step"),
+    ("launches", "kernel_launches_per_step"),
+    ("MB moved", "mb"),
+    ("GB/s", "gb_per_s"),
+    ("of copy BW", "bandwidth_fraction"),
+]
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    p.add_argument("--dtype", choices=("float32", "float64"), default="float32")
+    p.add_argument("--configs", default="paper,large", help="shape sets: paper, large, tiny")
+    p.add_argument("--kernels", default=None, help="kernel names, comma-separated (default all)")
+    p.add_argument("--repeats", type=int, default=None, help="timed calls (cuda 20, cpu 5)")
+    p.add_argument("--warmup", type=int, default=None, help="untimed calls (cuda 3, cpu 1)")
+    p.add_argument("--copy-mib", type=int, default=None, help="copy size (cuda 1024, cpu 256)")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch threads (default: torch's); on a shared CPU use 1: busy cores make\n"
+        "OpenMP threads wait for each other at every op, up to 70x slower",
+    )
+    p.add_argument("--json", default=None, help="write the results here")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    """Runs the kernel benchmarks; returns (and optionally writes) the result document."""
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no CUDA device is available here")
+    cuda = device.type == "cuda"
+    repeats = args.repeats or (20 if cuda else 5)
+    warmup = args.warmup if args.warmup is not None else (3 if cuda else 1)
+    dtype = {"float32": torch.float32, "float64": torch.float64}[args.dtype]
+    wanted = args.kernels.split(",") if args.kernels else [k.name for k in KERNELS]
+    unknown = set(wanted) - {k.name for k in KERNELS}
+    if unknown:
+        raise SystemExit(f"--kernels: unknown {sorted(unknown)}; have {[k.name for k in KERNELS]}")
+    configs = [c for c in args.configs.split(",") if c]
+
+    copy_mib = args.copy_mib or (1024 if cuda else 256)
+    copy_gb_s = copy_bandwidth_gb_s(device, copy_mib)
+    rows = []
+    for kernel in KERNELS:
+        if kernel.name in wanted:
+            for config in configs:
+                rows += bench_kernel(kernel, config, device, dtype, repeats, warmup, copy_gb_s)
+
+    doc = {
+        "env": harness.env_info(device, [SCRIPT, *(sys.argv[1:] if argv is None else argv)]),
+        "rows": rows,
+        "run": {
+            "repeats": repeats,
+            "warmup": warmup,
+            "dtype": args.dtype,
+            "copy_mib": copy_mib,
+            "copy_gb_s": copy_gb_s,
+            "bytes": {k.name: k.formula for k in KERNELS if k.name in wanted},
+            "fwd": "forward with autograd recording (as in a search step)",
+            "ops_per_step": "ATen ops dispatched by one call (custom ops count once plus the "
+            "ATen ops inside them)",
+            "bandwidth_fraction": "gb_per_s / copy_gb_s, the copy measured in this run",
+        },
+    }
+    print(f"copy bandwidth: {copy_gb_s:.1f} GB/s ({copy_mib} MiB, read + write)")
+    print(harness.markdown_table([{**r, "mb": r["bytes"] / 1e6} for r in rows], COLUMNS))
+    if args.json:
+        harness.write_json(args.json, doc)
+    return doc
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,295 @@
+"""The benchmark harness: op counting, interleaving, ablation flags and both JSON schemas."""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))  # ``benchmarks`` is a folder of the repository, not installed
+
+from benchmarks import harness, kernels, search_step  # noqa: E402
+from fastdarts.ops import backends  # noqa: E402
+
+
+@torch.library.custom_op("fastdarts_bench_test::axpy", mutates_args=())
+def axpy(a: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return a * x + y
+
+
+@pytest.fixture
+def restore_threads():
+    """The scripts set torch's thread count; give the rest of the session its own back."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+# -- op counter ---------------------------------------------------------------------------
+
+
+def test_op_counter_counts_a_known_sequence_exactly():
+    a, b = torch.randn(4), torch.randn(4)
+    counts = harness.count_ops(lambda: (a + b).mul(b).sum())
+    assert counts == {"aten.add.Tensor": 1, "aten.mul.Tensor": 1, "aten.sum.default": 1}
+
+
+def test_op_counter_counts_backward_ops():
+    x = torch.randn(3, requires_grad=True)
+    counts = harness.count_ops(lambda: torch.autograd.grad((x * 2).sum(), x))
+    # Forward mul and sum; backward seeds ones, expands the sum's grad and multiplies by 2.
+    assert counts == {
+        "aten.mul.Tensor": 2,
+        "aten.sum.default": 1,
+        "aten.ones_like.default": 1,
+        "aten.expand.default": 1,
+    }
+
+
+def test_op_counter_counts_a_custom_op_once_plus_the_aten_ops_inside():
+    a, x, y = torch.randn(5), torch.randn(5), torch.randn(5)
+    with harness.OpCounter() as counter:
+        out = axpy(a, x, y)
+        twice = axpy(a, x, out)
+    assert counter.counts == {
+        "fastdarts_bench_test.axpy.default": 2,
+        "aten.mul.Tensor": 2,
+        "aten.add.Tensor": 2,
+    }
+    assert counter.total == 6
+    torch.testing.assert_close(twice, a * x + (a * x + y))
+
+
+def test_profiled_events_and_launch_counts():
+    from torch.profiler import ProfilerActivity
+
+    a = torch.randn(3)
+    events = harness.profiled_events(lambda: a + a, [ProfilerActivity.CPU])
+    assert (torch.autograd.DeviceType.CPU, "aten::add") in events
+    # Kernel launches are a CUDA figure.
+    assert harness.count_kernel_launches(lambda: a + a, torch.device("cpu")) is None
+
+
+# -- timing -------------------------------------------------------------------------------
+
+
+def test_interleaved_runs_a_b_a_b_after_warmup():
+    calls: list[str] = []
+    ticks = iter(range(100))
+    fns = {"A": lambda: calls.append("A"), "B": lambda: calls.append("B")}
+    times = harness.interleaved(fns, repeats=3, warmup=2, clock=lambda: float(next(ticks)))
+    assert calls == ["A", "B"] * 5
+    # Each timed call reads the clock twice in a row: one tick apart.
+    assert times == {"A": [1.0, 1.0, 1.0], "B": [1.0, 1.0, 1.0]}
+    s = harness.Summary.of([3.0, 1.0, 2.0])
+    assert (s.median, s.min, s.max) == (2.0, 1.0, 3.0)
+
+
+def test_projection_counts_paper_steps():
+    assert harness.RNN_STEPS_PER_EPOCH == math.ceil((929_589 // 256 - 2) / 35) == 104
+    assert harness.CNN_STEPS_PER_EPOCH == 391
+    assert harness.projected_gpu_hours("cnn", 1.0) == pytest.approx(50 * 391 / 3600)
+    assert harness.projected_gpu_hours("rnn", 2.0) == pytest.approx(2 * 50 * 104 / 3600)
+
+
+def test_markdown_table():
+    rows = [{"a": 1.23456, "b": None, "c": ["--order", "1"]}]
+    table = harness.markdown_table(rows, [("A", "a"), ("B", "b"), ("C", "c")])
+    assert table.splitlines() == ["| A | B | C |", "|---|---|---|", "| 1.235 | — | --order 1 |"]
+
+
+# -- ablation flags -----------------------------------------------------------------------
+
+
+def test_parse_backends_names_and_ablation_rows():
+    configs = search_step.parse_backends(
+        "reference,first=--order,1,hvp_exact=--hvp,exact,darts=--compat=darts,--lr,0.5,fast"
+    )
+    assert [c.name for c in configs] == ["reference", "first", "hvp_exact", "darts", "fast"]
+    assert configs[1].flags == ("--order", "1")
+    assert [c.overrides() for c in configs] == [
+        {},
+        {"order": 1},
+        {"hvp": "exact"},
+        {"compat": "darts", "lr": 0.5},
+        {"backend": "fast"},
+    ]
+    assert configs[1].spec == "first=--order,1"
+    assert configs[0].spec == "reference"
+
+
+def test_parse_flags_types_and_switches():
+    assert search_step.parse_flags(["--batch-size", "7", "--epoch-steps", "none"]) == {
+        "batch_size": 7,
+        "epoch_steps": None,
+    }
+    # A bool field takes no value, so the word after it starts the next configuration.
+    configs = search_step.parse_backends("r=--resume,reference")
+    assert [(c.name, c.overrides()) for c in configs] == [
+        ("r", {"resume": True}),
+        ("reference", {}),
+    ]
+
+
+@pytest.mark.parametrize(
+    "spec, message",
+    [
+        ("bad=--no-such-flag,1", "not a search setting"),
+        ("x=--space,cnn", "whole run"),
+        ("x=--order", "needs a value"),
+        ("x=--order,two", "expected int"),
+        ("turbo", "unknown configuration"),
+        ("reference,reference", "repeat"),
+        ("=--order,1", "needs a label"),
+    ],
+)
+def test_parse_backends_rejects(spec, message):
+    with pytest.raises(ValueError, match=message):
+        search_step.parse_backends(spec)
+
+
+def test_ablation_row_config():
+    (config,) = search_step.parse_backends("first=--order,1")
+    cfg = search_step.search_config("rnn", 2, "small", config.overrides())
+    assert (cfg.order, cfg.nhid, cfg.emsize, cfg.batch_size, cfg.bptt) == (1, 64, 64, 32, 20)
+    assert cfg.lr == 20.0  # paper defaults filled in by resolved()
+
+
+def test_synthetic_rnn_data_has_full_length_steps():
+    cfg = search_step.search_config("rnn", 1, "tiny", {})
+    task = search_step.build_task(cfg, torch.device("cpu"), torch.float32, steps=3)
+    assert task.model.ntoken == search_step.PTB_VOCAB
+    for _ in range(3):
+        assert task.rng.random() < 0.95  # never halves the sequence
+    assert len(task.train_data) >= 4 * cfg.bptt + 2
+
+
+# -- the scripts' JSON --------------------------------------------------------------------
+
+ENV_TYPES = {
+    "torch": str,
+    "triton": (str, type(None)),
+    "python": str,
+    "device_name": str,
+    "cpu_count": int,
+    "threads": int,
+    "date": str,
+    "git_commit": (str, type(None)),
+    "command": str,
+}
+OPTIONAL_FLOAT = (float, type(None))
+COMMON_ROW_TYPES = {
+    "config": str,
+    "backend": str,
+    "flags": list,
+    "device": str,
+    "median_s": float,
+    "min_s": float,
+    "max_s": float,
+    "ratio_vs_reference": OPTIONAL_FLOAT,
+    "ops_per_step": int,
+    "kernel_launches_per_step": (int, type(None)),
+    "peak_mem_mb": OPTIONAL_FLOAT,
+    "projected_gpu_hours": OPTIONAL_FLOAT,
+}
+
+
+def _check(doc: dict, row_types: dict) -> None:
+    assert set(doc["env"]) == set(ENV_TYPES)
+    for key, kind in ENV_TYPES.items():
+        assert isinstance(doc["env"][key], kind), key
+    assert doc["rows"]
+    for row in doc["rows"]:
+        assert set(row) == set(row_types)
+        for key, kind in row_types.items():
+            assert isinstance(row[key], kind), (key, row[key])
+        assert 0 < row["min_s"] <= row["median_s"] <= row["max_s"]
+        assert row["ops_per_step"] > 0
+        assert row["kernel_launches_per_step"] is None  # CPU
+        assert row["projected_gpu_hours"] is None
+
+
+GPU_ONLY_REASON = "backend 'gpu_only' does not run on cpu"
+
+
+def test_search_step_json_schema(tmp_path, restore_threads, capsys, monkeypatch):
+    # A backend the registry says cannot run here is skipped with the registry's reason.
+    gpu_only = backends.Backend("gpu_only", frozenset({"rnn", "cnn"}), frozenset({"cuda"}))
+    monkeypatch.setitem(backends.BACKENDS, "gpu_only", gpu_only)
+    out = tmp_path / "rnn.json"
+    argv = ["--space", "rnn", "--order", "2", "--config", "tiny", "--steps", "2", "--warmup", "0"]
+    argv += ["--backends", "reference,first=--order,1,gpu=--backend,gpu_only", "--device", "cpu"]
+    argv += ["--threads", "1", "--no-memory", "--json", str(out)]
+    returned = search_step.main(argv)
+    doc = json.loads(out.read_text())
+    assert doc == json.loads(json.dumps(returned))
+    _check(doc, {"space": str, "order": int, **COMMON_ROW_TYPES})
+    assert list(doc["rows"][0]) == list(harness.SEARCH_ROW_KEYS)
+    ref, first = doc["rows"]
+    assert (ref["backend"], ref["order"], ref["flags"]) == ("reference", 2, [])
+    assert (first["backend"], first["order"], first["flags"]) == ("first", 1, ["--order", "1"])
+    assert ref["ratio_vs_reference"] == 1.0
+    # First order runs one pass where second order runs four: fewer ops.
+    assert first["ops_per_step"] < ref["ops_per_step"]
+    assert doc["skipped"] == [
+        {"backend": "gpu", "flags": ["--backend", "gpu_only"], "reason": GPU_ONLY_REASON}
+    ]
+    assert doc["env"]["command"].startswith("python benchmarks/search_step.py --space rnn")
+    printed = capsys.readouterr().out
+    assert "| reference |" in printed and "skipped gpu:" in printed
+
+
+def test_search_step_cnn_with_memory_child(tmp_path, restore_threads):
+    out = tmp_path / "cnn.json"
+    argv = ["--space", "cnn", "--order", "1", "--config", "tiny", "--steps", "1", "--warmup", "0"]
+    argv += ["--threads", "1", "--json", str(out)]
+    doc = search_step.main(argv)
+    (row,) = doc["rows"]
+    assert (row["space"], row["order"], row["backend"]) == ("cnn", 1, "reference")
+    # Peak RSS of a child that imported torch and ran two steps.
+    assert row["peak_mem_mb"] is not None and row["peak_mem_mb"] > 50
+    assert json.loads(out.read_text())["rows"] == doc["rows"]
+
+
+def test_kernels_json_schema(tmp_path, restore_threads):
+    out = tmp_path / "kernels.json"
+    argv = ["--configs", "tiny", "--repeats", "2", "--warmup", "0", "--copy-mib", "8"]
+    argv += ["--threads", "1", "--json", str(out)]
+    kernels.main(argv)
+    doc = json.loads(out.read_text())
+    row_types = {
+        "kernel": str,
+        "shape": str,
+        "pass": str,
+        **COMMON_ROW_TYPES,
+        "speedup": float,
+        "bytes": int,
+        "gb_per_s": float,
+        "bandwidth_fraction": OPTIONAL_FLOAT,
+    }
+    _check(doc, row_types)
+    assert list(doc["rows"][0]) == list(harness.KERNEL_ROW_KEYS)
+    seen = {(r["kernel"], r["pass"], r["backend"]) for r in doc["rows"]}
+    assert seen == {
+        (k.name, p, impl) for k in kernels.KERNELS for p in kernels.PASSES for impl in k.impls
+    }
+    assert doc["run"]["copy_gb_s"] > 0
+
+
+def test_kernel_bytes_formulas():
+    shape = {"n": 8, "B": 256, "D": 300}
+    n, b, d, k = 8, 256, 300, kernels.K_RNN
+    assert kernels._recurrent_bytes(shape, "fwd", 4) == 4 * (3 * n * b * d + n * k + b * d)
+    assert kernels._recurrent_bytes(shape, "fwd+bwd", 4) == 4 * (
+        9 * n * b * d + 3 * n * k + 2 * b * d
+    )
+    # The reference recurrent mixture is what the entry times.
+    inputs = kernels.RECURRENT.make({"n": 2, "B": 3, "D": 4}, torch.device("cpu"), torch.float64)
+    out = kernels.RECURRENT.impls["reference"](inputs.args)
+    assert out.shape == (3, 4)
