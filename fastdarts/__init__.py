@@ -13,6 +13,7 @@ from fastdarts.genotypes import (
     load_genotype,
     save_genotype,
 )
+from fastdarts.ops.recurrent_mixed import RecurrentMixedOp, recurrent_mixed
 from fastdarts.spaces import ConvSearchModel, RNNSearchModel
 from fastdarts.spaces.cnn import MixedOp
 from fastdarts.spaces.rnn import recurrent_mixed_reference
@@ -32,7 +33,9 @@ __all__ = [
     "MixedOp",
     "RNNSearchModel",
     "RecurrentGenotype",
+    "RecurrentMixedOp",
     "load_genotype",
+    "recurrent_mixed",
     "recurrent_mixed_reference",
     "save_genotype",
 ]

@@ -58,7 +58,7 @@ def test_cnn_search_on_cifar10_writes_every_output(tmp_path, cli, cache_env, ord
     out = tmp_path / "cnn"
     args = ["--dataset", "cifar10", "--order", order, "--max-steps", "2", "--epoch-steps", "1"]
     proc = cli(SEARCH, *CNN_TINY, *args, "--out", str(out))
-    check_outputs(cli, out, proc, "cnn", steps=2, epochs_done=1)
+    check_outputs(cli, out, proc, "cnn", steps=2, epochs_done=2)
 
 
 # -- bad input: one line on stderr, a non-zero exit, earlier outputs intact ------------------

@@ -2,7 +2,7 @@
 
 Each backend declares the spaces and device types it supports and whether it can run here
 (and why not); ``resolve`` is the only dispatch point, so a run can always say why a
-backend was skipped.
+backend was skipped. ``auto`` resolves to the fastest backend that can run.
 """
 
 from __future__ import annotations
@@ -10,7 +10,12 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from torch import nn
+
 from fastdarts.errors import ConfigError
+from fastdarts.ops.extension import extension, unavailable_reason
+from fastdarts.ops.recurrent_mixed import recurrent_mixed
+from fastdarts.spaces.rnn import RecurrentSearchCell, recurrent_mixed_reference
 
 
 @dataclass(frozen=True)
@@ -18,8 +23,10 @@ class Backend:
     name: str
     spaces: frozenset[str]
     device_types: frozenset[str]
-    # Returns None when usable here, else the reason it is not.
-    unavailable: Callable[[], str | None] = lambda: None
+    # Returns None when usable on that device type, else the reason it is not.
+    unavailable: Callable[[str], str | None] = lambda device_type: None
+    # The RNN cell's node op (see RecurrentSearchCell.node_op); None keeps the reference.
+    rnn_node_op: Callable | None = None
 
     def why_not(self, space: str, device_type: str) -> str | None:
         """None if this backend can run ``space`` on ``device_type``, else the reason."""
@@ -27,18 +34,53 @@ class Backend:
             return f"does not implement the {space} space"
         if device_type not in self.device_types:
             return f"does not run on {device_type}"
-        return self.unavailable()
+        return self.unavailable(device_type)
+
+    def apply(self, model: nn.Module) -> nn.Module:
+        """Make ``model``'s search cells use this backend's ops (in place); returns it."""
+        for module in model.modules():
+            if isinstance(module, RecurrentSearchCell):
+                module.node_op = self.rnn_node_op or recurrent_mixed_reference
+        return model
+
+
+def _fused_unavailable(device_type: str) -> str | None:
+    if device_type == "cpu":
+        return unavailable_reason()
+    try:
+        import triton  # noqa: F401
+    except ImportError as e:
+        if hasattr(extension(), "recurrent_mixed_forward_cuda"):
+            return None
+        return f"needs Triton ({e}) or the extension built with CUDA on {device_type}"
+    return None
 
 
 BACKENDS: dict[str, Backend] = {
     "reference": Backend("reference", frozenset({"rnn", "cnn"}), frozenset({"cpu", "cuda"})),
+    "fused": Backend(
+        "fused",
+        frozenset({"rnn"}),
+        frozenset({"cpu", "cuda"}),
+        _fused_unavailable,
+        recurrent_mixed,
+    ),
 }
+# Fastest first; ``auto`` takes the first that can run.
+AUTO_ORDER = ("fused", "reference")
 
 
 def resolve(name: str, space: str, device_type: str) -> Backend:
     """The backend to use; ConfigError says why a named one cannot be."""
+    if name == "auto":
+        reasons = {c: BACKENDS[c].why_not(space, device_type) for c in AUTO_ORDER}
+        usable = [c for c, reason in reasons.items() if reason is None]
+        if not usable:
+            why = "; ".join(f"'{c}' {reason}" for c, reason in reasons.items())
+            raise ConfigError(f"backend 'auto': no backend can run here ({why})")
+        return BACKENDS[usable[0]]
     if name not in BACKENDS:
-        raise ConfigError(f"unknown backend '{name}' (available: {', '.join(BACKENDS)})")
+        raise ConfigError(f"unknown backend '{name}' (available: auto, {', '.join(BACKENDS)})")
     reason = BACKENDS[name].why_not(space, device_type)
     if reason:
         raise ConfigError(f"backend '{name}' {reason}")

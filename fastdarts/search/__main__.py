@@ -34,7 +34,7 @@ HELP = {
     "data": "data folder (never downloads); default: $FASTDARTS_DATA, the cache, a download",
     "out": "run folder (default: runs/search-SPACE)",
     "resume": "continue the run in --out from its checkpoint.pt",
-    "backend": "MixedOp implementation: reference, fused (RNN only) or auto (the fastest that runs)",
+    "backend": "MixedOp implementation: reference, fused (RNN only), auto (fastest that runs)",
     "compat": "'darts': reproduce the published code where it departs from the maths",
     "hvp": "Hessian-vector product: fd (finite difference, the paper's) or exact",
     "threads": "CPU threads (a resumed run keeps its run's count unless given)",

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from fastdarts.data import cifar, ptb
+from fastdarts.ops.backends import resolve as resolve_backend
 from fastdarts.search.architect import Architect, UnrollRule
 from fastdarts.search.config import SearchConfig
 from fastdarts.search.masks import MaskSampler
@@ -29,6 +30,7 @@ class SearchTask:
 
     def __init__(self, cfg: SearchConfig, model: SearchModel, device: torch.device):
         self.cfg, self.model, self.device = cfg, model, device
+        resolve_backend(cfg.backend, model.space, device.type).apply(model)
         self.dtype = next(iter(model.parameters())).dtype
         self.sampler = MaskSampler(cfg.seed + 1, device)
         self.weight_optimizer = torch.optim.SGD(

@@ -1,0 +1,126 @@
+"""Triton kernels for the fused recurrent MixedOp (see fastdarts.ops.recurrent_mixed).
+
+Each program takes BLOCK elements of the flattened (B, D) output and loops over the n
+predecessors: the forward reads S, C, H once and writes out; the backward reads g, S, C, H
+once and writes dS, dC, dH and its block's partial dP sums, which the launcher adds up in a
+fixed order (no atomics, so results are deterministic). Imported only on first use on CUDA
+(or under TRITON_INTERPRET=1 in the tests).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+K = 5
+BLOCK = 512
+
+
+@triton.jit
+def _sigmoid(x):
+    # exp of a non-positive argument only: no overflow in either tail.
+    e = tl.exp(-tl.abs(x))
+    return tl.where(x >= 0, 1 / (1 + e), e / (1 + e))
+
+
+@triton.jit
+def _tanh(x):
+    e = tl.exp(-2 * tl.abs(x))
+    t = (1 - e) / (1 + e)
+    return tl.where(x < 0, -t, t)
+
+
+@triton.jit
+def _forward_kernel(S, CH, P, OUT, n, B, D, BLOCK: tl.constexpr):
+    j = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = j < B * D
+    b = j // D
+    d = j - b * D
+    acc = tl.zeros([BLOCK], dtype=OUT.dtype.element_ty)
+    for i in range(n):
+        p1 = tl.load(P + i * 5 + 1)
+        p2 = tl.load(P + i * 5 + 2)
+        p3 = tl.load(P + i * 5 + 3)
+        p4 = tl.load(P + i * 5 + 4)
+        s = tl.load(S + i * B * D + j, mask=mask, other=0)
+        c = tl.load(CH + (i * B + b) * 2 * D + d, mask=mask, other=0)
+        h = tl.load(CH + (i * B + b) * 2 * D + D + d, mask=mask, other=0)
+        sg = _sigmoid(c)
+        f = p1 * _tanh(h) + p2 * tl.maximum(h, 0) + p3 * _sigmoid(h) + p4 * h
+        acc += (1 - sg) * (p1 + p2 + p3 + p4) * s + sg * f
+    tl.store(OUT + j, acc, mask=mask)
+
+
+@triton.jit
+def _backward_kernel(G, S, CH, P, DS, DCH, DP_PART, n, B, D, BLOCK: tl.constexpr):
+    pid = tl.program_id(0)
+    j = pid * BLOCK + tl.arange(0, BLOCK)
+    mask = j < B * D
+    b = j // D
+    d = j - b * D
+    g = tl.load(G + j, mask=mask, other=0)  # zero past the end: adds nothing to dP
+    for i in range(n):
+        p1 = tl.load(P + i * 5 + 1)
+        p2 = tl.load(P + i * 5 + 2)
+        p3 = tl.load(P + i * 5 + 3)
+        p4 = tl.load(P + i * 5 + 4)
+        t = p1 + p2 + p3 + p4
+        so = i * B * D + j
+        co = (i * B + b) * 2 * D + d
+        s = tl.load(S + so, mask=mask, other=0)
+        c = tl.load(CH + co, mask=mask, other=0)
+        h = tl.load(CH + co + D, mask=mask, other=0)
+        sg = _sigmoid(c)
+        sh = _sigmoid(h)
+        th = _tanh(h)
+        rl = tl.maximum(h, 0)
+        f = p1 * th + p2 * rl + p3 * sh + p4 * h
+        tl.store(DS + so, g * t * (1 - sg), mask=mask)
+        tl.store(DCH + co, g * sg * (1 - sg) * (f - t * s), mask=mask)
+        df = p1 * (1 - th * th) + p2 * (h > 0).to(h.dtype) + p3 * sh * (1 - sh) + p4
+        tl.store(DCH + co + D, g * sg * df, mask=mask)
+        gs = g * s
+        gsg = g * sg
+        part = DP_PART + (pid * n + i) * 4
+        tl.store(part + 0, tl.sum(gs + gsg * (th - s), axis=0))
+        tl.store(part + 1, tl.sum(gs + gsg * (rl - s), axis=0))
+        tl.store(part + 2, tl.sum(gs + gsg * (sh - s), axis=0))
+        tl.store(part + 3, tl.sum(gs + gsg * (h - s), axis=0))
+
+
+def forward(
+    states: torch.Tensor,
+    ch: torch.Tensor,
+    probs: torch.Tensor,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """out (B, D) from states (n, B, D), ch (n, B, 2D), probs (n, 5); ``out`` if given
+    (contiguous) receives the result, every element written."""
+    states, ch, probs = states.contiguous(), ch.contiguous(), probs.contiguous()
+    n, b, d = states.shape
+    out = states.new_empty(b, d) if out is None else out
+    _forward_kernel[(triton.cdiv(b * d, BLOCK),)](states, ch, probs, out, n, b, d, BLOCK=BLOCK)
+    return out
+
+
+def backward(
+    grad: torch.Tensor,
+    states: torch.Tensor,
+    ch: torch.Tensor,
+    probs: torch.Tensor,
+    out: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dstates (n, B, D), dch (n, B, 2D), dprobs (n, 5)) for grad (B, D); ``out`` if given
+    (contiguous dstates, dch) receives the first two, every element written."""
+    grad, states, ch = grad.contiguous(), states.contiguous(), ch.contiguous()
+    probs = probs.contiguous()
+    n, b, d = states.shape
+    blocks = triton.cdiv(b * d, BLOCK)
+    d_states, d_ch = (torch.empty_like(states), torch.empty_like(ch)) if out is None else out
+    parts = states.new_empty(blocks, n, K - 1)
+    _backward_kernel[(blocks,)](
+        grad, states, ch, probs, d_states, d_ch, parts, n, b, d, BLOCK=BLOCK
+    )
+    d_probs = torch.cat([parts.new_zeros(n, 1), parts.sum(0)], dim=1)
+    return d_states, d_ch, d_probs

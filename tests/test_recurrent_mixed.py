@@ -1,0 +1,459 @@
+"""The fused recurrent MixedOp against the reference, on fresh random inputs.
+
+Tolerances: float64 with the C++ kernel, rtol 1e-12 (atol 1e-13 for values that cancel to
+~0); float32, atol = rtol = 1e-5 for the forward, dS and dCH (a handful of O(1) terms per
+element) and atol 1e-4 for dP, a sum over B·D products (float32 rounding of ~100 terms).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+import shutil
+import subprocess
+import sys
+import textwrap
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from conftest import REPO
+
+from fastdarts import RecurrentMixedOp, recurrent_mixed
+from fastdarts.data.ptb import Corpus
+from fastdarts.errors import ConfigError
+from fastdarts.ops import backends, extension
+from fastdarts.ops.recurrent_mixed import backward_reference, kernel_name
+from fastdarts.search.config import SearchConfig
+from fastdarts.search.tasks import RNNTask
+from fastdarts.spaces.rnn import RNNSearchModel, recurrent_mixed_reference
+
+EXT = extension.extension()
+needs_ext = pytest.mark.skipif(EXT is None, reason=str(extension.unavailable_reason()))
+
+
+def test_extension_is_built_in_ci():
+    """CI builds the extension (.ci/run), so the C++ tests below must not be skipped there."""
+    if os.environ.get("CI") and EXT is None:
+        pytest.fail(f"CI without the C++ extension: {extension.unavailable_reason()}")
+
+
+TOL = {torch.float64: (1e-12, 1e-13), torch.float32: (1e-5, 1e-5)}
+DP_ATOL32 = 1e-4
+
+
+def make_inputs(gen, n, B=3, D=37, dtype=torch.float64, scale=2.0, zeros=True):
+    states = torch.randn(n, B, D, generator=gen, dtype=dtype)
+    ch = torch.randn(n, B, 2 * D, generator=gen, dtype=dtype) * scale
+    probs = torch.softmax(torch.randn(n, 5, generator=gen, dtype=dtype), -1)
+    if zeros:  # exact zeros: one op dropped everywhere, and a predecessor with only `none`
+        probs[:, 2] = 0
+        probs[0] = torch.tensor([1.0, 0, 0, 0, 0], dtype=dtype)
+    return states, ch, probs
+
+
+def value_and_grads(fn, states, ch, probs, grad):
+    inputs = [t.detach().clone().requires_grad_() for t in (states, ch, probs)]
+    out = fn(*inputs)
+    return (out, *torch.autograd.grad(out, inputs, grad))
+
+
+def assert_matches(got, want, dtype):
+    rtol, atol = TOL[dtype]
+    for i, (g, w) in enumerate(zip(got, want)):
+        assert not g.isnan().any()
+        a = DP_ATOL32 if dtype == torch.float32 and i == 3 else atol
+        torch.testing.assert_close(g, w, rtol=rtol, atol=a)
+
+
+@needs_ext
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("n", range(1, 9))
+def test_cpp_forward_and_grads_match_reference(n, dtype):
+    assert kernel_name(torch.device("cpu")) == "cpp"
+    gen = torch.Generator().manual_seed(100 + n)
+    states, ch, probs = make_inputs(gen, n, dtype=dtype)
+    grad = torch.randn(3, 37, generator=gen, dtype=dtype)
+    got = value_and_grads(recurrent_mixed, states, ch, probs, grad)
+    # float32 is compared with the float64 reference on the same (float32) inputs.
+    want = value_and_grads(
+        recurrent_mixed_reference, *(t.double() for t in (states, ch, probs)), grad.double()
+    )
+    assert_matches(got, [w.to(dtype) for w in want], dtype)
+    assert (got[3][:, 0] == 0).all()  # `none` has no gradient
+
+
+@needs_ext
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_cpp_saturated_and_large_sizes(dtype):
+    gen = torch.Generator().manual_seed(7)
+    # Several parallel chunks (B·D > 4096, not a multiple of it or of the vector width).
+    states, ch, probs = make_inputs(gen, 4, B=13, D=701, dtype=dtype, zeros=False)
+    ch = torch.where(torch.rand(ch.shape, generator=gen) < 0.5, 40.0, -40.0).to(dtype) * ch.sign()
+    ch[..., :5] = torch.tensor([-1000.0, 1000.0, -88.0, 89.0, 0.0], dtype=dtype)
+    grad = torch.randn(13, 701, generator=gen, dtype=dtype)
+    got = value_and_grads(recurrent_mixed, states, ch, probs, grad)
+    want = value_and_grads(
+        recurrent_mixed_reference, *(t.double() for t in (states, ch, probs)), grad.double()
+    )
+    rtol, atol = TOL[dtype]
+    dp_atol = 1e-11 if dtype == torch.float64 else 1e-2  # dP sums 9113 terms here
+    for i, (g, w) in enumerate(zip(got, want)):
+        assert g.isfinite().all()
+        torch.testing.assert_close(g, w.to(dtype), rtol=rtol, atol=dp_atol if i == 3 else atol)
+
+
+@needs_ext
+def test_cpp_relu_kink_gradient_is_zero_like_torch():
+    states, ch, probs = make_inputs(torch.Generator().manual_seed(3), 2, B=2, D=4)
+    ch[..., 4:] = 0  # H = 0 everywhere: relu'(0) = 0
+    grad = torch.ones(2, 4, dtype=torch.float64)
+    got = value_and_grads(recurrent_mixed, states, ch, probs, grad)
+    want = value_and_grads(recurrent_mixed_reference, states, ch, probs, grad)
+    assert_matches(got, want, torch.float64)
+
+
+@needs_ext
+def test_cpp_kernel_writes_every_element():
+    gen = torch.Generator().manual_seed(11)
+    for n, B, D in [(1, 1, 1), (3, 3, 37), (5, 7, 1031)]:
+        states, ch, probs = make_inputs(gen, n, B, D)
+        grad = torch.randn(B, D, generator=gen, dtype=torch.float64)
+        out = torch.full((B, D), math.nan, dtype=torch.float64)
+        EXT.recurrent_mixed_forward(states, ch, probs, out)
+        grads = [torch.full_like(t, math.nan) for t in (states, ch, probs)]
+        EXT.recurrent_mixed_backward(grad, states, ch, probs, *grads)
+        want = value_and_grads(recurrent_mixed_reference, states, ch, probs, grad)
+        assert_matches([out, *grads], want, torch.float64)
+
+
+@needs_ext
+def test_gradcheck_and_gradgradcheck():
+    gen = torch.Generator().manual_seed(5)
+    inputs = [t.requires_grad_() for t in make_inputs(gen, 3, B=2, D=3, zeros=False)]
+    assert torch.autograd.gradcheck(recurrent_mixed, inputs)
+    assert torch.autograd.gradgradcheck(recurrent_mixed, inputs)
+
+
+def test_differentiable_backward_matches_reference_double_backward():
+    gen = torch.Generator().manual_seed(6)
+    states, ch, probs = make_inputs(gen, 4)
+    grad = torch.randn(3, 37, generator=gen, dtype=torch.float64)
+    vs = [torch.randn(t.shape, generator=gen, dtype=torch.float64) for t in (states, ch, probs)]
+
+    def hvp(fn):
+        inputs = [t.clone().requires_grad_() for t in (states, ch, probs)]
+        grads = torch.autograd.grad(fn(*inputs), inputs, grad, create_graph=True)
+        dot = sum((g * v).sum() for g, v in zip(grads, vs))
+        return [*grads, *torch.autograd.grad(dot, inputs)]
+
+    assert_matches(hvp(recurrent_mixed), hvp(recurrent_mixed_reference), torch.float64)
+    # The torch-op backward used under create_graph and under vmap, checked on its own.
+    want = value_and_grads(recurrent_mixed_reference, states, ch, probs, grad)[1:]
+    assert_matches(backward_reference(grad, states, ch, probs), want, torch.float64)
+
+
+def test_non_contiguous_inputs():
+    gen = torch.Generator().manual_seed(8)
+    states, ch, probs = make_inputs(gen, 3, B=4, D=9)
+    s_nc = states.transpose(0, 1).contiguous().transpose(0, 1)
+    c_nc = torch.cat([ch, ch], -1)[..., ::2]
+    c_nc.copy_(ch)
+    p_nc = probs.t().contiguous().t()
+    assert not (s_nc.is_contiguous() or c_nc.is_contiguous() or p_nc.is_contiguous())
+    grad = torch.randn(4, 9, generator=gen, dtype=torch.float64).t().contiguous().t()
+    got = value_and_grads(recurrent_mixed, s_nc, c_nc, p_nc, grad)
+    want = value_and_grads(recurrent_mixed_reference, states, ch, probs, grad)
+    assert_matches(got, want, torch.float64)
+
+
+def test_module_form():
+    states, ch, probs = make_inputs(torch.Generator().manual_seed(9), 2)
+    torch.testing.assert_close(
+        RecurrentMixedOp()(states, ch, probs), recurrent_mixed_reference(states, ch, probs)
+    )
+
+
+@pytest.mark.parametrize(
+    "change, error, message",
+    [
+        (lambda s, c, p: (s[0], c[0], p), ValueError, "states must be (n, B, D)"),
+        (lambda s, c, p: (s[:0], c[:0], p[:0]), ValueError, "n >= 1"),
+        (lambda s, c, p: (s, c[..., :-1], p), ValueError, "ch must be (n, B, 2D)"),
+        (lambda s, c, p: (s, c, p[:, :4]), ValueError, "probs must be (n, 5)"),
+        (lambda s, c, p: (s, c, p[:1]), ValueError, "probs must be (n, 5)"),
+        (lambda s, c, p: (s.half(), c.half(), p.half()), TypeError, "float32 or all float64"),
+        (lambda s, c, p: (s, c.float(), p), TypeError, "float32 or all float64"),
+        (lambda s, c, p: (s, c, p.to("meta")), ValueError, "on one device"),
+        (lambda s, c, p: (s, c, p.tolist()), TypeError, "probs must be a Tensor"),
+    ],
+)
+def test_bad_inputs_give_clear_errors(change, error, message):
+    inputs = change(*make_inputs(torch.Generator().manual_seed(10), 2, B=2, D=3))
+    with pytest.raises(error, match=re.escape(message)):
+        recurrent_mixed(*inputs)
+
+
+@needs_ext
+def test_kernel_checks_its_inputs():
+    states, ch, probs = make_inputs(torch.Generator().manual_seed(10), 2, B=2, D=3)
+    out = torch.empty(2, 3, dtype=torch.float64)
+    with pytest.raises(RuntimeError, match=r"ch must be \(n, B, 2D\)"):
+        EXT.recurrent_mixed_forward(states, ch[..., :5], probs, out)
+    with pytest.raises(RuntimeError, match="must share a dtype"):
+        EXT.recurrent_mixed_forward(states, ch.float(), probs, out)
+    with pytest.raises(RuntimeError, match="out must be a contiguous tensor on cpu"):
+        EXT.recurrent_mixed_forward(states, ch, probs, out.float())
+
+
+def test_vmap_folds_batch_and_handles_batched_probs():
+    gen = torch.Generator().manual_seed(12)
+    V, n = 4, 3
+    states = torch.randn(V, n, 3, 5, generator=gen, dtype=torch.float64)
+    ch = torch.randn(n, V, 3, 10, generator=gen, dtype=torch.float64)
+    probs = torch.softmax(torch.randn(V, n, 5, generator=gen, dtype=torch.float64), -1)
+    ref = [recurrent_mixed_reference(states[v], ch[:, v], probs[0]) for v in range(V)]
+    got = torch.vmap(recurrent_mixed, in_dims=(0, 1, None))(states, ch, probs[0])
+    torch.testing.assert_close(got, torch.stack(ref), rtol=1e-12, atol=1e-13)
+    ref = [recurrent_mixed_reference(states[v], ch[:, v], probs[v]) for v in range(V)]
+    got = torch.vmap(recurrent_mixed, in_dims=(0, 1, 0))(states, ch, probs)
+    torch.testing.assert_close(got, torch.stack(ref), rtol=1e-12, atol=1e-13)
+    # Only states batched: ch and probs are shared.
+    got = torch.vmap(recurrent_mixed, in_dims=(0, None, None))(states, ch[:, 0], probs[0])
+    ref = [recurrent_mixed_reference(states[v], ch[:, 0], probs[0]) for v in range(V)]
+    torch.testing.assert_close(got, torch.stack(ref), rtol=1e-12, atol=1e-13)
+
+
+def test_vmap_of_grad_gives_per_sample_gradients():
+    gen = torch.Generator().manual_seed(13)
+    V, n = 3, 2
+    states = torch.randn(V, n, 2, 4, generator=gen, dtype=torch.float64)
+    ch = torch.randn(V, n, 2, 8, generator=gen, dtype=torch.float64)
+    probs = torch.softmax(torch.randn(n, 5, generator=gen, dtype=torch.float64), -1)
+
+    def loss(fn):
+        return lambda s, c, p: (fn(s, c, p) ** 2).sum()
+
+    per_sample = torch.func.vmap(
+        torch.func.grad(loss(recurrent_mixed), argnums=(0, 1, 2)), in_dims=(0, 0, None)
+    )(states, ch, probs)
+    for v in range(V):
+        want = torch.func.grad(loss(recurrent_mixed_reference), argnums=(0, 1, 2))(
+            states[v], ch[v], probs
+        )
+        for g, w in zip(per_sample, want):
+            torch.testing.assert_close(g[v], w, rtol=1e-12, atol=1e-13)
+
+
+def test_custom_op_registration_passes_opcheck():
+    states, ch, probs = make_inputs(torch.Generator().manual_seed(14), 2, B=2, D=3)
+    inputs = [t.requires_grad_() for t in (states, ch, probs)]
+    torch.library.opcheck(torch.ops.fastdarts.recurrent_mixed.default, inputs)
+    grad = torch.randn(2, 3, dtype=torch.float64)
+    torch.library.opcheck(
+        torch.ops.fastdarts.recurrent_mixed_backward.default,
+        [grad, states.detach(), ch.detach(), probs.detach()],
+    )
+
+
+def test_backends_resolve_and_apply():
+    if EXT is None:
+        with pytest.raises(ConfigError, match=r"fastdarts\._C"):
+            backends.resolve("fused", "rnn", "cpu")
+        assert backends.resolve("auto", "rnn", "cpu").name == "reference"
+    else:
+        assert backends.resolve("auto", "rnn", "cpu").name == "fused"
+    assert backends.resolve("auto", "cnn", "cpu").name == "reference"
+    with pytest.raises(ConfigError, match="does not implement the cnn space"):
+        backends.resolve("fused", "cnn", "cpu")
+    with pytest.raises(ConfigError, match="unknown backend"):
+        backends.resolve("magic", "rnn", "cpu")
+    model = RNNSearchModel(11, 4, 4)
+    backends.BACKENDS["fused"].apply(model)
+    assert model.rnns[0].node_op is recurrent_mixed
+    backends.BACKENDS["reference"].apply(model)
+    assert model.rnns[0].node_op is recurrent_mixed_reference
+
+
+def test_missing_extension_warns_once_and_falls_back(monkeypatch):
+    def fail(name):
+        raise ImportError(f"No module named {name!r}")
+
+    monkeypatch.setattr(extension.importlib, "import_module", fail)
+    extension._load.cache_clear()
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            assert extension.extension() is None
+            assert extension.extension() is None
+            assert "fastdarts._C" in extension.unavailable_reason()
+            assert kernel_name(torch.device("cpu")) == "reference"
+            states, ch, probs = make_inputs(torch.Generator().manual_seed(15), 2)
+            grad = torch.randn(3, 37, dtype=torch.float64)
+            got = value_and_grads(recurrent_mixed, states, ch, probs, grad)
+            want = value_and_grads(recurrent_mixed_reference, states, ch, probs, grad)
+            assert_matches(got, want, torch.float64)
+        assert len([w for w in caught if "fastdarts._C" in str(w.message)]) == 1
+        with pytest.raises(ConfigError, match=r"fastdarts\._C is not available"):
+            backends.resolve("fused", "rnn", "cpu")
+    finally:
+        monkeypatch.undo()
+        extension._load.cache_clear()
+
+
+def test_import_compiles_and_loads_nothing():
+    code = (
+        "import sys, fastdarts; "
+        "bad = {'triton', 'fastdarts._C', 'fastdarts.kernels.recurrent_mixed'} & set(sys.modules); "
+        "assert not bad, bad"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO, timeout=120)
+
+
+def _synthetic_corpus(vocab=50, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    splits = [torch.randint(0, vocab, (size,), generator=gen) for size in (400, 200, 100)]
+    return Corpus(*splits, [f"w{i}" for i in range(vocab)])
+
+
+@pytest.fixture
+def one_thread():
+    # Two threads on a shared 2-core machine spend most of a tiny step waiting for each other.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _run_search(backend, order, steps=5):
+    cfg = SearchConfig(
+        space="rnn",
+        order=order,
+        backend=backend,
+        dtype="float64",
+        emsize=8,
+        nhid=8,
+        batch_size=4,
+        bptt=5,
+        eval_batch_size=2,
+        seed=3,
+    ).resolved()
+    task = RNNTask(cfg, torch.device("cpu"), torch.float64, corpus=_synthetic_corpus())
+    task.begin_epoch(0)
+    losses = [task.step()["loss"] for _ in range(steps)]
+    return task.model, losses
+
+
+@needs_ext
+@pytest.mark.parametrize("order", [1, 2])
+def test_search_steps_fused_equal_reference(order, one_thread):
+    ref_model, ref_losses = _run_search("reference", order)
+    fused_model, fused_losses = _run_search("fused", order)
+    assert fused_model.rnns[0].node_op is recurrent_mixed
+    assert ref_model.rnns[0].node_op is recurrent_mixed_reference
+    np.testing.assert_allclose(fused_losses, ref_losses, rtol=1e-12)
+    a_ref, a_fused = ref_model.alphas_recurrent.detach(), fused_model.alphas_recurrent.detach()
+    assert (a_ref - a_fused).abs().max() < 1e-10
+    # ... and α moved, so the comparison means something.
+    assert (a_ref - RNNSearchModel(50, 8, 8).alphas_recurrent).abs().max() > 1e-4
+    for (name, w_ref), w_fused in zip(ref_model.named_parameters(), fused_model.parameters()):
+        torch.testing.assert_close(w_fused, w_ref, rtol=1e-10, atol=1e-12, msg=name)
+
+
+TRITON_SCRIPT = textwrap.dedent(
+    """
+    import math, sys, torch
+    sys.path.insert(0, {repo!r})
+    from kernels import recurrent_mixed as k
+    from fastdarts.spaces.rnn import recurrent_mixed_reference as ref
+    gen = torch.Generator().manual_seed(21)
+    for dtype, rtol, atol, dp_atol in [(torch.float64, 1e-12, 1e-13, 1e-11),
+                                       (torch.float32, 1e-5, 1e-5, 1e-3)]:
+        for n, B, D in [(1, 3, 37), (3, 3, 37), (8, 3, 37), (2, 5, 211)]:
+            s = torch.randn(n, B, D, generator=gen, dtype=torch.float64)
+            ch = torch.randn(n, B, 2 * D, generator=gen, dtype=torch.float64) * 3
+            ch[0, 0, :4] = torch.tensor([40.0, -40.0, 0.0, 1e-9])
+            ch[-1, -1, -4:] = torch.tensor([40.0, -40.0, -1000.0, 1e-9])
+            p = torch.softmax(torch.randn(n, 5, generator=gen, dtype=torch.float64), -1)
+            p[:, 3] = 0
+            g = torch.randn(B, D, generator=gen, dtype=torch.float64)
+            x = [t.clone().requires_grad_() for t in (s, ch, p)]
+            want_out = ref(*x)
+            want = [want_out, *torch.autograd.grad(want_out, x, g)]
+            lo = [t.to(dtype) for t in (s, ch, p, g)]
+            out = torch.full((B, D), math.nan, dtype=dtype)
+            k.forward(*lo[:3], out=out)
+            dsc = (torch.full_like(lo[0], math.nan), torch.full_like(lo[1], math.nan))
+            got = [out, *k.backward(lo[3], *lo[:3], out=dsc)]
+            for i, (a, b) in enumerate(zip(got, want)):
+                torch.testing.assert_close(a, b.detach().to(dtype), rtol=rtol,
+                                           atol=dp_atol if i == 3 else atol)
+    print("triton-interpreter-ok")
+    """
+)
+
+
+def test_triton_kernels_under_interpreter():
+    pytest.importorskip("triton")
+    result = subprocess.run(
+        [sys.executable, "-c", TRITON_SCRIPT.format(repo=str(REPO))],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "TRITON_INTERPRET": "1"},
+        timeout=300,
+        cwd=REPO,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "triton-interpreter-ok" in result.stdout
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_cuda_triton_matches_reference(dtype):
+    device = torch.device("cuda")
+    assert kernel_name(device) == "triton"
+    gen = torch.Generator().manual_seed(22)
+    for n in range(1, 9):
+        states, ch, probs = make_inputs(gen, n, B=33, D=301, dtype=torch.float64)
+        grad = torch.randn(33, 301, generator=gen, dtype=torch.float64)
+        want = value_and_grads(recurrent_mixed_reference, states, ch, probs, grad)
+        got = value_and_grads(
+            recurrent_mixed, *(t.to(device, dtype) for t in (states, ch, probs, grad))
+        )
+        rtol, atol = TOL[dtype]
+        for i, (g, w) in enumerate(zip(got, want)):
+            dp_atol = 1e-11 if dtype == torch.float64 else 1e-2
+            torch.testing.assert_close(
+                g.cpu(), w.to(dtype), rtol=rtol, atol=dp_atol if i == 3 else atol
+            )
+
+
+def test_cuda_kernel_compiles_with_nvcc(tmp_path):
+    nvcc = shutil.which("nvcc")
+    if nvcc is None:
+        pytest.skip("nvcc is not installed")
+    cmd = [nvcc, "-c", "-O3", "-std=c++17", "csrc/recurrent_mixed_cuda.cu", "-o"]
+    result = subprocess.run(
+        [*cmd, str(tmp_path / "k.o")], capture_output=True, text=True, cwd=REPO, timeout=300
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (tmp_path / "k.o").stat().st_size > 0
+
+
+@pytest.mark.cuda
+def test_cuda_extension_kernel_matches_reference():
+    if not hasattr(EXT, "recurrent_mixed_forward_cuda"):
+        pytest.skip("fastdarts._C was built without CUDA")
+    gen = torch.Generator().manual_seed(23)
+    for n, B, D in [(1, 3, 37), (8, 33, 301), (3, 64, 1031)]:
+        states, ch, probs = make_inputs(gen, n, B, D)
+        grad = torch.randn(B, D, generator=gen, dtype=torch.float64)
+        want = value_and_grads(recurrent_mixed_reference, states, ch, probs, grad)
+        s, c, p, g = (t.cuda() for t in (states, ch, probs, grad))
+        out = torch.full((B, D), math.nan, dtype=torch.float64, device="cuda")
+        EXT.recurrent_mixed_forward_cuda(s, c, p, out)
+        grads = [torch.full_like(t, math.nan) for t in (s, c, p)]
+        EXT.recurrent_mixed_backward_cuda(g, s, c, p, *grads)
+        assert_matches([t.cpu() for t in (out, *grads)], want, torch.float64)
