@@ -15,6 +15,7 @@
 
 from __future__ import annotations
 
+import argparse
 import collections
 import importlib.metadata
 import json
@@ -86,6 +87,17 @@ def git_commit() -> str | None:
     except (OSError, subprocess.CalledProcessError):
         return None
     return head + ("+dirty" if dirty else "")
+
+
+def add_threads_argument(parser: argparse.ArgumentParser) -> None:
+    """``--threads``, shared by the benchmark scripts."""
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch threads (default: torch's); on a shared CPU use 1: busy cores make\n"
+        "OpenMP threads wait for each other at every op, up to 70x slower",
+    )
 
 
 def env_info(device: torch.device, argv: Sequence[str]) -> dict[str, Any]:

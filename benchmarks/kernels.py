@@ -263,13 +263,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=None, help="timed calls (cuda 20, cpu 5)")
     p.add_argument("--warmup", type=int, default=None, help="untimed calls (cuda 3, cpu 1)")
     p.add_argument("--copy-mib", type=int, default=None, help="copy size (cuda 1024, cpu 256)")
-    p.add_argument(
-        "--threads",
-        type=int,
-        default=None,
-        help="torch threads (default: torch's); on a shared CPU use 1: busy cores make\n"
-        "OpenMP threads wait for each other at every op, up to 70x slower",
-    )
+    harness.add_threads_argument(p)
     p.add_argument("--json", default=None, help="write the results here")
     return p.parse_args(argv)
 

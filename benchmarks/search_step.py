@@ -275,13 +275,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=1, help="untimed steps first, interleaved")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     p.add_argument("--dtype", choices=tuple(DTYPES), default="float32")
-    p.add_argument(
-        "--threads",
-        type=int,
-        default=None,
-        help="torch threads (default: torch's); on a shared CPU use 1: busy cores make\n"
-        "OpenMP threads wait for each other at every op, up to 70x slower",
-    )
+    harness.add_threads_argument(p)
     p.add_argument("--json", default=None, help="write the results here")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
     p.add_argument("--memory-timeout", type=float, default=None, help="seconds per memory child")
