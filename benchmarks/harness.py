@@ -100,6 +100,15 @@ def add_threads_argument(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def setup(device: str, threads: int | None) -> torch.device:
+    """Apply ``--threads`` and check ``--device``; the benchmark scripts' common start."""
+    if threads:
+        torch.set_num_threads(threads)
+    if device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no CUDA device is available here")
+    return torch.device(device)
+
+
 def env_info(device: torch.device, argv: Sequence[str]) -> dict[str, Any]:
     """The ``env`` block of a result: versions, machine, threads, date, commit and command."""
     return {

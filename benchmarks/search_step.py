@@ -329,11 +329,7 @@ COLUMNS = [
 def main(argv: list[str] | None = None) -> dict:
     """Runs the benchmark; returns (and optionally writes) the result document."""
     args = parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("--device cuda: no CUDA device is available here")
+    device = harness.setup(args.device, args.threads)
     if args.memory_child:
         _memory_child(args, device)
         return {}
