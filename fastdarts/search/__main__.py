@@ -62,7 +62,6 @@ HELP = {
     "momentum": "cnn: SGD momentum",
     "grad_clip": "cnn: gradient norm clip",
     "train_portion": "cnn: share of CIFAR-10's training set used for weights (rest: α)",
-    "workers": "data loading workers",
 }
 CHOICES = {
     "space": ("rnn", "cnn"),

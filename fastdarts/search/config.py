@@ -55,7 +55,6 @@ class SearchConfig:
     momentum: float = 0.9
     grad_clip: float = 5.0
     train_portion: float = 0.5
-    workers: int = 0
 
     def resolved(self) -> SearchConfig:
         """A copy with the space's paper defaults filled in."""
@@ -84,7 +83,6 @@ RESUMABLE_CHANGES = frozenset(
         "resume",
         "device",
         "threads",
-        "workers",
         "checkpoint_every",
         "log_every",
     }
