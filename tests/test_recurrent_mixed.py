@@ -25,6 +25,7 @@ from fastdarts import RecurrentMixedOp, recurrent_mixed
 from fastdarts.data.ptb import Corpus
 from fastdarts.errors import ConfigError
 from fastdarts.ops import backends, extension
+from fastdarts.ops.recurrent_cell import recurrent_cell
 from fastdarts.ops.recurrent_mixed import backward_reference, kernel_name
 from fastdarts.search.config import SearchConfig
 from fastdarts.search.tasks import RNNTask
@@ -273,8 +274,10 @@ def test_backends_resolve_and_apply():
     model = RNNSearchModel(11, 4, 4)
     backends.BACKENDS["fused"].apply(model)
     assert model.rnns[0].node_op is recurrent_mixed
+    assert model.rnns[0].cell_op is recurrent_cell
     backends.BACKENDS["reference"].apply(model)
     assert model.rnns[0].node_op is recurrent_mixed_reference
+    assert model.rnns[0].cell_op is None
 
 
 def test_missing_extension_warns_once_and_falls_back(monkeypatch):
@@ -327,11 +330,12 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-def _run_search(backend, order, steps=5):
+def _run_search(backend, order, steps=5, hvp="fd"):
     cfg = SearchConfig(
         space="rnn",
         order=order,
         backend=backend,
+        hvp=hvp,
         dtype="float64",
         emsize=8,
         nhid=8,
@@ -347,11 +351,11 @@ def _run_search(backend, order, steps=5):
 
 
 @needs_ext
-@pytest.mark.parametrize("order", [1, 2])
-def test_search_steps_fused_equal_reference(order, one_thread):
-    ref_model, ref_losses = _run_search("reference", order)
-    fused_model, fused_losses = _run_search("fused", order)
-    assert fused_model.rnns[0].node_op is recurrent_mixed
+@pytest.mark.parametrize(("order", "hvp"), [(1, "fd"), (2, "fd"), (2, "exact")])
+def test_search_steps_fused_equal_reference(order, hvp, one_thread):
+    ref_model, ref_losses = _run_search("reference", order, hvp=hvp)
+    fused_model, fused_losses = _run_search("fused", order, hvp=hvp)
+    assert fused_model.rnns[0].cell_op is recurrent_cell
     assert ref_model.rnns[0].node_op is recurrent_mixed_reference
     np.testing.assert_allclose(fused_losses, ref_losses, rtol=1e-12)
     a_ref, a_fused = ref_model.alphas_recurrent.detach(), fused_model.alphas_recurrent.detach()

@@ -14,6 +14,7 @@ from torch import nn
 
 from fastdarts.errors import ConfigError
 from fastdarts.ops.extension import extension, unavailable_reason
+from fastdarts.ops.recurrent_cell import recurrent_cell
 from fastdarts.ops.recurrent_mixed import recurrent_mixed
 from fastdarts.spaces.rnn import RecurrentSearchCell, recurrent_mixed_reference
 
@@ -25,8 +26,10 @@ class Backend:
     device_types: frozenset[str]
     # Returns None when usable on that device type, else the reason it is not.
     unavailable: Callable[[str], str | None] = lambda device_type: None
-    # The RNN cell's node op (see RecurrentSearchCell.node_op); None keeps the reference.
+    # The RNN cell's node op and whole-cell op (see RecurrentSearchCell.node_op and
+    # cell_op); None keeps the reference.
     rnn_node_op: Callable | None = None
+    rnn_cell_op: Callable | None = None
 
     def why_not(self, space: str, device_type: str) -> str | None:
         """None if this backend can run ``space`` on ``device_type``, else the reason."""
@@ -41,6 +44,7 @@ class Backend:
         for module in model.modules():
             if isinstance(module, RecurrentSearchCell):
                 module.node_op = self.rnn_node_op or recurrent_mixed_reference
+                module.cell_op = self.rnn_cell_op
         return model
 
 
@@ -63,7 +67,8 @@ BACKENDS: dict[str, Backend] = {
         frozenset({"rnn"}),
         frozenset({"cpu", "cuda"}),
         _fused_unavailable,
-        recurrent_mixed,
+        rnn_node_op=recurrent_mixed,
+        rnn_cell_op=recurrent_cell,
     ),
 }
 # Fastest first; ``auto`` takes the first that can run.

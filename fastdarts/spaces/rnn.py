@@ -21,7 +21,7 @@ Parameter names follow the original code (``encoder.weight``, ``rnns.0._W0``,
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -60,11 +60,47 @@ def recurrent_mixed_reference(
     return out
 
 
+def cell_forward_nodes(
+    inputs: torch.Tensor,
+    hidden: torch.Tensor,
+    probs: torch.Tensor,
+    x_mask: torch.Tensor | None,
+    h_mask: torch.Tensor | None,
+    w0: torch.Tensor,
+    ws: Sequence[torch.Tensor],
+    bn: Callable[[torch.Tensor], torch.Tensor],
+    node_op: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor],
+) -> torch.Tensor:
+    """The search cell over a sequence, node by node, in torch ops (see the module docstring).
+
+    inputs (T, B, ninp), hidden (B, nhid), probs (E, K), masks (B, ·) or None, w0
+    (ninp + nhid, 2·nhid), ws one (nhid, 2·nhid) per node, ``bn`` the shared BatchNorm,
+    ``node_op`` one node's mixture → hidden states (T, B, nhid).
+    """
+    outputs = []
+    for x in inputs:
+        xm = x if x_mask is None else x * x_mask
+        hm = hidden if h_mask is None else hidden * h_mask
+        c0, h0 = (torch.cat([xm, hm], dim=-1) @ w0).chunk(2, dim=-1)
+        s0 = bn(hidden + torch.sigmoid(c0) * (torch.tanh(h0) - hidden))
+        states = s0.unsqueeze(0)
+        offset = 0
+        for j, w in enumerate(ws):
+            masked = states if h_mask is None else states * h_mask
+            s = bn(node_op(states, masked @ w, probs[offset : offset + j + 1]))
+            states = torch.cat([states, s.unsqueeze(0)])
+            offset += j + 1
+        hidden = states[1:].mean(0)
+        outputs.append(hidden)
+    return torch.stack(outputs)
+
+
 class RecurrentSearchCell(nn.Module):
     """The DARTS recurrent search cell, run over a whole sequence.
 
     ``node_op`` computes one node's mixture (see :func:`recurrent_mixed_reference`, the
-    default); fast backends swap in a fused op with the same signature.
+    default); fast backends swap in a fused op with the same signature, or set ``cell_op``
+    to run the whole cell at once (``cell_op(cell, inputs, hidden, probs, x_mask, h_mask)``).
     """
 
     def __init__(self, ninp: int, nhid: int, steps: int = RNN_STEPS) -> None:
@@ -79,6 +115,7 @@ class RecurrentSearchCell(nn.Module):
         )
         self.bn = nn.BatchNorm1d(nhid, affine=False)
         self.node_op = recurrent_mixed_reference
+        self.cell_op: Callable[..., torch.Tensor] | None = None
 
     def forward(
         self,
@@ -89,26 +126,23 @@ class RecurrentSearchCell(nn.Module):
         h_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """inputs (T, B, ninp), hidden (B, nhid), probs (E, K) → hidden states (T, B, nhid)."""
-        outputs = []
-        for x in inputs:
-            hidden = self._step(x, hidden, probs, x_mask, h_mask)
-            outputs.append(hidden)
-        return torch.stack(outputs)
+        if self.cell_op is not None:
+            return self.cell_op(self, inputs, hidden, probs, x_mask, h_mask)
+        return self.forward_nodes(inputs, hidden, probs, x_mask, h_mask)
 
-    def _step(self, x, h_prev, probs, x_mask, h_mask):
-        xm = x if x_mask is None else x * x_mask
-        hm = h_prev if h_mask is None else h_prev * h_mask
-        c0, h0 = (torch.cat([xm, hm], dim=-1) @ self._W0).chunk(2, dim=-1)
-        s0 = self.bn(h_prev + torch.sigmoid(c0) * (torch.tanh(h0) - h_prev))
-        states = s0.unsqueeze(0)
-        offset = 0
-        for j in range(self.steps):
-            masked = states if h_mask is None else states * h_mask
-            ch = masked @ self._Ws[j]
-            s = self.bn(self.node_op(states, ch, probs[offset : offset + j + 1]))
-            states = torch.cat([states, s.unsqueeze(0)])
-            offset += j + 1
-        return states[1:].mean(0)
+    def forward_nodes(
+        self,
+        inputs: torch.Tensor,
+        hidden: torch.Tensor,
+        probs: torch.Tensor,
+        x_mask: torch.Tensor | None = None,
+        h_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """:meth:`forward` node by node with ``node_op`` (whatever ``cell_op`` is)."""
+        ws = list(self._Ws)
+        return cell_forward_nodes(
+            inputs, hidden, probs, x_mask, h_mask, self._W0, ws, self.bn, self.node_op
+        )
 
 
 class RNNSearchModel(SearchModel):
