@@ -234,6 +234,65 @@ def profiled_events(
     return [(e.device_type(), e.name()) for e in results.events()]
 
 
+# The ops whose time ``time_split`` reports on its own: dense matmuls and convolutions
+# (what MKL/oneDNN/cuBLAS do, and what fusion around them cannot shrink) and the decoder's
+# output softmax and loss.
+TIME_GROUPS: dict[str, tuple[str, ...]] = {
+    "matmul": ("aten::mm", "aten::addmm", "aten::addmm_", "aten::bmm", "aten::baddbmm"),
+    "conv": (
+        "aten::mkldnn_convolution",
+        "aten::convolution_backward",
+        "aten::_slow_conv2d_forward",
+    ),
+    "softmax+loss": (
+        "aten::_log_softmax",
+        "aten::_log_softmax_backward_data",
+        "aten::nll_loss_forward",
+        "aten::nll_loss_backward",
+    ),
+}
+
+
+def time_split(
+    fn: Callable[[], object], groups: Mapping[str, Sequence[str]] = TIME_GROUPS
+) -> dict[str, float]:
+    """Seconds of one profiled call of ``fn``: ``total``, each group's time (inclusive time of
+    its ops, counting a call nested in another of the same group once) and ``rest``.
+
+    The profiler adds a few microseconds per op, so ``rest`` is inflated where ops are many
+    and small; compare it between backends, not with the untimed step.
+    """
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        start = time.perf_counter()
+        fn()
+        total = time.perf_counter() - start
+    names = {name: group for group, members in groups.items() for name in members}
+    results = getattr(getattr(prof, "profiler", None), "kineto_results", None)
+    if results is not None:
+        spans = [
+            (e.start_thread_id(), e.start_ns(), e.start_ns() + e.duration_ns(), names[e.name()])
+            for e in results.events()
+            if e.name() in names
+        ]
+    else:  # a torch without the raw results: the slower public route
+        spans = [
+            (e.thread, 1000 * e.time_range.start, 1000 * e.time_range.end, names[e.name])
+            for e in prof.events()
+            if e.name in names
+        ]
+    out = dict.fromkeys(groups, 0.0)
+    open_until: dict[tuple[int, str], float] = {}
+    for thread, begin, end, group in sorted(spans):
+        if begin < open_until.get((thread, group), -1):
+            continue  # nested in a call of the same group, already counted
+        open_until[(thread, group)] = end
+        out[group] += (end - begin) / 1e9
+    out["rest"] = total - sum(out.values())
+    return {"total": total, **out}
+
+
 def count_kernel_launches(fn: Callable[[], object], device: torch.device) -> int | None:
     """Device kernels one call of ``fn`` launches (CUDA, from torch.profiler); None elsewhere.
 

@@ -278,6 +278,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     harness.add_threads_argument(p)
     p.add_argument("--json", default=None, help="write the results here")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
+    p.add_argument(
+        "--time-split",
+        action="store_true",
+        help="profile one more step per configuration: seconds in matmuls, convolutions, the "
+        "output softmax and loss, and the rest",
+    )
     p.add_argument("--memory-timeout", type=float, default=None, help="seconds per memory child")
     # Internal: run one configuration for two steps and print its peak memory.
     p.add_argument("--memory-child", action="store_true", help=argparse.SUPPRESS)
@@ -345,13 +351,14 @@ def main(argv: list[str] | None = None) -> dict:
             configs.append(config)
             cfgs[config.name] = cfg
 
-    # Timed steps, the op-count step and (CUDA) the profiled step all need data.
-    total = args.warmup + args.steps + 2
+    # Timed steps, the op-count step, (CUDA) the profiled step and the time split need data.
+    total = args.warmup + args.steps + 3
     steps = {c.name: step_fn(build_task(cfgs[c.name], device, dtype, total)) for c in configs}
     times = harness.interleaved(steps, args.steps, args.warmup, sync=harness.synchronizer(device))
     # Counted after the timed steps, so lazily created optimiser state is not in the count.
     ops = {name: harness.count_ops(fn) for name, fn in steps.items()}
     launches = {name: harness.count_kernel_launches(fn, device) for name, fn in steps.items()}
+    splits = {name: harness.time_split(fn) for name, fn in steps.items()} if args.time_split else {}
 
     rows = []
     for c in configs:
@@ -378,6 +385,7 @@ def main(argv: list[str] | None = None) -> dict:
                 "kernel_launches_per_step": launches[c.name],
                 "peak_mem_mb": peak,
                 "projected_gpu_hours": hours,
+                "time_split_s": splits.get(c.name),
             }
         )
     ref = next((r for r in rows if r["backend"] == "reference"), None)
@@ -402,6 +410,9 @@ def main(argv: list[str] | None = None) -> dict:
             "ratio_vs_reference": "median_s / reference median_s (below 1 is faster)",
             "ops_per_step": "ATen ops dispatched in one untimed step (custom ops count once "
             "plus the ATen ops inside them)",
+            "time_split_s": "one more step under torch.profiler (CPU): inclusive seconds in "
+            + ", ".join(f"{g} ({', '.join(n)})" for g, n in harness.TIME_GROUPS.items())
+            + "; rest = the remainder (inflated by the profiler's per-op cost)",
             "peak_mem_mb": "per configuration in its own process, two steps: "
             + ("max allocated (CUDA)" if device.type == "cuda" else "peak RSS (CPU)"),
             "projection": harness.PROJECTION_FORMULA[args.space]
@@ -412,6 +423,11 @@ def main(argv: list[str] | None = None) -> dict:
         "ops_by_name": {name: dict(ops[name].most_common()) for name in ops},
     }
     print(harness.markdown_table(rows, COLUMNS))
+    if splits:
+        print("\nwhere the time goes (seconds in one profiled step):\n")
+        split_rows = [{"backend": r["backend"], **r["time_split_s"]} for r in rows]
+        keys = ["total", *harness.TIME_GROUPS, "rest"]
+        print(harness.markdown_table(split_rows, [("backend", "backend")] + [(k, k) for k in keys]))
     for s in skipped:
         print(f"skipped {s['backend']}: {s['reason']}")
     if any(r["projected_gpu_hours"] is not None for r in rows):

@@ -293,3 +293,15 @@ def test_kernel_bytes_formulas():
     inputs = kernels.RECURRENT.make({"n": 2, "B": 3, "D": 4}, torch.device("cpu"), torch.float64)
     out = kernels.RECURRENT.impls["reference"](inputs.args)
     assert out.shape == (3, 4)
+
+
+def test_time_split_attributes_matmul_time_once():
+    a = torch.randn(200, 200)
+    split = harness.time_split(lambda: torch.matmul(torch.mm(a, a), a).relu())
+    assert split["matmul"] > 0 and split["conv"] == 0 and split["softmax+loss"] == 0
+    assert split["total"] >= split["matmul"]
+    parts = sum(v for k, v in split.items() if k != "total")
+    assert parts == pytest.approx(split["total"], abs=1e-9)
+    # Both products count, each once (torch.matmul's own event wraps an aten::mm).
+    nested = harness.time_split(lambda: torch.mm(a, a), {"matmul": ("aten::matmul", "aten::mm")})
+    assert nested["matmul"] <= nested["total"]
