@@ -21,6 +21,7 @@ import pytest
 import torch
 from torch.func import functional_call
 
+from fastdarts.ops import backends
 from fastdarts.search.architect import Architect, UnrollRule
 from fastdarts.search.masks import MaskSampler
 from fastdarts.spaces import Batch, ConvSearchModel, RNNSearchModel
@@ -105,14 +106,28 @@ CASES = {
 }
 
 
-@pytest.mark.parametrize("case", list(CASES))
-def test_finite_difference_matches_exact_second_order(case):
+VARIANTS = [
+    (case, backend, batched)
+    for case in CASES
+    for backend in (("reference", "fused") if case.startswith("rnn") else ("reference",))
+    for batched in (False, True)
+]
+
+
+@pytest.mark.parametrize(("case", "backend", "batched_fd"), VARIANTS)
+def test_finite_difference_matches_exact_second_order(case, backend, batched_fd):
+    """On every backend, with w± one after the other or batched (the exact HVP through the
+    fused ops' differentiable backward, too)."""
     make_case, rule, lr = CASES[case]
     gen = torch.Generator().manual_seed(SEED)
     model, train, val = make_case(gen)
     sampler = MaskSampler(7)
     train_masks, val_masks = draw(model, sampler, train), draw(model, sampler, val)
     total, direct, v = exact_parts(model, rule, lr, train, val, train_masks, val_masks)
+    reason = backends.BACKENDS[backend].why_not(model.space, "cpu")
+    if reason:
+        pytest.skip(f"backend {backend} {reason}")
+    backends.BACKENDS[backend].apply(model)
     c_v = 1.0
     if rule.clip is not None:
         c_v = min(1.0, rule.clip / (flat(v).norm().item() + 1e-6))
@@ -121,7 +136,7 @@ def test_finite_difference_matches_exact_second_order(case):
 
     errors = []
     for radius in (1e-4, 5e-5):
-        arch = make_architect(model, rule, fd_radius=radius)
+        arch = make_architect(model, rule, fd_radius=radius, batched_fd=batched_fd)
         _, fd = arch.alpha_grads(train, val, lr)
         implicit_fd = (flat(fd) - flat(direct)) / c_v
         errors.append(((implicit_fd - implicit_exact).norm() / implicit_exact.norm()).item())

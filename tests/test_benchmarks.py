@@ -118,7 +118,7 @@ def test_parse_backends_names_and_ablation_rows():
         {"order": 1},
         {"hvp": "exact"},
         {"compat": "darts", "lr": 0.5},
-        {"backend": "fast"},
+        {"fast": True},
     ]
     assert configs[1].spec == "first=--order,1"
     assert configs[0].spec == "reference"
@@ -159,6 +159,14 @@ def test_ablation_row_config():
     cfg = search_step.search_config("rnn", 2, "small", config.overrides())
     assert (cfg.order, cfg.nhid, cfg.emsize, cfg.batch_size, cfg.bptt) == (1, 64, 64, 32, 20)
     assert cfg.lr == 20.0  # paper defaults filled in by resolved()
+
+
+def test_fast_config_turns_on_the_engine_options():
+    (config,) = search_step.parse_backends("fast")
+    cfg = search_step.search_config("rnn", 2, "tiny", config.overrides())
+    assert (cfg.backend, cfg.batched_fd) == ("auto", True)
+    first = search_step.search_config("cnn", 1, "tiny", config.overrides())
+    assert (first.backend, first.batched_fd) == ("auto", False)  # no w± at first order
 
 
 def test_synthetic_rnn_data_has_full_length_steps():

@@ -146,7 +146,7 @@ def _function(cell):
     bn_args = (bn.running_mean, bn.running_var, bn.num_batches_tracked, True, False, 0.1, 1e-5)
 
     def fn(x, h, probs, w0, *ws):
-        return RecurrentCellFunction.apply(bn_args, x, h, probs, None, None, w0, *ws)
+        return RecurrentCellFunction.apply(bn_args, x, h, probs, None, None, w0, *ws)[0]
 
     return fn
 

@@ -101,19 +101,27 @@ def _(grad, inputs, hidden, probs, x_mask, h_mask, w0, ws, saved, training) -> l
 
 class RecurrentCellFunction(torch.autograd.Function):
     """The cell over a sequence; forward and backward each one kernel call. ``bn`` is
-    (running_mean, running_var, num_batches_tracked, training, update, momentum, eps)."""
+    (running_mean, running_var, num_batches_tracked, training, update, momentum, eps).
+
+    Returns the forward op's five outputs; only the first (hiddens) is differentiable.
+    Under vmap (the batched w± passes, weights stacked on a leading dim) it runs the kernel
+    once per sample: each sample has its own weights, so its matmuls are separate anyway.
+    """
 
     @staticmethod
-    def forward(ctx, bn, inputs, hidden, probs, x_mask, h_mask, w0, *ws):
-        outs = _forward_op(inputs, hidden, probs, x_mask, h_mask, w0, list(ws), *bn)
+    def forward(bn, inputs, hidden, probs, x_mask, h_mask, w0, *ws):
+        return tuple(_forward_op(inputs, hidden, probs, x_mask, h_mask, w0, list(ws), *bn))
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        bn, *tensors = inputs
         ctx.bn = bn
-        ctx.n_nodes = len(ws)
-        ctx.save_for_backward(inputs, hidden, probs, x_mask, h_mask, w0, *ws, *outs)
-        ctx.mark_non_differentiable(*outs[1:])
-        return outs[0]
+        ctx.n_nodes = len(tensors) - 6
+        ctx.save_for_backward(*tensors, *output)
+        ctx.mark_non_differentiable(*output[1:])
 
     @staticmethod
-    def backward(ctx, grad: Tensor):
+    def backward(ctx, grad: Tensor, *_):
         saved = ctx.saved_tensors
         inputs, hidden, probs, x_mask, h_mask, w0 = saved[:6]
         ws = list(saved[6 : 6 + ctx.n_nodes])
@@ -127,6 +135,20 @@ class RecurrentCellFunction(torch.autograd.Function):
             grad.contiguous(), inputs, hidden, probs, x_mask, h_mask, w0, ws, outs, training
         )
         return (None, d_inputs, d_hidden, d_probs, None, None, d_w0, *d_ws)
+
+    @staticmethod
+    def vmap(info, in_dims, bn, *tensors):
+        per_sample = [
+            RecurrentCellFunction.apply(
+                bn,
+                *(
+                    t if t is None or d is None else t.select(d, i)
+                    for t, d in zip(tensors, in_dims[1:])
+                ),
+            )
+            for i in range(info.batch_size)
+        ]
+        return tuple(torch.stack(o) for o in zip(*per_sample)), (0,) * 5
 
 
 def _differentiable_backward(ctx, grad: Tensor, running_mean: Tensor, running_var: Tensor):
@@ -182,4 +204,4 @@ def recurrent_cell(
     return RecurrentCellFunction.apply(
         bn_args, inputs.contiguous(), hidden.contiguous(), probs.contiguous(), *masks,
         cell._W0.contiguous(), *(w.contiguous() for w in cell._Ws),
-    )  # fmt: skip
+    )[0]  # fmt: skip

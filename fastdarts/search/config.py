@@ -28,6 +28,8 @@ class SearchConfig:
     backend: str = "reference"
     compat: str | None = None
     hvp: str = "fd"
+    batched_fd: bool = False
+    fast: bool = False
     threads: int | None = None
     checkpoint_every: int = 200
     log_every: int = 50
@@ -67,6 +69,11 @@ class SearchConfig:
             "arch_lr": 3e-3 if rnn else 3e-4,
         }
         filled = {k: v for k, v in paper.items() if getattr(self, k) is None}
+        if self.fast:
+            # The fastest settings that compute the same function: the fastest backend that
+            # runs here, and (second order, finite differences) w± in one batched pass.
+            filled["backend"] = "auto"
+            filled["batched_fd"] = self.order == 2 and self.hvp == "fd" and self.compat is None
         return dataclasses.replace(self, **filled)
 
     def to_dict(self) -> dict:

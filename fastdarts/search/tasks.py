@@ -50,6 +50,7 @@ class SearchTask:
             rule=UnrollRule(self.momentum, cfg.weight_decay, self.unroll_clip),
             compat=cfg.compat,
             hvp=cfg.hvp,
+            batched_fd=cfg.batched_fd,
         )
 
     momentum = 0.0
