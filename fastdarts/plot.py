@@ -1,14 +1,29 @@
-"""alpha.png: each edge's op weights (softmax of α) over the search."""
+"""Pictures: a search's α over time (alpha.png) and a genotype's cells.
+
+python -m fastdarts.plot GENOTYPE -o cell.png draws the cell(s) of a genotype JSON file or a
+published genotype (with --space), with Graphviz ``dot`` when it is installed, otherwise
+with matplotlib.
+"""
 
 from __future__ import annotations
 
 import math
 import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
+
+from fastdarts.cli import OneLineParser, report
+from fastdarts.errors import ConfigError, FastDartsError
+from fastdarts.genotypes import NAMED_GENOTYPES, Genotype, RecurrentGenotype, load_genotype
+
+PROG = "python -m fastdarts.plot"
 
 
 def plot_alpha_history(doc: dict, path: str | os.PathLike) -> None:
@@ -49,3 +64,150 @@ def plot_alpha_history(doc: dict, path: str | os.PathLike) -> None:
     fig.savefig(tmp, dpi=80)
     plt.close(fig)
     os.replace(tmp, path)
+
+
+# -- cell pictures ------------------------------------------------------------------------------
+
+
+def _cells(genotype: Genotype) -> list[tuple[str, list[tuple[str, int]], list[int]]]:
+    """Per cell: (name, edges (op, input) in node order, concat)."""
+    if isinstance(genotype, RecurrentGenotype):
+        return [("recurrent", list(genotype.recurrent), list(genotype.concat))]
+    return [
+        ("normal", list(genotype.normal), list(genotype.normal_concat)),
+        ("reduce", list(genotype.reduce), list(genotype.reduce_concat)),
+    ]
+
+
+def _graph(genotype: Genotype, cell: tuple) -> tuple[list[str], list[tuple[int, int, str]], int]:
+    """One cell as a graph: node labels in topological order, edges (from, to, op; no op on
+    the plain connections), and how many leading nodes are the cell's inputs.
+
+    Recurrent: x_t and h_{t-1} feed node 0 (s0), node j ≥ 1 reads the state the genotype
+    names, h_t averages the ``concat`` nodes. Convolutional: inputs c_{k-2}, c_{k-1}, nodes
+    0..3 each sum two ops, c_k concatenates the ``concat`` nodes.
+    """
+    _, edges, concat = cell
+    if isinstance(genotype, RecurrentGenotype):
+        labels = ["x_t", "h_{t-1}", *[str(i) for i in range(len(edges) + 1)], "h_t"]
+        first = 2  # graph id of genotype state 0
+        graph = [(0, 2, ""), (1, 2, "")]
+        graph += [(first + j, first + 1 + n, op) for n, (op, j) in enumerate(edges)]
+    else:
+        labels = ["c_{k-2}", "c_{k-1}", *[str(i) for i in range(len(edges) // 2)], "c_k"]
+        first = 0
+        graph = [(j, 2 + n // 2, op) for n, (op, j) in enumerate(edges)]
+    graph += [(first + i, len(labels) - 1, "") for i in concat]
+    return labels, graph, 2
+
+
+def genotype_dot(genotype: Genotype) -> str:
+    """Graphviz DOT source of the genotype's cell(s), one cluster per cell."""
+    lines = ["digraph genotype {", "  rankdir=LR;", '  node [shape=box, style="rounded,filled"];']
+    for cell in _cells(genotype):
+        name = cell[0]
+        labels, graph, n_inputs = _graph(genotype, cell)
+        lines.append(f'  subgraph cluster_{name} {{\n    label="{name}";')
+        for i, label in enumerate(labels):
+            color = "lightblue" if i < n_inputs or i == len(labels) - 1 else "lightyellow"
+            lines.append(f'    {name}_{i} [label="{label}", fillcolor={color}];')
+        for a, b, op in graph:
+            lines.append(f'    {name}_{a} -> {name}_{b} [label="{op}"];')
+        lines.append("  }")
+    lines.append("}")
+    return "\n".join(lines) + "\n"
+
+
+def _draw_cell(ax, genotype: Genotype, cell: tuple) -> None:
+    # Nodes on a line in topological order; edges as arcs, alternately above and below.
+    labels, graph, n_inputs = _graph(genotype, cell)
+    gap = 2.0
+    for n, (a, b, op) in enumerate(graph):
+        rad = (0.3 if n % 2 else -0.3) if b - a > 1 else 0.0
+        ax.annotate(
+            "",
+            xy=(gap * b, 0),
+            xytext=(gap * a, 0),
+            arrowprops={
+                "arrowstyle": "->",
+                "connectionstyle": f"arc3,rad={rad}",
+                "color": "0.3" if op else "0.75",
+                "shrinkA": 14,
+                "shrinkB": 14,
+            },
+        )
+        if op:
+            # The arc's apex: a quadratic Bézier's midpoint lies halfway to its control point.
+            apex = -rad * gap * (b - a) / 2
+            box = {"boxstyle": "round,pad=0.15", "fc": "white", "ec": "none"}
+            ax.text(gap * (a + b) / 2, apex, op, ha="center", va="center", fontsize=7, bbox=box)
+    for i, label in enumerate(labels):
+        color = "lightblue" if i < n_inputs or i == len(labels) - 1 else "lightyellow"
+        box = {"boxstyle": "round,pad=0.3", "fc": color, "ec": "0.3"}
+        ax.text(gap * i, 0, label, ha="center", va="center", fontsize=8, bbox=box, zorder=3)
+    span = gap * (len(labels) - 1)
+    ax.set_xlim(-1, span + 1)
+    ax.set_ylim(-0.16 * span - 0.5, 0.16 * span + 0.5)
+    ax.set_title(cell[0], fontsize=10)
+    ax.axis("off")
+
+
+def plot_genotype(genotype: Genotype, path: str | os.PathLike, engine: str = "auto") -> str:
+    """Draw the genotype's cell(s) into one image at ``path`` (atomically); returns the engine
+    used: ``dot`` (Graphviz, when installed and ``engine`` is auto or dot) or matplotlib."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fmt = path.suffix.lstrip(".") or "png"
+    tmp = path.with_name(f".{path.name}.tmp.{fmt}")
+    dot = shutil.which("dot")
+    if engine == "dot" and dot is None:
+        raise ConfigError("--engine dot: Graphviz 'dot' is not installed")
+    if engine != "matplotlib" and dot is not None:
+        subprocess.run(
+            [dot, f"-T{fmt}", "-o", str(tmp)], input=genotype_dot(genotype), text=True, check=True
+        )
+        os.replace(tmp, path)
+        return "dot"
+    cells = _cells(genotype)
+    widest = max(len(_graph(genotype, c)[0]) for c in cells)
+    size = (1.3 * widest, 0.5 * widest * len(cells))
+    fig, axes = plt.subplots(len(cells), 1, figsize=size, squeeze=False)
+    for ax, cell in zip(axes[:, 0], cells):
+        _draw_cell(ax, genotype, cell)
+    fig.tight_layout()
+    fig.savefig(tmp, dpi=100, format=fmt)
+    plt.close(fig)
+    os.replace(tmp, path)
+    return "matplotlib"
+
+
+def main(argv: list[str] | None = None) -> int:
+    """python -m fastdarts.plot GENOTYPE -o cell.png: draw a genotype's cell(s)."""
+    parser = OneLineParser(prog=PROG, description="draw a genotype's cell(s)")
+    parser.add_argument("genotype", help="a genotype JSON file, or a published name with --space")
+    parser.add_argument("--space", choices=("rnn", "cnn"), help="space of a named genotype")
+    parser.add_argument("-o", "--out", default="cell.png", help="image to write (default cell.png)")
+    parser.add_argument(
+        "--engine",
+        choices=("auto", "dot", "matplotlib"),
+        default="auto",
+        help="auto: Graphviz dot when installed, else matplotlib",
+    )
+    args = parser.parse_args(argv)
+    try:
+        if args.space is None and not Path(args.genotype).is_file():
+            known = [s for s, named in NAMED_GENOTYPES.items() if args.genotype in named]
+            if known:
+                raise ConfigError(f"{args.genotype}: give --space ({' or '.join(known)})")
+        genotype = load_genotype(args.genotype, args.space)
+        engine = plot_genotype(genotype, args.out, args.engine)
+    except FastDartsError as e:
+        return report(PROG, e)
+    except (OSError, subprocess.CalledProcessError) as e:
+        return report(PROG, ConfigError(f"{args.out}: cannot write the picture ({e})"))
+    print(f"{args.out} ({engine})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,11 +1,18 @@
-"""python -m fastdarts.derive SOURCE: print a genotype as JSON.
+"""python -m fastdarts.derive: derive a genotype and print it as JSON.
 
-SOURCE is a search's run folder or checkpoint.pt (the genotype is derived from its α), a
-genotype JSON file (validated), or a published genotype's name with --space.
+python -m fastdarts.derive SOURCE: SOURCE is a search's run folder or checkpoint.pt (the
+genotype is read off its α), a genotype JSON file (validated), or a published genotype's
+name with --space.
+
+python -m fastdarts.derive --run RUN_DIR --method {argmax,pt}: derive from the search in
+RUN_DIR and also write the genotype as JSON (default RUN_DIR/genotype-METHOD.json): argmax
+is the paper's rule on α; pt is DARTS-PT's perturbation-based selection (see
+fastdarts/derive/pt.py), which fine-tunes the supernet between decisions and can resume.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 from pathlib import Path
@@ -14,12 +21,19 @@ import torch
 
 from fastdarts.cli import OneLineParser, report
 from fastdarts.errors import ConfigError, FastDartsError
-from fastdarts.genotypes import derive_conv, derive_recurrent, load_genotype, to_dict
+from fastdarts.genotypes import (
+    Genotype,
+    derive_conv,
+    derive_recurrent,
+    load_genotype,
+    save_genotype,
+    to_dict,
+)
 
 PROG = "python -m fastdarts.derive"
 
 
-def genotype_from_checkpoint(path: Path):
+def genotype_from_checkpoint(path: Path) -> Genotype:
     """Derive the genotype from the α stored in a search checkpoint."""
     try:
         saved = torch.load(path, map_location="cpu", weights_only=True)
@@ -32,24 +46,109 @@ def genotype_from_checkpoint(path: Path):
     return derive_conv(model["alphas_normal"], model["alphas_reduce"])
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = OneLineParser(prog=PROG, description=__doc__.splitlines()[0].split(": ", 1)[1])
-    parser.add_argument("source", help="run folder, checkpoint.pt, genotype JSON, or a name")
+def build_parser() -> OneLineParser:
+    parser = OneLineParser(prog=PROG, description="derive a genotype and print it as JSON")
+    parser.add_argument(
+        "source", nargs="?", help="run folder, checkpoint.pt, genotype JSON, or a name"
+    )
     parser.add_argument("--space", choices=("rnn", "cnn"), help="space of a named genotype")
-    args = parser.parse_args(argv)
-    source = Path(args.source)
+    parser.add_argument("--run", help="a search's run folder: derive from it and write JSON")
+    parser.add_argument("--method", choices=("argmax", "pt"), help="with --run (default argmax)")
+    parser.add_argument(
+        "-o", "--out", help="with --run: genotype JSON to write (RUN/genotype-METHOD.json)"
+    )
+    pt = parser.add_argument_group("pt (DARTS-PT) settings")
+    pt.add_argument(
+        "--tune-steps", type=int, help="weight steps after each decision (default: one epoch)"
+    )
+    pt.add_argument(
+        "--eval-batches", type=int, help="validation batches per measurement (default: all)"
+    )
+    pt.add_argument(
+        "--crit",
+        choices=("loss", "acc"),
+        help="what a removal hurts: validation loss (rnn default) or accuracy (cnn default)",
+    )
+    pt.add_argument(
+        "--order",
+        choices=("random", "sequential"),
+        default="random",
+        help="order of the edges' op decisions (default: random, seeded)",
+    )
+    pt.add_argument("--seed", type=int, default=0, help="seed of the edge order (default 0)")
+    pt.add_argument("--device", help="cpu, cuda, ... (default: cuda if available)")
+    pt.add_argument("--data", help="data folder (default: as the search found it)")
+    pt.add_argument("--threads", type=int, help="CPU threads")
+    pt.add_argument("--resume", action="store_true", help="continue a selection in RUN")
+    pt.add_argument(
+        "--max-decisions", type=int, help="stop after this many decisions in all (resume later)"
+    )
+    return parser
+
+
+def _derive_run(args: argparse.Namespace) -> Genotype | None:
+    run = Path(args.run)
+    if not (run / "checkpoint.pt").is_file():
+        raise ConfigError(f"{args.run}: no checkpoint.pt in this folder (not a search run?)")
+    out = Path(args.out) if args.out else run / f"genotype-{args.method}.json"
+    if args.method == "argmax":
+        genotype = genotype_from_checkpoint(run / "checkpoint.pt")
+        save_genotype(genotype, out)
+        return genotype
+    from fastdarts.derive.pt import PTConfig, run_pt
+
+    for flag in ("tune_steps", "eval_batches", "max_decisions", "threads"):
+        value = getattr(args, flag)
+        if value is not None and value < (0 if flag == "tune_steps" else 1):
+            raise ConfigError(f"--{flag.replace('_', '-')} must be positive, got {value}")
+    cfg = PTConfig(
+        run=str(run),
+        out=str(out),
+        tune_steps=args.tune_steps,
+        eval_batches=args.eval_batches,
+        crit=args.crit,
+        order=args.order,
+        seed=args.seed,
+        device=args.device,
+        data=args.data,
+        threads=args.threads,
+        resume=args.resume,
+        max_decisions=args.max_decisions,
+    )
+    genotype, records = run_pt(cfg)
+    if genotype is None:
+        print(
+            f"{PROG}: stopped after {len(records)} decisions; continue with --run {args.run} "
+            "--method pt --resume",
+            file=sys.stderr,
+        )
+    return genotype
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     try:
-        if source.is_dir():
-            source = source / "checkpoint.pt"
-            if not source.is_file():
-                raise ConfigError(f"{args.source}: no checkpoint.pt in this folder")
-        if source.suffix == ".pt":
-            genotype = genotype_from_checkpoint(source)
+        if (args.source is None) == (args.run is None):
+            raise ConfigError("give either SOURCE or --run RUN_DIR (see --help)")
+        if args.run is None and args.method is not None:
+            raise ConfigError("--method goes with --run RUN_DIR (see --help)")
+        if args.run is not None:
+            args.method = args.method or "argmax"
+            genotype = _derive_run(args)
         else:
-            genotype = load_genotype(args.source, args.space)
+            source = Path(args.source)
+            if source.is_dir():
+                source = source / "checkpoint.pt"
+                if not source.is_file():
+                    raise ConfigError(f"{args.source}: no checkpoint.pt in this folder")
+            if source.suffix == ".pt":
+                genotype = genotype_from_checkpoint(source)
+            else:
+                genotype = load_genotype(args.source, args.space)
     except FastDartsError as e:
         return report(PROG, e)
-    print(json.dumps(to_dict(genotype)))
+    if genotype is not None:
+        print(json.dumps(to_dict(genotype)))
     return 0
 
 

@@ -1,0 +1,401 @@
+"""Perturbation-based architecture selection (DARTS-PT; Wang et al., ICLR 2021).
+
+Instead of reading the genotype off α, measure what each op contributes to the trained
+supernet. For each edge in turn (a seeded random order), remove each candidate op and
+measure the validation metric; keep the op whose removal hurts most, project the edge onto
+it, and fine-tune the supernet's weights for a few steps. Then, node by node, remove each
+incoming edge in turn and keep the ``k`` edges whose removal hurts most (1 per node in the
+recurrent cell, 2 in the convolutional one), fine-tuning again after each node.
+
+Everything is done through α, with no change to the supernet code. softmax puts exactly
+zero weight on an entry of -inf, and ``none`` contributes exactly zero to every mixture
+(the recurrent mixture skips it; the convolutional ``none`` multiplies by 0), so:
+
+- removing op k (DARTS-PT's masking: its weight becomes 0, the others keep theirs) sets
+  α_k = -inf and α_none = logsumexp(α_none, α_k): the softmax is unchanged except that
+  op k's weight has moved to ``none`` (equal to the masked weights up to one rounding);
+- projecting an edge onto op k sets its α row to -inf except 0 at k (weights exactly
+  one-hot); removing an edge puts all its weight on ``none`` (its output is exactly 0).
+
+Fine-tuning takes the search's own weight steps (its optimiser, data order, dropout
+masks, backend), with α fixed; nothing is stepped on α.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import random
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from fastdarts.data import cifar, ptb
+from fastdarts.errors import ConfigError, DivergedError
+from fastdarts.genotypes import CNN_STEPS, PRIMITIVES, RNN_STEPS, Genotype, save_genotype
+from fastdarts.search.config import SearchConfig
+from fastdarts.search.loop import CHECKPOINT_FORMAT, DTYPES, _device, _rng_state, _set_rng_state
+from fastdarts.search.tasks import TASKS, SearchTask
+from fastdarts.spaces import Batch
+from fastdarts.utils import atomic_torch_save, atomic_write_text
+
+
+@dataclass(frozen=True)
+class CellShape:
+    """One α matrix's cell: intermediate nodes, inputs before them, edges kept per node."""
+
+    steps: int
+    n_inputs: int
+    keep: int
+
+    def edges_of(self, node: int) -> range:
+        """The α rows of ``node``'s incoming edges (edges are ordered node by node)."""
+        start = sum(self.n_inputs + i for i in range(node))
+        return range(start, start + self.n_inputs + node)
+
+    @property
+    def n_edges(self) -> int:
+        return sum(self.n_inputs + i for i in range(self.steps))
+
+
+CELLS: dict[str, dict[str, CellShape]] = {
+    "rnn": {"alphas_recurrent": CellShape(RNN_STEPS, 1, 1)},
+    "cnn": {
+        "alphas_normal": CellShape(CNN_STEPS, 2, 2),
+        "alphas_reduce": CellShape(CNN_STEPS, 2, 2),
+    },
+}
+
+
+@dataclass(frozen=True)
+class Decision:
+    """One selection: the op of edge ``index`` (kind "op") or the edges of node ``index``."""
+
+    kind: str
+    alpha: str
+    index: int
+
+
+def plan(cells: dict[str, CellShape], seed: int, order: str = "random") -> list[Decision]:
+    """Every op decision (edges in a seeded random order, or in order), then every node's
+    edge decision (nodes in order; nodes with no more inputs than they keep are skipped)."""
+    ops = [Decision("op", name, e) for name, shape in cells.items() for e in range(shape.n_edges)]
+    if order == "random":
+        perm = np.random.default_rng(seed).permutation(len(ops))
+        ops = [ops[i] for i in perm]
+    nodes = [
+        Decision("edge", name, node)
+        for name, shape in cells.items()
+        for node in range(shape.steps)
+        if shape.n_inputs + node > shape.keep
+    ]
+    return ops + nodes
+
+
+def removed_op(row: torch.Tensor, k: int, none: int) -> torch.Tensor:
+    """α row (K,) with op k's softmax weight moved onto ``none`` (others unchanged)."""
+    out = row.clone()
+    out[none] = torch.logaddexp(row[none], row[k])
+    out[k] = -math.inf
+    return out
+
+
+def one_hot(row: torch.Tensor, k: int) -> torch.Tensor:
+    """An α row whose softmax is exactly one-hot at k."""
+    out = torch.full_like(row, -math.inf)
+    out[k] = 0.0
+    return out
+
+
+Evaluate = Callable[[], dict[str, float]]  # -> {"loss": ..., "acc": ... (cnn)}
+
+
+def harm_key(metrics: dict[str, float], crit: str) -> tuple[float, ...]:
+    """Larger = the removal hurt more: higher loss, or lower accuracy (then higher loss)."""
+    if crit == "acc":
+        return (-metrics["acc"], metrics["loss"])
+    return (metrics["loss"],)
+
+
+class Selector:
+    """Applies decisions to a supernet's α in place.
+
+    ``arch`` maps each α name to its parameter (E, K); ``evaluate`` measures the supernet
+    as it stands. Each decision measures every candidate's removal, keeps the most harmful
+    removal's candidate(s) (ties to the lower index), and projects α onto the choice.
+    """
+
+    def __init__(
+        self,
+        arch: dict[str, torch.nn.Parameter],
+        cells: dict[str, CellShape],
+        evaluate: Evaluate,
+        primitives: Sequence[str],
+        crit: str = "loss",
+    ) -> None:
+        self.arch, self.cells, self.evaluate = arch, cells, evaluate
+        self.primitives, self.crit = list(primitives), crit
+        self.none = self.primitives.index("none")
+
+    def _score(self, alpha: torch.nn.Parameter, rows: dict[int, torch.Tensor]) -> dict:
+        """Metrics with the given α rows swapped in; α is restored bit for bit after."""
+        saved = {e: alpha.data[e].clone() for e in rows}
+        try:
+            for e, row in rows.items():
+                alpha.data[e] = row
+            return self.evaluate()
+        finally:
+            for e, row in saved.items():
+                alpha.data[e] = row
+
+    def decide(self, decision: Decision) -> dict:
+        """Measure, choose and project; returns a JSON-ready record of the decision."""
+        alpha = self.arch[decision.alpha]
+        shape = self.cells[decision.alpha]
+        if decision.kind == "op":
+            e = decision.index
+            candidates = [k for k in range(len(self.primitives)) if k != self.none]
+            scores = [
+                self._score(alpha, {e: removed_op(alpha.data[e], k, self.none)}) for k in candidates
+            ]
+            keep = 1
+        else:
+            candidates = list(shape.edges_of(decision.index))
+            scores = [
+                self._score(alpha, {e: one_hot(alpha.data[e], self.none)}) for e in candidates
+            ]
+            keep = shape.keep
+        keys = [harm_key(s, self.crit) for s in scores]
+        # Stable sort on descending harm: ties keep the lower candidate first.
+        ranked = sorted(range(len(candidates)), key=lambda i: tuple(-x for x in keys[i]))
+        chosen = sorted(candidates[i] for i in ranked[:keep])
+        with torch.no_grad():
+            if decision.kind == "op":
+                alpha.data[decision.index] = one_hot(alpha.data[decision.index], chosen[0])
+            else:
+                for e in candidates:
+                    if e not in chosen:
+                        alpha.data[e] = one_hot(alpha.data[e], self.none)
+        names = [self.primitives[k] for k in candidates] if decision.kind == "op" else candidates
+        return {
+            "kind": decision.kind,
+            "alpha": decision.alpha,
+            "index": decision.index,
+            "candidates": names,
+            "scores": scores,
+            "chosen": [names[candidates.index(c)] for c in chosen],
+        }
+
+
+# -- running it on a search's checkpoint ------------------------------------------------------
+
+STATE_KIND = "fastdarts-pt"
+STATE_FILE = "pt_state.pt"  # in the run folder: the selection's progress, for --resume
+DECISIONS_FILE = "pt_decisions.json"  # every decision with its candidates' scores
+
+
+@dataclass
+class PTConfig:
+    """Settings of a DARTS-PT selection on the search run in ``run``."""
+
+    run: str
+    out: str | None = None  # genotype JSON (default: RUN/genotype-pt.json)
+    tune_steps: int | None = None  # weight steps after each decision (default: one epoch)
+    eval_batches: int | None = None  # validation batches per measurement (default: all)
+    crit: str | None = None  # loss or acc (default: loss for rnn, acc for cnn)
+    order: str = "random"
+    seed: int = 0
+    device: str | None = None
+    data: str | None = None
+    threads: int | None = None
+    resume: bool = False
+    max_decisions: int | None = None  # stop after this many in all (resume to go on)
+
+    def trajectory(self) -> dict:
+        """The settings a resumed selection must share with the one it continues."""
+        keys = ("tune_steps", "eval_batches", "crit", "order", "seed")
+        return {k: getattr(self, k) for k in keys}
+
+
+def read_search_checkpoint(path: Path) -> dict:
+    """A search checkpoint's contents; ConfigError if it is not one."""
+    if not path.is_file():
+        raise ConfigError(f"{path.parent}: no checkpoint.pt in this folder (not a search run?)")
+    try:
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # a damaged or foreign file: any unpickling error lands here
+        raise ConfigError(f"{path}: not a readable fastdarts checkpoint ({e})") from e
+    is_search = isinstance(saved, dict) and "task" in saved
+    if not is_search or saved.get("format") != CHECKPOINT_FORMAT:
+        raise ConfigError(f"{path}: not a fastdarts search checkpoint")
+    return saved
+
+
+class TaskSupernet:
+    """The search task's supernet as DARTS-PT uses it: measured on the validation data,
+    fine-tuned with the search's own weight steps (α fixed)."""
+
+    def __init__(self, task: SearchTask, space: str, eval_batches: int | None) -> None:
+        self.task, self.space, self.eval_batches = task, space, eval_batches
+        self.epoch = 0  # fine-tuning epochs begun (the data order's epoch index)
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        """rnn: validation loss, BatchNorm on running statistics (as the search reports);
+        cnn: loss and accuracy on the α half, BatchNorm on batch statistics and not
+        updated (DARTS-PT's choice: running statistics do not fit a perturbed supernet)."""
+        task = self.task
+        if self.space == "rnn":
+            return {"loss": task.evaluate(self.eval_batches)["valid_loss"]}
+        model, bs = task.model, task.cfg.batch_size
+        total, correct, count = 0.0, 0, 0
+        model.train()
+        with model.frozen_bn_stats():
+            for n, start in enumerate(range(0, len(task.val_idx), bs)):
+                if self.eval_batches is not None and n >= self.eval_batches:
+                    break
+                images, labels = task.images.get(task.val_idx[start : start + bs])
+                x = cifar.normalize(images, dtype=task.dtype).to(task.device)
+                out = model(Batch(x, labels.to(task.device)))
+                total += out.loss.item() * len(labels)
+                correct += (out.logits.argmax(-1).cpu() == labels).sum().item()
+                count += len(labels)
+        return {"loss": total / max(count, 1), "acc": correct / max(count, 1)}
+
+    def tune(self, steps: int) -> None:
+        """``steps`` weight steps on the training data, continuing the search's data order."""
+        task = self.task
+        task.model.train()
+        for _ in range(steps):
+            if task.epoch_done():
+                self.epoch += 1
+                task.begin_epoch(self.epoch)
+            loss = self._rnn_step() if self.space == "rnn" else self._cnn_step()
+            if not math.isfinite(loss):
+                raise DivergedError(
+                    f"fine-tuning diverged (loss {loss}); lower the search's learning rate "
+                    "or --tune-steps"
+                )
+
+    def _rnn_step(self) -> float:
+        # The search's weight step (sequence length, lr rescaling, carried state), no α step.
+        task, cfg = self.task, self.task.cfg
+        bptt = cfg.bptt if task.rng.random() < 0.95 else cfg.bptt / 2
+        seq_len = max(1, int(bptt))
+        data, targets = ptb.get_batch(task.train_data, task.pos, seq_len)
+        out = task.weight_step(Batch(data, targets, task.hidden), cfg.lr * seq_len / cfg.bptt)
+        task.hidden = out.state.detach()
+        task.pos += seq_len
+        return out.loss.item()
+
+    def _cnn_step(self) -> float:
+        task = self.task
+        bs = task.cfg.batch_size
+        batch = task._batch(task.order[task.pos : task.pos + bs])
+        out = task.weight_step(batch, task.scheduler.get_last_lr()[0])
+        task.pos += bs
+        return out.loss.item()
+
+
+def run_pt(cfg: PTConfig) -> tuple[Genotype | None, list[dict]]:
+    """DARTS-PT on the search run ``cfg.run``: returns the genotype (None if stopped early
+    by ``max_decisions``) and the decisions so far, and writes both. Progress is saved
+    atomically after each decision; ``cfg.resume`` continues it exactly."""
+    run = Path(cfg.run)
+    saved = read_search_checkpoint(run / "checkpoint.pt")
+    known = {f.name for f in dataclasses.fields(SearchConfig)}
+    settings = {k: v for k, v in saved["config"].items() if k in known}
+    space = settings["space"]
+    for key in ("data", "device", "threads"):
+        if getattr(cfg, key) is not None:
+            settings[key] = getattr(cfg, key)
+    search_cfg = SearchConfig(**settings).resolved()
+    crit = cfg.crit or ("loss" if space == "rnn" else "acc")
+    if crit not in ("loss", "acc") or (crit == "acc" and space == "rnn"):
+        raise ConfigError(f"--crit {crit}: choose loss (rnn, cnn) or acc (cnn)")
+    if cfg.order not in ("random", "sequential"):
+        raise ConfigError(f"--order must be random or sequential, got {cfg.order}")
+    cfg = dataclasses.replace(cfg, crit=crit)
+    state_path = run / STATE_FILE
+    state = None
+    if cfg.resume:
+        state = _read_state(state_path, cfg)
+    elif state_path.exists():
+        raise ConfigError(
+            f"{state_path}: a selection was started here; pass --resume to continue it"
+        )
+    threads = search_cfg.threads or saved.get("threads")
+    if threads:
+        torch.set_num_threads(threads)
+    device = _device(search_cfg.device)
+    task = TASKS[space](search_cfg, device, DTYPES[search_cfg.dtype])
+    task.load_state_dict(saved["task"])
+    supernet = TaskSupernet(task, space, cfg.eval_batches)
+    tune_steps = cfg.tune_steps if cfg.tune_steps is not None else task.steps_per_epoch()
+    torch.manual_seed(cfg.seed)
+    np.random.seed(cfg.seed)
+    random.seed(cfg.seed)
+    records: list[dict] = []
+    if state is not None:
+        if state["search_step"] != saved["step"]:
+            raise ConfigError(
+                f"{state_path}: started on the search at step {state['search_step']}, but "
+                f"its checkpoint is now at step {saved['step']}; start again without --resume"
+            )
+        task.load_state_dict(state["task"])
+        supernet.epoch = state["epoch"]
+        records = json.loads(state["records"])
+        _set_rng_state(state["rng"])
+    cells = CELLS[space]
+    arch = dict(task.model.named_arch_parameters())
+    selector = Selector(arch, cells, supernet.evaluate, PRIMITIVES[space], crit)
+    decisions = plan(cells, cfg.seed, cfg.order)
+    bar = tqdm(total=len(decisions), initial=len(records), desc="DARTS-PT", disable=None)
+    for i in range(len(records), len(decisions)):
+        if cfg.max_decisions is not None and i >= cfg.max_decisions:
+            break
+        record = selector.decide(decisions[i])
+        if i + 1 < len(decisions):
+            supernet.tune(tune_steps)
+        records.append(record)
+        state = {
+            "kind": STATE_KIND,
+            "settings": cfg.trajectory(),
+            "search_step": saved["step"],
+            "task": task.state_dict(),
+            "epoch": supernet.epoch,
+            "records": json.dumps(records),
+            "rng": _rng_state(),
+        }
+        atomic_torch_save(state, state_path)
+        bar.update(1)
+        bar.set_postfix_str(
+            f"{record['alpha']} {record['kind']} {record['index']}: {record['chosen']}"
+        )
+    bar.close()
+    atomic_write_text(run / DECISIONS_FILE, json.dumps(records, indent=1) + "\n")
+    if len(records) < len(decisions):
+        return None, records
+    genotype = task.model.genotype()
+    save_genotype(genotype, Path(cfg.out) if cfg.out else run / "genotype-pt.json")
+    return genotype, records
+
+
+def _read_state(path: Path, cfg: PTConfig) -> dict:
+    if not path.is_file():
+        raise ConfigError(f"--resume: no {STATE_FILE} in {path.parent} to resume from")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # a damaged or foreign file: any unpickling error lands here
+        raise ConfigError(f"{path}: not a readable DARTS-PT state ({e})") from e
+    if not isinstance(state, dict) or state.get("kind") != STATE_KIND:
+        raise ConfigError(f"{path}: not a DARTS-PT state file")
+    if state["settings"] != cfg.trajectory():
+        theirs = ", ".join(f"{k}={v!r}" for k, v in state["settings"].items())
+        raise ConfigError(f"{path}: started with other settings ({theirs}); resume with those")
+    return state

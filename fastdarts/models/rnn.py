@@ -1,0 +1,152 @@
+"""The recurrent evaluation network: a single-layer language model around a derived cell.
+
+The cell is the search cell with one op per node and no BatchNorm. With input x (B, D) and
+previous hidden state h (B, D):
+
+    [c0, h0] = [x ⊙ mx, h ⊙ mh] · W0,    s0 = h + σ(c0) · (tanh(h0) − h)
+    node j (one input s_i, op f):  [c, g] = (s_i ⊙ mh) · W_j,   s_j = s_i + σ(c) · (f(g) − s_i)
+    h_new = mean of the states listed in ``concat``
+
+The language model ties the embedding and the decoder (emsize = nhid) and uses the same
+locked dropout masks as the search model (embedding rows, embeddings, cell inputs, hidden
+states, output). Parameter names follow the original code (``encoder.weight``,
+``rnns.0._W0``, ``rnns.0._Ws.j``, ``decoder.bias``) so its state_dicts load.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fastdarts.genotypes import RecurrentGenotype
+from fastdarts.spaces.base import MaskSpec
+
+INIT_RANGE = 0.04  # weights and embedding start uniform in ±INIT_RANGE, as in the search
+
+_ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "tanh": torch.tanh,
+    "relu": torch.relu,
+    "sigmoid": torch.sigmoid,
+    "identity": lambda x: x,
+}
+
+
+class DARTSCell(nn.Module):
+    """A derived recurrent cell, run over a whole sequence."""
+
+    def __init__(self, ninp: int, nhid: int, genotype: RecurrentGenotype) -> None:
+        super().__init__()
+        self.nhid = nhid
+        self.genotype = genotype
+        steps = len(genotype.recurrent)
+        self._W0 = nn.Parameter(
+            torch.empty(ninp + nhid, 2 * nhid).uniform_(-INIT_RANGE, INIT_RANGE)
+        )
+        self._Ws = nn.ParameterList(
+            nn.Parameter(torch.empty(nhid, 2 * nhid).uniform_(-INIT_RANGE, INIT_RANGE))
+            for _ in range(steps)
+        )
+
+    def forward(
+        self,
+        inputs: torch.Tensor,
+        hidden: torch.Tensor,
+        x_mask: torch.Tensor | None = None,
+        h_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """inputs (T, B, ninp), hidden (B, nhid) → hidden states (T, B, nhid)."""
+        outputs = []
+        for x in inputs:
+            hidden = self._step(x, hidden, x_mask, h_mask)
+            outputs.append(hidden)
+        return torch.stack(outputs)
+
+    def _step(self, x, h_prev, x_mask, h_mask):
+        xm = x if x_mask is None else x * x_mask
+        hm = h_prev if h_mask is None else h_prev * h_mask
+        c0, h0 = (torch.cat([xm, hm], dim=-1) @ self._W0).chunk(2, dim=-1)
+        states = [h_prev + torch.sigmoid(c0) * (torch.tanh(h0) - h_prev)]
+        for j, (name, i) in enumerate(self.genotype.recurrent):
+            s_prev = states[i]
+            masked = s_prev if h_mask is None else s_prev * h_mask
+            c, g = (masked @ self._Ws[j]).chunk(2, dim=-1)
+            states.append(s_prev + torch.sigmoid(c) * (_ACTIVATIONS[name](g) - s_prev))
+        return torch.stack([states[i] for i in self.genotype.concat]).mean(0)
+
+
+class RNNModel(nn.Module):
+    """Language model: tied embedding → DARTSCell → tied decoder.
+
+    Defaults are the paper's evaluation settings: emsize = nhid = 850, dropout 0.75
+    (output), dropouth 0.25, dropoutx 0.75, dropouti 0.2, dropoute 0.1.
+    """
+
+    def __init__(
+        self,
+        ntoken: int,
+        genotype: RecurrentGenotype,
+        emsize: int = 850,
+        nhid: int = 850,
+        dropout: float = 0.75,
+        dropouth: float = 0.25,
+        dropoutx: float = 0.75,
+        dropouti: float = 0.2,
+        dropoute: float = 0.1,
+    ) -> None:
+        super().__init__()
+        if emsize != nhid:
+            raise ValueError(f"the tied DARTS cell needs emsize == nhid, got {emsize} and {nhid}")
+        self.ntoken, self.nhid = ntoken, nhid
+        self.rates = {
+            "embedding": dropoute,
+            "input": dropouti,
+            "x": dropoutx,
+            "h": dropouth,
+            "output": dropout,
+        }
+        self.encoder = nn.Embedding(ntoken, emsize)
+        self.rnns = nn.ModuleList([DARTSCell(emsize, nhid, genotype)])
+        self.decoder = nn.Linear(nhid, ntoken)
+        self.decoder.weight = self.encoder.weight
+        nn.init.uniform_(self.encoder.weight, -INIT_RANGE, INIT_RANGE)
+        nn.init.zeros_(self.decoder.bias)
+
+    def init_state(self, batch_size: int) -> torch.Tensor:
+        """A zero hidden state (B, nhid)."""
+        return self.encoder.weight.new_zeros(batch_size, self.nhid)
+
+    def mask_specs(self, batch_size: int) -> dict[str, MaskSpec]:
+        """Locked dropout masks for one training pass, fixed over the sequence."""
+        shapes = {
+            "embedding": (self.ntoken, 1),
+            "input": (batch_size, self.nhid),
+            "x": (batch_size, self.nhid),
+            "h": (batch_size, self.nhid),
+            "output": (batch_size, self.nhid),
+        }
+        return {k: MaskSpec(shapes[k], r) for k, r in self.rates.items() if r > 0}
+
+    def forward(
+        self,
+        tokens: torch.Tensor,
+        hidden: torch.Tensor,
+        masks: dict[str, torch.Tensor] | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """tokens (T, B) ids, hidden (B, nhid) → logits (T, B, ntoken), hiddens (T, B, nhid).
+
+        ``masks`` (from a MaskSampler, shaped as ``mask_specs``) for training; None runs
+        without dropout. ``hiddens`` are the cell outputs before the output dropout.
+        """
+        masks = masks or {}
+        weight = self.encoder.weight
+        if "embedding" in masks:
+            weight = weight * masks["embedding"]
+        emb = F.embedding(tokens, weight)
+        if "input" in masks:
+            emb = emb * masks["input"]
+        hiddens = self.rnns[0](emb, hidden, masks.get("x"), masks.get("h"))
+        out = hiddens * masks["output"] if "output" in masks else hiddens
+        return self.decoder(out), hiddens

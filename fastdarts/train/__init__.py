@@ -1,0 +1,1 @@
+"""Training a derived genotype from scratch: ``python -m fastdarts.train``."""

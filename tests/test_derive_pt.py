@@ -1,0 +1,277 @@
+"""DARTS-PT selection: the α masking it relies on, the decision order, a hand-built supernet
+where the strongest α is not the op that matters, and end-to-end runs on real search
+checkpoints (deterministic, resumable), plus ``--method argmax``."""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+import shutil
+
+import pytest
+import torch
+from conftest import CNN_TINY, RNN_TINY
+
+from fastdarts.derive.__main__ import main as derive
+from fastdarts.derive.pt import CELLS, STATE_FILE, Selector, one_hot, plan, removed_op
+from fastdarts.genotypes import RNN_PRIMITIVES, derive_recurrent, load_genotype, to_dict
+from fastdarts.search.__main__ import main as search
+from fastdarts.spaces.cnn import MixedOp
+from fastdarts.spaces.rnn import recurrent_mixed_reference
+
+NONE = RNN_PRIMITIVES.index("none")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def loaded_once():
+    """Each dataset is read once per module (PTB's tokenising alone takes seconds)."""
+    from fastdarts.data import cifar, ptb
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(ptb, "load_ptb", functools.cache(ptb.load_ptb))
+        mp.setattr(cifar, "load_cifar10", functools.cache(cifar.load_cifar10))
+        yield
+
+
+def test_removed_op_zeroes_its_weight_and_keeps_the_others():
+    row = torch.tensor([0.3, -1.0, 2.0, 0.5, 1.2], dtype=torch.float64)
+    p = torch.softmax(row, -1)
+    for k in range(1, 5):
+        q = torch.softmax(removed_op(row, k, NONE), -1)
+        expected = p.clone()
+        expected[NONE] += p[k]
+        expected[k] = 0.0
+        assert q[k] == 0.0  # exactly
+        assert torch.allclose(q, expected, rtol=1e-15, atol=1e-16)
+    assert torch.equal(torch.softmax(one_hot(row, 3), -1), torch.eye(5, dtype=torch.float64)[3])
+
+
+def test_masked_rnn_mixture_is_the_mixture_without_the_op():
+    torch.manual_seed(0)
+    states, ch = torch.randn(3, 4, 6, dtype=torch.float64), torch.randn(3, 4, 12)
+    ch = ch.double()
+    alpha = torch.randn(3, 5, dtype=torch.float64)
+    masked = alpha.clone()
+    masked[1] = removed_op(alpha[1], 2, NONE)  # relu off on edge 1
+    masked[2] = one_hot(alpha[2], NONE)  # edge 2 removed
+    zeroed = torch.softmax(alpha, -1)
+    zeroed[1, 2] = 0.0
+    got = recurrent_mixed_reference(states, ch, torch.softmax(masked, -1))
+    want = recurrent_mixed_reference(states[:2], ch[:2], zeroed[:2])
+    assert torch.allclose(got, want, rtol=1e-13, atol=1e-14)
+
+
+def test_masked_cnn_mixture_is_the_mixture_without_the_op():
+    torch.manual_seed(0)
+    op = MixedOp(4, 1).double().eval()
+    x = torch.randn(2, 4, 8, 8, dtype=torch.float64)
+    alpha = torch.randn(8, dtype=torch.float64)
+    weights = torch.softmax(alpha, -1)
+    zeroed = weights.clone()
+    zeroed[4] = 0.0
+    got = op(x, torch.softmax(removed_op(alpha, 4, 0), -1))
+    assert torch.allclose(got, op(x, zeroed), rtol=1e-13, atol=1e-14)
+    assert torch.equal(op(x, torch.softmax(one_hot(alpha, 0), -1)), torch.zeros_like(x))
+
+
+def test_plan_covers_every_edge_then_every_node():
+    for cells in CELLS.values():
+        decisions = plan(cells, seed=3)
+        ops = [(d.alpha, d.index) for d in decisions if d.kind == "op"]
+        n_edges = sum(shape.n_edges for shape in cells.values())
+        assert sorted(ops) == sorted((a, e) for a, s in cells.items() for e in range(s.n_edges))
+        assert len(ops) == n_edges and ops != sorted(ops)  # shuffled
+        assert decisions[:n_edges] == plan(cells, seed=3)[:n_edges]
+        assert decisions != plan(cells, seed=4)
+        sequential = [(d.alpha, d.index) for d in plan(cells, 3, "sequential") if d.kind == "op"]
+        assert sequential == sorted(sequential, key=lambda x: (list(cells).index(x[0]), x[1]))
+        nodes = [(d.alpha, d.index) for d in decisions if d.kind == "edge"]
+        # Nodes with no more inputs than they keep need no decision.
+        assert nodes == [(a, n) for a, s in cells.items() for n in range(1, s.steps)]
+
+
+def test_pt_finds_the_op_that_matters_where_argmax_does_not():
+    """A hand-built supernet: on the first edge α favours identity, but identity's weights
+    were trained to nothing and relu carries the whole output. Every other edge is
+    irrelevant. argmax keeps identity; removing relu hurts most, so DARTS-PT keeps relu."""
+    alpha = torch.nn.Parameter(torch.zeros(36, 5, dtype=torch.float64))
+    with torch.no_grad():
+        alpha[0] = torch.tensor([0.0, 0.0, 0.5, 0.0, 3.0])  # none tanh relu sigmoid identity
+    x = torch.linspace(-2, 2, 50, dtype=torch.float64)
+    target = torch.relu(x)
+    p_relu = torch.softmax(alpha[0].detach(), -1)[2]
+    scale = {"tanh": 0.0, "relu": 1.0 / p_relu, "sigmoid": 0.0, "identity": 0.0}
+    acts = {
+        "tanh": torch.tanh,
+        "relu": torch.relu,
+        "sigmoid": torch.sigmoid,
+        "identity": lambda v: v,
+    }
+
+    def evaluate() -> dict[str, float]:
+        p = torch.softmax(alpha.detach()[0], -1)
+        y = sum(p[k] * scale[op] * acts[op](x) for k, op in enumerate(RNN_PRIMITIVES) if k)
+        return {"loss": float(((y - target) ** 2).mean())}
+
+    assert evaluate()["loss"] < 1e-20  # the supernet fits the target
+    argmax = derive_recurrent(alpha)
+    selector = Selector({"alphas_recurrent": alpha}, CELLS["rnn"], evaluate, RNN_PRIMITIVES)
+    records = [selector.decide(d) for d in plan(CELLS["rnn"], seed=0)]
+    pt = derive_recurrent(alpha)
+    assert argmax.recurrent[0] == ("identity", 0)
+    assert pt.recurrent[0] == ("relu", 0)
+    first = next(r for r in records if r["kind"] == "op" and r["index"] == 0)
+    assert first["chosen"] == ["relu"]
+    assert first["scores"][1]["loss"] > 0.5  # relu removed: the output is gone
+    # Every α row is now exactly one-hot: on the kept op, or on none for a dropped edge.
+    probs = torch.softmax(alpha.detach(), -1)
+    assert torch.equal(probs, (probs == 1).double())
+    kept = [int((probs[e, 1:] == 1).any()) for e in range(36)]
+    assert sum(kept) == 8  # one edge per node
+
+
+# -- end to end on real search checkpoints ------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def rnn_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("pt") / "rnn"
+    args = [*RNN_TINY, "--order", "1", "--max-steps", "3", "--epoch-steps", "2", "--out", str(out)]
+    assert search(args) == 0
+    return out
+
+
+def derive_pt(capsys, run, *extra: str) -> tuple[int, str, str]:
+    capsys.readouterr()
+    code = derive(["--run", str(run), "--method", "pt", *extra])
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def copy_run(src, dst):
+    shutil.copytree(src, dst, ignore=shutil.ignore_patterns("pt_*", "genotype-*"))
+    return dst
+
+
+def test_pt_on_rnn_search_is_deterministic_and_resumes_exactly(rnn_run, tmp_path, capsys):
+    runs = [copy_run(rnn_run, tmp_path / name) for name in ("a", "b")]
+    eval_args = ["--eval-batches", "1", "--tune-steps", "1", "--seed", "5"]
+    code, stdout, err = derive_pt(capsys, runs[0], *eval_args)
+    assert code == 0, err
+    genotype = load_genotype(runs[0] / "genotype-pt.json", "rnn")
+    assert json.loads(stdout) == to_dict(genotype)
+    decisions = json.loads((runs[0] / "pt_decisions.json").read_text())
+    assert len(decisions) == len(plan(CELLS["rnn"], seed=5))
+    # The same selection stopped after 10 decisions, then resumed, ends identically.
+    code, stdout, err = derive_pt(capsys, runs[1], *eval_args, "--max-decisions", "10")
+    assert code == 0 and stdout == "" and "--resume" in err
+    assert not (runs[1] / "genotype-pt.json").exists()
+    assert derive_pt(capsys, runs[1], *eval_args, "--resume")[0] == 0
+    for name in ("genotype-pt.json", "pt_decisions.json"):
+        assert (runs[1] / name).read_text() == (runs[0] / name).read_text()
+    states = [torch.load(r / STATE_FILE, weights_only=True) for r in runs]
+    for name, tensor in states[0]["task"]["model"].items():
+        assert torch.equal(tensor, states[1]["task"]["model"][name]), name
+    # The selection projected α onto the genotype; the search's own files are untouched.
+    alpha = states[0]["task"]["model"]["alphas_recurrent"]
+    assert derive_recurrent(alpha) == genotype
+    assert torch.isinf(alpha).sum() == 36 * 4
+    search_ckpt = torch.load(rnn_run / "checkpoint.pt", weights_only=True)
+    assert torch.isfinite(search_ckpt["task"]["model"]["alphas_recurrent"]).all()
+
+
+def test_pt_refuses_to_overwrite_or_resume_nothing(rnn_run, tmp_path, capsys):
+    run = copy_run(rnn_run, tmp_path / "r")
+    code, _, err = derive_pt(capsys, run, "--eval-batches", "1", "--tune-steps", "1", "--resume")
+    assert code == 2 and "no pt_state.pt" in err
+    assert (
+        derive_pt(capsys, run, "--eval-batches", "1", "--tune-steps", "1", "--max-decisions", "1")[
+            0
+        ]
+        == 0
+    )
+    code, _, err = derive_pt(capsys, run, "--eval-batches", "1", "--tune-steps", "1")
+    assert code == 2 and "--resume" in err and len(err.strip().splitlines()) == 1
+    code, _, err = derive_pt(capsys, run, "--eval-batches", "2", "--tune-steps", "1", "--resume")
+    assert code == 2 and "other settings" in err
+
+
+def test_argmax_writes_the_search_genotype(rnn_run, tmp_path, capsys):
+    out = tmp_path / "g.json"
+    assert derive(["--run", str(rnn_run), "--method", "argmax", "-o", str(out)]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed == json.loads(out.read_text())
+    assert printed == json.loads((rnn_run / "genotype.json").read_text())
+
+
+@pytest.mark.parametrize(
+    ("args", "fragment"),
+    [
+        (["--method", "pt"], "either SOURCE or --run"),
+        (["DARTS_V2", "--space", "rnn", "--run", "x"], "either SOURCE or --run"),
+        (["--run", "/nonexistent", "--method", "pt"], "no checkpoint.pt"),
+        (["DARTS_V2", "--space", "rnn", "--method", "pt"], "--method goes with --run"),
+    ],
+)
+def test_derive_bad_input(capsys, args, fragment):
+    assert derive(args) == 2
+    err = capsys.readouterr().err
+    assert fragment in err and len(err.strip().splitlines()) == 1
+
+
+@pytest.fixture(scope="module")
+def cnn_run(tmp_path_factory):
+    """A one-step search on a CIFAR-10-shaped tree of 40 random JPEGs (the selection's
+    mechanics need no real images, and this skips extracting 60,000 files)."""
+    from PIL import Image
+
+    from fastdarts.data.cifar import CLASSES
+
+    data = tmp_path_factory.mktemp("cifar")
+    generator = torch.Generator().manual_seed(0)
+    for name in CLASSES:
+        (data / "train" / name).mkdir(parents=True)
+        for i in range(4):
+            pixels = torch.randint(0, 256, (32, 32, 3), dtype=torch.uint8, generator=generator)
+            Image.fromarray(pixels.numpy()).save(data / "train" / name / f"{i}.jpg")
+    out = tmp_path_factory.mktemp("pt") / "cnn"
+    args = [*CNN_TINY, "--order", "1", "--max-steps", "1", "--epoch-steps", "1", "--out", str(out)]
+    args += ["--data", str(data)]
+    assert search(args) == 0
+    return out
+
+
+def test_pt_on_cnn_search_first_decisions(cnn_run, tmp_path, capsys):
+    run = copy_run(cnn_run, tmp_path / "r")
+    args = ["--eval-batches", "1", "--tune-steps", "1", "--max-decisions", "2"]
+    code, _, err = derive_pt(capsys, run, *args)
+    assert code == 0, err
+    decisions = json.loads((run / "pt_decisions.json").read_text())
+    assert [d["kind"] for d in decisions] == ["op", "op"]
+    assert all(len(d["scores"]) == 7 and "acc" in d["scores"][0] for d in decisions)
+    state = torch.load(run / STATE_FILE, weights_only=True)
+    projected = 0
+    for name in ("alphas_normal", "alphas_reduce"):
+        probs = torch.softmax(state["task"]["model"][name], -1)
+        projected += int((probs == 1).any(-1).sum())
+    assert projected == 2
+    # Fine-tuning moved the weights (and only them: the other α rows are the search's).
+    search_model = torch.load(run / "checkpoint.pt", weights_only=True)["task"]["model"]
+    assert not torch.equal(state["task"]["model"]["stem.0.weight"], search_model["stem.0.weight"])
+
+
+@pytest.mark.slow
+def test_pt_on_cnn_search_to_the_end(cnn_run, tmp_path, capsys):
+    run = copy_run(cnn_run, tmp_path / "r")
+    code, stdout, err = derive_pt(capsys, run, "--eval-batches", "1", "--tune-steps", "1")
+    assert code == 0, err
+    genotype = load_genotype(run / "genotype-pt.json", "cnn")
+    assert json.loads(stdout) == to_dict(genotype)
+    decisions = json.loads((run / "pt_decisions.json").read_text())
+    assert len(decisions) == 28 + 2 * 3
+    state = torch.load(run / STATE_FILE, weights_only=True)
+    for name in ("alphas_normal", "alphas_reduce"):
+        probs = torch.softmax(state["task"]["model"][name], -1)
+        assert torch.equal(probs, (probs == 1).to(probs.dtype))
+        assert math.isclose(float(probs[:, 1:].sum()), 8.0)  # 2 edges × 4 nodes kept
