@@ -13,6 +13,7 @@ import pytest
 import torch
 from test_recurrent_mixed import _synthetic_corpus
 
+from benchmarks.alpha_grad_error import alpha_grad_errors
 from fastdarts.data import ptb
 from fastdarts.data.cifar import CIFAR10Split
 from fastdarts.ops import backends
@@ -112,3 +113,25 @@ def test_fast_follows_reference_for_20_steps(space, order, steps):
         assert (a - b).abs().max() < 1e-9
     start = make_task(space, 1).model.arch_parameters()
     assert max((a - s).abs().max() for a, s in zip(ref.model.arch_parameters(), start)) > 1e-4
+
+
+# The α-gradient error of each precision mode against float64 with the exact HVP (measured:
+# benchmarks/results/cpu-alpha-grad-error-*.json); bf16 autocast is held to 10 %.
+AMP_BOUND, FP32_BOUND = 0.1, 1e-3
+
+
+def _check_errors(rows):
+    errors = {(r["dtype"], r["amp"], r["hvp"]): r["rel_error"] for r in rows}
+    assert errors[("float32", "off", "exact")] < FP32_BOUND
+    assert errors[("float32", "off", "fd")] < FP32_BOUND
+    assert 0 < errors[("float32", "bf16", "fd")] < AMP_BOUND  # autocast did something
+    assert errors[("float32", "bf16", "exact")] < AMP_BOUND
+
+
+def test_amp_alpha_gradient_error_is_bounded():
+    _check_errors(alpha_grad_errors("rnn", "tiny", torch.device("cpu")))
+
+
+@pytest.mark.cuda
+def test_amp_alpha_gradient_error_is_bounded_on_cuda():
+    _check_errors(alpha_grad_errors("rnn", "small", torch.device("cuda")))

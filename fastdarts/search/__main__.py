@@ -39,6 +39,8 @@ HELP = {
     "hvp": "Hessian-vector product: fd (finite difference, the paper's) or exact",
     "batched_fd": "run the w+ and w- passes of the finite difference as one batched pass",
     "fast": "the fastest settings with the same results: --backend auto --batched-fd",
+    "amp": "bf16: matmuls and convolutions in bfloat16 (softmax, losses, reductions and the "
+    "finite-difference passes in float32)",
     "threads": "CPU threads (a resumed run keeps its run's count unless given)",
     "checkpoint_every": "checkpoint every N steps (and at each epoch end)",
     "log_every": "write a metrics line every N steps",
@@ -72,6 +74,7 @@ CHOICES = {
     "dtype": ("float32", "float64"),
     "compat": ("darts",),
     "hvp": ("fd", "exact"),
+    "amp": ("off", "bf16"),
 }
 
 

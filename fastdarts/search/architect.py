@@ -22,6 +22,11 @@ relative order r² ≈ 1e-4 times the loss's third- to first-derivative ratio al
 of the matching pass at w (the train masks for w±), so the difference quotient
 differentiates one function; they update no BatchNorm running statistics.
 
+``amp="bf16"`` runs the passes at w and w' (and the first-order pass) under bfloat16
+autocast; the w± passes stay in float32, because ε·v is below bfloat16's resolution for
+most weights (w⁺ and w⁻ would round to the same value). ``hvp="exact"`` differentiates the
+autocast graph instead.
+
 ``compat="darts"`` reproduces the published code instead, where it departs from the maths:
 its correction is scaled by clip/‖g‖ even when that exceeds 1 (nothing was clipped); its
 virtual model keeps the old tied embedding (the state_dict load of the copied model writes
@@ -42,6 +47,14 @@ from fastdarts.spaces.base import Batch, SearchModel, SearchOutput
 
 COMPAT_MODES = ("darts",)
 HVP_MODES = ("fd", "exact")
+AMP_MODES = ("off", "bf16")
+
+
+def autocast(model: torch.nn.Module, amp: str) -> torch.autocast:
+    """Autocast to bfloat16 on ``model``'s device when ``amp == "bf16"`` (matmuls and
+    convolutions in bfloat16; softmax, losses and reductions stay float32), else a no-op."""
+    device_type = next(model.parameters()).device.type
+    return torch.autocast(device_type, dtype=torch.bfloat16, enabled=amp == "bf16")
 
 
 @dataclass(frozen=True)
@@ -76,6 +89,7 @@ class Architect:
         hvp: str = "fd",
         fd_radius: float = 0.01,
         batched_fd: bool = False,
+        amp: str = "off",
     ) -> None:
         if order not in (1, 2):
             raise ValueError(f"order must be 1 or 2, got {order}")
@@ -85,11 +99,13 @@ class Architect:
             raise ValueError(f"hvp must be one of {HVP_MODES}, got {hvp!r}")
         if compat and hvp != "fd":
             raise ValueError("compat='darts' reproduces the finite-difference HVP only")
+        if amp not in AMP_MODES:
+            raise ValueError(f"amp must be one of {AMP_MODES}, got {amp!r}")
         if compat and batched_fd:
             raise ValueError("compat='darts' runs w+ and w- one after the other, in place")
         self.model, self.optimizer, self.sampler = model, optimizer, sampler
         self.order, self.rule, self.compat, self.hvp = order, rule, compat, hvp
-        self.fd_radius, self.batched_fd = fd_radius, batched_fd
+        self.fd_radius, self.batched_fd, self.amp = fd_radius, batched_fd, amp
 
     def step(
         self,
@@ -115,7 +131,8 @@ class Architect:
     ) -> tuple[SearchOutput, list[torch.Tensor]]:
         """The α-gradient of this step (without applying it) and the validation output."""
         if self.order == 1:
-            out = self.model(val, self._masks(val))
+            with autocast(self.model, self.amp):
+                out = self.model(val, self._masks(val))
             return out, list(torch.autograd.grad(out.loss, self.model.arch_parameters()))
         return self._second_order(train, val, lr, weight_optimizer)
 
@@ -129,7 +146,8 @@ class Architect:
         names, weights = zip(*model.named_weights())
 
         train_masks = self._masks(train)
-        out_train = model(train, train_masks)
+        with autocast(model, self.amp):
+            out_train = model(train, train_masks)
         g = torch.autograd.grad(out_train.loss, weights, create_graph=self.hvp == "exact")
         c_step = c_hvp = torch.ones((), dtype=weights[0].dtype, device=weights[0].device)
         if rule.clip is not None:
@@ -152,7 +170,7 @@ class Architect:
         virtual = [t.requires_grad_() for t in virtual]
 
         val_masks = self._masks(val)
-        with model.frozen_bn_stats():
+        with model.frozen_bn_stats(), autocast(model, self.amp):
             out_val = functional_call(model, dict(zip(names, virtual)), (val, val_masks))
         grads = torch.autograd.grad(out_val.loss, [*alphas, *virtual])
         dalpha, v = list(grads[: len(alphas)]), list(grads[len(alphas) :])

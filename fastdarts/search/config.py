@@ -29,6 +29,7 @@ class SearchConfig:
     compat: str | None = None
     hvp: str = "fd"
     batched_fd: bool = False
+    amp: str = "off"
     fast: bool = False
     threads: int | None = None
     checkpoint_every: int = 200

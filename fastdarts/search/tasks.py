@@ -17,7 +17,7 @@ import torch
 
 from fastdarts.data import cifar, ptb
 from fastdarts.ops.backends import resolve as resolve_backend
-from fastdarts.search.architect import Architect, UnrollRule
+from fastdarts.search.architect import Architect, UnrollRule, autocast
 from fastdarts.search.config import SearchConfig
 from fastdarts.search.masks import MaskSampler
 from fastdarts.spaces import Batch, ConvSearchModel, RNNSearchModel, SearchModel
@@ -51,6 +51,7 @@ class SearchTask:
             compat=cfg.compat,
             hvp=cfg.hvp,
             batched_fd=cfg.batched_fd,
+            amp=cfg.amp,
         )
 
     momentum = 0.0
@@ -66,7 +67,9 @@ class SearchTask:
         for group in self.weight_optimizer.param_groups:
             group["lr"] = lr
         weights = self.model.weights()
-        out = self.model(batch, self.sampler.draw(self.model.mask_specs(batch), self.dtype))
+        masks = self.sampler.draw(self.model.mask_specs(batch), self.dtype)
+        with autocast(self.model, self.cfg.amp):
+            out = self.model(batch, masks)
         grads = torch.autograd.grad(out.loss + out.penalty, weights)
         for p, g in zip(weights, grads):
             p.grad = g

@@ -87,7 +87,10 @@ def cell_forward_nodes(
         offset = 0
         for j, w in enumerate(ws):
             masked = states if h_mask is None else states * h_mask
-            s = bn(node_op(states, masked @ w, probs[offset : offset + j + 1]))
+            # Under autocast the projection comes out in bfloat16; the mixture and BN run in
+            # the states' precision (a no-op cast otherwise).
+            ch = (masked @ w).to(states.dtype)
+            s = bn(node_op(states, ch, probs[offset : offset + j + 1]))
             states = torch.cat([states, s.unsqueeze(0)])
             offset += j + 1
         hidden = states[1:].mean(0)

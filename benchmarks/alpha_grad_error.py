@@ -1,0 +1,153 @@
+"""The second-order α-gradient's error per precision mode, against float64 and the exact HVP.
+
+On one search step's batches (synthetic data of the real shapes, the step's own masks), the
+α-gradient of each mode is compared with the float64 α-gradient through the exact HVP
+(double backward); the error is ‖g − g₆₄‖ / ‖g₆₄‖ over all α. Modes: float32 and
+bfloat16 autocast (``--amp bf16``), each with the finite-difference HVP (w± in float32) and
+the exact one; float64 with the finite difference shows the difference quotient's own
+truncation error.
+
+    python benchmarks/alpha_grad_error.py --space rnn --config small --json out.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+from pathlib import Path
+
+import torch
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks import harness
+from benchmarks.search_step import PRESETS, build_task, search_config
+from fastdarts.data import ptb
+from fastdarts.search.tasks import RNNTask, SearchTask
+from fastdarts.spaces import Batch
+
+SCRIPT = "benchmarks/alpha_grad_error.py"
+# (dtype, amp, hvp): the float64 exact gradient is the reference.
+MODES = [
+    ("float64", "off", "fd"),
+    ("float32", "off", "fd"),
+    ("float32", "off", "exact"),
+    ("float32", "bf16", "fd"),
+    ("float32", "bf16", "exact"),
+]
+DTYPES = {"float64": torch.float64, "float32": torch.float32}
+
+
+class Replay:
+    """A mask sampler that hands out the masks a first run drew, cast to each run's dtype."""
+
+    def __init__(self, sampler) -> None:
+        self.sampler, self.drawn, self.i = sampler, [], None
+
+    def draw(self, specs, dtype):
+        if self.i is None:
+            masks = self.sampler.draw(specs, torch.float64)
+            self.drawn.append(masks)
+        else:
+            masks, self.i = self.drawn[self.i], self.i + 1
+        return {k: v.to(dtype) for k, v in masks.items()}
+
+    def rewind(self) -> None:
+        self.i = 0
+
+
+def first_batches(task: SearchTask) -> tuple[Batch, Batch]:
+    """The training and validation batches of the task's first step, in float64."""
+    if isinstance(task, RNNTask):
+        bptt, bs = task.cfg.bptt, task.cfg.batch_size
+        data, targets = ptb.get_batch(task.train_data, 0, bptt)
+        vdata, vtargets = ptb.get_batch(task.search_data, 0, bptt)
+        zeros = task.model.init_state(bs)
+        return Batch(data, targets, zeros), Batch(vdata, vtargets, zeros)
+    bs = task.cfg.batch_size
+    return task._batch(task.order[:bs]), task._batch(task.order[bs : 2 * bs])
+
+
+def _cast(batch: Batch, dtype: torch.dtype) -> Batch:
+    inputs = batch.inputs.to(dtype) if batch.inputs.is_floating_point() else batch.inputs
+    state = None if batch.state is None else batch.state.to(dtype)
+    return Batch(inputs, batch.targets, state)
+
+
+def alpha_grad_errors(space: str, preset: str, device: torch.device) -> list[dict]:
+    """One row per mode: its α-gradient's relative error against float64 + exact HVP."""
+    base = search_config(space, 2, preset, {})
+    lr = base.lr
+    ref_task = build_task(dataclasses.replace(base, hvp="exact"), device, torch.float64, 2)
+    train, val = first_batches(ref_task)
+    replay = Replay(ref_task.sampler)
+    ref_task.architect.sampler = replay
+    state = ref_task.model.state_dict()
+    _, want = ref_task.architect.alpha_grads(train, val, lr, ref_task.weight_optimizer)
+    want = torch.cat([g.reshape(-1) for g in want])
+    rows = []
+    for dtype_name, amp, hvp in MODES:
+        dtype = DTYPES[dtype_name]
+        cfg = dataclasses.replace(base, hvp=hvp, amp=amp, dtype=dtype_name)
+        task = build_task(cfg, device, dtype, 2)
+        task.model.load_state_dict(state)
+        replay.rewind()
+        task.architect.sampler = replay
+        _, got = task.architect.alpha_grads(
+            _cast(train, dtype), _cast(val, dtype), lr, task.weight_optimizer
+        )
+        got = torch.cat([g.reshape(-1).double() for g in got])
+        rows.append(
+            {
+                "space": space,
+                "config": preset,
+                "dtype": dtype_name,
+                "amp": amp,
+                "hvp": hvp,
+                "rel_error": ((got - want).norm() / want.norm()).item(),
+                "cosine": torch.nn.functional.cosine_similarity(got, want, dim=0).item(),
+            }
+        )
+    return rows
+
+
+COLUMNS = [
+    ("space", "space"),
+    ("config", "config"),
+    ("dtype", "dtype"),
+    ("amp", "amp"),
+    ("hvp", "hvp"),
+    ("‖g − g64‖/‖g64‖", "rel_error"),
+    ("cosine", "cosine"),
+]
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--space", choices=("rnn", "cnn"), required=True)
+    p.add_argument("--config", choices=tuple(PRESETS["rnn"]), default="small")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    harness.add_threads_argument(p)
+    p.add_argument("--json", default=None, help="write the results here")
+    args = p.parse_args(argv)
+    device = harness.setup(args.device, args.threads)
+    rows = alpha_grad_errors(args.space, args.config, device)
+    doc = {
+        "env": harness.env_info(device, [SCRIPT, *(sys.argv[1:] if argv is None else argv)]),
+        "rows": rows,
+        "run": {
+            "reference": "float64, exact HVP (double backward), same weights, batches, masks",
+            "preset": PRESETS[args.space][args.config],
+            "data": "synthetic, seed 0 (see benchmarks/search_step.py)",
+        },
+    }
+    print(harness.markdown_table(rows, COLUMNS))
+    if args.json:
+        harness.write_json(args.json, doc)
+    return doc
+
+
+if __name__ == "__main__":
+    main()
