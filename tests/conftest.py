@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import subprocess
 import sys
@@ -58,6 +59,17 @@ def cli(capsys):
         return Result(code, out.out, out.err)
 
     return call
+
+
+@pytest.fixture(scope="module")
+def datasets_read_once():
+    """Each dataset is read once per module that asks (PTB's tokenising alone takes seconds)."""
+    from fastdarts.data import cifar, ptb
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(ptb, "load_ptb", functools.cache(ptb.load_ptb))
+        mp.setattr(cifar, "load_cifar10", functools.cache(cifar.load_cifar10))
+        yield
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -4,7 +4,6 @@ checkpoints (deterministic, resumable), plus ``--method argmax``."""
 
 from __future__ import annotations
 
-import functools
 import json
 import math
 import shutil
@@ -23,15 +22,7 @@ from fastdarts.spaces.rnn import recurrent_mixed_reference
 NONE = RNN_PRIMITIVES.index("none")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def loaded_once():
-    """Each dataset is read once per module (PTB's tokenising alone takes seconds)."""
-    from fastdarts.data import cifar, ptb
-
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(ptb, "load_ptb", functools.cache(ptb.load_ptb))
-        mp.setattr(cifar, "load_cifar10", functools.cache(cifar.load_cifar10))
-        yield
+pytestmark = pytest.mark.usefixtures("datasets_read_once")
 
 
 def test_removed_op_zeroes_its_weight_and_keeps_the_others():

@@ -3,7 +3,6 @@ real data, exact resume, averaged SGD, cutout, drop-path and bad input."""
 
 from __future__ import annotations
 
-import functools
 import json
 from pathlib import Path
 
@@ -14,6 +13,7 @@ from conftest import snapshot
 from fastdarts.genotypes import NAMED_GENOTYPES, save_genotype
 from fastdarts.models import NetworkCIFAR, RNNModel
 from fastdarts.models.cnn import drop_path
+from fastdarts.ops.backends import BACKENDS
 from fastdarts.train.__main__ import main
 from fastdarts.train.tasks import cutout
 
@@ -24,15 +24,7 @@ CNN_TINY = ["--space", "cnn", "--genotype", "DARTS_V2", "--init-channels", "4", 
 CNN_TINY += ["--batch-size", "4", "--eval-batches", "1", "--log-every", "1", "--device", "cpu"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def loaded_once():
-    """Each dataset is read once per module (PTB's tokenising alone takes seconds)."""
-    from fastdarts.data import cifar, ptb
-
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(ptb, "load_ptb", functools.cache(ptb.load_ptb))
-        mp.setattr(cifar, "load_cifar10", functools.cache(cifar.load_cifar10))
-        yield
+pytestmark = pytest.mark.usefixtures("datasets_read_once")
 
 
 def run(capsys, *args: str) -> tuple[int, str, str]:
@@ -91,8 +83,19 @@ def test_short_run_writes_outputs_and_tests(tmp_path, capsys, args, key):
 
 @pytest.mark.parametrize(
     ("args", "steps", "stop_at"),
-    [(RNN_TINY, 7, 3), (CNN_TINY, 5, 3)],
-    ids=["rnn", "cnn"],
+    [
+        (RNN_TINY, 7, 3),
+        pytest.param(
+            [*RNN_TINY, "--backend", "fused"],
+            7,
+            3,
+            marks=pytest.mark.skipif(
+                BACKENDS["fused"].why_not("rnn", "cpu") is not None, reason="no fused op here"
+            ),
+        ),
+        (CNN_TINY, 5, 3),
+    ],
+    ids=["rnn", "rnn-fused", "cnn"],
 )
 def test_stop_then_resume_equals_straight_run(tmp_path, capsys, args, steps, stop_at):
     # Epochs of 2 steps: the stop falls inside an epoch, after an epoch evaluation.
@@ -294,3 +297,79 @@ def test_cnn_model_is_the_search_network_projected_onto_the_genotype(name):
     logits, aux = model(images)
     assert aux is None
     assert torch.allclose(logits, search.logits(images), rtol=1e-10, atol=1e-12)
+
+
+def lm_pass(model: RNNModel, tokens, hidden, masks) -> tuple[torch.Tensor, ...]:
+    """(logits, hiddens, NLL + TAR) of one training pass, as RNNTrainTask computes it."""
+    logits, hiddens = model(tokens, hidden, masks)
+    nll = torch.nn.functional.cross_entropy(logits.reshape(-1, 40), tokens.roll(-1).reshape(-1))
+    return logits, hiddens, nll + 1e-3 * (hiddens[1:] - hiddens[:-1]).pow(2).mean()
+
+
+@pytest.mark.parametrize("name", ["DARTS_V1", "DARTS_V2"])
+def test_fused_rnn_model_equals_the_reference(name):
+    from fastdarts.ops.recurrent_mixed import recurrent_mixed
+    from fastdarts.search.masks import MaskSampler
+
+    genotype = NAMED_GENOTYPES["rnn"][name]
+    torch.manual_seed(0)
+    ref = RNNModel(40, genotype, 6, 6, dropoute=0.1).double()
+    fused = RNNModel(40, genotype, 6, 6, dropoute=0.1, node_op=recurrent_mixed).double()
+    assert list(fused.state_dict()) == list(ref.state_dict())
+    fused.load_state_dict(ref.state_dict())
+    start = {k: v.clone() for k, v in ref.state_dict().items()}
+    sampler = MaskSampler(1)
+    tokens = torch.randint(0, 40, (5, 3))
+    h0 = torch.randn(3, 6, dtype=torch.float64)
+    masks = sampler.draw(ref.mask_specs(3), torch.float64)
+    outs, grads = [], []
+    for model in (ref, fused):
+        hidden = h0.clone().requires_grad_()
+        out = lm_pass(model, tokens, hidden, masks)
+        names, params = zip(*model.named_parameters())
+        wrt = [*params, hidden]
+        grads.append(dict(zip((*names, "hidden"), torch.autograd.grad(out[-1], wrt))))
+        outs.append(out)
+    for a, b in zip(*outs):
+        assert torch.allclose(a, b, rtol=1e-12, atol=1e-14)
+    assert grads[0].keys() == grads[1].keys()
+    for key, grad in grads[0].items():
+        assert torch.allclose(grad, grads[1][key], rtol=1e-10, atol=1e-14), key
+    # A few SGD steps (clipped, as in training) give the same weights.
+    opts = [torch.optim.SGD(m.parameters(), lr=5.0, weight_decay=1e-4) for m in (ref, fused)]
+    for _ in range(4):
+        masks = sampler.draw(ref.mask_specs(3), torch.float64)
+        for model, opt in zip((ref, fused), opts):
+            opt.zero_grad()
+            lm_pass(model, tokens, h0, masks)[-1].backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 0.25)
+            opt.step()
+    for (key, a), b in zip(ref.state_dict().items(), fused.state_dict().values()):
+        assert not torch.equal(a, start[key]), key
+        assert torch.allclose(a, b, rtol=0, atol=1e-10), key
+
+
+def test_backend_flag(tmp_path, capsys):
+    from fastdarts.ops.recurrent_mixed import recurrent_mixed
+    from fastdarts.train.config import TrainConfig
+    from fastdarts.train.tasks import RNNTrainTask
+
+    fused_here = BACKENDS["fused"].why_not("rnn", "cpu") is None
+    # auto keeps the reference on the CPU, where the fused node op is slower.
+    options = [("reference", None), ("auto", None)]
+    options += [("fused", recurrent_mixed)] if fused_here else []
+    for backend, want in options:
+        cfg = TrainConfig(emsize=8, nhid=8, batch_size=4, backend=backend).resolved()
+        task = RNNTrainTask(cfg, NAMED_GENOTYPES["rnn"]["DARTS_V2"], torch.device("cpu"))
+        assert task.model.rnns[0].node_op is want, backend
+    code, _, err = run(capsys, *CNN_TINY, "--backend", "fused", "--out", str(tmp_path / "c"))
+    assert code == 2 and "one op per edge" in err and not (tmp_path / "c").exists()
+    args = [*RNN_TINY, "--max-steps", "2", "--epoch-steps", "2"]
+    results = {}
+    for backend in ("reference", "fused") if fused_here else ("reference",):
+        out = tmp_path / backend
+        code, stdout, err = run(capsys, *args, "--backend", backend, "--out", str(out))
+        assert code == 0, err
+        results[backend] = json.loads(stdout)["test_loss"]
+    # float32: the two agree to rounding.
+    assert max(results.values()) - min(results.values()) < 1e-4 * results["reference"]

@@ -26,7 +26,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,8 +37,16 @@ from tqdm import tqdm
 from fastdarts.data import cifar, ptb
 from fastdarts.errors import ConfigError, DivergedError
 from fastdarts.genotypes import CNN_STEPS, PRIMITIVES, RNN_STEPS, Genotype, save_genotype
+from fastdarts.runs import (
+    CHECKPOINT_FORMAT,
+    load_state_file,
+    resolve_device,
+    rng_state,
+    seed_everything,
+    set_rng_state,
+)
 from fastdarts.search.config import SearchConfig
-from fastdarts.search.loop import CHECKPOINT_FORMAT, DTYPES, _device, _rng_state, _set_rng_state
+from fastdarts.search.loop import DTYPES
 from fastdarts.search.tasks import TASKS, SearchTask
 from fastdarts.spaces import Batch
 from fastdarts.utils import atomic_torch_save, atomic_write_text
@@ -226,10 +233,7 @@ def read_search_checkpoint(path: Path) -> dict:
     """A search checkpoint's contents; ConfigError if it is not one."""
     if not path.is_file():
         raise ConfigError(f"{path.parent}: no checkpoint.pt in this folder (not a search run?)")
-    try:
-        saved = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # a damaged or foreign file: any unpickling error lands here
-        raise ConfigError(f"{path}: not a readable fastdarts checkpoint ({e})") from e
+    saved = load_state_file(path)
     is_search = isinstance(saved, dict) and "task" in saved
     if not is_search or saved.get("format") != CHECKPOINT_FORMAT:
         raise ConfigError(f"{path}: not a fastdarts search checkpoint")
@@ -332,14 +336,12 @@ def run_pt(cfg: PTConfig) -> tuple[Genotype | None, list[dict]]:
     threads = search_cfg.threads or saved.get("threads")
     if threads:
         torch.set_num_threads(threads)
-    device = _device(search_cfg.device)
+    device = resolve_device(search_cfg.device)
     task = TASKS[space](search_cfg, device, DTYPES[search_cfg.dtype])
     task.load_state_dict(saved["task"])
     supernet = TaskSupernet(task, space, cfg.eval_batches)
     tune_steps = cfg.tune_steps if cfg.tune_steps is not None else task.steps_per_epoch()
-    torch.manual_seed(cfg.seed)
-    np.random.seed(cfg.seed)
-    random.seed(cfg.seed)
+    seed_everything(cfg.seed)
     records: list[dict] = []
     if state is not None:
         if state["search_step"] != saved["step"]:
@@ -350,7 +352,7 @@ def run_pt(cfg: PTConfig) -> tuple[Genotype | None, list[dict]]:
         task.load_state_dict(state["task"])
         supernet.epoch = state["epoch"]
         records = json.loads(state["records"])
-        _set_rng_state(state["rng"])
+        set_rng_state(state["rng"])
     cells = CELLS[space]
     arch = dict(task.model.named_arch_parameters())
     selector = Selector(arch, cells, supernet.evaluate, PRIMITIVES[space], crit)
@@ -370,7 +372,7 @@ def run_pt(cfg: PTConfig) -> tuple[Genotype | None, list[dict]]:
             "task": task.state_dict(),
             "epoch": supernet.epoch,
             "records": json.dumps(records),
-            "rng": _rng_state(),
+            "rng": rng_state(),
         }
         atomic_torch_save(state, state_path)
         bar.update(1)
@@ -389,10 +391,7 @@ def run_pt(cfg: PTConfig) -> tuple[Genotype | None, list[dict]]:
 def _read_state(path: Path, cfg: PTConfig) -> dict:
     if not path.is_file():
         raise ConfigError(f"--resume: no {STATE_FILE} in {path.parent} to resume from")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # a damaged or foreign file: any unpickling error lands here
-        raise ConfigError(f"{path}: not a readable DARTS-PT state ({e})") from e
+    state = load_state_file(path, "DARTS-PT state")
     if not isinstance(state, dict) or state.get("kind") != STATE_KIND:
         raise ConfigError(f"{path}: not a DARTS-PT state file")
     if state["settings"] != cfg.trajectory():

@@ -9,6 +9,10 @@ are the search's with affine BatchNorm, pools without the BatchNorm the search a
 Drop-path zeroes each non-identity op's output per example with probability p (scaling the
 kept ones by 1/(1 − p)). Module and parameter names follow the original code (``stem``,
 ``cells.i.preprocess0``, ``cells.i._ops.k``, ``auxiliary_head``, ``classifier``).
+
+No fused kernel applies here: the search's fused MixedOp fuses the candidate ops of one
+edge, and a derived edge has a single op (plain cuDNN / MKL-DNN convolutions), so this
+network runs on the reference ops whatever the backend.
 """
 
 from __future__ import annotations

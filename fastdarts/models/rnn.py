@@ -7,6 +7,11 @@ previous hidden state h (B, D):
     node j (one input s_i, op f):  [c, g] = (s_i ⊙ mh) · W_j,   s_j = s_i + σ(c) · (f(g) − s_i)
     h_new = mean of the states listed in ``concat``
 
+Every node (s0 included, with f = tanh) is the search space's recurrent mixture with one
+predecessor and all its weight on one op, so a fused node op (``node_op``, the signature
+of :func:`fastdarts.recurrent_mixed`: states (1, B, D), [c, g] (1, B, 2D), one-hot weights
+(1, 5)) computes it in one kernel per node; without one the formula runs in torch ops.
+
 The language model ties the embedding and the decoder (emsize = nhid) and uses the same
 locked dropout masks as the search model (embedding rows, embeddings, cell inputs, hidden
 states, output). Parameter names follow the original code (``encoder.weight``,
@@ -21,27 +26,32 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fastdarts.genotypes import RecurrentGenotype
+from fastdarts.genotypes import RNN_PRIMITIVES, RecurrentGenotype
 from fastdarts.spaces.base import MaskSpec
+from fastdarts.spaces.rnn import _ACTIVATIONS, INIT_RANGE
 
-INIT_RANGE = 0.04  # weights and embedding start uniform in ±INIT_RANGE, as in the search
-
-_ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
-    "tanh": torch.tanh,
-    "relu": torch.relu,
-    "sigmoid": torch.sigmoid,
-    "identity": lambda x: x,
-}
+NodeOp = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 class DARTSCell(nn.Module):
-    """A derived recurrent cell, run over a whole sequence."""
+    """A derived recurrent cell, run over a whole sequence; ``node_op`` None or a fused
+    mixture (see the module docstring)."""
 
-    def __init__(self, ninp: int, nhid: int, genotype: RecurrentGenotype) -> None:
+    def __init__(
+        self, ninp: int, nhid: int, genotype: RecurrentGenotype, node_op: NodeOp | None = None
+    ) -> None:
         super().__init__()
         self.nhid = nhid
         self.genotype = genotype
+        self.node_op = node_op
         steps = len(genotype.recurrent)
+        names = ["tanh"] + [name for name, _ in genotype.recurrent]
+        self._activations = [_ACTIVATIONS[name] for name in names]
+        # Each node's op weights for node_op; not persistent, so the state_dict keeps the
+        # original code's keys.
+        ops = torch.tensor([RNN_PRIMITIVES.index(name) for name in names])
+        one_hot = F.one_hot(ops, len(RNN_PRIMITIVES)).to(torch.get_default_dtype())
+        self.register_buffer("_one_hot", one_hot, persistent=False)
         self._W0 = nn.Parameter(
             torch.empty(ninp + nhid, 2 * nhid).uniform_(-INIT_RANGE, INIT_RANGE)
         )
@@ -67,21 +77,28 @@ class DARTSCell(nn.Module):
     def _step(self, x, h_prev, x_mask, h_mask):
         xm = x if x_mask is None else x * x_mask
         hm = h_prev if h_mask is None else h_prev * h_mask
-        c0, h0 = (torch.cat([xm, hm], dim=-1) @ self._W0).chunk(2, dim=-1)
-        states = [h_prev + torch.sigmoid(c0) * (torch.tanh(h0) - h_prev)]
-        for j, (name, i) in enumerate(self.genotype.recurrent):
+        states = [self._node(0, h_prev, torch.cat([xm, hm], dim=-1) @ self._W0)]
+        for j, (_, i) in enumerate(self.genotype.recurrent):
             s_prev = states[i]
             masked = s_prev if h_mask is None else s_prev * h_mask
-            c, g = (masked @ self._Ws[j]).chunk(2, dim=-1)
-            states.append(s_prev + torch.sigmoid(c) * (_ACTIVATIONS[name](g) - s_prev))
+            states.append(self._node(j + 1, s_prev, masked @ self._Ws[j]))
         return torch.stack([states[i] for i in self.genotype.concat]).mean(0)
+
+    def _node(self, n: int, s: torch.Tensor, ch: torch.Tensor) -> torch.Tensor:
+        """Node n (0: s0) from its predecessor s (B, D) and ch = [c, g] (B, 2D):
+        s + σ(c) · (f(g) − s), f the node's activation."""
+        if self.node_op is not None:
+            return self.node_op(s[None], ch[None], self._one_hot[n : n + 1])
+        c, g = ch.chunk(2, dim=-1)
+        return s + torch.sigmoid(c) * (self._activations[n](g) - s)
 
 
 class RNNModel(nn.Module):
     """Language model: tied embedding → DARTSCell → tied decoder.
 
     Defaults are the paper's evaluation settings: emsize = nhid = 850, dropout 0.75
-    (output), dropouth 0.25, dropoutx 0.75, dropouti 0.2, dropoute 0.1.
+    (output), dropouth 0.25, dropoutx 0.75, dropouti 0.2, dropoute 0.1. ``node_op`` runs
+    the cell's nodes (None: torch ops; see the module docstring).
     """
 
     def __init__(
@@ -95,6 +112,7 @@ class RNNModel(nn.Module):
         dropoutx: float = 0.75,
         dropouti: float = 0.2,
         dropoute: float = 0.1,
+        node_op: NodeOp | None = None,
     ) -> None:
         super().__init__()
         if emsize != nhid:
@@ -108,7 +126,7 @@ class RNNModel(nn.Module):
             "output": dropout,
         }
         self.encoder = nn.Embedding(ntoken, emsize)
-        self.rnns = nn.ModuleList([DARTSCell(emsize, nhid, genotype)])
+        self.rnns = nn.ModuleList([DARTSCell(emsize, nhid, genotype, node_op)])
         self.decoder = nn.Linear(nhid, ntoken)
         self.decoder.weight = self.encoder.weight
         nn.init.uniform_(self.encoder.weight, -INIT_RANGE, INIT_RANGE)

@@ -1,15 +1,15 @@
-"""Search settings: the paper's defaults per space, and which settings a resume must keep."""
+"""Search settings: the paper's defaults per space."""
 
 from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
 
-SPACES = {"rnn": "ptb", "cnn": "cifar10"}  # space -> its dataset
+from fastdarts.runs import SPACES, RunSettings
 
 
 @dataclass
-class SearchConfig:
+class SearchConfig(RunSettings):
     """Every setting of a search run. ``None`` means the space's paper default."""
 
     space: str = "rnn"
@@ -69,35 +69,10 @@ class SearchConfig:
             "weight_decay": 5e-7 if rnn else 3e-4,
             "arch_lr": 3e-3 if rnn else 3e-4,
         }
-        filled = {k: v for k, v in paper.items() if getattr(self, k) is None}
+        filled = self.unset(paper)
         if self.fast:
             # The fastest settings that compute the same function: the fastest backend that
             # runs here, and (second order, finite differences) w± in one batched pass.
             filled["backend"] = "auto"
             filled["batched_fd"] = self.order == 2 and self.hvp == "fd" and self.compat is None
         return dataclasses.replace(self, **filled)
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-
-# Settings that may differ between a run and its resumption: where things are and how long
-# to go on, not what is computed.
-RESUMABLE_CHANGES = frozenset(
-    {
-        "max_steps",
-        "data",
-        "out",
-        "resume",
-        "device",
-        "threads",
-        "checkpoint_every",
-        "log_every",
-    }
-)
-
-
-def trajectory_mismatch(saved: dict, current: dict) -> list[str]:
-    """Settings that differ between a checkpoint's run and this one (and would change α)."""
-    keys = (set(saved) | set(current)) - RESUMABLE_CHANGES
-    return sorted(k for k in keys if saved.get(k) != current.get(k))

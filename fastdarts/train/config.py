@@ -1,15 +1,15 @@
-"""Training settings: the paper's evaluation setups per space, and what a resume may change."""
+"""Training settings: the paper's evaluation setups per space."""
 
 from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
 
-SPACES = {"rnn": "ptb", "cnn": "cifar10"}  # space -> its dataset
+from fastdarts.runs import SPACES, RunSettings
 
 
 @dataclass
-class TrainConfig:
+class TrainConfig(RunSettings):
     """Every setting of a training run. ``None`` means the space's paper default."""
 
     space: str = "rnn"
@@ -24,6 +24,7 @@ class TrainConfig:
     data: str | None = None
     out: str = "runs/train"
     resume: bool = False
+    backend: str = "auto"
     threads: int | None = None
     checkpoint_every: int = 200
     log_every: int = 50
@@ -64,21 +65,5 @@ class TrainConfig:
             "lr": 20.0 if rnn else 0.025,
             "weight_decay": 8e-7 if rnn else 3e-4,
         }
-        filled = {k: v for k, v in paper.items() if getattr(self, k) is None}
+        filled = self.unset(paper)
         return dataclasses.replace(self, **filled)
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-
-# Settings that may differ between a run and its resumption: where things are and how long
-# to go on, not what is computed.
-RESUMABLE_CHANGES = frozenset(
-    {"max_steps", "data", "out", "resume", "device", "threads", "checkpoint_every", "log_every"}
-)
-
-
-def trajectory_mismatch(saved: dict, current: dict) -> list[str]:
-    """Settings that differ between a checkpoint's run and this one (and would change it)."""
-    keys = (set(saved) | set(current)) - RESUMABLE_CHANGES
-    return sorted(k for k in keys if saved.get(k) != current.get(k))

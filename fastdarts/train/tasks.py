@@ -16,10 +16,32 @@ import torch
 import torch.nn.functional as F
 
 from fastdarts.data import cifar, ptb
+from fastdarts.errors import ConfigError
 from fastdarts.genotypes import ConvGenotype, RecurrentGenotype
 from fastdarts.models import NetworkCIFAR, RNNModel
+from fastdarts.ops.backends import Backend, resolve
 from fastdarts.search.masks import MaskSampler
 from fastdarts.train.config import TrainConfig
+
+
+def resolve_backend(name: str, space: str, device: torch.device) -> Backend:
+    """The backend the evaluation network runs on; ConfigError says why one cannot be.
+
+    The recurrent network runs each node through the backend's node op: ``fused`` is one
+    kernel per node. ``auto`` takes it on GPUs only (one launch per node instead of a dozen
+    elementwise ones): on the CPU the C++ kernel, which evaluates all four activations (and
+    in the backward the op weights' gradient) for a node that needs one, measured 2-4 times
+    slower than the node's few torch ops. The convolutional network has one op per edge,
+    where nothing fused applies: it takes the reference, and ``fused`` is an error.
+    """
+    if space == "cnn" and name == "fused":
+        raise ConfigError(
+            "backend 'fused' has no kernel for the cnn evaluation network (one op per edge, "
+            "nothing to fuse); use reference or auto"
+        )
+    if name == "auto" and (space == "cnn" or device.type == "cpu"):
+        name = "reference"
+    return resolve(name, space, device.type)
 
 
 def cutout(images: torch.Tensor, length: int, generator: torch.Generator) -> torch.Tensor:
@@ -53,6 +75,7 @@ class RNNTrainTask:
 
     def __init__(self, cfg: TrainConfig, genotype: RecurrentGenotype, device: torch.device):
         self.cfg, self.device = cfg, device
+        node_op = resolve_backend(cfg.backend, "rnn", device).rnn_node_op
         corpus = ptb.load_ptb(cfg.data)
         torch.manual_seed(cfg.seed)
         self.model = RNNModel(
@@ -65,6 +88,7 @@ class RNNTrainTask:
             dropoutx=cfg.dropoutx,
             dropouti=cfg.dropouti,
             dropoute=cfg.dropoute,
+            node_op=node_op,
         ).to(device)
         self.params = list(self.model.parameters())
         self.optimizer = torch.optim.SGD(self.params, lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -208,6 +232,7 @@ class CNNTrainTask:
     gradient norm clipped to 5, loss = CE + 0.4 · auxiliary CE, augmentation = random crop
     (padding 4), horizontal flip and cutout 16; drop-path probability rising linearly from
     0 to 0.2 · (epochs − 1)/epochs. Evaluation is on the test split (as the paper's script).
+    Nothing fused applies to the network (one op per edge): it runs on the reference ops.
     """
 
     def __init__(self, cfg: TrainConfig, genotype: ConvGenotype, device: torch.device):

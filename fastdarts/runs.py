@@ -1,0 +1,327 @@
+"""What the search and training runs share: devices, generator state, checkpoint files and
+the epoch loop with its run folder (settings, metrics, checkpoints, progress bar, resume).
+
+A run folder holds ``config.json`` (the settings), ``metrics.jsonl`` (one JSON object per
+logged step and per epoch) and ``checkpoint.pt`` (everything needed to continue exactly,
+written atomically and loaded with ``weights_only=True``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import random
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from fastdarts.errors import ConfigError, DivergedError
+from fastdarts.utils import atomic_torch_save, atomic_write_text
+
+CHECKPOINT_FORMAT = 1
+SPACES = {"rnn": "ptb", "cnn": "cifar10"}  # space -> its dataset
+
+# Settings that may differ between a run and its resumption: where things are and how long
+# to go on, not what is computed.
+RESUMABLE_CHANGES = frozenset(
+    {"max_steps", "data", "out", "resume", "device", "threads", "checkpoint_every", "log_every"}
+)
+
+
+class RunSettings:
+    """Base of a run's settings dataclass (``None`` fields stand for the paper's defaults)."""
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def unset(self, defaults: dict) -> dict:
+        """Those of ``defaults`` whose field is still None."""
+        return {k: v for k, v in defaults.items() if getattr(self, k) is None}
+
+
+def check_settings(cfg, verb: str, more: list[tuple[bool, str]]) -> None:
+    """ConfigError with the message of the first failed check: those every run's settings
+    share (``verb``: what the rnn space does on ptb, "searches" or "trains"), then ``more``."""
+    checks = [
+        (cfg.space in SPACES, f"unknown space '{cfg.space}' (choose from rnn, cnn)"),
+        (
+            cfg.dataset == SPACES.get(cfg.space),
+            f"dataset '{cfg.dataset}' does not go with space '{cfg.space}' "
+            f"(rnn {verb} on ptb, cnn on cifar10)",
+        ),
+        (cfg.epochs >= 1, f"--epochs must be at least 1, got {cfg.epochs}"),
+        (cfg.batch_size >= 1, f"--batch-size must be positive, got {cfg.batch_size}"),
+        (cfg.max_steps is None or cfg.max_steps >= 0, "--max-steps must be non-negative"),
+        (cfg.checkpoint_every >= 1, "--checkpoint-every must be positive"),
+        (cfg.bptt >= 2, f"--bptt must be at least 2, got {cfg.bptt}"),
+        *more,
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise ConfigError(message)
+
+
+def trajectory_mismatch(saved: dict, current: dict) -> list[str]:
+    """Settings that differ between a checkpoint's run and this one (and would change it)."""
+    keys = (set(saved) | set(current)) - RESUMABLE_CHANGES
+    return sorted(k for k in keys if saved.get(k) != current.get(k))
+
+
+def resolve_device(name: str | None) -> torch.device:
+    """``name`` as a device (default: cuda if available); ConfigError if it cannot be used."""
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"--device: '{name}' is not a device (cpu, cuda, cuda:1, ...)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"--device {name}: no CUDA device is available here")
+    return device
+
+
+def seed_everything(seed: int) -> None:
+    """Seed torch's, NumPy's and Python's global generators."""
+    torch.manual_seed(seed)
+    np.random.seed(seed)
+    random.seed(seed)
+
+
+def rng_state() -> dict:
+    """The global generators' state (torch, NumPy and Python as JSON, CUDA if in use)."""
+    state = {
+        "torch": torch.get_rng_state(),
+        "numpy": json.dumps(np.random.get_state(legacy=False), default=_json_array),
+        "python": json.dumps(random.getstate()),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _json_array(value):
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    raise TypeError(type(value).__name__)
+
+
+def set_rng_state(state: dict) -> None:
+    """Restore what :func:`rng_state` captured."""
+    torch.set_rng_state(state["torch"])
+    np_state = json.loads(state["numpy"])
+    np_state["state"]["key"] = np.asarray(np_state["state"]["key"], dtype=np.uint32)
+    np.random.set_state(np_state)
+    version, internal, gauss = json.loads(state["python"])
+    random.setstate((version, tuple(internal), gauss))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def load_state_file(path: Path, what: str = "fastdarts checkpoint") -> Any:
+    """``torch.load`` (CPU, ``weights_only``); ConfigError naming ``what`` if unreadable."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # a damaged or foreign file: any unpickling error lands here
+        raise ConfigError(f"{path}: not a readable {what} ({e})") from e
+
+
+class EpochRun:
+    """The loop a search and a training run share, over a task with ``begin_epoch(epoch)``,
+    ``steps_per_epoch()``, ``epoch_done()``, ``state_dict()``/``load_state_dict()`` and a
+    ``model``. Subclasses say what a step, an epoch's end and a checkpoint's extras are."""
+
+    noun = "run"  # what the run folder holds, for messages
+    cfg: Any  # the run's settings (a RunSettings dataclass with the fields used here)
+    task: Any
+
+    def _open(self, cfg) -> dict | None:
+        """Set up the run folder's paths; read the checkpoint to resume from (or None)."""
+        self.cfg = cfg
+        self.out = Path(cfg.out)
+        self.ckpt_path = self.out / "checkpoint.pt"
+        self.metrics_path = self.out / "metrics.jsonl"
+        saved = self._read_checkpoint() if cfg.resume else None
+        if not cfg.resume and self.ckpt_path.exists():
+            raise ConfigError(
+                f"{self.out} already holds a {self.noun} (checkpoint.pt); pass --resume to "
+                "continue it, or choose another --out"
+            )
+        self.step = self.epoch = self.epoch_step = 0
+        self.epoch_started = False
+        self.last_checkpoint: int | None = None
+        return saved
+
+    def _prepare(self, saved: dict | None) -> torch.device:
+        """Threads (a resumed run keeps its own unless given), the device, the seeds."""
+        threads = self.cfg.threads or (saved["threads"] if saved else None)
+        if threads:
+            torch.set_num_threads(threads)
+        device = resolve_device(self.cfg.device)
+        seed_everything(self.cfg.seed)
+        return device
+
+    # -- checkpoints -------------------------------------------------------------------------
+
+    def _load_checkpoint(self) -> dict:
+        if not self.ckpt_path.is_file():
+            raise ConfigError(f"--resume: no checkpoint.pt in {self.out} to resume from")
+        return load_state_file(self.ckpt_path)
+
+    def _check_settings(self, saved: dict) -> None:
+        diff = trajectory_mismatch(saved["config"], self.cfg.to_dict())
+        if diff:
+            shown = ", ".join(f"{k}={saved['config'].get(k)!r}" for k in diff[:4])
+            raise ConfigError(
+                f"{self.ckpt_path}: saved with other settings ({shown}); resume with the same "
+                "flags or choose another --out"
+            )
+
+    def _read_checkpoint(self) -> dict:
+        """The checkpoint to resume from, checked to be this kind of run's (subclasses)."""
+        raise NotImplementedError
+
+    def _checkpoint_extras(self) -> dict:
+        """What a subclass adds to the checkpoint."""
+        return {}
+
+    def _checkpoint(self) -> None:
+        # A step can leave non-finite weights behind a finite loss: never save those.
+        if not all(torch.isfinite(p).all() for p in self.task.model.parameters()):
+            self._diverged("the weights are not finite")
+        state = {
+            "format": CHECKPOINT_FORMAT,
+            "config": self.cfg.to_dict(),
+            "task": self.task.state_dict(),
+            "rng": rng_state(),
+            "step": self.step,
+            "epoch": self.epoch,
+            "epoch_started": self.epoch_started,
+            "epoch_step": self.epoch_step,
+            "threads": torch.get_num_threads(),
+            **self._checkpoint_extras(),
+        }
+        atomic_torch_save(state, self.ckpt_path)
+        self.last_checkpoint = self.step
+
+    def _restore(self, saved: dict) -> None:
+        self.task.load_state_dict(saved["task"])
+        set_rng_state(saved["rng"])
+        self.step, self.epoch = saved["step"], saved["epoch"]
+        self.epoch_started, self.epoch_step = saved["epoch_started"], saved["epoch_step"]
+        self.last_checkpoint = self.step
+        self._truncate_metrics(self.step)
+
+    def _keep_record(self, record: dict, step: int) -> bool:
+        """Whether a metrics record survives a resume from ``step`` (later ones come again)."""
+        return record["step"] <= step
+
+    def _truncate_metrics(self, step: int) -> None:
+        """Drop the metrics a resume from ``step`` will log again."""
+        if not self.metrics_path.exists():
+            return
+        kept = [
+            line
+            for line in self.metrics_path.read_text().splitlines()
+            if line.strip() and self._keep_record(json.loads(line), step)
+        ]
+        atomic_write_text(self.metrics_path, "".join(f"{line}\n" for line in kept))
+
+    # -- outputs and checks ------------------------------------------------------------------
+
+    def _start_folder(self) -> None:
+        """Create the run folder; a new run writes its settings and empties the metrics."""
+        self.out.mkdir(parents=True, exist_ok=True)
+        if not self.cfg.resume:
+            atomic_write_text(self.out / "config.json", json.dumps(self.cfg.to_dict(), indent=1))
+            self.metrics_path.write_text("")
+
+    def _log(self, record: dict) -> None:
+        with self.metrics_path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    def _check_finite(self, metrics: dict) -> None:
+        bad = {k: v for k, v in metrics.items() if not math.isfinite(v)}
+        if bad:
+            self._diverged(", ".join(f"{k}={v}" for k, v in bad.items()))
+
+    def _diverged(self, what: str) -> None:
+        kept = (
+            f"the last good checkpoint (step {self.last_checkpoint}) is kept in {self.out}"
+            if self.last_checkpoint is not None
+            else "no checkpoint was written yet"
+        )
+        raise DivergedError(
+            f"training diverged at step {self.step} (epoch {self.epoch + 1}): {what}; stopped, "
+            f"{kept}; lower the learning rate"
+        )
+
+    # -- the loop ----------------------------------------------------------------------------
+
+    def _budget_left(self) -> bool:
+        return self.cfg.max_steps is None or self.step < self.cfg.max_steps
+
+    def _epoch_finished(self) -> bool:
+        cap = self.cfg.epoch_steps
+        return self.task.epoch_done() or bool(cap and self.epoch_step >= cap)
+
+    def _run_epochs(
+        self,
+        step: Callable[[], dict],
+        end_epoch: Callable[[], dict],
+        epoch_outputs: Callable[[], None] = lambda: None,
+    ) -> None:
+        """Epochs until ``epochs`` or ``max_steps``: ``step()`` takes one step and returns
+        its metrics; after an epoch's last step ``end_epoch()`` evaluates (its metrics are
+        logged) and ``epoch_outputs()`` writes what the epoch produced before the checkpoint."""
+        cfg, task = self.cfg, self.task
+        task.model.train()
+        start = time.perf_counter()
+        while self.epoch < cfg.epochs and self._budget_left():
+            if not self.epoch_started:
+                task.begin_epoch(self.epoch)
+                self.epoch_started, self.epoch_step = True, 0
+            per_epoch = task.steps_per_epoch()
+            if cfg.epoch_steps:
+                per_epoch = min(per_epoch, cfg.epoch_steps)
+            bar = tqdm(
+                total=per_epoch,
+                desc=f"epoch {self.epoch + 1}/{cfg.epochs}",
+                disable=None,
+                dynamic_ncols=True,
+                leave=False,
+            )
+            bar.update(self.epoch_step)
+            while not self._epoch_finished() and self._budget_left():
+                metrics = step()
+                self.step += 1
+                self.epoch_step += 1
+                self._check_finite(metrics)
+                bar.update(1)
+                bar.set_postfix({k: f"{v:.4g}" for k, v in metrics.items()})
+                if self.step % cfg.log_every == 0 or self.step == 1:
+                    record = {"step": self.step, "epoch": self.epoch + 1, **metrics}
+                    self._log({**record, "time_s": round(time.perf_counter() - start, 3)})
+                if self.step % cfg.checkpoint_every == 0:
+                    self._checkpoint()
+            bar.close()
+            if not self._epoch_finished():
+                break
+            evaluation = end_epoch()
+            self.epoch += 1
+            self.epoch_started = False
+            self._log({"step": self.step, "epoch": self.epoch, **evaluation})
+            epoch_outputs()
+            self._checkpoint()
+            summary = ", ".join(f"{k} {v:.4g}" for k, v in evaluation.items())
+            print(f"epoch {self.epoch}/{cfg.epochs}: {summary}", file=sys.stderr)
+
+    def _final_checkpoint(self) -> None:
+        if self.last_checkpoint != self.step:
+            self._checkpoint()
