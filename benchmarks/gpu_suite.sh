@@ -71,7 +71,7 @@ rc=$?
 [[ $rc -ne 0 && $rc -ne 5 ]] && FAILED+=(tests)
 
 # Search steps at the paper configuration. Backends that can't run are listed as skipped.
-BACKENDS=reference,fused,fast
+BACKENDS=reference,fused,fast,amp=--fast,--amp,bf16
 bench() { # bench NAME LIMIT_S ARGS...
     local name=$1 limit=$2
     shift 2
@@ -84,6 +84,8 @@ bench gpu-cnn-paper-o2 50 --space cnn --order 2 --steps 3 --warmup 1
 run gpu-kernels 30 "$PY" benchmarks/kernels.py --device cuda --json "$OUT/gpu-kernels.json" ||
     FAILED+=(gpu-kernels)
 bench gpu-rnn-paper-o1 45 --space rnn --order 1 --steps 3 --warmup 1
+run gpu-alpha-grad-error 30 "$PY" benchmarks/alpha_grad_error.py --space rnn --config small \
+    --device cuda --json "$OUT/gpu-alpha-grad-error-rnn.json" || FAILED+=(gpu-alpha-grad-error)
 
 echo "== [$((SECONDS - START)) s] done; logs and JSON in $OUT"
 echo
