@@ -15,6 +15,7 @@ fraction of it reached.
 from __future__ import annotations
 
 import argparse
+import copy
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -28,9 +29,11 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks import harness
-from fastdarts.genotypes import CNN_PRIMITIVES, RNN_PRIMITIVES
+from fastdarts.genotypes import CNN_PRIMITIVES, CNN_STEPS, RNN_PRIMITIVES
+from fastdarts.ops.conv_mixed import MixedOp as FusedMixedOp
+from fastdarts.ops.conv_mixed import fused_cell_ops
 from fastdarts.ops.recurrent_mixed import recurrent_mixed
-from fastdarts.spaces.cnn import MixedOp
+from fastdarts.spaces.cnn import MixedOp, SearchCell
 from fastdarts.spaces.rnn import recurrent_mixed_reference
 
 SCRIPT = "benchmarks/kernels.py"
@@ -155,7 +158,76 @@ MIXED_OP = Kernel(
     "fwd+bwd: fwd + (out + 2x + 2P)·size (grad_out, x, P read; grad_x, grad_P written)",
 )
 
-KERNELS: list[Kernel] = [RECURRENT, MIXED_OP]
+# -- the fused convolutional MixedOp and cell (fastdarts.ops.conv_mixed) ----------------
+
+
+def _make_mixed_fused(shape: dict[str, int], device: torch.device, dtype: torch.dtype) -> Inputs:
+    inputs = _make_mixed(shape, device, dtype)
+    fused = FusedMixedOp(shape["C"], shape["stride"]).to(device, dtype)
+    fused.load_state_dict(inputs.args["module"].state_dict())
+    # Gradients of x and the op weights only: the two modules hold their weights apart.
+    x, w = inputs.leaves[:2]
+    return Inputs({**inputs.args, "fused": fused}, [x, w])
+
+
+MIXED_OP_FUSED = Kernel(
+    name="cnn_mixed_op_fused",
+    shapes=MIXED_OP.shapes,
+    make=_make_mixed_fused,
+    impls={
+        "reference": lambda a: a["module"](a["x"], a["weights"]),
+        # One edge: batched convolutions, one BN, the mixture kernel (C++ / Triton).
+        "fused": lambda a: a["fused"](a["x"], a["weights"]),
+    },
+    bytes_moved=_mixed_bytes,
+    formula=MIXED_OP.formula + "; fwd+bwd differentiates x and the op weights only",
+)
+
+
+def _make_cell(shape: dict[str, int], device: torch.device, dtype: torch.dtype) -> Inputs:
+    b, c, h, red = shape["B"], shape["C"], shape["H"], bool(shape["reduction"])
+    torch.manual_seed(0)
+    cell = SearchCell(CNN_STEPS, 4, c, c, c, red, False).to(device, dtype)
+    fused = copy.deepcopy(cell)
+    fused._ops = fused_cell_ops(fused)
+    g = torch.Generator().manual_seed(0)
+    s0, s1 = (torch.randn(b, c, h, h, generator=g, dtype=dtype) for _ in range(2))
+    w = torch.softmax(torch.randn(14, len(CNN_PRIMITIVES), generator=g, dtype=dtype), -1)
+    s0, s1, w = (t.to(device).requires_grad_() for t in (s0, s1, w))
+    return Inputs({"cell": cell, "fused": fused, "s0": s0, "s1": s1, "w": w}, [s0, s1, w])
+
+
+def _cell_bytes(shape: dict[str, int], pass_: str, size: int) -> int:
+    b, c, h, red = shape["B"], shape["C"], shape["H"], shape["reduction"]
+    x, out = 2 * b * c * h * h, 4 * b * c * (h // (2 if red else 1)) ** 2
+    cell = SearchCell(CNN_STEPS, 4, c, c, c, bool(red), False)
+    p = sum(t.numel() for t in cell.parameters()) + 14 * len(CNN_PRIMITIVES)
+    fwd = x + p + out
+    return size * (fwd if pass_ == "fwd" else fwd + out + 2 * x + p)
+
+
+CELL_FUSED = Kernel(
+    name="cnn_cell_fused",
+    shapes={
+        "paper": [
+            {"B": 64, "C": 16, "H": 32, "reduction": 0},
+            {"B": 64, "C": 32, "H": 32, "reduction": 1},
+        ],
+        "large": [{"B": 256, "C": 64, "H": 16, "reduction": 0}],
+        "tiny": [{"B": 2, "C": 4, "H": 8, "reduction": 1}],
+    },
+    make=_make_cell,
+    impls={
+        "reference": lambda a: a["cell"](a["s0"], a["s1"], a["w"]),
+        # The 14 edges as 4 batched groups, one mixture kernel each.
+        "fused": lambda a: a["fused"](a["s0"], a["s1"], a["w"]),
+    },
+    bytes_moved=_cell_bytes,
+    formula="s = 2·B·C·H·W (the two inputs), out = 4·B·C·H'·W', P = weights + 14·8; fwd: "
+    "(s + P + out)·size; fwd+bwd: fwd + (out + 2s + P)·size (grads of inputs and α only)",
+)
+
+KERNELS: list[Kernel] = [RECURRENT, MIXED_OP, MIXED_OP_FUSED, CELL_FUSED]
 
 
 # -- measurement --------------------------------------------------------------------------

@@ -13,9 +13,9 @@ from fastdarts.genotypes import (
     load_genotype,
     save_genotype,
 )
+from fastdarts.ops.conv_mixed import MixedOp
 from fastdarts.ops.recurrent_mixed import RecurrentMixedOp, recurrent_mixed
 from fastdarts.spaces import ConvSearchModel, RNNSearchModel
-from fastdarts.spaces.cnn import MixedOp
 from fastdarts.spaces.rnn import recurrent_mixed_reference
 
 __version__ = "0.1.0"

@@ -13,9 +13,11 @@ from dataclasses import dataclass
 from torch import nn
 
 from fastdarts.errors import ConfigError
+from fastdarts.ops.conv_mixed import fused_cell_ops, reference_cell_ops
 from fastdarts.ops.extension import extension, unavailable_reason
 from fastdarts.ops.recurrent_cell import recurrent_cell
 from fastdarts.ops.recurrent_mixed import recurrent_mixed
+from fastdarts.spaces.cnn import SearchCell
 from fastdarts.spaces.rnn import RecurrentSearchCell, recurrent_mixed_reference
 
 
@@ -30,6 +32,9 @@ class Backend:
     # cell_op); None keeps the reference.
     rnn_node_op: Callable | None = None
     rnn_cell_op: Callable | None = None
+    # Builds a CNN search cell's edge module from the cell (see SearchCell.forward and
+    # fastdarts.ops.conv_mixed); None keeps (or restores) the reference MixedOps.
+    cnn_cell_ops: Callable | None = None
 
     def why_not(self, space: str, device_type: str) -> str | None:
         """None if this backend can run ``space`` on ``device_type``, else the reason."""
@@ -45,6 +50,8 @@ class Backend:
             if isinstance(module, RecurrentSearchCell):
                 module.node_op = self.rnn_node_op or recurrent_mixed_reference
                 module.cell_op = self.rnn_cell_op
+        for cell in [m for m in model.modules() if isinstance(m, SearchCell)]:
+            cell._ops = (self.cnn_cell_ops or reference_cell_ops)(cell)
         return model
 
 
@@ -64,11 +71,12 @@ BACKENDS: dict[str, Backend] = {
     "reference": Backend("reference", frozenset({"rnn", "cnn"}), frozenset({"cpu", "cuda"})),
     "fused": Backend(
         "fused",
-        frozenset({"rnn"}),
+        frozenset({"rnn", "cnn"}),
         frozenset({"cpu", "cuda"}),
         _fused_unavailable,
         rnn_node_op=recurrent_mixed,
         rnn_cell_op=recurrent_cell,
+        cnn_cell_ops=fused_cell_ops,
     ),
 }
 # Fastest first; ``auto`` takes the first that can run.

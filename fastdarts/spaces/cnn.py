@@ -15,7 +15,8 @@ Module and parameter names follow the original code (``stem``, ``cells.i.preproc
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
@@ -166,6 +167,10 @@ class SearchCell(nn.Module):
     def forward(self, s0: torch.Tensor, s1: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """s0, s1 the two previous cells' outputs; weights (14, 8) → (B, 4C, H', W')."""
         states = [self.preprocess0(s0), self.preprocess1(s1)]
+        if not isinstance(self._ops, nn.ModuleList):
+            # A backend's module for all edges at once (fastdarts.ops.conv_mixed.FusedCellOps),
+            # installed by Backend.apply; same state_dict keys as the ModuleList.
+            return self._ops(states, weights)
         offset = 0
         for _ in range(self._steps):
             s = sum(self._ops[offset + j](h, weights[offset + j]) for j, h in enumerate(states))
@@ -236,3 +241,23 @@ class ConvSearchModel(SearchModel):
 
     def genotype(self) -> ConvGenotype:
         return derive_conv(self.alphas_normal, self.alphas_reduce, self._steps)
+
+    @contextmanager
+    def frozen_bn_stats(self) -> Iterator[None]:
+        """As :meth:`SearchModel.frozen_bn_stats`, also for fused edge modules, which keep
+        BatchNorm statistics without BatchNorm modules (a ``track_running_stats`` flag)."""
+        fused = [
+            m
+            for m in self.modules()
+            if isinstance(getattr(m, "track_running_stats", None), bool)
+            and not isinstance(m, nn.modules.batchnorm._BatchNorm)
+        ]
+        saved = [m.track_running_stats for m in fused]
+        try:
+            for m in fused:
+                m.track_running_stats = False
+            with super().frozen_bn_stats():
+                yield
+        finally:
+            for m, s in zip(fused, saved):
+                m.track_running_stats = s

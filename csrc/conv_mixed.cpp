@@ -1,0 +1,491 @@
+// Fused convolutional MixedOp (DARTS CIFAR search cell): the mixture kernel, on the CPU.
+//
+// With src (B, S, P) the concatenated op outputs of a group of edges (P = H·W pixels) and
+// routes r = (source channel s_r, output channel o_r, alpha_r, shift_r), one per (edge, op,
+// channel), sorted by o_r (CSR out_ptr):
+//   out[b, o] = acc[b, o] + Σ_{r: o_r = o} alpha_r · (src[b, s_r] − shift_r)
+// which is the BatchNorm of the pools, sep convs and FactorizedReduce (alpha = α-weight ·
+// invstd, shift = mean), skip_connect, `none` (no route) and the α-weighted sum into each
+// node, in one pass. The backward writes d_src (routes by source channel: src_perm,
+// src_ptr), d_alpha and d_shift, each reduction done by one thread in a fixed order, so
+// results do not depend on the thread count.
+//
+// Registered as torch.ops.fastdarts_cpp.conv_mix_forward / conv_mix_backward (out-variants);
+// fastdarts/ops/conv_mixed.py wraps them in the custom ops fastdarts::conv_mix{,_backward}.
+
+#include <torch/extension.h>
+
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/vec.h>
+
+#include <optional>
+
+namespace {
+
+constexpr int64_t kGrain = 16384;  // elements per parallel task, at least
+
+void check_same(const at::Tensor& t, const at::Tensor& like, const char* name) {
+  TORCH_CHECK(t.device() == like.device() && t.scalar_type() == like.scalar_type(),
+              "conv_mix: ", name, " must be ", like.scalar_type(), " on ", like.device(),
+              ", got ", t.scalar_type(), " on ", t.device());
+}
+
+void check_index(const at::Tensor& t, int64_t size, const char* name) {
+  TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == at::kLong && t.dim() == 1 &&
+                  t.size(0) == size && t.is_contiguous(),
+              "conv_mix: ", name, " must be a contiguous int64 cpu tensor of size ", size,
+              ", got ", t.scalar_type(), " ", t.sizes(), " on ", t.device());
+}
+
+void check_out(const at::Tensor& t, const at::Tensor& like, at::IntArrayRef sizes,
+               const char* name) {
+  TORCH_CHECK(t.device() == like.device() && t.scalar_type() == like.scalar_type() &&
+                  t.sizes() == sizes && t.is_contiguous(),
+              "conv_mix: ", name, " must be a contiguous tensor on ", like.device(), " of shape ",
+              sizes, " and dtype ", like.scalar_type(), ", got ", t.sizes(), " ",
+              t.scalar_type(), " on ", t.device());
+}
+
+void check_common(const at::Tensor& src, const at::Tensor& alpha, const at::Tensor& shift) {
+  TORCH_CHECK(src.device().is_cpu(), "conv_mix (cpu kernel): src must be on the cpu, got ",
+              src.device());
+  TORCH_CHECK(src.scalar_type() == at::kFloat || src.scalar_type() == at::kDouble,
+              "conv_mix: dtype must be float32 or float64, got ", src.scalar_type());
+  TORCH_CHECK(src.dim() == 4 && src.is_contiguous(),
+              "conv_mix: src must be a contiguous (B, S, H, W) tensor, got ", src.sizes());
+  TORCH_CHECK(alpha.dim() == 1 && shift.sizes() == alpha.sizes() && alpha.is_contiguous() &&
+                  shift.is_contiguous(),
+              "conv_mix: alpha and shift must be contiguous (R,) tensors, got ", alpha.sizes(),
+              " and ", shift.sizes());
+  check_same(alpha, src, "alpha");
+  check_same(shift, src, "shift");
+}
+
+// Checks that every route reads a source channel in [0, S) and ptr is a valid CSR over R.
+void check_routes(const int64_t* route, int64_t R, int64_t S, const int64_t* ptr, int64_t n) {
+  TORCH_CHECK(ptr[0] == 0 && ptr[n] == R, "conv_mix: the CSR pointers must run from 0 to ", R);
+  for (int64_t i = 0; i < n; ++i) {
+    TORCH_CHECK(ptr[i] <= ptr[i + 1], "conv_mix: the CSR pointers must not decrease");
+  }
+  for (int64_t r = 0; r < R; ++r) {
+    TORCH_CHECK(route[r] >= 0 && route[r] < S, "conv_mix: route ", r, " has channel ",
+                route[r], ", outside [0, ", S, ")");
+  }
+}
+
+// y[p] += a · (x[p] − h) over one row of P pixels.
+template <typename T>
+inline void axpy_shifted(T* y, const T* x, T a, T h, int64_t P) {
+  using Vec = at::vec::Vectorized<T>;
+  const Vec va(a), vh(h);
+  int64_t p = 0;
+  for (; p + Vec::size() <= P; p += Vec::size()) {
+    (Vec::loadu(y + p) + va * (Vec::loadu(x + p) - vh)).store(y + p);
+  }
+  if (p < P) {
+    const int64_t m = P - p;
+    (Vec::loadu(y + p, m) + va * (Vec::loadu(x + p, m) - vh)).store(y + p, m);
+  }
+}
+
+template <typename T>
+void forward_kernel(const T* src, const T* alpha, const T* shift, const T* acc,
+                    const int64_t* rsrc, const int64_t* optr, T* out, int64_t B, int64_t S,
+                    int64_t N, int64_t P) {
+  const int64_t grain = std::max<int64_t>(1, kGrain / std::max<int64_t>(P, 1));
+  at::parallel_for(0, B * N, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t bo = begin; bo < end; ++bo) {
+      const int64_t b = bo / N, o = bo - b * N;
+      T* y = out + bo * P;
+      if (acc != nullptr) {
+        std::copy(acc + bo * P, acc + (bo + 1) * P, y);
+      } else {
+        std::fill(y, y + P, T(0));
+      }
+      for (int64_t r = optr[o]; r < optr[o + 1]; ++r) {
+        axpy_shifted(y, src + (b * S + rsrc[r]) * P, alpha[r], shift[r], P);
+      }
+    }
+  });
+}
+
+// (Σ_p g[p]·(x[p] − h), Σ_p g[p]) over one row, summed in double.
+template <typename T>
+inline std::pair<double, double> row_sums(const T* g, const T* x, T h, int64_t P) {
+  using Vec = at::vec::Vectorized<T>;
+  const Vec vh(h);
+  Vec sgx(0), sg(0);
+  int64_t p = 0;
+  for (; p + Vec::size() <= P; p += Vec::size()) {
+    const Vec vg = Vec::loadu(g + p);
+    sgx = sgx + vg * (Vec::loadu(x + p) - vh);
+    sg = sg + vg;
+  }
+  if (p < P) {
+    // Lanes past m load as zero: g = 0 there, so they add nothing.
+    const int64_t m = P - p;
+    const Vec vg = Vec::loadu(g + p, m);
+    sgx = sgx + vg * (Vec::loadu(x + p, m) - vh);
+    sg = sg + vg;
+  }
+  T a[Vec::size()], b[Vec::size()];
+  sgx.store(a);
+  sg.store(b);
+  double s1 = 0, s2 = 0;
+  for (int64_t l = 0; l < Vec::size(); ++l) {
+    s1 += a[l];
+    s2 += b[l];
+  }
+  return {s1, s2};
+}
+
+template <typename T>
+void backward_kernel(const T* grad, const T* src, const T* alpha, const T* shift,
+                     const int64_t* rsrc, const int64_t* rout, const int64_t* perm,
+                     const int64_t* sptr, T* d_src, T* d_alpha, T* d_shift, int64_t B,
+                     int64_t S, int64_t N, int64_t R, int64_t P) {
+  const int64_t grain = std::max<int64_t>(1, kGrain / std::max<int64_t>(P, 1));
+  at::parallel_for(0, B * S, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t bs = begin; bs < end; ++bs) {
+      const int64_t b = bs / S, s = bs - b * S;
+      T* y = d_src + bs * P;
+      std::fill(y, y + P, T(0));
+      for (int64_t j = sptr[s]; j < sptr[s + 1]; ++j) {
+        const int64_t r = perm[j];
+        axpy_shifted(y, grad + (b * N + rout[r]) * P, alpha[r], T(0), P);
+      }
+    }
+  });
+  const int64_t rgrain = std::max<int64_t>(1, kGrain / std::max<int64_t>(B * P, 1));
+  at::parallel_for(0, R, rgrain, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      double sgx = 0, sg = 0;
+      for (int64_t b = 0; b < B; ++b) {
+        const auto [a, c] = row_sums(grad + (b * N + rout[r]) * P, src + (b * S + rsrc[r]) * P,
+                                     shift[r], P);
+        sgx += a;
+        sg += c;
+      }
+      d_alpha[r] = static_cast<T>(sgx);
+      d_shift[r] = static_cast<T>(-static_cast<double>(alpha[r]) * sg);
+    }
+  });
+}
+
+// Writes every element of out (B, N, H, W).
+void forward(const at::Tensor& src, const at::Tensor& alpha, const at::Tensor& shift,
+             const std::optional<at::Tensor>& acc, const at::Tensor& route_src,
+             const at::Tensor& out_ptr, const at::Tensor& out) {
+  check_common(src, alpha, shift);
+  const int64_t B = src.size(0), S = src.size(1), P = src.size(2) * src.size(3);
+  const int64_t R = alpha.size(0), N = out_ptr.size(0) - 1;
+  TORCH_CHECK(N >= 0, "conv_mix: out_ptr must have n_out + 1 entries");
+  check_index(route_src, R, "route_src");
+  check_index(out_ptr, N + 1, "out_ptr");
+  check_out(out, src, {B, N, src.size(2), src.size(3)}, "out");
+  if (acc.has_value()) {
+    check_out(*acc, src, {B, N, src.size(2), src.size(3)}, "acc");
+  }
+  check_routes(route_src.data_ptr<int64_t>(), R, S, out_ptr.data_ptr<int64_t>(), N);
+  AT_DISPATCH_FLOATING_TYPES(src.scalar_type(), "conv_mix_forward", [&] {
+    forward_kernel<scalar_t>(src.data_ptr<scalar_t>(), alpha.data_ptr<scalar_t>(),
+                             shift.data_ptr<scalar_t>(),
+                             acc.has_value() ? acc->data_ptr<scalar_t>() : nullptr,
+                             route_src.data_ptr<int64_t>(), out_ptr.data_ptr<int64_t>(),
+                             out.data_ptr<scalar_t>(), B, S, N, P);
+  });
+}
+
+// Writes every element of d_src (B, S, H, W), d_alpha and d_shift (R,).
+void backward(const at::Tensor& grad, const at::Tensor& src, const at::Tensor& alpha,
+              const at::Tensor& shift, const at::Tensor& route_src, const at::Tensor& route_out,
+              const at::Tensor& src_perm, const at::Tensor& src_ptr, const at::Tensor& d_src,
+              const at::Tensor& d_alpha, const at::Tensor& d_shift) {
+  check_common(src, alpha, shift);
+  const int64_t B = src.size(0), S = src.size(1), P = src.size(2) * src.size(3);
+  const int64_t R = alpha.size(0);
+  TORCH_CHECK(grad.dim() == 4 && grad.size(0) == B && grad.size(2) == src.size(2) &&
+                  grad.size(3) == src.size(3) && grad.is_contiguous(),
+              "conv_mix backward: grad must be a contiguous (", B, ", n_out, ", src.size(2), ", ",
+              src.size(3), ") tensor, got ", grad.sizes());
+  check_same(grad, src, "grad");
+  const int64_t N = grad.size(1);
+  check_index(route_src, R, "route_src");
+  check_index(route_out, R, "route_out");
+  check_index(src_perm, R, "src_perm");
+  check_index(src_ptr, S + 1, "src_ptr");
+  check_out(d_src, src, src.sizes(), "d_src");
+  check_out(d_alpha, src, alpha.sizes(), "d_alpha");
+  check_out(d_shift, src, alpha.sizes(), "d_shift");
+  check_routes(route_src.data_ptr<int64_t>(), R, S, src_ptr.data_ptr<int64_t>(), S);
+  check_routes(route_out.data_ptr<int64_t>(), R, N, src_ptr.data_ptr<int64_t>(), S);
+  check_routes(src_perm.data_ptr<int64_t>(), R, R, src_ptr.data_ptr<int64_t>(), S);
+  AT_DISPATCH_FLOATING_TYPES(src.scalar_type(), "conv_mix_backward", [&] {
+    backward_kernel<scalar_t>(
+        grad.data_ptr<scalar_t>(), src.data_ptr<scalar_t>(), alpha.data_ptr<scalar_t>(),
+        shift.data_ptr<scalar_t>(), route_src.data_ptr<int64_t>(),
+        route_out.data_ptr<int64_t>(), src_perm.data_ptr<int64_t>(),
+        src_ptr.data_ptr<int64_t>(), d_src.data_ptr<scalar_t>(), d_alpha.data_ptr<scalar_t>(),
+        d_shift.data_ptr<scalar_t>(), B, S, N, R, P);
+  });
+}
+
+}  // namespace
+
+TORCH_LIBRARY(fastdarts_cpp, m) {
+  m.def(
+      "conv_mix_forward(Tensor src, Tensor alpha, Tensor shift, Tensor? acc, Tensor route_src, "
+      "Tensor out_ptr, Tensor(a!) out) -> ()");
+  m.def(
+      "conv_mix_backward(Tensor grad, Tensor src, Tensor alpha, Tensor shift, Tensor route_src, "
+      "Tensor route_out, Tensor src_perm, Tensor src_ptr, Tensor(a!) d_src, Tensor(b!) d_alpha, "
+      "Tensor(c!) d_shift) -> ()");
+}
+
+TORCH_LIBRARY_IMPL(fastdarts_cpp, CPU, m) {
+  m.impl("conv_mix_forward", &forward);
+  m.impl("conv_mix_backward", &backward);
+}
+
+// -- depthwise convolutions of several shapes in one call --------------------------------
+//
+// Shape t (weight w_t (Ch_t, 1, k_t, k_t), padding p_t, dilation d_t, one stride s) reads
+// input channels in_off_t .. in_off_t + Ch_t of x (B, Cin, H, W) and writes output channels
+// out_off_t .. out_off_t + Ch_t (out_off_t = Σ_{u<t} Ch_u) of out (B, Σ Ch_t, Ho, Wo); every
+// shape gives the same Ho, Wo. The forward runs one task per (b, output channel), d_x one per
+// (b, input channel) over every shape that reads it (no atomics), d_w one per output
+// channel, each reduction in a fixed order.
+
+namespace {
+
+struct Shape {
+  int64_t ch, k, pad, dil, in_off, out_off;
+};
+
+std::vector<Shape> shapes_of(at::TensorList weights, at::IntArrayRef pads, at::IntArrayRef dils,
+                             at::IntArrayRef in_offsets, int64_t Cin) {
+  const auto n = static_cast<int64_t>(weights.size());
+  TORCH_CHECK(n >= 1 && static_cast<int64_t>(pads.size()) == n &&
+                  static_cast<int64_t>(dils.size()) == n &&
+                  static_cast<int64_t>(in_offsets.size()) == n,
+              "depthwise: weights, pads, dils and in_offsets must have one entry per shape");
+  std::vector<Shape> shapes;
+  int64_t out_off = 0;
+  for (int64_t t = 0; t < n; ++t) {
+    const auto& w = weights[t];
+    TORCH_CHECK(w.dim() == 4 && w.size(1) == 1 && w.size(2) == w.size(3) && w.is_contiguous(),
+                "depthwise: weight ", t, " must be a contiguous (Ch, 1, k, k) tensor, got ",
+                w.sizes());
+    TORCH_CHECK(in_offsets[t] >= 0 && in_offsets[t] + w.size(0) <= Cin, "depthwise: shape ", t,
+                " reads channels [", in_offsets[t], ", ", in_offsets[t] + w.size(0),
+                ") of an input with ", Cin);
+    TORCH_CHECK(pads[t] >= 0 && dils[t] >= 1, "depthwise: bad padding or dilation of shape ", t);
+    shapes.push_back({w.size(0), w.size(2), pads[t], dils[t], in_offsets[t], out_off});
+    out_off += w.size(0);
+  }
+  return shapes;
+}
+
+int64_t out_size(int64_t n, const Shape& s, int64_t stride) {
+  return (n + 2 * s.pad - s.dil * (s.k - 1) - 1) / stride + 1;
+}
+
+// Output columns [x0, x1) whose tap at input column offset `off` (= j·d − p) is in [0, W).
+inline void valid_range(int64_t off, int64_t stride, int64_t W, int64_t Wo, int64_t& x0,
+                        int64_t& x1) {
+  x0 = off >= 0 ? 0 : (-off + stride - 1) / stride;
+  x1 = std::min<int64_t>(Wo, off >= W ? 0 : (W - 1 - off) / stride + 1);
+}
+
+template <typename T, int S>
+inline void row_axpy(T* out, const T* in, T w, int64_t x0, int64_t x1, int64_t off) {
+  for (int64_t x = x0; x < x1; ++x) out[x] += w * in[x * S + off];
+}
+
+template <typename T, int S>
+inline void row_scatter(T* d_in, const T* g, T w, int64_t x0, int64_t x1, int64_t off) {
+  for (int64_t x = x0; x < x1; ++x) d_in[x * S + off] += w * g[x];
+}
+
+template <typename T, int S>
+inline T row_dot(const T* g, const T* in, int64_t x0, int64_t x1, int64_t off) {
+  T acc = 0;
+  for (int64_t x = x0; x < x1; ++x) acc += g[x] * in[x * S + off];
+  return acc;
+}
+
+template <typename T, int S>
+void dw_forward(const T* x, const std::vector<const T*>& w, const std::vector<Shape>& shapes,
+                T* out, int64_t B, int64_t Cin, int64_t H, int64_t W, int64_t Cout, int64_t Ho,
+                int64_t Wo) {
+  at::parallel_for(0, B * Cout, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t bo = begin; bo < end; ++bo) {
+      const int64_t b = bo / Cout, o = bo - b * Cout;
+      size_t t = 0;
+      while (o >= shapes[t].out_off + shapes[t].ch) ++t;
+      const Shape& s = shapes[t];
+      const int64_t c = o - s.out_off;
+      const T* in = x + (b * Cin + s.in_off + c) * H * W;
+      const T* wk = w[t] + c * s.k * s.k;
+      T* y = out + bo * Ho * Wo;
+      std::fill(y, y + Ho * Wo, T(0));
+      for (int64_t i = 0; i < s.k; ++i) {
+        for (int64_t yo = 0; yo < Ho; ++yo) {
+          const int64_t iy = yo * S - s.pad + i * s.dil;
+          if (iy < 0 || iy >= H) continue;
+          for (int64_t j = 0; j < s.k; ++j) {
+            const int64_t off = j * s.dil - s.pad;
+            int64_t x0, x1;
+            valid_range(off, S, W, Wo, x0, x1);
+            row_axpy<T, S>(y + yo * Wo, in + iy * W, wk[i * s.k + j], x0, x1, off);
+          }
+        }
+      }
+    }
+  });
+}
+
+template <typename T, int S>
+void dw_backward(const T* g, const T* x, const std::vector<const T*>& w,
+                 const std::vector<Shape>& shapes, T* d_x, const std::vector<T*>& d_w, int64_t B,
+                 int64_t Cin, int64_t H, int64_t W, int64_t Cout, int64_t Ho, int64_t Wo) {
+  at::parallel_for(0, B * Cin, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t bc = begin; bc < end; ++bc) {
+      const int64_t b = bc / Cin, ci = bc - b * Cin;
+      T* dx = d_x + bc * H * W;
+      std::fill(dx, dx + H * W, T(0));
+      for (size_t t = 0; t < shapes.size(); ++t) {
+        const Shape& s = shapes[t];
+        const int64_t c = ci - s.in_off;
+        if (c < 0 || c >= s.ch) continue;
+        const T* gy = g + (b * Cout + s.out_off + c) * Ho * Wo;
+        const T* wk = w[t] + c * s.k * s.k;
+        for (int64_t i = 0; i < s.k; ++i) {
+          for (int64_t yo = 0; yo < Ho; ++yo) {
+            const int64_t iy = yo * S - s.pad + i * s.dil;
+            if (iy < 0 || iy >= H) continue;
+            for (int64_t j = 0; j < s.k; ++j) {
+              const int64_t off = j * s.dil - s.pad;
+              int64_t x0, x1;
+              valid_range(off, S, W, Wo, x0, x1);
+              row_scatter<T, S>(dx + iy * W, gy + yo * Wo, wk[i * s.k + j], x0, x1, off);
+            }
+          }
+        }
+      }
+    }
+  });
+  if (d_w.empty()) return;  // the weights' gradient is not wanted (an α-only pass)
+  at::parallel_for(0, Cout, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t o = begin; o < end; ++o) {
+      size_t t = 0;
+      while (o >= shapes[t].out_off + shapes[t].ch) ++t;
+      const Shape& s = shapes[t];
+      const int64_t c = o - s.out_off;
+      T* dwk = d_w[t] + c * s.k * s.k;
+      for (int64_t i = 0; i < s.k; ++i) {
+        for (int64_t j = 0; j < s.k; ++j) {
+          const int64_t off = j * s.dil - s.pad;
+          int64_t x0, x1;
+          valid_range(off, S, W, Wo, x0, x1);
+          double acc = 0;
+          for (int64_t b = 0; b < B; ++b) {
+            const T* in = x + (b * Cin + s.in_off + c) * H * W;
+            const T* gy = g + (b * Cout + o) * Ho * Wo;
+            for (int64_t yo = 0; yo < Ho; ++yo) {
+              const int64_t iy = yo * S - s.pad + i * s.dil;
+              if (iy < 0 || iy >= H) continue;
+              acc += row_dot<T, S>(gy + yo * Wo, in + iy * W, x0, x1, off);
+            }
+          }
+          dwk[i * s.k + j] = static_cast<T>(acc);
+        }
+      }
+    }
+  });
+}
+
+struct DwGeometry {
+  std::vector<Shape> shapes;
+  int64_t B, Cin, H, W, Cout, Ho, Wo;
+};
+
+DwGeometry dw_check(const at::Tensor& x, at::TensorList weights, int64_t stride,
+                    at::IntArrayRef pads, at::IntArrayRef dils, at::IntArrayRef in_offsets) {
+  TORCH_CHECK(x.device().is_cpu() && x.dim() == 4 && x.is_contiguous(),
+              "depthwise (cpu kernel): x must be a contiguous (B, C, H, W) cpu tensor, got ",
+              x.sizes(), " on ", x.device());
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble,
+              "depthwise: dtype must be float32 or float64, got ", x.scalar_type());
+  TORCH_CHECK(stride == 1 || stride == 2, "depthwise: stride must be 1 or 2, got ", stride);
+  DwGeometry geo;
+  geo.B = x.size(0), geo.Cin = x.size(1), geo.H = x.size(2), geo.W = x.size(3);
+  geo.shapes = shapes_of(weights, pads, dils, in_offsets, geo.Cin);
+  for (const auto& w : weights) check_same(w, x, "each weight");
+  const Shape& last = geo.shapes.back();
+  geo.Cout = last.out_off + last.ch;
+  geo.Ho = out_size(geo.H, geo.shapes[0], stride);
+  geo.Wo = out_size(geo.W, geo.shapes[0], stride);
+  for (const auto& s : geo.shapes) {
+    TORCH_CHECK(out_size(geo.H, s, stride) == geo.Ho && out_size(geo.W, s, stride) == geo.Wo,
+                "depthwise: every shape must give the same output size");
+  }
+  TORCH_CHECK(geo.Ho >= 1 && geo.Wo >= 1, "depthwise: empty output");
+  return geo;
+}
+
+// Writes every element of out (B, Σ Ch_t, Ho, Wo).
+void depthwise_forward(const at::Tensor& x, at::TensorList weights, int64_t stride,
+                       at::IntArrayRef pads, at::IntArrayRef dils, at::IntArrayRef in_offsets,
+                       const at::Tensor& out) {
+  const auto geo = dw_check(x, weights, stride, pads, dils, in_offsets);
+  check_out(out, x, {geo.B, geo.Cout, geo.Ho, geo.Wo}, "out");
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "depthwise_forward", [&] {
+    std::vector<const scalar_t*> w;
+    for (const auto& t : weights) w.push_back(t.data_ptr<scalar_t>());
+    auto fn = stride == 1 ? dw_forward<scalar_t, 1> : dw_forward<scalar_t, 2>;
+    fn(x.data_ptr<scalar_t>(), w, geo.shapes, out.data_ptr<scalar_t>(), geo.B, geo.Cin, geo.H,
+       geo.W, geo.Cout, geo.Ho, geo.Wo);
+  });
+}
+
+// Writes every element of d_x (B, Cin, H, W) and of each d_weights[t] (Ch_t, 1, k_t, k_t);
+// input channels no shape reads get zero. An empty d_weights skips the weights' gradient.
+void depthwise_backward(const at::Tensor& grad, const at::Tensor& x, at::TensorList weights,
+                        int64_t stride, at::IntArrayRef pads, at::IntArrayRef dils,
+                        at::IntArrayRef in_offsets, const at::Tensor& d_x,
+                        at::TensorList d_weights) {
+  const auto geo = dw_check(x, weights, stride, pads, dils, in_offsets);
+  check_out(grad, x, {geo.B, geo.Cout, geo.Ho, geo.Wo}, "grad");
+  check_out(d_x, x, x.sizes(), "d_x");
+  TORCH_CHECK(d_weights.empty() || d_weights.size() == weights.size(),
+              "depthwise: one d_weight per weight, or none");
+  for (size_t t = 0; t < d_weights.size(); ++t) {
+    check_out(d_weights[t], x, weights[t].sizes(), "d_weight");
+  }
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "depthwise_backward", [&] {
+    std::vector<const scalar_t*> w;
+    std::vector<scalar_t*> dw;
+    for (const auto& t : weights) w.push_back(t.data_ptr<scalar_t>());
+    for (const auto& t : d_weights) dw.push_back(t.data_ptr<scalar_t>());
+    auto fn = stride == 1 ? dw_backward<scalar_t, 1> : dw_backward<scalar_t, 2>;
+    fn(grad.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(), w, geo.shapes,
+       d_x.data_ptr<scalar_t>(), dw, geo.B, geo.Cin, geo.H, geo.W, geo.Cout, geo.Ho, geo.Wo);
+  });
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(fastdarts_cpp, m) {
+  m.def(
+      "depthwise_forward(Tensor x, Tensor[] weights, int stride, int[] pads, int[] dils, "
+      "int[] in_offsets, Tensor(a!) out) -> ()");
+  m.def(
+      "depthwise_backward(Tensor grad, Tensor x, Tensor[] weights, int stride, int[] pads, "
+      "int[] dils, int[] in_offsets, Tensor(a!) d_x, Tensor(b!)[] d_weights) -> ()");
+}
+
+TORCH_LIBRARY_IMPL(fastdarts_cpp, CPU, m) {
+  m.impl("depthwise_forward", &depthwise_forward);
+  m.impl("depthwise_backward", &depthwise_backward);
+}

@@ -1,0 +1,913 @@
+"""The fused convolutional MixedOp: edges of the DARTS CIFAR search cell, batched.
+
+A group is a set of E edges (one stride) reading n_in input states X_i (B, C, H, W); a search
+cell runs as 4 groups (the 8 edges from its two inputs, then each node's outgoing edges).
+All the convolutional ops of all the group's edges run together: one ReLU of the inputs;
+the first depthwise stage of sep_conv_3x3, sep_conv_5x5, dil_conv_3x3 and dil_conv_5x5 as
+one call of :func:`depthwise` (a kernel that runs several kernel sizes and dilations at
+once, E·C channels each); their pointwise convolutions as one grouped 1×1 (4E groups); one
+BatchNorm over those 4EC channels; the sep convs' second stage likewise (one depthwise
+call, one grouped 1×1). max_pool and avg_pool run once per input state, skip_connect is the
+input (or FactorizedReduce, two grouped 1×1, at stride 2).
+
+The rest — the α-weighted sum of the eight ops of every edge into its target node, with
+skip_connect, `none` (no term) and, in eval, the BatchNorm of the pools, the sep convs'
+second stage and FactorizedReduce (in training one BatchNorm over all of those runs first)
+— is one kernel, :func:`conv_mix`, over the concatenated sources src (B, S, H', W'):
+
+    out[b, o] = acc[b, o] + Σ_{routes r into o} alpha_r · (src[b, s_r] − shift_r)
+
+with one route per (edge, op, channel): alpha = α-weight (· 1/√(running var + eps) in
+eval), shift = 0 (the running mean in eval). Both kernels are custom ops
+(``torch.ops.fastdarts.conv_mix`` / ``depthwise`` and their ``_backward``): C++ on the
+CPU (``fastdarts._C``, registered as ``torch.ops.fastdarts_cpp.*``), Triton on CUDA for the
+mixture (cuDNN's convolutions for the depthwise), else torch ops. An autograd Function ties
+each pair; under create_graph its backward takes torch-op formulas (differentiable), and a
+vmap rule folds a batch dimension into B.
+
+:class:`MixedOp` is the drop-in module for one edge; :class:`FusedCellOps` holds all 14
+edges of a search cell (``SearchCell._ops`` under ``--backend fused``). Both keep their
+weights in the batched layout and read and write the reference state_dict keys.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from fastdarts.genotypes import CNN_PRIMITIVES
+from fastdarts.ops.extension import extension
+
+K = len(CNN_PRIMITIVES)
+BN_MOMENTUM, BN_EPS = 0.1, 1e-5
+_DTYPES = (torch.float32, torch.float64)
+# First-stage convolutions of the four conv ops: (primitive index, kernel, padding, dilation).
+_STAGE1 = ((4, 3, 1, 1), (5, 5, 2, 1), (6, 3, 2, 2), (7, 5, 4, 2))
+_STAGE2 = ((4, 3, 1), (5, 5, 2))  # the sep convs' second stage: (primitive, kernel, padding)
+
+
+# -- the mixture kernel ------------------------------------------------------------------
+
+
+def mix_reference(
+    src: Tensor,
+    alpha: Tensor,
+    shift: Tensor,
+    acc: Tensor | None,
+    route_src: Tensor,
+    route_out: Tensor,
+    n_out: int,
+) -> Tensor:
+    """:func:`conv_mix` in torch ops, over any leading batch dims: src (…, B, S, H, W),
+    alpha and shift (…, R) → (…, B, n_out, H, W)."""
+    terms = alpha[..., None, :, None, None] * (
+        src.index_select(-3, route_src) - shift[..., None, :, None, None]
+    )
+    shape = (*terms.shape[:-3], n_out, *terms.shape[-2:])
+    out = terms.new_zeros(shape).index_add(-3, route_out, terms)
+    return out if acc is None else acc + out
+
+
+def mix_backward_reference(
+    grad: Tensor, src: Tensor, alpha: Tensor, shift: Tensor, route_src: Tensor, route_out: Tensor
+) -> tuple[Tensor, Tensor, Tensor]:
+    """(d_src, d_alpha, d_shift) of :func:`conv_mix` for grad (…, B, n_out, H, W), in
+    differentiable torch ops (d_acc is grad itself)."""
+    g = grad.index_select(-3, route_out)
+    d_src = torch.zeros_like(src).index_add(-3, route_src, g * alpha[..., None, :, None, None])
+    x = src.index_select(-3, route_src) - shift[..., None, :, None, None]
+    d_alpha = (g * x).sum((-4, -2, -1))
+    d_shift = -alpha * g.sum((-4, -2, -1))
+    return d_src, d_alpha, d_shift
+
+
+@functools.cache
+def _has_triton() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _has_cpp(op: str = "conv_mix_forward") -> bool:
+    # The C++ kernels register themselves as torch.ops.fastdarts_cpp.* when fastdarts._C loads
+    # (an extension built before they existed has none).
+    return extension() is not None and hasattr(torch.ops.fastdarts_cpp, op)
+
+
+def kernel_name(device: torch.device) -> str:
+    """Which mixture kernel runs on ``device``: 'triton', 'cpp' or 'reference'."""
+    if device.type == "cuda" and _has_triton():
+        return "triton"
+    if device.type == "cpu" and _has_cpp():
+        return "cpp"
+    return "reference"
+
+
+@torch.library.custom_op("fastdarts::conv_mix", mutates_args=())
+def _mix_op(
+    src: Tensor,
+    alpha: Tensor,
+    shift: Tensor,
+    acc: Tensor | None,
+    route_src: Tensor,
+    route_out: Tensor,
+    out_ptr: Tensor,
+    n_out: int,
+) -> Tensor:
+    kind = kernel_name(src.device)
+    if kind == "reference":
+        return mix_reference(src, alpha, shift, acc, route_src, route_out, n_out)
+    out = src.new_empty(src.shape[0], n_out, *src.shape[2:])
+    if kind == "triton":
+        from fastdarts.kernels import conv_mixed as triton_kernels
+
+        return triton_kernels.forward(src, alpha, shift, acc, route_src, out_ptr, out)
+    torch.ops.fastdarts_cpp.conv_mix_forward(src, alpha, shift, acc, route_src, out_ptr, out)
+    return out
+
+
+@_mix_op.register_fake
+def _(src, alpha, shift, acc, route_src, route_out, out_ptr, n_out):
+    return src.new_empty(src.shape[0], n_out, *src.shape[2:])
+
+
+@torch.library.custom_op("fastdarts::conv_mix_backward", mutates_args=())
+def _mix_backward_op(
+    grad: Tensor,
+    src: Tensor,
+    alpha: Tensor,
+    shift: Tensor,
+    route_src: Tensor,
+    route_out: Tensor,
+    src_perm: Tensor,
+    src_ptr: Tensor,
+) -> list[Tensor]:
+    kind = kernel_name(src.device)
+    if kind == "reference":
+        return list(mix_backward_reference(grad, src, alpha, shift, route_src, route_out))
+    grads = [torch.empty_like(src), torch.empty_like(alpha), torch.empty_like(shift)]
+    if kind == "triton":
+        from fastdarts.kernels import conv_mixed as triton_kernels
+
+        args = (grad, src, alpha, shift, route_src, route_out, src_perm, src_ptr)
+        return list(triton_kernels.backward(*args, out=grads))
+    torch.ops.fastdarts_cpp.conv_mix_backward(
+        grad, src, alpha, shift, route_src, route_out, src_perm, src_ptr, *grads
+    )
+    return grads
+
+
+@_mix_backward_op.register_fake
+def _(grad, src, alpha, shift, route_src, route_out, src_perm, src_ptr):
+    return [torch.empty_like(src), torch.empty_like(alpha), torch.empty_like(shift)]
+
+
+def _leading(x: Tensor, bdim: int | None, size: int) -> Tensor:
+    """x with its vmap batch dim first, of ``size`` (expanded when x is not batched)."""
+    if bdim is None:
+        return x.expand(size, *x.shape)
+    return x.movedim(bdim, 0)
+
+
+def _fold(x: Tensor | None, bdim: int | None, size: int) -> Tensor | None:
+    """(B, ·, H, W) with a vmap batch dim → (size·B, ·, H, W)."""
+    if x is None:
+        return None
+    x = _leading(x, bdim, size)
+    return x.reshape(size * x.shape[1], *x.shape[2:])
+
+
+def _check_routes_unbatched(in_dims, first: int) -> None:
+    if any(d is not None for d in in_dims[first:]):
+        raise ValueError("conv_mix: the route tables cannot be batched under vmap")
+
+
+def _vmap_forward(fn, info, in_dims, src, alpha, shift, acc, *routes):
+    """``fn`` on the vmap batch folded into B when alpha and shift are shared."""
+    _check_routes_unbatched(in_dims, 4)
+    size, n_out = info.batch_size, routes[-1]
+    if in_dims[1] is not None or in_dims[2] is not None:
+        # Per-sample coefficients do not fold into B: batched torch ops (no per-sample loop).
+        s = _leading(src, in_dims[0], size)
+        a, h = _leading(alpha, in_dims[1], size), _leading(shift, in_dims[2], size)
+        c = None if acc is None else _leading(acc, in_dims[3], size)
+        return mix_reference(s, a, h, c, routes[0], routes[1], n_out), 0
+    out = fn(_fold(src, in_dims[0], size), alpha, shift, _fold(acc, in_dims[3], size), *routes)
+    return out.view(size, -1, *out.shape[1:]), 0
+
+
+@_mix_op.register_vmap
+def _(info, in_dims, src, alpha, shift, acc, route_src, route_out, out_ptr, n_out):
+    routes = (route_src, route_out, out_ptr, n_out)
+    return _vmap_forward(_mix_op, info, in_dims, src, alpha, shift, acc, *routes)
+
+
+@_mix_backward_op.register_vmap
+def _(info, in_dims, grad, src, alpha, shift, route_src, route_out, src_perm, src_ptr):
+    # d_alpha sums over B, so a kernel over the folded batch would mix the samples.
+    _check_routes_unbatched(in_dims, 4)
+    size = info.batch_size
+    args = [_leading(x, d, size) for x, d in zip((grad, src, alpha, shift), in_dims)]
+    return list(mix_backward_reference(*args, route_src, route_out)), [0, 0, 0]
+
+
+class ConvMixFunction(torch.autograd.Function):
+    """Forward and backward each one kernel; the backward is differentiable (under
+    create_graph it takes the torch-op formula, same values); vmap folds the batch into B."""
+
+    @staticmethod
+    def forward(src, alpha, shift, acc, route_src, route_out, out_ptr, src_perm, src_ptr, n_out):
+        return _mix_op(src, alpha, shift, acc, route_src, route_out, out_ptr, n_out)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        src, alpha, shift, acc, route_src, route_out, _, src_perm, src_ptr, _ = inputs
+        ctx.has_acc = acc is not None
+        ctx.save_for_backward(src, alpha, shift, route_src, route_out, src_perm, src_ptr)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        src, alpha, shift, route_src, route_out, src_perm, src_ptr = ctx.saved_tensors
+        if torch.is_grad_enabled():
+            # create_graph (double backward, exact HVP): the torch-op formula is differentiable.
+            grads = mix_backward_reference(grad, src, alpha, shift, route_src, route_out)
+        else:
+            args = (grad.contiguous(), src, alpha, shift, route_src, route_out, src_perm, src_ptr)
+            grads = _mix_backward_op(*args)
+        d_acc = grad if ctx.has_acc else None
+        return (*grads, d_acc, None, None, None, None, None, None)
+
+    @staticmethod
+    def vmap(info, in_dims, src, alpha, shift, acc, *routes):
+        return _vmap_forward(ConvMixFunction.apply, info, in_dims, src, alpha, shift, acc, *routes)
+
+
+def _mix_setup_context(ctx, inputs, output) -> None:
+    src, alpha, shift, acc, route_src, route_out, _, _ = inputs
+    ctx.has_acc = acc is not None
+    ctx.save_for_backward(src, alpha, shift, route_src, route_out)
+
+
+def _op_backward(ctx, grad):
+    # The op alone has no by-source tables for the kernel: the torch-op formula.
+    src, alpha, shift, route_src, route_out = ctx.saved_tensors
+    grads = mix_backward_reference(grad, src, alpha, shift, route_src, route_out)
+    return (*grads, grad if ctx.has_acc else None, None, None, None, None)
+
+
+# torch.ops.fastdarts.conv_mix is differentiable too (the Function above is what the search
+# and the torch.func transforms use, with the fused backward kernel).
+_mix_op.register_autograd(_op_backward, setup_context=_mix_setup_context)
+
+
+class Routes(nn.Module):
+    """The static route tables of one :func:`conv_mix` (non-persistent buffers, so they
+    follow the module's device): route r adds source channel ``src[r]`` into output channel
+    ``out[r]``; routes are sorted by output channel (CSR ``out_ptr``), and ``src_perm`` /
+    ``src_ptr`` list them by source channel for the backward."""
+
+    def __init__(self, src: list[int], out: list[int], n_src: int, n_out: int):
+        super().__init__()
+        order = sorted(range(len(out)), key=lambda r: (out[r], r))
+        src_t = torch.tensor([src[r] for r in order], dtype=torch.long)
+        out_t = torch.tensor([out[r] for r in order], dtype=torch.long)
+        self.order = order  # route index in the caller's order → position here
+        self.n_src, self.n_out = n_src, n_out
+        self.register_buffer("src", src_t, persistent=False)
+        self.register_buffer("out", out_t, persistent=False)
+        self.register_buffer("out_ptr", _csr(out_t, n_out), persistent=False)
+        perm = torch.sort(src_t, stable=True).indices
+        self.register_buffer("src_perm", perm, persistent=False)
+        self.register_buffer("src_ptr", _csr(src_t[perm], n_src), persistent=False)
+
+    def tables(self) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, int]:
+        return self.src, self.out, self.out_ptr, self.src_perm, self.src_ptr, self.n_out
+
+
+def _csr(sorted_keys: Tensor, n: int) -> Tensor:
+    counts = torch.bincount(sorted_keys, minlength=n)
+    return torch.cat([counts.new_zeros(1), counts.cumsum(0)])
+
+
+def check_mix_inputs(src: Tensor, alpha: Tensor, shift: Tensor, acc: Tensor | None, routes):
+    """Raise ValueError / TypeError naming the offending argument."""
+    for name, t in (("src", src), ("alpha", alpha), ("shift", shift)):
+        if not isinstance(t, Tensor):
+            raise TypeError(f"conv_mix: {name} must be a Tensor, got {type(t).__name__}")
+    if src.dim() != 4 or src.shape[1] != routes.n_src:
+        raise ValueError(f"conv_mix: src must be (B, {routes.n_src}, H, W), got {tuple(src.shape)}")
+    n_routes = routes.src.numel()
+    if tuple(alpha.shape) != (n_routes,) or tuple(shift.shape) != (n_routes,):
+        raise ValueError(
+            f"conv_mix: alpha and shift must be ({n_routes},), got {tuple(alpha.shape)} "
+            f"and {tuple(shift.shape)}"
+        )
+    want = (src.shape[0], routes.n_out, *src.shape[2:])
+    if acc is not None and tuple(acc.shape) != want:
+        raise ValueError(f"conv_mix: acc must be {want}, got {tuple(acc.shape)}")
+    dtypes = [t.dtype for t in (src, alpha, shift, acc) if t is not None]
+    if src.dtype not in _DTYPES or any(d != src.dtype for d in dtypes):
+        raise TypeError(f"conv_mix: inputs must all be float32 or all float64, got {dtypes}")
+    devices = [t.device for t in (src, alpha, shift, acc, routes.src) if t is not None]
+    if any(d != src.device for d in devices):
+        raise ValueError(f"conv_mix: inputs must be on one device, got {devices}")
+
+
+def conv_mix(
+    src: Tensor, alpha: Tensor, shift: Tensor, routes: Routes, acc: Tensor | None = None
+) -> Tensor:
+    """out (B, n_out, H, W) = acc + Σ_r alpha_r·(src[:, src_r] − shift_r) into channel out_r.
+
+    src (B, S, H, W); alpha, shift (R,) in ``routes``' order (sorted by output channel);
+    float32 or float64, one device; made contiguous for the kernel.
+    """
+    check_mix_inputs(src, alpha, shift, acc, routes)
+    acc = None if acc is None else acc.contiguous()
+    return ConvMixFunction.apply(
+        src.contiguous(), alpha.contiguous(), shift.contiguous(), acc, *routes.tables()
+    )
+
+
+# -- depthwise convolutions of several shapes ------------------------------------------
+
+
+def depthwise_reference(
+    x: Tensor,
+    weights: list[Tensor],
+    stride: int,
+    pads: list[int],
+    dils: list[int],
+    in_offsets: list[int],
+) -> Tensor:
+    """:func:`depthwise` in torch ops (one grouped convolution per shape, concatenated)."""
+    outs = []
+    for w, pad, dil, off in zip(weights, pads, dils, in_offsets):
+        ch = w.shape[0]
+        xs = x if off == 0 and ch == x.shape[-3] else x[..., off : off + ch, :, :]
+        outs.append(F.conv2d(xs, w, None, stride, pad, dil, ch))
+    return torch.cat(outs, -3)
+
+
+def depthwise_backward_reference(
+    grad: Tensor,
+    x: Tensor,
+    weights: list[Tensor],
+    stride: int,
+    pads: list[int],
+    dils: list[int],
+    in_offsets: list[int],
+    grad_weights: bool = True,
+) -> list[Tensor]:
+    """[d_x, *d_weights] of :func:`depthwise` ([d_x] without ``grad_weights``), in
+    differentiable torch ops."""
+    d_x, d_ws, start, cin = None, [], 0, x.shape[-3]
+    for w, pad, dil, off in zip(weights, pads, dils, in_offsets):
+        ch = w.shape[0]
+        g = grad if len(weights) == 1 else grad[:, start : start + ch]
+        xs = x if off == 0 and ch == cin else x[:, off : off + ch]
+        start += ch
+        gx = torch.nn.grad.conv2d_input(xs.shape, w, g, stride, pad, dil, ch)
+        if ch != cin:
+            gx = F.pad(gx, (0, 0, 0, 0, off, cin - off - ch))
+        d_x = gx if d_x is None else d_x + gx
+        if grad_weights:
+            d_ws.append(torch.nn.grad.conv2d_weight(xs, w.shape, g, stride, pad, dil, ch))
+    return [d_x, *d_ws]
+
+
+def _dw_out_shape(x: Tensor, weights: list[Tensor], stride: int, pads, dils) -> list[int]:
+    w, pad, dil = weights[0], pads[0], dils[0]
+    size = [(n + 2 * pad - dil * (w.shape[-1] - 1) - 1) // stride + 1 for n in x.shape[-2:]]
+    return [x.shape[0], sum(t.shape[0] for t in weights), *size]
+
+
+# Output planes (H'·W') below this take torch's convolutions for the depthwise forward
+# (measured on one AVX2 core: the C++ kernel wins at 32×32, loses at 16×16 and 8×8).
+_DW_MIN_PLANE = 1024
+
+
+@torch.library.custom_op("fastdarts::depthwise", mutates_args=())
+def _dw_op(
+    x: Tensor,
+    weights: list[Tensor],
+    stride: int,
+    pads: list[int],
+    dils: list[int],
+    in_offsets: list[int],
+) -> Tensor:
+    shape = _dw_out_shape(x, weights, stride, pads, dils)
+    # On small planes torch's (oneDNN) depthwise forward beats this kernel's row loops.
+    small = shape[-1] * shape[-2] < _DW_MIN_PLANE
+    if x.device.type != "cpu" or small or not _has_cpp("depthwise_forward"):
+        return depthwise_reference(x, weights, stride, pads, dils, in_offsets)
+    out = x.new_empty(shape)
+    torch.ops.fastdarts_cpp.depthwise_forward(x, weights, stride, pads, dils, in_offsets, out)
+    return out
+
+
+@_dw_op.register_fake
+def _(x, weights, stride, pads, dils, in_offsets):
+    return x.new_empty(_dw_out_shape(x, weights, stride, pads, dils))
+
+
+@torch.library.custom_op("fastdarts::depthwise_backward", mutates_args=())
+def _dw_backward_op(
+    grad: Tensor,
+    x: Tensor,
+    weights: list[Tensor],
+    stride: int,
+    pads: list[int],
+    dils: list[int],
+    in_offsets: list[int],
+    grad_weights: bool,
+) -> list[Tensor]:
+    args = (grad, x, weights, stride, pads, dils, in_offsets)
+    if x.device.type != "cpu" or not _has_cpp("depthwise_backward"):
+        return depthwise_backward_reference(*args, grad_weights)
+    d_x = torch.empty_like(x)
+    d_ws = [torch.empty_like(w) for w in weights] if grad_weights else []
+    torch.ops.fastdarts_cpp.depthwise_backward(
+        grad, x, weights, stride, pads, dils, in_offsets, d_x, d_ws
+    )
+    return [d_x, *d_ws]
+
+
+@_dw_backward_op.register_fake
+def _(grad, x, weights, stride, pads, dils, in_offsets, grad_weights):
+    return [torch.empty_like(x), *(torch.empty_like(w) for w in weights if grad_weights)]
+
+
+class DepthwiseFunction(torch.autograd.Function):
+    """Depthwise convolutions of several shapes in one kernel each way; the backward is
+    differentiable (under create_graph, torch's convolution gradients); vmap folds the
+    batch into B."""
+
+    @staticmethod
+    def forward(x, stride, pads, dils, in_offsets, *weights):
+        return _dw_op(x, list(weights), stride, pads, dils, in_offsets)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        x, stride, pads, dils, in_offsets, *weights = inputs
+        ctx.geometry = (stride, pads, dils, in_offsets)
+        ctx.save_for_backward(x, *weights)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        x, *weights = ctx.saved_tensors
+        # The weights' gradient (the costly part) only when a weight requires it.
+        want_w = any(ctx.needs_input_grad[5:])
+        if torch.is_grad_enabled():
+            grads = depthwise_backward_reference(grad, x, weights, *ctx.geometry, want_w)
+        else:
+            grads = _dw_backward_op(grad.contiguous(), x, weights, *ctx.geometry, want_w)
+        return grads[0], None, None, None, None, *(grads[1:] or [None] * len(weights))
+
+    @staticmethod
+    def vmap(info, in_dims, x, stride, pads, dils, in_offsets, *weights):
+        if any(d is not None for d in in_dims[1:]):
+            # Per-sample weights: torch's convolutions under vmap.
+            x = _leading(x, in_dims[0], info.batch_size)
+            ws = [_leading(w, d, info.batch_size) for w, d in zip(weights, in_dims[5:])]
+            fn = functools.partial(
+                depthwise_reference, stride=stride, pads=pads, dils=dils, in_offsets=in_offsets
+            )
+            return torch.vmap(lambda a, *b: fn(a, list(b)))(x, *ws), 0
+        size = info.batch_size
+        out = DepthwiseFunction.apply(
+            _fold(x, in_dims[0], size), stride, pads, dils, in_offsets, *weights
+        )
+        return out.view(size, -1, *out.shape[1:]), 0
+
+
+def _dw_setup_context(ctx, inputs, output) -> None:
+    x, weights, stride, pads, dils, in_offsets = inputs
+    ctx.geometry = (stride, pads, dils, in_offsets)
+    ctx.save_for_backward(x, *weights)
+
+
+def _dw_op_backward(ctx, grad):
+    x, *weights = ctx.saved_tensors
+    grads = depthwise_backward_reference(grad, x, weights, *ctx.geometry)
+    return grads[0], grads[1:], None, None, None, None
+
+
+# torch.ops.fastdarts.depthwise is differentiable too (DepthwiseFunction is what the cells use).
+_dw_op.register_autograd(_dw_op_backward, setup_context=_dw_setup_context)
+
+
+def depthwise(
+    x: Tensor,
+    weights: list[Tensor],
+    stride: int,
+    pads: list[int],
+    dils: list[int],
+    in_offsets: list[int],
+) -> Tensor:
+    """Depthwise convolutions of several shapes at once: x (B, Cin, H, W); shape t has
+    weight (Ch_t, 1, k_t, k_t), padding, dilation and the first input channel it reads;
+    one stride; every shape gives the same H', W' → (B, Σ Ch_t, H', W'), shapes in order."""
+    return DepthwiseFunction.apply(x.contiguous(), stride, pads, dils, in_offsets, *weights)
+
+
+# -- the batched edges -------------------------------------------------------------------
+
+
+class _Group:
+    """Static layout of one group: E edges (all of one stride) over n_in inputs.
+
+    edges[e] = (state_dict key prefix, input index, output slot, row of α). Channel layouts
+    (t the op, e the edge, c the channel, i the input): stage-1 outputs [t][e][c] (4EC),
+    stage-2 [t][e][c] (2EC), pools [p][i][c], FactorizedReduce [half][e][c'] (EC). The
+    mixture's sources: [dil convs (2EC) | sep convs (2EC) | pools (2·n_in·C) | skip: the
+    inputs (n_in·C) or FR (EC)]. Running statistics of the BNs folded into the mixture:
+    [sep convs (2EC) | pools [p][e][c] (2EC) | FR (EC)].
+    """
+
+    def __init__(self, C: int, stride: int, n_in: int, n_out: int, edges: list[tuple]):
+        self.C, self.stride, self.n_in, self.n_out, self.edges = C, stride, n_in, n_out, edges
+        self.E = len(edges)
+        self.fr = stride == 2
+        self.bn_keys = ["_ops.1.1", "_ops.2.1", *(["_ops.3.bn"] if self.fr else [])]
+        self.bn_keys += ["_ops.4.op.3", "_ops.4.op.7", "_ops.5.op.3", "_ops.5.op.7"]
+        self.bn_keys += ["_ops.6.op.3", "_ops.7.op.3"]
+        E = self.E
+        self.offsets = {"dil": 0, "sep": 2 * E * C, "pools": 4 * E * C}
+        self.offsets["skip"] = 4 * E * C + 2 * n_in * C
+        self.n_src = self.offsets["skip"] + (E * C if self.fr else n_in * C)
+        self.n_run = 4 * E * C + (E * C if self.fr else 0)
+
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        """Parameter shapes, by name."""
+        C, E = self.C, self.E
+        shapes = {f"dw1_{k}": (E * C, 1, size, size) for k, size, _, _ in _STAGE1}
+        shapes["pw1"] = (4 * E * C, C, 1, 1)
+        shapes.update({f"dw2_{k}": (E * C, 1, size, size) for k, size, _ in _STAGE2})
+        shapes["pw2"] = (2 * E * C, C, 1, 1)
+        if self.fr:
+            shapes["fr1"] = shapes["fr2"] = (E * C // 2, C, 1, 1)
+        return shapes
+
+    def fr_channels(self, e: int) -> list[int]:
+        """FR output channels (layout [half][e][c']) of edge e's channels 0..C-1."""
+        h = self.C // 2
+        return [(c // h) * self.E * h + e * h + c % h for c in range(self.C)]
+
+    def state_map(self, e: int) -> list[tuple[str, str, Tensor, tuple[int, ...]]]:
+        """(key, storage, flat element index, shape) of edge e's reference state_dict
+        entries, in the reference order."""
+        C, E = self.C, self.E
+        shapes, prefix, entries = self.shapes(), self.edges[e][0], []
+
+        def weight(key: str, name: str, first_row: int, rows: int) -> None:
+            shape = shapes[name]
+            idx = torch.arange(math.prod(shape)).view(shape[0], -1)[first_row : first_row + rows]
+            entries.append((prefix + key, name, idx.reshape(-1), (rows, *shape[1:])))
+
+        def bn(key: str, store: str, channels: list[int]) -> None:
+            for stat in ("running_mean", "running_var"):
+                idx = torch.tensor(channels)
+                entries.append((f"{prefix}{key}.{stat}", f"{store}_{stat[8:]}", idx, (C,)))
+            nbt = torch.tensor([e * len(self.bn_keys) + self.bn_keys.index(key)])
+            entries.append((f"{prefix}{key}.num_batches_tracked", "nbt", nbt, ()))
+
+        for p in range(2):
+            start = 2 * E * C + (p * E + e) * C
+            bn(f"_ops.{p + 1}.1", "run2", list(range(start, start + C)))
+        if self.fr:
+            weight("_ops.3.conv_1.weight", "fr1", e * (C // 2), C // 2)
+            weight("_ops.3.conv_2.weight", "fr2", e * (C // 2), C // 2)
+            bn("_ops.3.bn", "run2", [4 * E * C + j for j in self.fr_channels(e)])
+        stage2 = {k: t for t, (k, _, _) in enumerate(_STAGE2)}
+        for t, (k, _, _, _) in enumerate(_STAGE1):
+            weight(f"_ops.{k}.op.1.weight", f"dw1_{k}", e * C, C)
+            weight(f"_ops.{k}.op.2.weight", "pw1", (t * E + e) * C, C)
+            bn(f"_ops.{k}.op.3", "run1", list(range((t * E + e) * C, (t * E + e + 1) * C)))
+            if k in stage2:
+                u = stage2[k]
+                weight(f"_ops.{k}.op.5.weight", f"dw2_{k}", e * C, C)
+                weight(f"_ops.{k}.op.6.weight", "pw2", (u * E + e) * C, C)
+                bn(f"_ops.{k}.op.7", "run2", list(range((u * E + e) * C, (u * E + e + 1) * C)))
+        return entries
+
+    def routes(self) -> list[tuple[int, int, int, int]]:
+        """(source channel, output channel, index into the flat α-weights, running
+        statistic used in eval (-1 for ops without a folded BN)) of every route."""
+        C, E, n_in, off = self.C, self.E, self.n_in, self.offsets
+        routes = []
+        for e, (_, i, slot, row) in enumerate(self.edges):
+            for c in range(C):
+                o = slot * C + c
+                for p in range(2):  # max_pool, avg_pool: BN of the pooled input, per edge
+                    s = off["pools"] + (p * n_in + i) * C + c
+                    routes.append((s, o, row * K + 1 + p, 2 * E * C + (p * E + e) * C + c))
+                if self.fr:
+                    j = self.fr_channels(e)[c]
+                    routes.append((off["skip"] + j, o, row * K + 3, 4 * E * C + j))
+                else:
+                    routes.append((off["skip"] + i * C + c, o, row * K + 3, -1))
+                for t in range(2):
+                    j = (t * E + e) * C + c
+                    routes.append((off["sep"] + j, o, row * K + 4 + t, j))
+                    routes.append((off["dil"] + j, o, row * K + 6 + t, -1))
+        return routes
+
+    def running_sources(self) -> list[int]:
+        """For each running statistic of the folded BNs, its channel in the block they
+        normalise in training: [sep convs | pools | FR], the sources from the sep convs on."""
+        C, E, n_in = self.C, self.E, self.n_in
+        idx = list(range(2 * E * C))
+        for p in range(2):
+            for _, i, _, _ in self.edges:
+                idx += [2 * E * C + (p * n_in + i) * C + c for c in range(C)]
+        if self.fr:
+            idx += [2 * E * C + 2 * n_in * C + j for j in range(E * C)]
+        return idx
+
+    def replicate(self) -> list[int] | None:
+        """Input channel of each edge-major channel [e][c], or None when that is the input."""
+        idx = [i * self.C + c for _, i, _, _ in self.edges for c in range(self.C)]
+        return None if idx == list(range(self.n_in * self.C)) else idx
+
+
+class FusedEdges(nn.Module):
+    """MixedOps of one channel count C in groups (each group's edges run as one batched
+    computation; see the module docstring). Parameters and statistics live in the batched
+    layout; state_dict and load_state_dict use the reference MixedOp keys of each edge.
+
+    ``track_running_stats`` plays the role of BatchNorm's: False (see
+    :meth:`SearchModel.frozen_bn_stats`) normalises by batch statistics and updates none.
+    """
+
+    def __init__(self, C: int, groups: list[_Group]):
+        super().__init__()
+        self.C, self._groups, self.track_running_stats = C, groups, True
+        for g, grp in enumerate(groups):
+            for name, shape in grp.shapes().items():
+                weight = torch.empty(shape)
+                bound = 1 / math.sqrt(math.prod(shape[1:]))  # nn.Conv2d's default init
+                self.register_parameter(
+                    f"{name}_g{g}", nn.Parameter(weight.uniform_(-bound, bound))
+                )
+            E = grp.E
+            for name, n in (("run1", 4 * E * grp.C), ("run2", grp.n_run)):
+                self.register_buffer(f"{name}_mean_g{g}", torch.zeros(n))
+                self.register_buffer(f"{name}_var_g{g}", torch.ones(n))
+            self.register_buffer(f"nbt_g{g}", torch.zeros(E, len(grp.bn_keys), dtype=torch.long))
+            routes = grp.routes()
+            table = Routes(
+                [r[0] for r in routes], [r[1] for r in routes], grp.n_src, grp.C * grp.n_out
+            )
+            self.add_module(f"routes_g{g}", table)
+            ordered = [routes[r] for r in table.order]
+            w_idx = torch.tensor([r[2] for r in ordered])
+            self.register_buffer(f"w_g{g}", w_idx, persistent=False)
+            # Eval: index n_run is the (mean 0, invstd 1) slot of ops without a folded BN.
+            stat = torch.tensor([grp.n_run if r[3] < 0 else r[3] for r in ordered])
+            self.register_buffer(f"st_eval_g{g}", stat, persistent=False)
+            self.register_buffer(f"zeros_g{g}", torch.zeros(len(routes)), persistent=False)
+            run = torch.tensor(grp.running_sources())
+            self.register_buffer(f"runstat_g{g}", run, persistent=False)
+            rep = grp.replicate()
+            rep = None if rep is None else torch.tensor(rep)
+            self.register_buffer(f"rep_g{g}", rep, persistent=False)
+
+    def _get(self, name: str, g: int) -> Tensor:
+        return getattr(self, f"{name}_g{g}")
+
+    def run_group(
+        self, g: int, inputs: list[Tensor], weights: Tensor, acc: Tensor | None = None
+    ) -> Tensor:
+        """Group g on its inputs (n_in × (B, C, H, W)); weights: the flat op weights its
+        routes index; acc (B, n_out·C, H', W') or None → (B, n_out·C, H', W')."""
+        device = inputs[0].device.type
+        if torch.is_autocast_enabled(device):
+            # The kernels are float32/float64: the group runs in the weights' dtype.
+            dtype = self._get("pw1", g).dtype
+            with torch.autocast(device, enabled=False):
+                inputs = [t.to(dtype) for t in inputs]
+                return self.run_group(g, inputs, weights.to(dtype), _to(acc, dtype))
+        grp, get = self._groups[g], functools.partial(self._get, g=g)
+        C, E, s = self.C, grp.E, grp.stride
+        x = inputs[0] if len(inputs) == 1 else torch.cat(inputs, 1)
+        r = torch.relu(x)
+        rep = get("rep")
+        rr = r if rep is None else r.index_select(1, rep)
+        first = depthwise(
+            rr,
+            [get(f"dw1_{k}") for k, _, _, _ in _STAGE1],
+            s,
+            [pad for _, _, pad, _ in _STAGE1],
+            [dil for _, _, _, dil in _STAGE1],
+            [0] * len(_STAGE1),
+        )
+        y = F.conv2d(first, get("pw1"), groups=4 * E)
+        training, track = self.training, self.track_running_stats
+        # BatchNorm's rules: running statistics in eval; in training, updated when tracked.
+        use_running = not training or track
+        y = F.batch_norm(
+            y,
+            get("run1_mean") if use_running else None,
+            get("run1_var") if use_running else None,
+            training=training,
+            momentum=BN_MOMENTUM,
+            eps=BN_EPS,
+        )
+        sep = torch.relu(y[:, : 2 * E * C])
+        second = depthwise(
+            sep,
+            [get(f"dw2_{k}") for k, _, _ in _STAGE2],
+            1,
+            [pad for _, _, pad in _STAGE2],
+            [1] * len(_STAGE2),
+            [t * E * C for t in range(len(_STAGE2))],
+        )
+        z = F.conv2d(second, get("pw2"), groups=2 * E)
+        maxp = F.max_pool2d(x, 3, s, 1)
+        avgp = F.avg_pool2d(x, 3, s, 1, count_include_pad=False)
+        if grp.fr:
+            f1 = F.conv2d(rr, get("fr1"), stride=2, groups=E)
+            skip = torch.cat([f1, F.conv2d(rr[:, :, 1:, 1:], get("fr2"), stride=2, groups=E)], 1)
+        else:
+            skip = x
+        dil = y[:, 2 * E * C :]
+        final = [z, maxp, avgp, *([skip] if grp.fr else [])]  # the BNs folded in eval
+        alpha = weights[get("w")]
+        if training:
+            # One BatchNorm over all of them (batch statistics), then the mixture.
+            normed, mean, invstd = torch.native_batch_norm(
+                torch.cat(final, 1), None, None, None, None, True, 0.0, BN_EPS
+            )
+            if track:
+                self._update_running(g, mean, invstd, normed.numel() // normed.shape[1])
+            src = torch.cat([dil, normed, *([] if grp.fr else [skip])], 1)
+            return conv_mix(src, alpha, get("zeros"), get("routes"), acc)
+        # Eval: the running statistics folded into the mixture's coefficients.
+        stat = get("st_eval")
+        shift = F.pad(get("run2_mean"), (0, 1))[stat]
+        invstd = F.pad(torch.rsqrt(get("run2_var") + BN_EPS), (0, 1), value=1.0)[stat]
+        src = torch.cat([dil, *final, *([] if grp.fr else [skip])], 1)
+        return conv_mix(src, alpha * invstd, shift, get("routes"), acc)
+
+    @torch.no_grad()
+    def _update_running(self, g: int, mean: Tensor, invstd: Tensor, n: int) -> None:
+        """The folded BNs' running statistics from their batch statistics (per channel of
+        the normalised block), as BatchNorm updates them (unbiased variance)."""
+        stat = self._get("runstat", g)
+        self._get("run2_mean", g).mul_(1 - BN_MOMENTUM).add_(mean[stat], alpha=BN_MOMENTUM)
+        var = invstd[stat].pow(-2) - BN_EPS
+        unbiased = var * (n / max(n - 1, 1))
+        self._get("run2_var", g).mul_(1 - BN_MOMENTUM).add_(unbiased, alpha=BN_MOMENTUM)
+        self._get("nbt", g).add_(1)
+
+    def _state_entries(self):
+        entries = []
+        for g, grp in enumerate(self._groups):
+            for e in range(grp.E):
+                entries += [(grp.edges[e][3], g, *entry) for entry in grp.state_map(e)]
+        return sorted(entries, key=lambda entry: entry[0])  # edge order, stable within
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars) -> None:
+        for _, g, key, name, idx, shape in self._state_entries():
+            destination[prefix + key] = self._get(name, g).detach().reshape(-1)[idx].view(shape)
+
+    def _load_from_state_dict(
+        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, errors
+    ) -> None:
+        expected = set()
+        for _, g, key, name, idx, shape in self._state_entries():
+            key = prefix + key
+            expected.add(key)
+            if key not in state_dict:
+                missing_keys.append(key)
+                continue
+            value = state_dict[key]
+            if tuple(value.shape) != shape:
+                errors.append(
+                    f"size mismatch for {key}: copying a param with shape {tuple(value.shape)}"
+                    f" from checkpoint, the shape in current model is {shape}."
+                )
+                continue
+            store = self._get(name, g)
+            with torch.no_grad():
+                store.view(-1)[idx] = value.detach().reshape(-1).to(store.device, store.dtype)
+        # As nn.Module does: unexpected keys are listed whether or not ``strict``.
+        unexpected_keys += [k for k in state_dict if k.startswith(prefix) and k not in expected]
+
+
+def _to(t: Tensor | None, dtype: torch.dtype) -> Tensor | None:
+    return None if t is None else t.to(dtype)
+
+
+def _check_edge_input(x: Tensor, weights: Tensor, C: int, stride: int) -> None:
+    for name, t in (("x", x), ("weights", weights)):
+        if not isinstance(t, Tensor):
+            raise TypeError(f"MixedOp: {name} must be a Tensor, got {type(t).__name__}")
+    if x.dim() != 4 or x.shape[1] != C:
+        raise ValueError(f"MixedOp: x must be (B, {C}, H, W), got {tuple(x.shape)}")
+    if stride == 2 and (x.shape[2] % 2 or x.shape[3] % 2):
+        raise ValueError(f"MixedOp: stride 2 needs an even H and W, got {tuple(x.shape)}")
+    if tuple(weights.shape) != (K,):
+        raise ValueError(
+            f"MixedOp: weights must be ({K},) (ops {', '.join(CNN_PRIMITIVES)}), "
+            f"got {tuple(weights.shape)}"
+        )
+    if x.dtype not in _DTYPES or weights.dtype != x.dtype:
+        raise TypeError(
+            f"MixedOp: x and weights must both be float32 or float64, got {x.dtype}, "
+            f"{weights.dtype}"
+        )
+    if weights.device != x.device:
+        raise ValueError(
+            f"MixedOp: x and weights must be on one device, got {x.device}, {weights.device}"
+        )
+
+
+class MixedOp(FusedEdges):
+    """Drop-in for the DARTS MixedOp: Σ_k weights[k]·op_k(x) over the 8 primitives, fused.
+
+    Same constructor, call and state_dict keys and shapes as
+    :class:`fastdarts.spaces.cnn.MixedOp` (``_ops.<k>.…`` in PRIMITIVES order), so its
+    checkpoints load both ways. x (B, C, H, W), weights (8,) → (B, C, H', W').
+    """
+
+    def __init__(self, C: int, stride: int):
+        if stride not in (1, 2):
+            raise ValueError(f"MixedOp: stride must be 1 or 2, got {stride}")
+        if stride == 2 and C % 2:
+            raise ValueError(f"FactorizedReduce needs an even channel count, got {C}")
+        super().__init__(C, [_Group(C, stride, 1, 1, [("", 0, 0, 0)])])
+        self.stride = stride
+
+    def forward(self, x: Tensor, weights: Tensor) -> Tensor:
+        _check_edge_input(x, weights, self.C, self.stride)
+        return self.run_group(0, [x], weights)
+
+
+class FusedCellOps(FusedEdges):
+    """All edges of a search cell: the edges from the two cell inputs as one group, then
+    each node's outgoing edges as one. Keys are the reference cell's ``_ops.<edge>.…``.
+
+    ``forward(states, weights)``: the two preprocessed inputs, weights (edges, 8) → the
+    concatenated last ``multiplier`` nodes.
+    """
+
+    def __init__(self, C: int, steps: int, multiplier: int, reduction: bool):
+        if reduction and C % 2:
+            raise ValueError(f"FactorizedReduce needs an even channel count, got {C}")
+        offsets = [sum(2 + j for j in range(node)) for node in range(steps)]
+        first = [(f"{offsets[n] + i}.", i, n, offsets[n] + i) for i in (0, 1) for n in range(steps)]
+        groups = [_Group(C, 2 if reduction else 1, 2, steps, first)]
+        for g in range(1, steps):
+            edges = [
+                (f"{offsets[n] + g + 1}.", 0, n - g, offsets[n] + g + 1) for n in range(g, steps)
+            ]
+            groups.append(_Group(C, 1, 1, steps - g, edges))
+        super().__init__(C, groups)
+        self.steps, self.multiplier = steps, multiplier
+
+    def forward(self, states: list[Tensor], weights: Tensor) -> Tensor:
+        flat, acc, C = weights.reshape(-1), None, self.C
+        states = list(states)
+        for g in range(self.steps):
+            out = self.run_group(g, states[:2] if g == 0 else states[-1:], flat, acc)
+            # Contiguous node states: the pools and convolutions of the next group read them.
+            states.append(out[:, :C].contiguous())
+            acc = out[:, C:]
+        return torch.cat(states[-self.multiplier :], dim=1)
+
+
+def fused_cell_ops(cell: nn.Module) -> nn.Module:
+    """``cell._ops`` as a :class:`FusedCellOps` with the same state (weights, statistics)."""
+    if isinstance(cell._ops, FusedCellOps):
+        return cell._ops
+    ref = cell._ops[0]._ops[4].op[1].weight  # sep_conv_3x3's depthwise weight (C, 1, 3, 3)
+    fused = FusedCellOps(ref.shape[0], cell._steps, cell._multiplier, cell.reduction)
+    fused = fused.to(ref.device, ref.dtype)
+    fused.load_state_dict(cell._ops.state_dict())
+    fused.train(cell.training)
+    return fused
+
+
+def reference_cell_ops(cell: nn.Module) -> nn.Module:
+    """``cell._ops`` as the reference ModuleList of MixedOps, with the same state."""
+    if not isinstance(cell._ops, FusedCellOps):
+        return cell._ops
+    from fastdarts.spaces.cnn import MixedOp as ReferenceMixedOp
+
+    fused, steps = cell._ops, cell._steps
+    ref = next(iter(fused.parameters()))
+    ops = nn.ModuleList(
+        ReferenceMixedOp(fused.C, 2 if cell.reduction and j < 2 else 1)
+        for i in range(steps)
+        for j in range(2 + i)
+    ).to(ref.device, ref.dtype)
+    ops.load_state_dict(fused.state_dict())
+    ops.train(cell.training)
+    return ops

@@ -1,0 +1,741 @@
+"""The fused convolutional MixedOp and cell against the reference, on fresh random inputs.
+
+Tolerances: float64, rtol 1e-10 (atol 1e-12 for values that cancel to ~0); float32 is
+compared with the float64 reference on the same inputs at rtol 1e-4, atol 1e-4 (BatchNorm
+divides by per-channel std of a handful of pixels, and the α-gradients sum B·H·W terms).
+Outputs of the kernels are filled with NaN before a call, so an element left unwritten
+fails the comparison; the route tables of the tests include a source channel that no route
+reads and an output channel that none writes.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import os
+import re
+import subprocess
+import sys
+import textwrap
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from conftest import REPO
+
+import fastdarts
+from fastdarts.data.cifar import CIFAR10Split
+from fastdarts.ops import backends, extension
+from fastdarts.ops.conv_mixed import (
+    FusedCellOps,
+    FusedEdges,
+    MixedOp,
+    Routes,
+    conv_mix,
+    depthwise,
+    depthwise_backward_reference,
+    depthwise_reference,
+    fused_cell_ops,
+    kernel_name,
+    mix_backward_reference,
+    mix_reference,
+    reference_cell_ops,
+)
+from fastdarts.search.config import SearchConfig
+from fastdarts.search.tasks import CNNTask
+from fastdarts.spaces.cnn import ConvSearchModel, SearchCell
+from fastdarts.spaces.cnn import MixedOp as ReferenceMixedOp
+
+CPP = kernel_name(torch.device("cpu")) == "cpp"
+needs_cpp = pytest.mark.skipif(not CPP, reason="fastdarts._C without the conv_mix kernels")
+TOL = {torch.float64: (1e-10, 1e-12), torch.float32: (1e-4, 1e-4)}
+F64 = torch.float64
+
+
+def test_extension_has_the_conv_kernels_in_ci():
+    if os.environ.get("CI") and not CPP:
+        pytest.fail(f"CI without the conv_mix C++ kernels: {extension.unavailable_reason()}")
+
+
+@pytest.fixture
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _gen(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def _probs(gen, *shape, dtype=F64):
+    return torch.softmax(torch.randn(*shape, K_OPS, generator=gen, dtype=dtype), -1)
+
+
+K_OPS = len(fastdarts.CNN_PRIMITIVES)
+
+
+def fused_grads(module) -> dict[str, torch.Tensor]:
+    """Gradients of a module's parameters under the reference state_dict keys (those of
+    its fused edge modules mapped through their state_dict layout)."""
+    fused = {n: m for n, m in module.named_modules() if isinstance(m, FusedEdges)}
+    grads = {}
+    for name, m in fused.items():
+        prefix = f"{name}." if name else ""
+        for _, g, key, store, idx, shape in m._state_entries():
+            p = m._get(store, g)
+            if isinstance(p, torch.nn.Parameter):
+                grads[prefix + key] = p.grad.reshape(-1)[idx].view(shape)
+    for name, p in module.named_parameters():
+        if not any(f == "" or name.startswith(f + ".") for f in fused):
+            grads[name] = p.grad
+    return grads
+
+
+def reference_grads(module) -> dict[str, torch.Tensor]:
+    return {k: p.grad for k, p in module.named_parameters()}
+
+
+def assert_close(got, want, dtype, msg=""):
+    rtol, atol = TOL[dtype]
+    assert got.isfinite().all(), msg
+    torch.testing.assert_close(got, want.to(got.dtype), rtol=rtol, atol=atol, msg=msg)
+
+
+def compare_modules(ref, fused, inputs, dtype, loss_weights):
+    """Forward, every gradient and the state (running statistics) of ref (float64) and fused
+    (``dtype``) on the same inputs; inputs[-1] are the op weights."""
+    ref_in = [t.detach().to(F64).requires_grad_() for t in inputs]
+    fused_in = [t.detach().to(dtype).requires_grad_() for t in inputs]
+    want = ref(*ref_in)
+    got = fused(*fused_in)
+    assert_close(got, want, dtype, "forward")
+    want_grads = torch.autograd.grad((want * loss_weights).sum(), ref_in, retain_graph=True)
+    (got * loss_weights.to(dtype)).sum().backward()
+    for i, (g, w) in enumerate(zip(fused_in, want_grads)):
+        assert_close(g.grad, w, dtype, f"grad of input {i}")
+    (want * loss_weights).sum().backward()
+    ref_g, fused_g = reference_grads(ref), fused_grads(fused)
+    assert sorted(ref_g) == sorted(fused_g)
+    for key, w in ref_g.items():
+        assert_close(fused_g[key], w, dtype, key)
+    ref_sd, fused_sd = ref.state_dict(), fused.state_dict()
+    assert list(ref_sd) == list(fused_sd)
+    for key, w in ref_sd.items():
+        if w.is_floating_point():
+            assert_close(fused_sd[key], w, dtype, key)
+        else:
+            assert torch.equal(fused_sd[key], w), key
+
+
+def make_edge(C, stride, dtype, seed, train):
+    torch.manual_seed(seed)
+    ref = ReferenceMixedOp(C, stride).to(F64)
+    # Non-trivial running statistics, so that eval mode tests them.
+    with torch.no_grad():
+        for name, buf in ref.named_buffers():
+            if "running" in name:
+                buf.uniform_(0.5, 1.5)
+    fused = MixedOp(C, stride).to(dtype)
+    fused.load_state_dict(ref.state_dict())
+    ref.train(train)
+    fused.train(train)
+    return ref, fused
+
+
+@pytest.mark.parametrize("dtype", [F64, torch.float32])
+@pytest.mark.parametrize("train", [True, False])
+@pytest.mark.parametrize("stride, size", [(1, (7, 9)), (2, (10, 6)), (1, (1, 1)), (1, (33, 32))])
+def test_edge_forward_grads_and_stats_match_reference(stride, size, train, dtype):
+    # 33×32: a plane large enough for the C++ depthwise forward (see _DW_MIN_PLANE).
+    C = 6 if size[0] < 32 else 3  # not a power of two
+    gen = _gen(100 + stride + size[0])
+    ref, fused = make_edge(C, stride, dtype, seed=stride, train=train)
+    batch = 1 if size == (1, 1) and not train else 3  # BN needs >1 value per channel to train
+    x = torch.randn(batch, C, *size, generator=gen, dtype=F64)
+    w = _probs(gen)
+    out_size = [(s - 1) // stride + 1 for s in size]
+    loss_w = torch.randn(batch, C, *out_size, generator=gen, dtype=F64)
+    compare_modules(ref, fused, [x, w], dtype, loss_w)
+
+
+def test_edge_weights_with_exact_zeros_and_single_ops():
+    gen = _gen(3)
+    ref, fused = make_edge(4, 1, F64, seed=3, train=True)
+    x = torch.randn(2, 4, 5, 5, generator=gen, dtype=F64)
+    for k in range(K_OPS):
+        w = torch.zeros(K_OPS, dtype=F64)
+        w[k] = 1.0
+        assert_close(fused(x, w), ref(x, w), F64, f"op {fastdarts.CNN_PRIMITIVES[k]}")
+
+
+def make_cell(C, reduction, reduction_prev, dtype, seed, train):
+    torch.manual_seed(seed)
+    c_pp = 2 * C if reduction_prev else C
+    ref = SearchCell(4, 4, c_pp, C, C, reduction, reduction_prev).to(F64)
+    with torch.no_grad():
+        for name, buf in ref.named_buffers():
+            if "running" in name:
+                buf.uniform_(0.5, 1.5)
+    fused = copy.deepcopy(ref).to(dtype)
+    fused._ops = fused_cell_ops(fused)
+    assert isinstance(fused._ops, FusedCellOps)
+    ref.train(train)
+    fused.train(train)
+    return ref, fused, c_pp
+
+
+@pytest.mark.parametrize("dtype", [F64, torch.float32])
+@pytest.mark.parametrize("train", [True, False])
+@pytest.mark.parametrize(
+    "reduction, reduction_prev", [(False, False), (True, False), (False, True)]
+)
+def test_cell_forward_grads_and_stats_match_reference(reduction, reduction_prev, train, dtype):
+    C, H = 6, 6 if (reduction or reduction_prev) else 5
+    gen = _gen(200 + 2 * reduction + reduction_prev)
+    ref, fused, c_pp = make_cell(C, reduction, reduction_prev, dtype, seed=7, train=train)
+    h_pp = 2 * H if reduction_prev else H
+    s0 = torch.randn(2, c_pp, h_pp, h_pp, generator=gen, dtype=F64)
+    s1 = torch.randn(2, C, H, H, generator=gen, dtype=F64)
+    w = _probs(gen, 14)
+    h_out = H // 2 if reduction else H
+    loss_w = torch.randn(2, 4 * C, h_out, h_out, generator=gen, dtype=F64)
+    compare_modules(ref, fused, [s0, s1, w], dtype, loss_w)
+
+
+def test_state_dict_round_trips_both_ways():
+    gen = _gen(5)
+    for stride in (1, 2):
+        torch.manual_seed(stride)
+        ref, fused = ReferenceMixedOp(6, stride).double(), MixedOp(6, stride).double()
+        ref_sd = ref.state_dict()
+        assert [(k, v.shape) for k, v in ref_sd.items()] == [
+            (k, v.shape) for k, v in fused.state_dict().items()
+        ]
+        x = torch.randn(2, 6, 8, 8, generator=gen, dtype=F64)
+        w = _probs(gen)
+        # reference → fused: same output; fused → a fresh reference: same state. Eval mode,
+        # so that the forward passes leave the statistics alone.
+        fused.load_state_dict(ref_sd)
+        ref.eval(), fused.eval()
+        assert_close(fused(x, w), ref(x, w), F64)
+        other = ReferenceMixedOp(6, stride).double()
+        other.load_state_dict(fused.state_dict())
+        for k, v in other.state_dict().items():
+            assert torch.equal(v, ref.state_dict()[k]), k
+        # The fused module's own (fresh) weights survive a trip through the reference.
+        torch.manual_seed(9)
+        fresh = MixedOp(6, stride).double()
+        sd = fresh.state_dict()
+        via_ref = ReferenceMixedOp(6, stride).double()
+        via_ref.load_state_dict(sd)
+        back = MixedOp(6, stride).double()
+        back.load_state_dict(via_ref.state_dict())
+        for (n, a), b in zip(fresh.named_parameters(), back.parameters()):
+            assert torch.equal(a, b), n
+        fresh.eval(), via_ref.eval()
+        assert_close(fresh(x, w), via_ref(x, w), F64)
+
+
+def test_load_state_dict_reports_missing_unexpected_and_bad_shapes():
+    fused = MixedOp(4, 1)
+    sd = ReferenceMixedOp(4, 1).state_dict()
+    del sd["_ops.4.op.1.weight"]
+    sd["_ops.9.weight"] = torch.zeros(1)
+    result = fused.load_state_dict(sd, strict=False)
+    assert result == ReferenceMixedOp(4, 1).load_state_dict(sd, strict=False)
+    assert result.missing_keys == ["_ops.4.op.1.weight"]
+    with pytest.raises(RuntimeError, match=r"Unexpected key\(s\) in state_dict: \"_ops.9.weight\""):
+        fused.load_state_dict(sd)
+    sd = ReferenceMixedOp(6, 1).state_dict()
+    with pytest.raises(RuntimeError, match=r"size mismatch for _ops.4.op.1.weight"):
+        fused.load_state_dict(sd)
+
+
+def test_drop_in_export():
+    assert fastdarts.MixedOp is MixedOp
+    assert fastdarts.spaces.cnn.MixedOp is ReferenceMixedOp
+
+
+# -- the mixture kernel ------------------------------------------------------------------
+
+
+def make_mix(gen, dtype=F64, B=2, H=3, W=5):
+    # Source channel 5 is read by no route, output channel 3 written by none; channel 4 is
+    # read by two routes (the backward sums them).
+    routes = Routes([0, 3, 2, 2, 4, 1, 4], [1, 0, 0, 2, 2, 1, 0], 6, 4)
+    src = torch.randn(B, 6, H, W, generator=gen, dtype=dtype)
+    alpha = torch.randn(7, generator=gen, dtype=dtype)
+    shift = torch.randn(7, generator=gen, dtype=dtype)
+    acc = torch.randn(B, 4, H, W, generator=gen, dtype=dtype)
+    return routes, src, alpha, shift, acc
+
+
+@needs_cpp
+@pytest.mark.parametrize("dtype", [F64, torch.float32])
+def test_cpp_kernels_write_every_element(dtype):
+    gen = _gen(11)
+    for B, H, W in [(1, 1, 1), (2, 3, 5), (3, 17, 19)]:
+        routes, src, alpha, shift, acc = make_mix(gen, dtype, B, H, W)
+        rs, ro, optr, perm, sptr, n = routes.tables()
+        g = torch.randn(B, 4, H, W, generator=gen, dtype=dtype)
+        for a in (acc, None):
+            out = torch.full((B, 4, H, W), math.nan, dtype=dtype)
+            torch.ops.fastdarts_cpp.conv_mix_forward(src, alpha, shift, a, rs, optr, out)
+            want = mix_reference(*(t.double() for t in (src, alpha, shift)), a, rs, ro, n)
+            assert_close(out, want, dtype)
+        grads = [torch.full_like(t, math.nan) for t in (src, alpha, shift)]
+        torch.ops.fastdarts_cpp.conv_mix_backward(g, src, alpha, shift, rs, ro, perm, sptr, *grads)
+        want = mix_backward_reference(*(t.double() for t in (g, src, alpha, shift)), rs, ro)
+        for got, w in zip(grads, want):
+            assert_close(got, w, dtype)
+        assert (grads[0][:, 5] == 0).all()
+
+
+@needs_cpp
+def test_cpp_kernel_checks_its_inputs():
+    routes, src, alpha, shift, acc = make_mix(_gen(12))
+    rs, _, optr, _, _, _ = routes.tables()
+    out = torch.empty_like(acc)
+    forward = torch.ops.fastdarts_cpp.conv_mix_forward
+    with pytest.raises(RuntimeError, match=r"outside \[0, 6\)"):
+        forward(src, alpha, shift, acc, rs + 3, optr, out)
+    with pytest.raises(RuntimeError, match="alpha must be Double"):
+        forward(src, alpha.float(), shift, acc, rs, optr, out)
+    with pytest.raises(RuntimeError, match="out must be a contiguous tensor on cpu"):
+        forward(src, alpha, shift, acc, rs, optr, out.float())
+    with pytest.raises(RuntimeError, match="route_src must be a contiguous int64"):
+        forward(src, alpha, shift, acc, rs.int(), optr, out)
+
+
+def test_conv_mix_matches_reference_forward_and_backward():
+    gen = _gen(13)
+    routes, src, alpha, shift, acc = make_mix(gen, B=3, H=4, W=7)
+    rs, ro, _, _, _, n = routes.tables()
+    g = torch.randn_like(acc)
+    for a in (acc, None):
+        inputs = [t.clone().requires_grad_() for t in (src, alpha, shift)]
+        a_in = None if a is None else a.clone().requires_grad_()
+        out = conv_mix(*inputs, routes, a_in)
+        want = mix_reference(src, alpha, shift, a, rs, ro, n)
+        assert_close(out, want, F64)
+        leaves = inputs + ([a_in] if a is not None else [])
+        got = torch.autograd.grad(out, leaves, g)
+        ref_leaves = [t.clone().requires_grad_() for t in (src, alpha, shift)]
+        ref_acc = None if a is None else a.clone().requires_grad_()
+        ref_out = mix_reference(*ref_leaves, ref_acc, rs, ro, n)
+        want = torch.autograd.grad(ref_out, ref_leaves + ([ref_acc] if a is not None else []), g)
+        for x, y in zip(got, want):
+            assert_close(x, y, F64)
+
+
+def test_gradcheck_and_gradgradcheck():
+    routes, src, alpha, shift, acc = make_mix(_gen(14), B=2, H=2, W=3)
+    inputs = [t.requires_grad_() for t in (src, alpha, shift, acc)]
+
+    def fn(s, a, h, c):
+        return conv_mix(s, a, h, routes, c)
+
+    assert torch.autograd.gradcheck(fn, inputs)
+    assert torch.autograd.gradgradcheck(fn, inputs)
+
+
+def test_edge_double_backward_matches_reference():
+    gen = _gen(15)
+    ref, fused = make_edge(4, 1, F64, seed=4, train=True)
+    x = torch.randn(2, 4, 5, 5, generator=gen, dtype=F64)
+    w = _probs(gen)
+    v = torch.randn(2, 4, 5, 5, generator=gen, dtype=F64)
+
+    def hvp(module):
+        xs, ws = x.clone().requires_grad_(), w.clone().requires_grad_()
+        (gx,) = torch.autograd.grad((module(xs, ws) ** 2).sum(), [xs], create_graph=True)
+        return torch.autograd.grad((gx * v).sum(), [xs, ws])
+
+    for got, want in zip(hvp(fused), hvp(ref)):
+        assert_close(got, want, F64)
+
+
+def test_vmap_folds_batch_and_handles_batched_coefficients():
+    gen = _gen(16)
+    routes, src, alpha, shift, acc = make_mix(gen)
+    rs, ro, _, _, _, n = routes.tables()
+    V = 3
+    srcs = torch.randn(V, *src.shape, generator=gen, dtype=F64)
+    alphas = torch.randn(V, *alpha.shape, generator=gen, dtype=F64)
+
+    def fn(s, a, h, c):
+        return conv_mix(s, a, h, routes, c)
+
+    got = torch.vmap(fn, in_dims=(0, None, None, None))(srcs, alpha, shift, acc)
+    want = torch.stack([mix_reference(s, alpha, shift, acc, rs, ro, n) for s in srcs])
+    assert_close(got, want, F64)
+    got = torch.vmap(fn, in_dims=(0, 0, None, None))(srcs, alphas, shift, acc)
+    want = torch.stack([mix_reference(s, a, shift, acc, rs, ro, n) for s, a in zip(srcs, alphas)])
+    assert_close(got, want, F64)
+
+    def loss(s, a):
+        return (conv_mix(s, a, shift, routes, acc) ** 2).sum()
+
+    per_sample = torch.func.vmap(torch.func.grad(loss, argnums=(0, 1)), in_dims=(0, None))(
+        srcs, alpha
+    )
+    for v in range(V):
+        s, a = srcs[v].clone().requires_grad_(), alpha.clone().requires_grad_()
+        out = mix_reference(s, a, shift, acc, rs, ro, n)
+        want = torch.autograd.grad((out**2).sum(), [s, a])
+        for g, w in zip(per_sample, want):
+            assert_close(g[v], w, F64)
+
+
+def test_edge_under_vmap_in_eval_mode():
+    gen = _gen(17)
+    ref, fused = make_edge(4, 1, F64, seed=5, train=False)
+    xs = torch.randn(3, 2, 4, 5, 5, generator=gen, dtype=F64)
+    w = _probs(gen)
+    got = torch.vmap(lambda x: fused(x, w))(xs)
+    assert_close(got, torch.stack([ref(x, w) for x in xs]), F64)
+
+
+def test_cell_under_vmap_over_stacked_weights():
+    # As the architect's batched w± pass runs it: weights stacked on a new leading dim,
+    # batch statistics, nothing updated.
+    gen = _gen(25)
+    _, fused, _ = make_cell(4, True, False, F64, seed=8, train=True)
+    s0, s1 = (torch.randn(2, 4, 6, 6, generator=gen, dtype=F64) for _ in range(2))
+    w = _probs(gen, 14)
+    names, params = zip(*fused.named_parameters())
+    stacked = {n: torch.stack([p + 0.1 * torch.randn_like(p), p]) for n, p in zip(names, params)}
+    for m in fused.modules():
+        if hasattr(m, "track_running_stats"):
+            m.track_running_stats = False
+
+    def run(weights):
+        return torch.func.functional_call(fused, weights, (s0, s1, w))
+
+    got = torch.func.vmap(run)(stacked)
+    for i in range(2):
+        assert_close(got[i], run({n: t[i] for n, t in stacked.items()}), F64)
+
+
+def test_cell_ops_under_autocast_run_in_the_weights_dtype():
+    gen = _gen(26)
+    _, fused, _ = make_cell(4, False, False, torch.float32, seed=9, train=False)
+    states = [torch.randn(2, 4, 5, 5, generator=gen) for _ in range(2)]
+    w = _probs(gen, 14, dtype=torch.float32)
+    want = fused._ops(states, w)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = fused._ops([t.bfloat16() for t in states], w)
+    assert got.dtype == torch.float32
+    bf16 = fused._ops([t.bfloat16().float() for t in states], w)
+    torch.testing.assert_close(got, bf16, rtol=0, atol=0)
+    assert (got - want).abs().max() < 0.1  # only the inputs were rounded
+
+
+def test_custom_op_registration_passes_opcheck():
+    routes, src, alpha, shift, acc = make_mix(_gen(18))
+    rs, ro, optr, perm, sptr, n = routes.tables()
+    inputs = [t.requires_grad_() for t in (src, alpha, shift, acc)]
+    torch.library.opcheck(torch.ops.fastdarts.conv_mix.default, [*inputs, rs, ro, optr, n])
+    g = torch.randn_like(acc)
+    args = [g, src.detach(), alpha.detach(), shift.detach(), rs, ro, perm, sptr]
+    torch.library.opcheck(torch.ops.fastdarts.conv_mix_backward.default, args)
+
+
+# -- depthwise convolutions of several shapes --------------------------------------------
+
+DW_SHAPES = [(3, 1, 1), (5, 2, 1), (3, 2, 2), (5, 4, 2)]  # (kernel, padding, dilation)
+
+
+def make_depthwise(gen, C, shapes, shared, B=2, H=7, W=9, dtype=F64):
+    weights = [torch.randn(C, 1, k, k, generator=gen, dtype=dtype) for k, _, _ in shapes]
+    offsets = [0] * len(shapes) if shared else [t * C for t in range(len(shapes))]
+    x = torch.randn(B, C if shared else C * len(shapes), H, W, generator=gen, dtype=dtype)
+    pads, dils = [p for _, p, _ in shapes], [d for _, _, d in shapes]
+    return x, weights, pads, dils, offsets
+
+
+@needs_cpp
+@pytest.mark.parametrize("dtype", [F64, torch.float32])
+@pytest.mark.parametrize("stride, size", [(1, (7, 9)), (2, (10, 6)), (1, (1, 1)), (2, (2, 2))])
+@pytest.mark.parametrize("shared", [True, False])
+def test_cpp_depthwise_matches_torch_and_writes_every_element(shared, stride, size, dtype):
+    gen = _gen(30 + stride)
+    shapes = DW_SHAPES if shared else DW_SHAPES[:2]
+    x, ws, pads, dils, offs = make_depthwise(gen, 5, shapes, shared, 3, *size, dtype)
+    x64, ws64 = x.double().requires_grad_(), [w.double().requires_grad_() for w in ws]
+    want = depthwise_reference(x64, ws64, stride, pads, dils, offs)
+    g = torch.randn(want.shape, generator=gen, dtype=F64)
+    want_grads = torch.autograd.grad(want, [x64, *ws64], g)
+    out = torch.full(want.shape, math.nan, dtype=dtype)
+    torch.ops.fastdarts_cpp.depthwise_forward(x, ws, stride, pads, dils, offs, out)
+    assert_close(out, want, dtype)
+    d_x, d_ws = torch.full_like(x, math.nan), [torch.full_like(w, math.nan) for w in ws]
+    args = (g.to(dtype), x, ws, stride, pads, dils, offs, d_x, d_ws)
+    torch.ops.fastdarts_cpp.depthwise_backward(*args)
+    for got, w in zip([d_x, *d_ws], want_grads):
+        assert_close(got, w, dtype)
+    # Without the weights' gradient (an α-only pass): d_x alone, the same.
+    d_x2 = torch.full_like(x, math.nan)
+    torch.ops.fastdarts_cpp.depthwise_backward(*args[:7], d_x2, [])
+    assert torch.equal(d_x2, d_x)
+    # ... and the torch-op backward used under create_graph agrees.
+    ref = depthwise_backward_reference(
+        g, x64.detach(), [w.detach() for w in ws64], stride, pads, dils, offs
+    )
+    for got, w in zip(ref, want_grads):
+        assert_close(got, w, F64)
+
+
+@needs_cpp
+def test_cpp_depthwise_checks_its_inputs():
+    x, ws, pads, dils, offs = make_depthwise(_gen(31), 4, DW_SHAPES[:2], shared=True)
+    out = torch.empty(2, 8, 7, 9, dtype=F64)
+    forward = torch.ops.fastdarts_cpp.depthwise_forward
+    with pytest.raises(RuntimeError, match=r"reads channels \[2, 6\) of an input with 4"):
+        forward(x, ws, 1, pads, dils, [0, 2], out)
+    with pytest.raises(RuntimeError, match="same output size"):
+        forward(x, ws, 1, [1, 1], dils, offs, out)
+    with pytest.raises(RuntimeError, match="stride must be 1 or 2"):
+        forward(x, ws, 3, pads, dils, offs, out)
+
+
+def test_depthwise_gradcheck_gradgradcheck_and_vmap():
+    gen = _gen(32)
+    x, ws, pads, dils, offs = make_depthwise(gen, 2, DW_SHAPES[1:3], shared=False, H=4, W=5)
+    inputs = [t.requires_grad_() for t in (x, *ws)]
+
+    def fn(a, *b):
+        return depthwise(a, list(b), 1, pads, dils, offs)
+
+    assert torch.autograd.gradcheck(fn, inputs)
+    assert torch.autograd.gradgradcheck(fn, inputs)
+    xs = torch.randn(3, *x.shape, generator=gen, dtype=F64)
+    got = torch.vmap(fn, in_dims=(0, None, None))(xs, *ws)
+    want = torch.stack([depthwise_reference(a, ws, 1, pads, dils, offs) for a in xs])
+    assert_close(got, want, F64)
+    wb = torch.randn(3, *ws[0].shape, generator=gen, dtype=F64)
+    got = torch.vmap(fn, in_dims=(0, 0, None))(xs, wb, ws[1])
+    want = torch.stack(
+        [depthwise_reference(a, [w, ws[1]], 1, pads, dils, offs) for a, w in zip(xs, wb)]
+    )
+    assert_close(got, want, F64)
+    torch.library.opcheck(torch.ops.fastdarts.depthwise.default, [x, ws, 1, pads, dils, offs])
+
+
+# -- bad inputs ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "change, error, message",
+    [
+        (lambda x, w: (x[0], w), ValueError, "x must be (B, 4, H, W)"),
+        (lambda x, w: (x[:, :3], w), ValueError, "x must be (B, 4, H, W)"),
+        (lambda x, w: (x, w[:7]), ValueError, "weights must be (8,)"),
+        (lambda x, w: (x, w[None]), ValueError, "weights must be (8,)"),
+        (lambda x, w: (x.half(), w.half()), TypeError, "float32 or float64"),
+        (lambda x, w: (x, w.float()), TypeError, "float32 or float64"),
+        (lambda x, w: (x, w.to("meta")), ValueError, "on one device"),
+        (lambda x, w: (x, w.tolist()), TypeError, "weights must be a Tensor"),
+    ],
+)
+def test_bad_edge_inputs_give_clear_errors(change, error, message):
+    module = MixedOp(4, 1).double()
+    x, w = torch.randn(2, 4, 5, 5, dtype=F64), _probs(_gen(19))
+    with pytest.raises(error, match=re.escape(message)):
+        module(*change(x, w))
+
+
+def test_bad_construction_and_stride_two_shapes():
+    with pytest.raises(ValueError, match="stride must be 1 or 2"):
+        MixedOp(4, 3)
+    with pytest.raises(ValueError, match="even channel count"):
+        MixedOp(5, 2)
+    with pytest.raises(ValueError, match="stride 2 needs an even H and W"):
+        MixedOp(4, 2).double()(torch.randn(2, 4, 5, 6, dtype=F64), _probs(_gen(20)))
+
+
+def test_bad_mix_inputs_give_clear_errors():
+    routes, src, alpha, shift, acc = make_mix(_gen(21))
+    with pytest.raises(ValueError, match=re.escape("src must be (B, 6, H, W)")):
+        conv_mix(src[:, :5], alpha, shift, routes, acc)
+    with pytest.raises(ValueError, match=re.escape("alpha and shift must be (7,)")):
+        conv_mix(src, alpha[:6], shift, routes, acc)
+    with pytest.raises(ValueError, match="acc must be"):
+        conv_mix(src, alpha, shift, routes, acc[:, :3])
+    with pytest.raises(TypeError, match="float32 or all float64"):
+        conv_mix(src, alpha.float(), shift, routes, acc)
+    with pytest.raises(ValueError, match="on one device"):
+        conv_mix(src, alpha, shift.to("meta"), routes, acc)
+
+
+# -- backends and the search -------------------------------------------------------------
+
+
+def test_backends_resolve_and_apply_keep_the_state():
+    if CPP:
+        assert backends.resolve("auto", "cnn", "cpu").name == "fused"
+    torch.manual_seed(0)
+    model = ConvSearchModel(C=4, layers=3).double()
+    before = model.state_dict()
+    backends.BACKENDS["fused"].apply(model)
+    assert all(isinstance(cell._ops, FusedCellOps) for cell in model.cells)
+    after = model.state_dict()
+    assert list(before) == list(after)
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    backends.BACKENDS["reference"].apply(model)
+    assert all(isinstance(cell._ops, torch.nn.ModuleList) for cell in model.cells)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert reference_cell_ops(model.cells[0]) is model.cells[0]._ops
+
+
+def test_frozen_bn_stats_freezes_the_fused_cells():
+    torch.manual_seed(0)
+    model = backends.BACKENDS["fused"].apply(ConvSearchModel(C=4, layers=3).double())
+    images = torch.randn(2, 3, 8, 8, dtype=F64)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with model.frozen_bn_stats():
+        model.logits(images)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert all(cell._ops.track_running_stats for cell in model.cells)
+    model.logits(images)
+    changed = [k for k, v in model.state_dict().items() if not torch.equal(before[k], v)]
+    assert "cells.0._ops.13._ops.7.op.3.running_mean" in changed
+    assert "cells.1._ops.0._ops.3.bn.num_batches_tracked" in changed
+
+
+def _images(n=24, size=16, seed=0):
+    gen = _gen(seed)
+    images = torch.randint(0, 256, (n, 3, size, size), dtype=torch.uint8, generator=gen)
+    return CIFAR10Split(images, torch.randint(0, 10, (n,), generator=gen))
+
+
+def _run_search(backend, order, hvp="fd", steps=3):
+    cfg = SearchConfig(
+        space="cnn",
+        order=order,
+        backend=backend,
+        hvp=hvp,
+        dtype="float64",
+        init_channels=4,
+        layers=3,
+        batch_size=2,
+        seed=3,
+    ).resolved()
+    task = CNNTask(cfg, torch.device("cpu"), F64, images=_images())
+    task.begin_epoch(0)
+    losses = [task.step()["loss"] for _ in range(steps)]
+    return task.model, losses
+
+
+@pytest.mark.parametrize(
+    "order, hvp", [(1, "fd"), (2, "fd"), pytest.param(2, "exact", marks=pytest.mark.slow)]
+)
+def test_search_steps_fused_equal_reference(order, hvp, one_thread):
+    ref_model, ref_losses = _run_search("reference", order, hvp)
+    fused_model, fused_losses = _run_search("fused", order, hvp)
+    assert all(isinstance(c._ops, FusedCellOps) for c in fused_model.cells)
+    assert all(isinstance(c._ops, torch.nn.ModuleList) for c in ref_model.cells)
+    np.testing.assert_allclose(fused_losses, ref_losses, rtol=1e-12)
+    start = _run_search("reference", order, hvp, steps=0)[0].arch_parameters()
+    for (name, a_ref), a_fused, a0 in zip(
+        ref_model.named_arch_parameters(), fused_model.arch_parameters(), start
+    ):
+        assert (a_ref - a_fused).abs().max() < 1e-9, name
+        # ... and α moved, so the comparison means something.
+        assert (a_ref - a0).abs().max() > 1e-5, name
+    ref_sd, fused_sd = ref_model.state_dict(), fused_model.state_dict()
+    assert list(ref_sd) == list(fused_sd)
+    for key, w in ref_sd.items():
+        torch.testing.assert_close(fused_sd[key], w, rtol=1e-9, atol=1e-12, msg=key)
+
+
+def test_missing_extension_falls_back_to_torch_ops(monkeypatch):
+    def fail(name):
+        raise ImportError(f"No module named {name!r}")
+
+    monkeypatch.setattr(extension.importlib, "import_module", fail)
+    extension._load.cache_clear()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            assert kernel_name(torch.device("cpu")) == "reference"
+            gen = _gen(22)
+            ref, fused = make_edge(4, 2, F64, seed=6, train=True)
+            x = torch.randn(2, 4, 6, 6, generator=gen, dtype=F64)
+            loss_w = torch.randn(2, 4, 3, 3, generator=gen, dtype=F64)
+            compare_modules(ref, fused, [x, _probs(gen)], F64, loss_w)
+    finally:
+        monkeypatch.undo()
+        extension._load.cache_clear()
+
+
+def test_import_loads_no_kernel_module():
+    code = (
+        "import sys, fastdarts; "
+        "bad = {'triton', 'fastdarts._C', 'fastdarts.kernels.conv_mixed'} & set(sys.modules); "
+        "assert not bad, bad"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO, timeout=120)
+
+
+TRITON_SCRIPT = textwrap.dedent(
+    """
+    import math, sys, torch
+    sys.path.insert(0, {repo!r})
+    from kernels import conv_mixed as k
+    from fastdarts.ops.conv_mixed import Routes, mix_backward_reference, mix_reference
+    gen = torch.Generator().manual_seed(23)
+    routes = Routes([0, 3, 2, 2, 4, 1, 4], [1, 0, 0, 2, 2, 1, 0], 6, 4)
+    rs, ro, optr, perm, sptr, n = routes.tables()
+    for dtype, tol in [(torch.float64, 1e-12), (torch.float32, 1e-5)]:
+        for B, H, W in [(1, 1, 1), (2, 3, 5), (2, 17, 19)]:
+            src = torch.randn(B, 6, H, W, generator=gen, dtype=torch.float64)
+            alpha = torch.randn(7, generator=gen, dtype=torch.float64)
+            shift = torch.randn(7, generator=gen, dtype=torch.float64)
+            acc = torch.randn(B, 4, H, W, generator=gen, dtype=torch.float64)
+            g = torch.randn(B, 4, H, W, generator=gen, dtype=torch.float64)
+            lo = [t.to(dtype) for t in (src, alpha, shift, acc, g)]
+            for a, a_lo in ((acc, lo[3]), (None, None)):
+                out = torch.full((B, 4, H, W), math.nan, dtype=dtype)
+                k.forward(lo[0], lo[1], lo[2], a_lo, rs, optr, out)
+                want = mix_reference(src, alpha, shift, a, rs, ro, n)
+                torch.testing.assert_close(out, want.to(dtype), rtol=tol, atol=tol)
+            outs = [torch.full_like(t, math.nan) for t in lo[:3]]
+            got = k.backward(lo[4], *lo[:3], rs, ro, perm, sptr, out=outs)
+            want = mix_backward_reference(g, src, alpha, shift, rs, ro)
+            for x, y in zip(got, want):
+                torch.testing.assert_close(x, y.to(dtype), rtol=tol, atol=10 * tol)
+    print("triton-interpreter-ok")
+    """
+)
+
+
+def test_triton_kernels_under_interpreter():
+    pytest.importorskip("triton")
+    result = subprocess.run(
+        [sys.executable, "-c", TRITON_SCRIPT.format(repo=str(REPO))],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "TRITON_INTERPRET": "1"},
+        timeout=300,
+        cwd=REPO,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "triton-interpreter-ok" in result.stdout
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [F64, torch.float32])
+def test_cuda_edge_and_cell_match_reference(dtype):
+    assert kernel_name(torch.device("cuda")) == "triton"
+    gen = _gen(24)
+    for stride in (1, 2):
+        ref, fused = make_edge(16, stride, dtype, seed=stride, train=True)
+        fused.cuda()
+        x = torch.randn(8, 16, 16, 16, generator=gen, dtype=F64)
+        w = _probs(gen)
+        got = fused(x.to("cuda", dtype), w.to("cuda", dtype))
+        assert_close(got.cpu(), ref(x, w), dtype)
