@@ -164,8 +164,10 @@ def test_ablation_row_config():
 def test_fast_config_turns_on_the_engine_options():
     (config,) = search_step.parse_backends("fast")
     cfg = search_step.search_config("rnn", 2, "tiny", config.overrides())
-    assert (cfg.backend, cfg.batched_fd) == ("auto", True)
-    first = search_step.search_config("cnn", 1, "tiny", config.overrides())
+    assert (cfg.backend, cfg.batched_fd) == ("auto", False)  # batching saves nothing on a CPU
+    gpu = search_step.search_config("rnn", 2, "tiny", {**config.overrides(), "device": "cuda"})
+    assert (gpu.backend, gpu.batched_fd) == ("auto", True)
+    first = search_step.search_config("cnn", 1, "tiny", {**config.overrides(), "device": "cuda"})
     assert (first.backend, first.batched_fd) == ("auto", False)  # no w± at first order
 
 

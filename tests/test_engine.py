@@ -104,8 +104,9 @@ def test_batched_fd_equals_two_passes(space, backend):
 )
 def test_fast_follows_reference_for_20_steps(space, order, steps):
     ref = make_task(space, steps, order=order)
-    fast = make_task(space, steps, order=order, fast=True)
-    assert fast.cfg.batched_fd == (order == 2)
+    # Every option the CPU runs: --fast, plus batched w± (which --fast leaves off on a CPU).
+    fast = make_task(space, steps, order=order, fast=True, batched_fd=order == 2)
+    assert fast.cfg.batched_fd == (order == 2) and fast.cfg.backend == "auto"
     for _ in range(steps):
         ref.step()
         fast.step()
