@@ -251,16 +251,21 @@ class EpochRun:
         if bad:
             self._diverged(", ".join(f"{k}={v}" for k, v in bad.items()))
 
-    def _diverged(self, what: str) -> None:
+    def _diverged(self, what: str, step: int | None = None) -> None:
         kept = (
             f"the last good checkpoint (step {self.last_checkpoint}) is kept in {self.out}"
             if self.last_checkpoint is not None
             else "no checkpoint was written yet"
         )
+        step = self.step if step is None else step
         raise DivergedError(
-            f"training diverged at step {self.step} (epoch {self.epoch + 1}): {what}; stopped, "
+            f"training diverged at step {step} (epoch {self.epoch + 1}): {what}; stopped, "
             f"{kept}; lower the learning rate"
         )
+
+    def _watched(self) -> dict[str, torch.Tensor]:
+        """Tensors besides a step's metrics that must stay finite, by name (the searcher's α)."""
+        return {}
 
     # -- the loop ----------------------------------------------------------------------------
 
@@ -298,17 +303,24 @@ class EpochRun:
                 leave=False,
             )
             bar.update(self.epoch_step)
+            monitor = StepMonitor(self._watched)
             while not self._epoch_finished() and self._budget_left():
                 metrics = step()
                 self.step += 1
                 self.epoch_step += 1
-                self._check_finite(metrics)
+                monitor.track(self.step, metrics)
                 bar.update(1)
-                bar.set_postfix({k: f"{v:.4g}" for k, v in metrics.items()})
-                if self.step % cfg.log_every == 0 or self.step == 1:
-                    record = {"step": self.step, "epoch": self.epoch + 1, **metrics}
+                logged = self.step % cfg.log_every == 0 or self.step == 1
+                checkpoint = self.step % cfg.checkpoint_every == 0
+                last = self._epoch_finished() or not self._budget_left()
+                if not (logged or checkpoint or last):
+                    continue
+                values = self._read(monitor)
+                bar.set_postfix({k: f"{v:.4g}" for k, v in values.items()})
+                if logged:
+                    record = {"step": self.step, "epoch": self.epoch + 1, **values}
                     self._log({**record, "time_s": round(time.perf_counter() - start, 3)})
-                if self.step % cfg.checkpoint_every == 0:
+                if checkpoint:
                     self._checkpoint()
             bar.close()
             if not self._epoch_finished():
@@ -322,6 +334,87 @@ class EpochRun:
             summary = ", ".join(f"{k} {v:.4g}" for k, v in evaluation.items())
             print(f"epoch {self.epoch}/{cfg.epochs}: {summary}", file=sys.stderr)
 
+    def _read(self, monitor: StepMonitor) -> dict[str, float]:
+        """The latest step's metrics as numbers (one host read); stops the run, naming the
+        step, if any step since the last read left a metric or a watched tensor non-finite."""
+        values, bad = monitor.read()
+        if bad is not None:
+            step, what = bad
+            self._diverged(what, step)
+        return values
+
     def _final_checkpoint(self) -> None:
         if self.last_checkpoint != self.step:
             self._checkpoint()
+
+
+class StepMonitor:
+    """Watches a run's steps without reading the device inside them.
+
+    A step returns its metrics as 0-d tensors (left on the device) or numbers; ``track``
+    records, on the device, the first step whose tensor metrics or watched tensors were not
+    finite (and their values then), and ``read`` fetches that and the latest metrics in one
+    host transfer. The loop reads every ``log_every`` steps, at checkpoints and at an epoch's
+    end, so a GPU step never waits for the host (an ``.item()`` per step would serialise it).
+    """
+
+    def __init__(self, watched: Callable[[], dict[str, torch.Tensor]]) -> None:
+        self.watched = watched
+        self.latest: dict[str, Any] = {}
+        self.names: list[str] = []  # what the device row holds, metrics then watched tensors
+        self.watched_names: set[str] = set()
+        self.first_bad: torch.Tensor | None = None  # a step number, -1 while all is finite
+        self.bad_row: torch.Tensor | None = None
+        self.bad_number: tuple[int, str] | None = None  # the first non-finite number metric
+
+    def track(self, step: int, metrics: dict[str, Any]) -> None:
+        self.latest = metrics
+        if self.bad_number is None:
+            bad = [f"{k}={v}" for k, v in metrics.items() if _non_finite_number(v)]
+            if bad:
+                self.bad_number = (step, ", ".join(bad))
+        row = {
+            k: v.detach().reshape(()).to(torch.float64)
+            for k, v in metrics.items()
+            if isinstance(v, torch.Tensor)
+        }
+        watched = self.watched()
+        for name, t in watched.items():
+            # NaN in the row stands for "not finite".
+            row[name] = torch.where(torch.isfinite(t.detach()).all(), 0.0, math.nan).double()
+        if not row:
+            return
+        values = torch.stack(list(row.values()))
+        if self.first_bad is None or list(row) != self.names:
+            self.names, self.watched_names = list(row), set(watched)
+            self.first_bad = torch.full((), -1, dtype=torch.long, device=values.device)
+            self.bad_row = torch.zeros_like(values)
+        newly_bad = (self.first_bad < 0) & ~torch.isfinite(values).all()
+        self.first_bad = torch.where(newly_bad, step, self.first_bad)
+        self.bad_row = torch.where(newly_bad, values, self.bad_row)
+
+    def read(self) -> tuple[dict[str, float], tuple[int, str] | None]:
+        """The latest metrics as numbers, and (step, what) of the first non-finite step since
+        tracking began, or None."""
+        tensors = [k for k, v in self.latest.items() if isinstance(v, torch.Tensor)]
+        parts = [self.latest[k].detach().reshape(1).to(torch.float64) for k in tensors]
+        if self.first_bad is not None:
+            parts = [self.first_bad.reshape(1).double(), self.bad_row, *parts]
+        flat = torch.cat(parts).tolist() if parts else []
+        bad = self.bad_number
+        if self.first_bad is not None:
+            first, bad_values = int(flat[0]), flat[1 : 1 + len(self.names)]
+            flat = flat[1 + len(self.names) :]
+            if first >= 0 and (bad is None or first < bad[0]):
+                what = [
+                    f"{k} is not finite" if k in self.watched_names else f"{k}={v}"
+                    for k, v in zip(self.names, bad_values)
+                    if not math.isfinite(v)
+                ]
+                bad = (first, ", ".join(what))
+        read = dict(zip(tensors, flat))
+        return {k: read.get(k, v) for k, v in self.latest.items()}, bad
+
+
+def _non_finite_number(value: Any) -> bool:
+    return not isinstance(value, torch.Tensor) and not math.isfinite(value)

@@ -1,7 +1,8 @@
-"""Small file helpers shared by the search loop and the tools."""
+"""Small helpers shared by the search loop, the training loop and the tools."""
 
 from __future__ import annotations
 
+import math
 import os
 import tempfile
 from pathlib import Path
@@ -37,3 +38,11 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
 def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
     """``torch.save`` that replaces ``path`` atomically."""
     _atomic_replace(path, lambda f: torch.save(obj, f))
+
+
+def perplexity(loss: float | torch.Tensor) -> float | torch.Tensor:
+    """exp(loss), capped at exp(700); a tensor loss gives a float64 tensor on its device
+    (float32 would overflow at exp(89)), so a step can report it without a host read."""
+    if isinstance(loss, torch.Tensor):
+        return loss.detach().double().clamp(max=700.0).exp()
+    return math.exp(min(loss, 700.0))

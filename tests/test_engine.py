@@ -2,12 +2,16 @@
 
 - batched w±: the vmap pass over stacked w⁺/w⁻ with one backward equals two separate
   passes (each half normalised by its own BatchNorm statistics);
-- ``--fast`` (every option the CPU supports) follows the reference's α for 20 steps.
+- ``--fast`` (every option the CPU supports) follows the reference's α for 20 steps;
+- a search step reads no tensor value on the host (no ``.item()``, no branch on a tensor),
+  and the loop still names the first non-finite step when it reads every N steps.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import math
 
 import pytest
 import torch
@@ -16,7 +20,9 @@ from test_recurrent_mixed import _synthetic_corpus
 from benchmarks.alpha_grad_error import alpha_grad_errors
 from fastdarts.data import ptb
 from fastdarts.data.cifar import CIFAR10Split
+from fastdarts.errors import DivergedError
 from fastdarts.ops import backends
+from fastdarts.runs import EpochRun, StepMonitor
 from fastdarts.search.config import SearchConfig
 from fastdarts.search.tasks import CNNTask, RNNTask
 from fastdarts.spaces import Batch
@@ -138,3 +144,147 @@ def test_amp_alpha_gradient_error_is_bounded():
 @pytest.mark.cuda
 def test_amp_alpha_gradient_error_is_bounded_on_cuda():
     _check_errors(alpha_grad_errors("rnn", "tiny", torch.device("cuda")))
+
+
+# Every way Python code reads a tensor's value on the host (on a GPU, each waits for the
+# device to finish all queued work).
+HOST_READS = ("item", "tolist", "numpy", "__bool__", "__float__", "__int__", "__index__")
+
+
+@contextlib.contextmanager
+def host_reads_forbidden(task):
+    """Within the block, reading a tensor's value raises — except in the optimisers' ``step``
+    (torch's Adam reads its step count, which it keeps on the CPU for this reason; capturable
+    Adam keeps it on the GPU) and in the CNN's batch preparation (its images are on the CPU,
+    and the batch is copied to the device afterwards)."""
+    saved = {name: getattr(torch.Tensor, name) for name in HOST_READS}
+    allowed = [False]
+
+    def guard(name):
+        def read(self, *args, **kwargs):
+            if not allowed[0]:
+                raise AssertionError(f"the step read a tensor on the host: Tensor.{name}")
+            return saved[name](self, *args, **kwargs)
+
+        return read
+
+    def unguarded(fn):
+        def call(*args, **kwargs):
+            allowed[0] = True
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                allowed[0] = False
+
+        return call
+
+    exempt = [(task.weight_optimizer, "step"), (task.arch_optimizer, "step")]
+    exempt += [(task, "_batch")] if isinstance(task, CNNTask) else []
+    try:
+        for name in HOST_READS:
+            setattr(torch.Tensor, name, guard(name))
+        for owner, attr in exempt:
+            setattr(owner, attr, unguarded(getattr(owner, attr)))
+        yield
+    finally:
+        for name, method in saved.items():
+            setattr(torch.Tensor, name, method)
+        for owner, attr in exempt:
+            delattr(owner, attr)
+
+
+@pytest.mark.parametrize(
+    ("space", "backend", "options"),
+    [
+        ("rnn", "reference", {"order": 1}),
+        ("rnn", "reference", {"order": 2}),
+        ("rnn", "reference", {"order": 2, "batched_fd": True}),
+        ("rnn", "reference", {"order": 2, "hvp": "exact"}),
+        ("rnn", "fused", {"order": 2}),
+        ("cnn", "reference", {"order": 2, "batched_fd": True}),
+        ("cnn", "fused", {"order": 2}),
+    ],
+)
+def test_search_step_reads_no_tensor_on_the_host(space, backend, options):
+    if not usable(backend, space):
+        pytest.skip(f"{backend} cannot run {space} here")
+    task = make_task(space, 2, backend=backend, **options)
+    with host_reads_forbidden(task):
+        # The guard is live: a read outside the optimisers fails.
+        with pytest.raises(AssertionError, match=r"Tensor\.item"):
+            torch.ones(()).item()
+        metrics = [task.step() for _ in range(2)]
+    assert all(isinstance(m["loss"], torch.Tensor) for m in metrics)
+    assert math.isfinite(metrics[-1]["loss"].item())
+
+
+def _monitored(steps: list[dict], watched=lambda: {}):
+    monitor = StepMonitor(watched)
+    for n, metrics in enumerate(steps, 1):
+        monitor.track(n, metrics)
+    return monitor.read()
+
+
+def test_monitor_reads_the_latest_metrics_and_the_first_bad_step():
+    t = torch.tensor
+    steps = [
+        {"loss": t(1.0), "lr": 0.1},
+        {"loss": t(2.0), "lr": 0.1},
+        {"loss": t(math.nan), "lr": 0.1},  # step 3: the first bad one
+        {"loss": t(math.inf), "lr": 0.1},
+        {"loss": t(5.0), "lr": 0.2},
+    ]
+    assert _monitored(steps[:2]) == ({"loss": 2.0, "lr": 0.1}, None)
+    values, bad = _monitored(steps)
+    assert values == {"loss": 5.0, "lr": 0.2}
+    assert bad == (3, "loss=nan")
+    alpha = torch.zeros(3)
+    steps = [{"loss": t(1.0)}, {"loss": t(1.0)}]
+    assert _monitored(steps, lambda: {"alphas_normal": alpha})[1] is None
+    alpha[1] = math.nan
+    assert _monitored(steps, lambda: {"alphas_normal": alpha})[1] == (
+        1,
+        "alphas_normal is not finite",
+    )
+    # A number (not a tensor) that is not finite counts from its own step.
+    steps = [{"loss": t(1.0), "lr": 0.1}, {"loss": t(1.0), "lr": math.inf}]
+    assert _monitored(steps)[1] == (2, "lr=inf")
+
+
+class _Diverging:
+    """A task whose loss turns non-finite at step 3 of 12."""
+
+    model = torch.nn.Linear(1, 1)
+
+    def __init__(self):
+        self.n = 0
+
+    def begin_epoch(self, epoch):
+        pass
+
+    def steps_per_epoch(self):
+        return 12
+
+    def epoch_done(self):
+        return self.n >= 12
+
+    def step(self):
+        self.n += 1
+        return {"loss": torch.tensor(math.nan if self.n >= 3 else 1.0)}
+
+    def state_dict(self):
+        return {}
+
+
+def test_loop_names_the_first_bad_step_when_it_reads_later(tmp_path):
+    run = EpochRun()
+    cfg = SearchConfig(log_every=5, checkpoint_every=10, out=str(tmp_path), epochs=1)
+    run._open(cfg)
+    run.task = _Diverging()
+    run._start_folder()
+    with pytest.raises(DivergedError, match=r"diverged at step 3 .*loss=nan.*no checkpoint"):
+        run._run_epochs(run.task.step, lambda: {})
+    assert run.step == 5  # it ran on to the next read ...
+    logged = [line for line in (tmp_path / "metrics.jsonl").read_text().splitlines() if line]
+    assert len(logged) == 1  # ... and logged only step 1
+    assert not (tmp_path / "checkpoint.pt").exists()

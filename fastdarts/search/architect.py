@@ -212,10 +212,10 @@ class Architect:
         ∇α(L(w⁺) − L(w⁻)) from a single backward."""
         model, alphas = self.model, self.model.arch_parameters()
         eps = self.fd_radius / _norm(v)
-        signs = torch.tensor([1.0, -1.0], dtype=eps.dtype, device=eps.device)
+        # ±ε from ε on the device (a torch.tensor([1, -1]) would be a blocking host copy).
+        shifts = torch.stack([eps, -eps])
         stacked = {
-            n: p.detach() + (signs.view(2, *[1] * p.dim()) * eps) * t
-            for n, p, t in zip(names, weights, v)
+            n: p.detach() + shifts.view(2, *[1] * p.dim()) * t for n, p, t in zip(names, weights, v)
         }
 
         def loss_at(w: dict[str, torch.Tensor]) -> torch.Tensor:

@@ -96,10 +96,8 @@ class Searcher(EpochRun):
 
     # -- the loop ----------------------------------------------------------------------------
 
-    def _check_finite(self, metrics: dict) -> None:
-        super()._check_finite(metrics)
-        if not all(torch.isfinite(a).all() for a in self.task.model.arch_parameters()):
-            self._diverged("α is not finite")
+    def _watched(self) -> dict[str, torch.Tensor]:
+        return dict(self.task.model.named_arch_parameters())
 
     def _end_epoch(self) -> dict:
         evaluation = self.task.evaluate(self.cfg.eval_batches)

@@ -21,6 +21,7 @@ from fastdarts.search.architect import Architect, UnrollRule, autocast
 from fastdarts.search.config import SearchConfig
 from fastdarts.search.masks import MaskSampler
 from fastdarts.spaces import Batch, ConvSearchModel, RNNSearchModel, SearchModel
+from fastdarts.utils import perplexity
 
 
 class SearchTask:
@@ -146,7 +147,8 @@ class RNNTask(SearchTask):
     def epoch_done(self) -> bool:
         return self.pos >= len(self.train_data) - 2
 
-    def step(self) -> dict[str, float]:
+    def step(self) -> dict[str, torch.Tensor | float]:
+        """One α step and one weight step; the losses stay on the device (0-d tensors)."""
         cfg = self.cfg
         bptt = cfg.bptt if self.rng.random() < 0.95 else cfg.bptt / 2
         seq_len = max(1, int(bptt))
@@ -162,26 +164,26 @@ class RNNTask(SearchTask):
         out = self.weight_step(train, lr)
         self.hidden = out.state.detach()
         self.pos += seq_len
-        loss, val_loss = out.loss.item(), val_out.loss.item()
-        return {"loss": loss, "ppl": _ppl(loss), "val_loss": val_loss, "lr": lr}
+        loss = out.loss.detach()
+        return {"loss": loss, "ppl": perplexity(loss), "val_loss": val_out.loss.detach(), "lr": lr}
 
     @torch.no_grad()
     def evaluate(self, max_batches: int | None = None) -> dict[str, float]:
         """Validation perplexity without dropout, BN on running statistics (as the paper)."""
         self.model.eval()
         hidden = self.model.init_state(self.cfg.eval_batch_size)
-        total, count = 0.0, 0
+        total, count = torch.zeros((), dtype=torch.float64, device=self.device), 0
         for n, i in enumerate(range(0, len(self.eval_data) - 1, self.cfg.bptt)):
             if max_batches is not None and n >= max_batches:
                 break
             data, targets = ptb.get_batch(self.eval_data, i, self.cfg.bptt)
             out = self.model(Batch(data, targets, hidden))
             hidden = out.state
-            total += out.loss.item() * len(data)
+            total += out.loss.double() * len(data)
             count += len(data)
         self.model.train()
-        loss = total / max(count, 1)
-        return {"valid_loss": loss, "valid_ppl": _ppl(loss)}
+        loss = total.item() / max(count, 1)
+        return {"valid_loss": loss, "valid_ppl": perplexity(loss)}
 
     def state_dict(self) -> dict:
         return {
@@ -257,7 +259,8 @@ class CNNTask(SearchTask):
         self.val_pos += bs
         return self.val_order[self.val_pos - bs : self.val_pos]
 
-    def step(self) -> dict[str, float]:
+    def step(self) -> dict[str, torch.Tensor | float]:
+        """One α step and one weight step; the losses stay on the device (0-d tensors)."""
         bs = self.cfg.batch_size
         train = self._batch(self.order[self.pos : self.pos + bs])
         val = self._batch(self._next_val_indices())
@@ -266,9 +269,9 @@ class CNNTask(SearchTask):
         out = self.weight_step(train, lr)
         self.pos += bs
         return {
-            "loss": out.loss.item(),
+            "loss": out.loss.detach(),
             "acc": _accuracy(out.logits, train.targets),
-            "val_loss": val_out.loss.item(),
+            "val_loss": val_out.loss.detach(),
             "lr": lr,
         }
 
@@ -279,19 +282,22 @@ class CNNTask(SearchTask):
     def evaluate(self, max_batches: int | None = None) -> dict[str, float]:
         """Accuracy on the α half of the training set, no augmentation, BN running stats."""
         self.model.eval()
-        total, correct, count = 0.0, 0.0, 0
+        total = torch.zeros((), dtype=torch.float64, device=self.device)
+        correct, count = torch.zeros((), dtype=torch.long, device=self.device), 0
         bs = self.cfg.batch_size
         for n, start in enumerate(range(0, len(self.val_idx), bs)):
             if max_batches is not None and n >= max_batches:
                 break
             images, labels = self.images.get(self.val_idx[start : start + bs])
             x = cifar.normalize(images, dtype=self.dtype).to(self.device)
-            out = self.model(Batch(x, labels.to(self.device)))
-            total += out.loss.item() * len(labels)
-            correct += (out.logits.argmax(-1).cpu() == labels).sum().item()
+            labels = labels.to(self.device)
+            out = self.model(Batch(x, labels))
+            total += out.loss.double() * len(labels)
+            correct += (out.logits.argmax(-1) == labels).sum()
             count += len(labels)
         self.model.train()
-        return {"valid_loss": total / max(count, 1), "valid_acc": correct / max(count, 1)}
+        total_loss, n_correct = torch.stack([total, correct.double()]).tolist()
+        return {"valid_loss": total_loss / max(count, 1), "valid_acc": n_correct / max(count, 1)}
 
     def state_dict(self) -> dict:
         return {
@@ -312,12 +318,8 @@ class CNNTask(SearchTask):
         self.val_order, self.val_pos = state["val_order"], state["val_pos"]
 
 
-def _ppl(loss: float) -> float:
-    return math.exp(min(loss, 700.0))
-
-
-def _accuracy(logits: torch.Tensor, targets: torch.Tensor) -> float:
-    return (logits.argmax(-1) == targets).double().mean().item()
+def _accuracy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    return (logits.argmax(-1) == targets).double().mean()
 
 
 TASKS = {"rnn": RNNTask, "cnn": CNNTask}

@@ -22,6 +22,7 @@ from fastdarts.models import NetworkCIFAR, RNNModel
 from fastdarts.ops.backends import Backend, resolve
 from fastdarts.search.masks import MaskSampler
 from fastdarts.train.config import TrainConfig
+from fastdarts.utils import perplexity
 
 
 def resolve_backend(name: str, space: str, device: torch.device) -> Backend:
@@ -114,7 +115,7 @@ class RNNTrainTask:
     def epoch_done(self) -> bool:
         return self.pos >= len(self.train_data) - 2
 
-    def step(self, epoch: int) -> dict[str, float]:
+    def step(self, epoch: int) -> dict[str, torch.Tensor | float]:
         cfg = self.cfg
         bptt = cfg.bptt if self.rng.random() < 0.95 else cfg.bptt / 2
         seq_len = max(5, int(self.rng.normal(bptt, 5)))
@@ -138,7 +139,8 @@ class RNNTrainTask:
                     avg.add_(p - avg, alpha=1.0 / self.n_averaged)
         self.hidden = hiddens[-1].detach()
         self.pos += len(data)
-        return {"loss": loss.item(), "ppl": _ppl(loss.item()), "lr": lr}
+        loss = loss.detach()
+        return {"loss": loss, "ppl": perplexity(loss), "lr": lr}
 
     def eval_weights(self) -> list[torch.Tensor]:
         """The weights evaluation uses: the running average under ASGD, else the current."""
@@ -180,7 +182,8 @@ class RNNTrainTask:
             self.averaged = [p.detach().clone() for p in self.params]
             self.n_averaged = 1
         self.val_history.append(loss)
-        metrics = {"valid_loss": loss, "valid_ppl": _ppl(loss), "asgd": self.averaged is not None}
+        averaging = self.averaged is not None
+        metrics = {"valid_loss": loss, "valid_ppl": perplexity(loss), "asgd": averaging}
         return metrics, improved
 
     def best_state(self) -> dict[str, torch.Tensor]:
@@ -195,7 +198,7 @@ class RNNTrainTask:
         else:
             weights = [state[n].to(self.device) for n, _ in self.model.named_parameters()]
         loss = self._perplexity(self.test_data, weights, max_batches)
-        return {"test_loss": loss, "test_ppl": _ppl(loss)}
+        return {"test_loss": loss, "test_ppl": perplexity(loss)}
 
     def state_dict(self) -> dict:
         return {
@@ -278,7 +281,7 @@ class CNNTrainTask:
     def epoch_done(self) -> bool:
         return self.pos >= len(self.order)
 
-    def step(self, epoch: int) -> dict[str, float]:
+    def step(self, epoch: int) -> dict[str, torch.Tensor | float]:
         cfg = self.cfg
         images, labels = self.images.get(self.order[self.pos : self.pos + cfg.batch_size])
         x = cutout(cifar.augment(images, self.generator), cfg.cutout, self.generator)
@@ -293,8 +296,8 @@ class CNNTrainTask:
         torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
         self.optimizer.step()
         self.pos += len(labels)
-        acc = (logits.argmax(-1) == labels).double().mean().item()
-        return {"loss": loss.item(), "acc": acc, "lr": self.scheduler.get_last_lr()[0]}
+        acc = (logits.argmax(-1) == labels).double().mean()
+        return {"loss": loss.detach(), "acc": acc, "lr": self.scheduler.get_last_lr()[0]}
 
     @torch.no_grad()
     def _evaluate(self, max_batches: int | None) -> tuple[float, float]:
@@ -344,10 +347,6 @@ class CNNTrainTask:
         self.sampler.load_state_dict(state["sampler"])
         self.order, self.pos = state["order"], state["pos"]
         self.drop_prob = state["drop_prob"]
-
-
-def _ppl(loss: float) -> float:
-    return math.exp(min(loss, 700.0))
 
 
 TASKS = {"rnn": RNNTrainTask, "cnn": CNNTrainTask}
