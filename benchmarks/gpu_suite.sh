@@ -71,7 +71,7 @@ rc=$?
 [[ $rc -ne 0 && $rc -ne 5 ]] && FAILED+=(tests)
 
 # Search steps at the paper configuration. Backends that can't run are listed as skipped.
-BACKENDS=reference,fused,fast,amp=--fast,--amp,bf16
+BACKENDS=reference,fused,fast,graphs,amp=--fast,--amp,bf16
 bench() { # bench NAME LIMIT_S ARGS...
     local name=$1 limit=$2
     shift 2
@@ -79,8 +79,8 @@ bench() { # bench NAME LIMIT_S ARGS...
         --backends "$BACKENDS" --json "$OUT/$name.json" --memory-timeout 30 "$@" ||
         FAILED+=("$name")
 }
-bench gpu-rnn-paper-o2 80 --space rnn --order 2 --steps 3 --warmup 1
-bench gpu-cnn-paper-o2 50 --space cnn --order 2 --steps 3 --warmup 1
+bench gpu-rnn-paper-o2 100 --space rnn --order 2 --steps 3 --warmup 3
+bench gpu-cnn-paper-o2 70 --space cnn --order 2 --steps 3 --warmup 3
 run gpu-kernels 30 "$PY" benchmarks/kernels.py --device cuda --json "$OUT/gpu-kernels.json" ||
     FAILED+=(gpu-kernels)
 bench gpu-rnn-paper-o1 45 --space rnn --order 1 --steps 3 --warmup 1

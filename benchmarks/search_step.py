@@ -8,8 +8,9 @@ on synthetic data of the real shapes (PTB's vocabulary of 10,000 tokens; CIFAR-1
         --backends reference,first=--order,1 --steps 5 --warmup 1 --device cpu --json out.json
 
 ``--backends`` names configurations, comma-separated: ``reference``, ``fused``, ``fast``,
-or ``label=--flag,value,--flag,value`` for an ablation row (flags are SearchConfig fields,
-as the search CLI spells them, applied over the reference configuration). A configuration
+``graphs`` (``--fast --cuda-graphs``), or ``label=--flag,value,--flag,value`` for an
+ablation row (flags are SearchConfig fields, as the search CLI spells them, applied over the
+reference configuration). A configuration
 whose backend cannot run here is listed as skipped, with the backend registry's reason.
 Configurations run interleaved (A B A B …) in one process; ops per step are counted on a
 separate untimed step after the timed ones; peak memory comes from a subprocess per
@@ -61,6 +62,9 @@ BUILTIN: dict[str, tuple[str, ...]] = {
     "reference": (),
     "fused": ("--backend", "fused"),
     "fast": ("--fast",),
+    # The whole step replayed from CUDA graphs (captured after 2 eager steps per batch shape:
+    # give it --warmup 3 or more).
+    "graphs": ("--fast", "--cuda-graphs"),
 }
 # Set once for the whole run by this script's own options, so no row may change them.
 RUN_WIDE = frozenset({"space", "device", "dtype", "threads"})
@@ -196,7 +200,10 @@ def search_config(space: str, order: int, preset: str, overrides: dict) -> Searc
 
 
 def unavailable(cfg: SearchConfig, device: torch.device) -> str | None:
-    """Why the backend registry says ``cfg.backend`` cannot run here, or None."""
+    """Why ``cfg`` cannot run here (the backend registry's reason, or CUDA graphs off a
+    CUDA device), or None."""
+    if cfg.cuda_graphs and device.type != "cuda":
+        return f"--cuda-graphs needs a CUDA device, not {device.type}"
     try:
         resolve(cfg.backend, cfg.space, device.type)
     except ConfigError as e:

@@ -288,3 +288,69 @@ def test_loop_names_the_first_bad_step_when_it_reads_later(tmp_path):
     logged = [line for line in (tmp_path / "metrics.jsonl").read_text().splitlines() if line]
     assert len(logged) == 1  # ... and logged only step 1
     assert not (tmp_path / "checkpoint.pt").exists()
+
+
+def _equal_runs(a, b, steps: int) -> None:
+    for _ in range(steps):
+        ma, mb = a.step(), b.step()
+        assert torch.equal(ma["loss"], mb["loss"]) and torch.equal(ma["val_loss"], mb["val_loss"])
+    for (name, p), q in zip(a.model.named_parameters(), b.model.parameters()):
+        assert torch.equal(p, q), name
+    for x, y in zip(a.model.buffers(), b.model.buffers()):
+        assert torch.equal(x, y)
+
+
+@pytest.mark.parametrize(("space", "order"), [("rnn", 1), ("rnn", 2), ("cnn", 2)])
+def test_cuda_graph_step_path_equals_the_plain_step(space, order):
+    """--cuda-graphs' code path (static buffers, ξ as a device tensor, fused SGD), run eagerly
+    on the CPU, takes exactly the plain step's steps."""
+    plain = make_task(space, 3, order=order)
+    graphed = make_task(space, 3, order=order, cuda_graphs=True)
+    assert graphed.graphed is not None and not graphed.graphed.capture
+    assert graphed.weight_optimizer.defaults["fused"]
+    _equal_runs(plain, graphed, 3)
+    if space == "rnn":
+        assert torch.equal(plain.hidden, graphed.hidden)
+        assert torch.equal(plain.hidden_valid, graphed.hidden_valid)
+    # The optimiser's state keeps a plain learning rate (checkpoints, the CNN's scheduler).
+    assert all(isinstance(g["lr"], float) for g in graphed.weight_optimizer.param_groups)
+
+
+def test_cuda_graphs_need_a_cuda_device(tmp_path, cli):
+    from conftest import RNN_TINY
+
+    proc = cli(
+        "fastdarts.search",
+        *RNN_TINY,
+        "--cuda-graphs",
+        "--device",
+        "cpu",
+        "--out",
+        str(tmp_path / "r"),
+    )
+    assert proc.returncode == 2 and "--cuda-graphs needs a CUDA device" in proc.stderr
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize(("space", "order"), [("rnn", 2), ("cnn", 2)])
+def test_cuda_graph_replays_follow_the_eager_step(space, order):
+    """Captured and replayed (after 2 eager warm-up steps per shape), the step follows the
+    eager one: same masks (the sampler's generator advances under replay), same α."""
+    cuda = torch.device("cuda")
+    tasks = []
+    for graphs in (False, True):
+        cfg = SearchConfig(space=space, dtype="float64", seed=3, order=order, **TINY[space])
+        cfg = dataclasses.replace(cfg, cuda_graphs=graphs).resolved()
+        if space == "rnn":
+            task = RNNTask(cfg, cuda, torch.float64, corpus=_synthetic_corpus())
+        else:
+            task = CNNTask(cfg, cuda, torch.float64, images=small_images(40))
+        task.begin_epoch(0)
+        tasks.append(task)
+    eager, graphed = tasks
+    for _ in range(6):
+        eager.step()
+        graphed.step()
+    assert graphed.graphed.replays >= 3
+    for a, b in zip(graphed.model.arch_parameters(), eager.model.arch_parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)

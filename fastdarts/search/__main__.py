@@ -29,6 +29,8 @@ HELP = {
     "hvp": "Hessian-vector product: fd (finite difference, the paper's) or exact",
     "batched_fd": "run the w+ and w- passes of the finite difference as one batched pass",
     "fast": "the fastest settings with the same results: --backend auto (and --batched-fd on GPUs)",
+    "cuda_graphs": "capture the whole step in CUDA graphs, one per batch shape, and replay it "
+    "(CUDA only; not yet validated on a GPU)",
     "amp": "bf16: matmuls and convolutions in bfloat16 (softmax, losses, reductions and the "
     "finite-difference passes in float32)",
     "eval_batches": "cap the evaluation at N batches per epoch",

@@ -111,7 +111,7 @@ class Architect:
         self,
         train: Batch,
         val: Batch,
-        lr: float,
+        lr: float | torch.Tensor,
         weight_optimizer: torch.optim.Optimizer | None = None,
     ) -> SearchOutput:
         """One α update; ``lr`` is η (ξ for the RNN), ``weight_optimizer`` holds the momentum."""
@@ -126,7 +126,7 @@ class Architect:
         self,
         train: Batch,
         val: Batch,
-        lr: float,
+        lr: float | torch.Tensor,
         weight_optimizer: torch.optim.Optimizer | None = None,
     ) -> tuple[SearchOutput, list[torch.Tensor]]:
         """The α-gradient of this step (without applying it) and the validation output."""

@@ -33,6 +33,7 @@ class SearchConfig(RunSettings):
     batched_fd: bool = False
     amp: str = "off"
     fast: bool = False
+    cuda_graphs: bool = False
     threads: int | None = None
     checkpoint_every: int = 200
     log_every: int = 50

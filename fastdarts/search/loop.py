@@ -37,6 +37,8 @@ class Searcher(EpochRun):
         self._validate(cfg)
         saved = self._open(cfg)
         self.device = self._prepare(saved)
+        if cfg.cuda_graphs and self.device.type != "cuda":
+            raise ConfigError(f"--cuda-graphs needs a CUDA device; this run is on {self.device}")
         resolve_backend(cfg.backend, cfg.space, self.device.type)
         self.task: SearchTask = TASKS[cfg.space](cfg, self.device, DTYPES[cfg.dtype])
         self.history: list[dict] = []
@@ -51,6 +53,7 @@ class Searcher(EpochRun):
             (cfg.compat in (None, "darts"), f"--compat must be 'darts', got {cfg.compat}"),
             (cfg.hvp in ("fd", "exact"), f"--hvp must be fd or exact, got {cfg.hvp}"),
             (not (cfg.compat and cfg.hvp == "exact"), "--compat darts needs --hvp fd"),
+            (not (cfg.compat and cfg.cuda_graphs), "--compat darts cannot run in CUDA graphs"),
         ]
         check_settings(cfg, "searches", more)
 

@@ -19,8 +19,10 @@ from fastdarts.data import cifar, ptb
 from fastdarts.ops.backends import resolve as resolve_backend
 from fastdarts.search.architect import Architect, UnrollRule, autocast
 from fastdarts.search.config import SearchConfig
+from fastdarts.search.graphs import GraphedStep
 from fastdarts.search.masks import MaskSampler
 from fastdarts.spaces import Batch, ConvSearchModel, RNNSearchModel, SearchModel
+from fastdarts.spaces.base import SearchOutput
 from fastdarts.utils import perplexity
 
 
@@ -34,14 +36,23 @@ class SearchTask:
         resolve_backend(cfg.backend, model.space, device.type).apply(model)
         self.dtype = next(iter(model.parameters())).dtype
         self.sampler = MaskSampler(cfg.seed + 1, device)
+        on_gpu = device.type == "cuda"
+        # Under CUDA graphs: fused SGD takes ξ as a device tensor without reading it (equal,
+        # bit for bit, to the foreach SGD on the CPU) and capturable Adam keeps its step count
+        # on the GPU.
         self.weight_optimizer = torch.optim.SGD(
-            model.weights(), lr=cfg.lr, momentum=self.momentum, weight_decay=cfg.weight_decay
+            model.weights(),
+            lr=cfg.lr,
+            momentum=self.momentum,
+            weight_decay=cfg.weight_decay,
+            fused=cfg.cuda_graphs or None,
         )
         self.arch_optimizer = torch.optim.Adam(
             model.arch_parameters(),
             lr=cfg.arch_lr,
             betas=self.arch_betas,
             weight_decay=cfg.arch_weight_decay,
+            capturable=cfg.cuda_graphs and on_gpu,
         )
         self.architect = Architect(
             model,
@@ -54,6 +65,13 @@ class SearchTask:
             batched_fd=cfg.batched_fd,
             amp=cfg.amp,
         )
+        self.graphed: GraphedStep | None = None
+        if cfg.cuda_graphs:
+            # On the CPU (tests) the same static-buffer path runs eagerly.
+            # ξ in the weights' dtype, as a Python float would be cast in every use.
+            lr = torch.zeros((), dtype=self.dtype, device=device)
+            generators = (self.sampler.generator,) if on_gpu else ()
+            self.graphed = GraphedStep(self._step, lr, capture=on_gpu, generators=generators)
 
     momentum = 0.0
     arch_betas = (0.9, 0.999)
@@ -63,7 +81,23 @@ class SearchTask:
     def end_epoch(self) -> None:
         """Called once an epoch's steps are done (the CNN steps its scheduler)."""
 
-    def weight_step(self, batch: Batch, lr: float):
+    def search_step(self, train: Batch, val: Batch, lr: float) -> tuple[SearchOutput, SearchOutput]:
+        """The α step on ``val`` then the weight step on ``train`` at learning rate ``lr`` (η,
+        or ξ for the RNN); returns (validation output, training output)."""
+        if self.graphed is None:
+            return self._step(train, val, lr)
+        outputs = self.graphed(train, val, lr)
+        for group in self.weight_optimizer.param_groups:
+            group["lr"] = lr  # the graph's device tensor stays out of the optimiser's state
+        return outputs
+
+    def _step(
+        self, train: Batch, val: Batch, lr: float | torch.Tensor
+    ) -> tuple[SearchOutput, SearchOutput]:
+        val_out = self.architect.step(train, val, lr, self.weight_optimizer)
+        return val_out, self.weight_step(train, lr)
+
+    def weight_step(self, batch: Batch, lr: float | torch.Tensor):
         """One SGD step on the weights with the training loss (+ penalty); returns the output."""
         for group in self.weight_optimizer.param_groups:
             group["lr"] = lr
@@ -73,7 +107,9 @@ class SearchTask:
             out = self.model(batch, masks)
         grads = torch.autograd.grad(out.loss + out.penalty, weights)
         for p, g in zip(weights, grads):
-            p.grad = g
+            # Fused SGD (torch 2.14, CPU) steps a gradient with other strides than its weight
+            # as if they matched: the stem convolution's weight gradient comes out channels-last.
+            p.grad = g.contiguous()
         torch.nn.utils.clip_grad_norm_(weights, self.weight_clip)
         self.weight_optimizer.step()
         self.weight_optimizer.zero_grad(set_to_none=True)
@@ -159,9 +195,8 @@ class RNNTask(SearchTask):
         )
         train = Batch(data, targets, self.hidden)
         val = Batch(vdata, vtargets, self.hidden_valid)
-        val_out = self.architect.step(train, val, lr, self.weight_optimizer)
+        val_out, out = self.search_step(train, val, lr)
         self.hidden_valid = val_out.state.detach()
-        out = self.weight_step(train, lr)
         self.hidden = out.state.detach()
         self.pos += seq_len
         loss = out.loss.detach()
@@ -265,8 +300,7 @@ class CNNTask(SearchTask):
         train = self._batch(self.order[self.pos : self.pos + bs])
         val = self._batch(self._next_val_indices())
         lr = self.scheduler.get_last_lr()[0]
-        val_out = self.architect.step(train, val, lr, self.weight_optimizer)
-        out = self.weight_step(train, lr)
+        val_out, out = self.search_step(train, val, lr)
         self.pos += bs
         return {
             "loss": out.loss.detach(),
