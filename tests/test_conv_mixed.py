@@ -149,7 +149,7 @@ def make_edge(C, stride, dtype, seed, train):
 @pytest.mark.parametrize("train", [True, False])
 @pytest.mark.parametrize("stride, size", [(1, (7, 9)), (2, (10, 6)), (1, (1, 1)), (1, (33, 32))])
 def test_edge_forward_grads_and_stats_match_reference(stride, size, train, dtype):
-    # 33×32: a plane large enough for the C++ depthwise forward (see _DW_MIN_PLANE).
+    # 33×32: rows of several vectors (two column segments in float64) and 33 rows.
     C = 6 if size[0] < 32 else 3  # not a power of two
     gen = _gen(100 + stride + size[0])
     ref, fused = make_edge(C, stride, dtype, seed=stride, train=train)
@@ -459,7 +459,9 @@ def make_depthwise(gen, C, shapes, shared, B=2, H=7, W=9, dtype=F64):
 
 @needs_cpp
 @pytest.mark.parametrize("dtype", [F64, torch.float32])
-@pytest.mark.parametrize("stride, size", [(1, (7, 9)), (2, (10, 6)), (1, (1, 1)), (2, (2, 2))])
+@pytest.mark.parametrize(
+    "stride, size", [(1, (7, 9)), (2, (10, 6)), (1, (1, 1)), (2, (2, 2)), (1, (9, 35))]
+)
 @pytest.mark.parametrize("shared", [True, False])
 def test_cpp_depthwise_matches_torch_and_writes_every_element(shared, stride, size, dtype):
     gen = _gen(30 + stride)
@@ -487,6 +489,63 @@ def test_cpp_depthwise_matches_torch_and_writes_every_element(shared, stride, si
     )
     for got, w in zip(ref, want_grads):
         assert_close(got, w, F64)
+
+
+@needs_cpp
+@pytest.mark.parametrize("dtype", [F64, torch.float32])
+def test_cpp_depthwise_padded_beyond_the_kernel_reach(dtype):
+    # A 1×1 kernel with padding 1 (p > (k−1)·d): the input gradient takes the row loops,
+    # not the padded correlation; the forward stays on the padded path.
+    gen = _gen(33)
+    shapes = [(1, 1, 1), (3, 2, 1)]
+    x, ws, pads, dils, offs = make_depthwise(gen, 3, shapes, False, 2, 6, 11, dtype)
+    x64, ws64 = x.double().requires_grad_(), [w.double().requires_grad_() for w in ws]
+    want = depthwise_reference(x64, ws64, 1, pads, dils, offs)
+    g = torch.randn(want.shape, generator=gen, dtype=F64)
+    want_grads = torch.autograd.grad(want, [x64, *ws64], g)
+    out = torch.full(want.shape, math.nan, dtype=dtype)
+    torch.ops.fastdarts_cpp.depthwise_forward(x, ws, 1, pads, dils, offs, out)
+    assert_close(out, want, dtype)
+    d_x, d_ws = torch.full_like(x, math.nan), [torch.full_like(w, math.nan) for w in ws]
+    torch.ops.fastdarts_cpp.depthwise_backward(g.to(dtype), x, ws, 1, pads, dils, offs, d_x, d_ws)
+    for got, w in zip([d_x, *d_ws], want_grads):
+        assert_close(got, w, dtype)
+
+
+def test_depthwise_weight_gradient_only_when_the_pass_uses_it(monkeypatch):
+    import fastdarts.ops.conv_mixed as conv_mixed
+
+    gen = _gen(34)
+    x, ws, pads, dils, offs = make_depthwise(gen, 3, DW_SHAPES, True, 2, 6, 7)
+    x, ws = x.requires_grad_(), [w.requires_grad_() for w in ws]
+    want = torch.autograd.grad(depthwise_reference(x, ws, 1, pads, dils, offs).sum(), [x, *ws])
+    flags, kernel = [], conv_mixed._dw_backward_op
+
+    def spy(*args):
+        flags.append(args[-1])
+        return kernel(*args)
+
+    monkeypatch.setattr(conv_mixed, "_dw_backward_op", spy)
+
+    def run(*inputs):
+        # One more op after the depthwise, so that x is not the graph's input edge alone.
+        out = depthwise(x * 1.0, ws, 1, pads, dils, offs).sum()
+        return torch.autograd.grad(out, inputs)
+
+    # autograd.grad for x alone (as the α step asks for α alone): no weights' gradient.
+    assert_close(run(x)[0], want[0], F64)
+    for t, w in enumerate(ws):  # ... for one weight: all of them, that one right
+        assert_close(run(w)[0], want[1 + t], F64)
+    got = run(x, *ws)
+    for a, b in zip(got, want):
+        assert_close(a, b, F64)
+    x.grad = None
+    depthwise(x, ws, 1, pads, dils, offs).sum().backward(inputs=[x])
+    assert_close(x.grad, want[0], F64)
+    assert flags == [False, True, True, True, True, True, False]
+    # torch.func.grad differentiates with create_graph (the torch-op backward), same values.
+    got = torch.func.grad(lambda a: depthwise(a, ws, 1, pads, dils, offs).sum())(x.detach())
+    assert_close(got, want[0], F64)
 
 
 @needs_cpp

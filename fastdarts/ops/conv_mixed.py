@@ -387,9 +387,10 @@ def _dw_out_shape(x: Tensor, weights: list[Tensor], stride: int, pads, dils) -> 
     return [x.shape[0], sum(t.shape[0] for t in weights), *size]
 
 
-# Output planes (H'·W') below this take torch's convolutions for the depthwise forward
-# (measured on one AVX2 core: the C++ kernel wins at 32×32, loses at 16×16 and 8×8).
-_DW_MIN_PLANE = 1024
+# The depthwise forward at stride 2 takes torch's (oneDNN) convolutions: the C++ kernel's
+# padded path is stride 1 only, and its row loops lose there (small CNN step, one AVX2
+# core: 19 ms against 15 ms at 32×32 → 16×16, 31 ms against 7 ms at 16×16 → 8×8, per call).
+# At stride 1 the C++ kernel wins at every plane size of the search (1.5–6× at 8×8 to 32×32).
 
 
 @torch.library.custom_op("fastdarts::depthwise", mutates_args=())
@@ -402,9 +403,7 @@ def _dw_op(
     in_offsets: list[int],
 ) -> Tensor:
     shape = _dw_out_shape(x, weights, stride, pads, dils)
-    # On small planes torch's (oneDNN) depthwise forward beats this kernel's row loops.
-    small = shape[-1] * shape[-2] < _DW_MIN_PLANE
-    if x.device.type != "cpu" or small or not _has_cpp("depthwise_forward"):
+    if x.device.type != "cpu" or stride != 1 or not _has_cpp("depthwise_forward"):
         return depthwise_reference(x, weights, stride, pads, dils, in_offsets)
     out = x.new_empty(shape)
     torch.ops.fastdarts_cpp.depthwise_forward(x, weights, stride, pads, dils, in_offsets, out)
@@ -443,6 +442,23 @@ def _(grad, x, weights, stride, pads, dils, in_offsets, grad_weights):
     return [torch.empty_like(x), *(torch.empty_like(w) for w in weights if grad_weights)]
 
 
+def _engine_wants(ctx, arg: int, edge: int) -> bool:
+    """Whether the running backward pass uses the gradient of the Function's argument
+    ``arg``, its ``edge``-th tensor argument (``next_functions`` lists tensors only).
+
+    ``ctx.needs_input_grad`` only says the input requires grad; the engine's plan says
+    whether this pass reaches it (``autograd.grad(loss, alphas)`` does not reach the weights).
+    """
+    node = ctx.next_functions[edge][0] if ctx.needs_input_grad[arg] else None
+    if node is None:
+        return False
+    try:
+        return torch._C._will_engine_execute_node(node)
+    except RuntimeError:
+        # Raised for a leaf that autograd.grad() captures, i.e. exactly when it is wanted.
+        return True
+
+
 class DepthwiseFunction(torch.autograd.Function):
     """Depthwise convolutions of several shapes in one kernel each way; the backward is
     differentiable (under create_graph, torch's convolution gradients); vmap folds the
@@ -461,8 +477,11 @@ class DepthwiseFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: Tensor):
         x, *weights = ctx.saved_tensors
-        # The weights' gradient (the costly part) only when a weight requires it.
-        want_w = any(ctx.needs_input_grad[5:])
+        # The weights' gradient only when the engine will use it: not in the α step, which
+        # asks autograd.grad for α alone (the reference's convolution nodes skip it there
+        # too). It was half of this kernel's time in a first-order step (small CNN, one
+        # thread: 0.93 of 1.8 s, both passes).
+        want_w = any(_engine_wants(ctx, 5 + t, 1 + t) for t in range(len(weights)))
         if torch.is_grad_enabled():
             grads = depthwise_backward_reference(grad, x, weights, *ctx.geometry, want_w)
         else:
