@@ -107,17 +107,19 @@ CASES = {
 
 
 VARIANTS = [
-    (case, backend, batched)
+    (case, backend, batched, foreach)
     for case in CASES
     for backend in (("reference", "fused") if case.startswith("rnn") else ("reference",))
     for batched in (False, True)
+    for foreach in (False, True)
 ]
 
 
-@pytest.mark.parametrize(("case", "backend", "batched_fd"), VARIANTS)
-def test_finite_difference_matches_exact_second_order(case, backend, batched_fd):
-    """On every backend, with w± one after the other or batched (the exact HVP through the
-    fused ops' differentiable backward, too)."""
+@pytest.mark.parametrize(("case", "backend", "batched_fd", "foreach"), VARIANTS)
+def test_finite_difference_matches_exact_second_order(case, backend, batched_fd, foreach):
+    """On every backend, with w± one after the other or batched, the weight arithmetic per
+    tensor or multi-tensor (the exact HVP through the fused ops' differentiable backward,
+    too)."""
     make_case, rule, lr = CASES[case]
     gen = torch.Generator().manual_seed(SEED)
     model, train, val = make_case(gen)
@@ -136,20 +138,21 @@ def test_finite_difference_matches_exact_second_order(case, backend, batched_fd)
 
     errors = []
     for radius in (1e-4, 5e-5):
-        arch = make_architect(model, rule, fd_radius=radius, batched_fd=batched_fd)
+        arch = make_architect(model, rule, fd_radius=radius, batched_fd=batched_fd, foreach=foreach)
         _, fd = arch.alpha_grads(train, val, lr)
         implicit_fd = (flat(fd) - flat(direct)) / c_v
         errors.append(((implicit_fd - implicit_exact).norm() / implicit_exact.norm()).item())
     assert errors[0] < 1e-4, errors
     assert 3.0 < errors[0] / errors[1] < 5.0, errors  # truncation error ∝ ε²
 
-    arch = make_architect(model, rule, hvp="exact")
+    arch = make_architect(model, rule, hvp="exact", foreach=foreach)
     _, exact = arch.alpha_grads(train, val, lr)
     implicit = (flat(exact) - flat(direct)) / c_v
     torch.testing.assert_close(implicit, implicit_exact, rtol=1e-10, atol=1e-14)
 
 
-def test_second_order_uses_momentum_buffer():
+@pytest.mark.parametrize("foreach", [False, True])
+def test_second_order_uses_momentum_buffer(foreach):
     gen = torch.Generator().manual_seed(SEED + 1)
     model, train, val = cnn_case(gen)
     rule = UnrollRule(0.9, 3e-4, None)
@@ -159,7 +162,8 @@ def test_second_order_uses_momentum_buffer():
     wopt.step()
     bufs = [wopt.state[p]["momentum_buffer"] for p in model.weights()]
     total, _, _ = exact_parts(model, rule, 0.025, train, val, {}, {}, bufs)
-    _, exact = make_architect(model, rule, hvp="exact").alpha_grads(train, val, 0.025, wopt)
+    arch = make_architect(model, rule, hvp="exact", foreach=foreach)
+    _, exact = arch.alpha_grads(train, val, 0.025, wopt)
     torch.testing.assert_close(flat(exact), flat(total), rtol=1e-10, atol=1e-14)
     total_nobuf, _, _ = exact_parts(model, rule, 0.025, train, val, {}, {})
     assert (flat(total_nobuf) - flat(total)).abs().max() > 1e-8  # the buffer matters

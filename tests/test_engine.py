@@ -113,6 +113,7 @@ def test_fast_follows_reference_for_20_steps(space, order, steps):
     # Every option the CPU runs: --fast, plus batched w± (which --fast leaves off on a CPU).
     fast = make_task(space, steps, order=order, fast=True, batched_fd=order == 2)
     assert fast.cfg.batched_fd == (order == 2) and fast.cfg.backend == "auto"
+    assert fast.cfg.foreach
     for _ in range(steps):
         ref.step()
         fast.step()
@@ -200,8 +201,8 @@ def host_reads_forbidden(task):
         ("rnn", "reference", {"order": 2}),
         ("rnn", "reference", {"order": 2, "batched_fd": True}),
         ("rnn", "reference", {"order": 2, "hvp": "exact"}),
-        ("rnn", "fused", {"order": 2}),
-        ("cnn", "reference", {"order": 2, "batched_fd": True}),
+        ("rnn", "fused", {"order": 2, "foreach": True}),
+        ("cnn", "reference", {"order": 2, "batched_fd": True, "foreach": True}),
         ("cnn", "fused", {"order": 2}),
     ],
 )

@@ -28,7 +28,10 @@ HELP = {
     "compat": "'darts': reproduce the published code where it departs from the maths",
     "hvp": "Hessian-vector product: fd (finite difference, the paper's) or exact",
     "batched_fd": "run the w+ and w- passes of the finite difference as one batched pass",
-    "fast": "the fastest settings with the same results: --backend auto (and --batched-fd on GPUs)",
+    "foreach": "the weight arithmetic of the step (virtual step, norms, w±, SGD, clipping) as "
+    "multi-tensor ops: a few launches instead of several per weight tensor",
+    "fast": "the fastest settings with the same results: --backend auto, --foreach (and "
+    "--batched-fd on GPUs)",
     "cuda_graphs": "capture the whole step in CUDA graphs, one per batch shape, and replay it "
     "(CUDA only; not yet validated on a GPU)",
     "amp": "bf16: matmuls and convolutions in bfloat16 (softmax, losses, reductions and the "

@@ -27,6 +27,10 @@ autocast; the w± passes stay in float32, because ε·v is below bfloat16's reso
 most weights (w⁺ and w⁻ would round to the same value). ``hvp="exact"`` differentiates the
 autocast graph instead.
 
+``foreach=True`` computes the per-weight arithmetic (the virtual step, the norms, v's clip,
+w±) as multi-tensor ``torch._foreach_*`` ops: a few dispatches instead of several per
+weight tensor (the CNN has 283 to 1,500 of them), the same values up to rounding.
+
 ``compat="darts"`` reproduces the published code instead, where it departs from the maths:
 its correction is scaled by clip/‖g‖ even when that exceeds 1 (nothing was clipped); its
 virtual model keeps the old tied embedding (the state_dict load of the copied model writes
@@ -66,8 +70,11 @@ class UnrollRule:
     clip: float | None = None
 
 
-def _norm(tensors: list[torch.Tensor]) -> torch.Tensor:
-    return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(t) for t in tensors]))
+def _norm(tensors: list[torch.Tensor], foreach: bool = False) -> torch.Tensor:
+    norms = (
+        torch._foreach_norm(tensors) if foreach else [torch.linalg.vector_norm(t) for t in tensors]
+    )
+    return torch.linalg.vector_norm(torch.stack(norms))
 
 
 class Architect:
@@ -90,6 +97,7 @@ class Architect:
         fd_radius: float = 0.01,
         batched_fd: bool = False,
         amp: str = "off",
+        foreach: bool = False,
     ) -> None:
         if order not in (1, 2):
             raise ValueError(f"order must be 1 or 2, got {order}")
@@ -103,9 +111,12 @@ class Architect:
             raise ValueError(f"amp must be one of {AMP_MODES}, got {amp!r}")
         if compat and batched_fd:
             raise ValueError("compat='darts' runs w+ and w- one after the other, in place")
+        if compat and foreach:
+            raise ValueError("compat='darts' steps the weights one by one, as the published code")
         self.model, self.optimizer, self.sampler = model, optimizer, sampler
         self.order, self.rule, self.compat, self.hvp = order, rule, compat, hvp
         self.fd_radius, self.batched_fd, self.amp = fd_radius, batched_fd, amp
+        self.foreach = foreach
 
     def step(
         self,
@@ -151,10 +162,40 @@ class Architect:
         g = torch.autograd.grad(out_train.loss, weights, create_graph=self.hvp == "exact")
         c_step = c_hvp = torch.ones((), dtype=weights[0].dtype, device=weights[0].device)
         if rule.clip is not None:
-            coef = rule.clip / (_norm([t.detach() for t in g]) + 1e-6)
+            with torch.no_grad():
+                coef = rule.clip / (_norm(g, self.foreach) + 1e-6)
             c_step = coef.clamp(max=1.0)
             c_hvp = coef if self.compat else c_step
 
+        if self.foreach:
+            virtual = self._virtual_foreach(weights, g, c_step, lr, weight_optimizer)
+        else:
+            virtual = self._virtual(names, weights, g, c_step, lr, weight_optimizer)
+        virtual = [t.requires_grad_() for t in virtual]
+
+        val_masks = self._masks(val)
+        with model.frozen_bn_stats(), autocast(model, self.amp):
+            out_val = functional_call(model, dict(zip(names, virtual)), (val, val_masks))
+        grads = torch.autograd.grad(out_val.loss, [*alphas, *virtual])
+        dalpha, v = list(grads[: len(alphas)]), list(grads[len(alphas) :])
+        if rule.clip is not None:
+            c_v = (rule.clip / (_norm(v, self.foreach) + 1e-6)).clamp(max=1.0)
+            v = torch._foreach_mul(v, c_v) if self.foreach else [t * c_v for t in v]
+
+        if self.hvp == "exact":
+            hvp = torch.autograd.grad(g, alphas, grad_outputs=v)
+        elif self.compat:
+            hvp = self._hvp_fd_in_place(v, train)
+        elif self.batched_fd:
+            hvp = self._hvp_fd_batched(names, weights, v, train, train_masks)
+        else:
+            hvp = self._hvp_fd(names, weights, v, train, train_masks)
+        return out_val, [d - lr * c_hvp * h for d, h in zip(dalpha, hvp)]
+
+    def _virtual(self, names, weights, g, c_step, lr, weight_optimizer) -> list[torch.Tensor]:
+        """w' = w − η·(μ·buf + c·g + λ·w), weight by weight (the tied embedding kept as it
+        was under ``compat``)."""
+        model, rule = self.model, self.rule
         with torch.no_grad():
             virtual = []
             for name, p, gi in zip(names, weights, g):
@@ -167,26 +208,18 @@ class Architect:
                     if buf is not None:
                         step = step + rule.momentum * buf
                 virtual.append(p - lr * step)
-        virtual = [t.requires_grad_() for t in virtual]
+        return virtual
 
-        val_masks = self._masks(val)
-        with model.frozen_bn_stats(), autocast(model, self.amp):
-            out_val = functional_call(model, dict(zip(names, virtual)), (val, val_masks))
-        grads = torch.autograd.grad(out_val.loss, [*alphas, *virtual])
-        dalpha, v = list(grads[: len(alphas)]), list(grads[len(alphas) :])
-        if rule.clip is not None:
-            c_v = (rule.clip / (_norm(v) + 1e-6)).clamp(max=1.0)
-            v = [t * c_v for t in v]
-
-        if self.hvp == "exact":
-            hvp = torch.autograd.grad(g, alphas, grad_outputs=v)
-        elif self.compat:
-            hvp = self._hvp_fd_in_place(v, train)
-        elif self.batched_fd:
-            hvp = self._hvp_fd_batched(names, weights, v, train, train_masks)
-        else:
-            hvp = self._hvp_fd(names, weights, v, train, train_masks)
-        return out_val, [d - lr * c_hvp * h for d, h in zip(dalpha, hvp)]
+    def _virtual_foreach(self, weights, g, c_step, lr, weight_optimizer) -> list[torch.Tensor]:
+        """:meth:`_virtual` as multi-tensor ops (c·g skipped when nothing is clipped)."""
+        rule = self.rule
+        with torch.no_grad():
+            step = torch._foreach_mul(g, c_step) if rule.clip is not None else list(g)
+            step = torch._foreach_add(step, weights, alpha=rule.weight_decay)
+            bufs = [self._momentum_buffer(weight_optimizer, p) for p in weights]
+            if rule.momentum and all(b is not None for b in bufs):
+                torch._foreach_add_(step, bufs, alpha=rule.momentum)
+            return torch._foreach_sub(weights, torch._foreach_mul(step, lr))
 
     @staticmethod
     def _momentum_buffer(optimizer, p):
@@ -197,10 +230,17 @@ class Architect:
     def _hvp_fd(self, names, weights, v, train, masks):
         """(∇α L_train(w + εv) − ∇α L_train(w − εv)) / 2ε, evaluated functionally."""
         model, alphas = self.model, self.model.arch_parameters()
-        eps = self.fd_radius / _norm(v)
+        eps = self.fd_radius / _norm(v, self.foreach)
+        if self.foreach:
+            with torch.no_grad():
+                ev = torch._foreach_mul(v, eps)
         diffs = []
         for sign in (1.0, -1.0):
-            shifted = {n: p.detach() + (sign * eps) * t for n, p, t in zip(names, weights, v)}
+            if self.foreach:
+                with torch.no_grad():
+                    shifted = dict(zip(names, torch._foreach_add(weights, ev, alpha=sign)))
+            else:
+                shifted = {n: p.detach() + (sign * eps) * t for n, p, t in zip(names, weights, v)}
             with model.frozen_bn_stats():
                 loss = functional_call(model, shifted, (train, masks)).loss
             diffs.append(torch.autograd.grad(loss, alphas))
@@ -211,7 +251,7 @@ class Architect:
         vmap (each half normalised by its own BatchNorm statistics, the masks shared), and
         ∇α(L(w⁺) − L(w⁻)) from a single backward."""
         model, alphas = self.model, self.model.arch_parameters()
-        eps = self.fd_radius / _norm(v)
+        eps = self.fd_radius / _norm(v, self.foreach)
         # ±ε from ε on the device (a torch.tensor([1, -1]) would be a blocking host copy).
         shifts = torch.stack([eps, -eps])
         stacked = {

@@ -32,6 +32,7 @@ class SearchConfig(RunSettings):
     hvp: str = "fd"
     batched_fd: bool = False
     amp: str = "off"
+    foreach: bool = False
     fast: bool = False
     cuda_graphs: bool = False
     threads: int | None = None
@@ -75,11 +76,13 @@ class SearchConfig(RunSettings):
         filled = self.unset(paper)
         if self.fast:
             # The fastest settings that compute the same function: the fastest backend that
-            # runs here, and on GPUs (second order, finite differences) w± in one batched
-            # pass. On the CPU the fused cells run once per sample under vmap, so batching
-            # saved nothing there (small RNN: 3,333 → 3,344 ops/step; small CNN: 20,205 →
-            # 22,754); it stays available as --batched-fd.
+            # runs here, multi-tensor weight arithmetic (equal up to rounding), and on GPUs
+            # (second order, finite differences) w± in one batched pass. On the CPU the fused
+            # cells run once per sample under vmap, so batching saved nothing there (small
+            # RNN: 3,333 → 3,344 ops/step; small CNN: 20,205 → 22,754); it stays available
+            # as --batched-fd.
             filled["backend"] = "auto"
+            filled["foreach"] = self.compat is None
             device = self.device or ("cuda" if torch.cuda.is_available() else "cpu")
             batchable = self.order == 2 and self.hvp == "fd" and self.compat is None
             filled["batched_fd"] = self.batched_fd or (batchable and device != "cpu")

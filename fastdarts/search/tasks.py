@@ -45,6 +45,7 @@ class SearchTask:
             lr=cfg.lr,
             momentum=self.momentum,
             weight_decay=cfg.weight_decay,
+            foreach=(cfg.foreach and not cfg.cuda_graphs) or None,
             fused=cfg.cuda_graphs or None,
         )
         self.arch_optimizer = torch.optim.Adam(
@@ -64,6 +65,7 @@ class SearchTask:
             hvp=cfg.hvp,
             batched_fd=cfg.batched_fd,
             amp=cfg.amp,
+            foreach=cfg.foreach,
         )
         self.graphed: GraphedStep | None = None
         if cfg.cuda_graphs:
@@ -110,7 +112,7 @@ class SearchTask:
             # Fused SGD (torch 2.14, CPU) steps a gradient with other strides than its weight
             # as if they matched: the stem convolution's weight gradient comes out channels-last.
             p.grad = g.contiguous()
-        torch.nn.utils.clip_grad_norm_(weights, self.weight_clip)
+        torch.nn.utils.clip_grad_norm_(weights, self.weight_clip, foreach=self.cfg.foreach or None)
         self.weight_optimizer.step()
         self.weight_optimizer.zero_grad(set_to_none=True)
         return out
