@@ -355,3 +355,24 @@ def test_cuda_graph_replays_follow_the_eager_step(space, order):
     assert graphed.graphed.replays >= 3
     for a, b in zip(graphed.model.arch_parameters(), eager.model.arch_parameters()):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("space", ["rnn", "cnn"])
+def test_search_step_does_not_synchronise_on_cuda(space):
+    """torch's own sync detector finds no host-device synchronisation in a --fast step."""
+    cfg = SearchConfig(space=space, dtype="float32", seed=3, order=2, fast=True, **TINY[space])
+    cfg = cfg.resolved()
+    cuda = torch.device("cuda")
+    if space == "rnn":
+        task = RNNTask(cfg, cuda, torch.float32, corpus=_synthetic_corpus())
+    else:
+        task = CNNTask(cfg, cuda, torch.float32, images=small_images(40))
+    task.begin_epoch(0)
+    task.step()  # lazy initialisation (optimiser state, Triton compilation) may synchronise
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        task.step()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")

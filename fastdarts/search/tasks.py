@@ -286,7 +286,7 @@ class CNNTask(SearchTask):
     def _batch(self, idx: torch.Tensor) -> Batch:
         images, labels = self.images.get(idx)
         x = cifar.augment(images, self.generator, dtype=self.dtype)
-        return Batch(x.to(self.device), labels.to(self.device))
+        return Batch(_to_device(x, self.device), _to_device(labels, self.device))
 
     def _next_val_indices(self) -> torch.Tensor:
         bs = self.cfg.batch_size
@@ -352,6 +352,14 @@ class CNNTask(SearchTask):
         self.generator.set_state(state["generator"])
         self.order, self.pos = state["order"], state["pos"]
         self.val_order, self.val_pos = state["val_order"], state["val_pos"]
+
+
+def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``t`` on ``device``; to a GPU through pinned memory without waiting (a copy from
+    pageable memory synchronises the host with the device)."""
+    if device.type != "cuda":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
 
 
 def _accuracy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
