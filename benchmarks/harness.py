@@ -318,10 +318,30 @@ def count_kernel_launches(fn: Callable[[], object], device: torch.device) -> int
 # -- memory -------------------------------------------------------------------------------
 
 
+_PROC = Path("/proc/self")
+
+
+def reset_peak_memory(device: torch.device) -> None:
+    """Start the peak over: CUDA's allocator statistics; on Linux, the process's peak RSS
+    (writing 5 to clear_refs), so importing torch and building the data — whose transient
+    peak hid the step's own (the CPU column once read the same for every backend) — no
+    longer count."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    elif (_PROC / "clear_refs").exists():
+        (_PROC / "clear_refs").write_text("5")
+
+
 def peak_memory_mb(device: torch.device) -> float:
-    """This process's peak so far: max allocated on CUDA, peak RSS on CPU (MiB)."""
+    """This process's peak since :func:`reset_peak_memory` (or its start): max allocated on
+    CUDA, peak RSS on CPU (MiB)."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
+    status = _PROC / "status"
+    if status.exists():
+        for line in status.read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 2**10  # kB
     # ru_maxrss is in KiB on Linux, bytes on macOS.
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return rss / 2**20 if sys.platform == "darwin" else rss / 2**10

@@ -308,7 +308,9 @@ def _memory_child(args: argparse.Namespace, device: torch.device) -> None:
     cfg = search_config(args.space, args.order, args.config, config.overrides())
     task = build_task(cfg, device, DTYPES[args.dtype], 2)
     step = step_fn(task)
-    # Two steps: the first allocates optimiser state, the second runs at steady state.
+    # The peak of the steps (with the model, data and optimiser state they hold). Two steps:
+    # the first allocates optimiser state, the second runs at steady state.
+    harness.reset_peak_memory(device)
     step()
     step()
     harness.print_peak_memory(device)
