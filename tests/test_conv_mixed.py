@@ -40,6 +40,8 @@ from fastdarts.ops.conv_mixed import (
     kernel_name,
     mix_backward_reference,
     mix_reference,
+    pointwise,
+    pointwise_backward_reference,
     reference_cell_ops,
 )
 from fastdarts.search.config import SearchConfig
@@ -582,6 +584,81 @@ def test_depthwise_gradcheck_gradgradcheck_and_vmap():
     )
     assert_close(got, want, F64)
     torch.library.opcheck(torch.ops.fastdarts.depthwise.default, [x, ws, 1, pads, dils, offs])
+
+
+# -- grouped pointwise convolutions ------------------------------------------------------
+
+
+def make_pointwise(gen, B, G, Ci, Co, H, W, dtype=F64):
+    x = torch.randn(B, G * Ci, H, W, generator=gen, dtype=dtype)
+    return x, torch.randn(G * Co, Ci, 1, 1, generator=gen, dtype=dtype)
+
+
+@needs_cpp
+@pytest.mark.parametrize("dtype", [F64, torch.float32])
+@pytest.mark.parametrize(
+    "B, G, Ci, Co, H, W",
+    # odd sizes and channel counts (rows and columns left after the 4-row / 2-vector
+    # blocks), one pixel, and the search's shapes (columns in whole vectors).
+    [(3, 3, 5, 7, 7, 9), (2, 1, 6, 6, 1, 1), (2, 4, 16, 16, 8, 8), (1, 2, 3, 9, 5, 33)],
+)
+def test_cpp_pointwise_matches_torch_and_writes_every_element(B, G, Ci, Co, H, W, dtype):
+    gen = _gen(40 + Ci)
+    x, w = make_pointwise(gen, B, G, Ci, Co, H, W, dtype)
+    x64, w64 = x.double().requires_grad_(), w.double().requires_grad_()
+    want = torch.nn.functional.conv2d(x64, w64, groups=G)
+    g = torch.randn(want.shape, generator=gen, dtype=F64)
+    want_grads = torch.autograd.grad(want, [x64, w64], g)
+    out = torch.full(want.shape, math.nan, dtype=dtype)
+    torch.ops.fastdarts_cpp.pointwise_forward(x, w, G, out)
+    assert_close(out, want, dtype)
+    d_x, d_w = torch.full_like(x, math.nan), torch.full_like(w, math.nan)
+    torch.ops.fastdarts_cpp.pointwise_backward(g.to(dtype), x, w, G, d_x, [d_w])
+    assert_close(d_x, want_grads[0], dtype)
+    assert_close(d_w, want_grads[1], dtype)
+    d_x2 = torch.full_like(x, math.nan)
+    torch.ops.fastdarts_cpp.pointwise_backward(g.to(dtype), x, w, G, d_x2, [])
+    assert torch.equal(d_x2, d_x)
+    ref = pointwise_backward_reference(g, x64.detach(), w64.detach(), G)
+    for got, want_g in zip(ref, want_grads):
+        assert_close(got, want_g, F64)
+
+
+@needs_cpp
+def test_cpp_pointwise_checks_its_inputs():
+    x, w = make_pointwise(_gen(41), 2, 2, 3, 4, 5, 5)
+    out = torch.empty(2, 8, 5, 5, dtype=F64)
+    with pytest.raises(RuntimeError, match="for 3 groups of an input with 6 channels"):
+        torch.ops.fastdarts_cpp.pointwise_forward(x, w, 3, out)
+    with pytest.raises(RuntimeError, match="out must be"):
+        torch.ops.fastdarts_cpp.pointwise_forward(x, w, 2, out[:, :7])
+
+
+def test_pointwise_gradcheck_gradgradcheck_vmap_and_weight_gradient_skip():
+    gen = _gen(42)
+    x, w = make_pointwise(gen, 2, 3, 2, 3, 3, 4)
+    inputs = [x.requires_grad_(), w.requires_grad_()]
+
+    def fn(a, b):
+        return pointwise(a, b, 3)
+
+    assert torch.autograd.gradcheck(fn, inputs)
+    assert torch.autograd.gradgradcheck(fn, inputs)
+    want = torch.autograd.grad(torch.nn.functional.conv2d(x, w, groups=3).sum(), [x])
+    assert_close(torch.autograd.grad(fn(x * 1.0, w).sum(), [x])[0], want[0], F64)
+    xs = torch.randn(4, *x.shape, generator=gen, dtype=F64)
+    got = torch.vmap(fn, in_dims=(0, None))(xs, w)
+    want = torch.stack([torch.nn.functional.conv2d(a, w, groups=3) for a in xs])
+    assert_close(got, want, F64)
+    wb = torch.randn(4, *w.shape, generator=gen, dtype=F64)
+    got = torch.vmap(fn)(xs, wb)
+    want = torch.stack([torch.nn.functional.conv2d(a, b, groups=3) for a, b in zip(xs, wb)])
+    assert_close(got, want, F64)
+    torch.library.opcheck(torch.ops.fastdarts.pointwise.default, [x, w, 3])
+    g = torch.randn(2, 9, 3, 4, generator=gen, dtype=F64)
+    for grad_weight in (True, False):
+        args = [g, x.detach(), w.detach(), 3, grad_weight]
+        torch.library.opcheck(torch.ops.fastdarts.pointwise_backward.default, args)
 
 
 # -- bad inputs ---------------------------------------------------------------------------

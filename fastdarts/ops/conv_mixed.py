@@ -5,10 +5,10 @@ cell runs as 4 groups (the 8 edges from its two inputs, then each node's outgoin
 All the convolutional ops of all the group's edges run together: one ReLU of the inputs;
 the first depthwise stage of sep_conv_3x3, sep_conv_5x5, dil_conv_3x3 and dil_conv_5x5 as
 one call of :func:`depthwise` (a kernel that runs several kernel sizes and dilations at
-once, E·C channels each); their pointwise convolutions as one grouped 1×1 (4E groups); one
-BatchNorm over those 4EC channels; the sep convs' second stage likewise (one depthwise
-call, one grouped 1×1). max_pool and avg_pool run once per input state, skip_connect is the
-input (or FactorizedReduce, two grouped 1×1, at stride 2).
+once, E·C channels each); their pointwise convolutions as one grouped 1×1 (4E groups,
+:func:`pointwise`); one BatchNorm over those 4EC channels; the sep convs' second stage
+likewise (one depthwise call, one grouped 1×1). max_pool and avg_pool run once per input
+state, skip_connect is the input (or FactorizedReduce, two grouped 1×1, at stride 2).
 
 The rest — the α-weighted sum of the eight ops of every edge into its target node, with
 skip_connect, `none` (no term) and, in eval, the BatchNorm of the pools, the sep convs'
@@ -18,12 +18,12 @@ second stage and FactorizedReduce (in training one BatchNorm over all of those r
     out[b, o] = acc[b, o] + Σ_{routes r into o} alpha_r · (src[b, s_r] − shift_r)
 
 with one route per (edge, op, channel): alpha = α-weight (· 1/√(running var + eps) in
-eval), shift = 0 (the running mean in eval). Both kernels are custom ops
-(``torch.ops.fastdarts.conv_mix`` / ``depthwise`` and their ``_backward``): C++ on the
-CPU (``fastdarts._C``, registered as ``torch.ops.fastdarts_cpp.*``), Triton on CUDA for the
-mixture (cuDNN's convolutions for the depthwise), else torch ops. An autograd Function ties
-each pair; under create_graph its backward takes torch-op formulas (differentiable), and a
-vmap rule folds a batch dimension into B.
+eval), shift = 0 (the running mean in eval). The kernels are custom ops
+(``torch.ops.fastdarts.conv_mix`` / ``depthwise`` / ``pointwise`` and their ``_backward``):
+C++ on the CPU (``fastdarts._C``, registered as ``torch.ops.fastdarts_cpp.*``), Triton on
+CUDA for the mixture (cuDNN's convolutions for the others), else torch ops. An autograd
+Function ties each pair; under create_graph its backward takes torch-op formulas
+(differentiable), and a vmap rule folds a batch dimension into B.
 
 :class:`MixedOp` is the drop-in module for one edge; :class:`FusedCellOps` holds all 14
 edges of a search cell (``SearchCell._ops`` under ``--backend fused``). Both keep their
@@ -535,6 +535,112 @@ def depthwise(
     return DepthwiseFunction.apply(x.contiguous(), stride, pads, dils, in_offsets, *weights)
 
 
+# -- grouped pointwise (1×1) convolutions -------------------------------------------------
+
+
+def pointwise_backward_reference(
+    grad: Tensor, x: Tensor, weight: Tensor, groups: int, grad_weight: bool = True
+) -> list[Tensor]:
+    """[d_x, d_weight] of :func:`pointwise` ([d_x] without ``grad_weight``), in
+    differentiable torch ops."""
+    d_x = torch.nn.grad.conv2d_input(x.shape, weight, grad, groups=groups)
+    if not grad_weight:
+        return [d_x]
+    return [d_x, torch.nn.grad.conv2d_weight(x, weight.shape, grad, groups=groups)]
+
+
+def _pw_cpp(x: Tensor, name: str) -> bool:
+    return x.device.type == "cpu" and _has_cpp(name)
+
+
+@torch.library.custom_op("fastdarts::pointwise", mutates_args=())
+def _pw_op(x: Tensor, weight: Tensor, groups: int) -> Tensor:
+    if not _pw_cpp(x, "pointwise_forward"):
+        return F.conv2d(x, weight, groups=groups)
+    out = x.new_empty(x.shape[0], weight.shape[0], *x.shape[2:])
+    torch.ops.fastdarts_cpp.pointwise_forward(x, weight, groups, out)
+    return out
+
+
+@_pw_op.register_fake
+def _(x, weight, groups):
+    return x.new_empty(x.shape[0], weight.shape[0], *x.shape[2:])
+
+
+@torch.library.custom_op("fastdarts::pointwise_backward", mutates_args=())
+def _pw_backward_op(
+    grad: Tensor, x: Tensor, weight: Tensor, groups: int, grad_weight: bool
+) -> list[Tensor]:
+    if not _pw_cpp(x, "pointwise_backward"):
+        return pointwise_backward_reference(grad, x, weight, groups, grad_weight)
+    d_x = torch.empty_like(x)
+    d_w = [torch.empty_like(weight)] if grad_weight else []
+    torch.ops.fastdarts_cpp.pointwise_backward(grad, x, weight, groups, d_x, d_w)
+    return [d_x, *d_w]
+
+
+@_pw_backward_op.register_fake
+def _(grad, x, weight, groups, grad_weight):
+    return [torch.empty_like(x), *([torch.empty_like(weight)] if grad_weight else [])]
+
+
+class PointwiseFunction(torch.autograd.Function):
+    """A grouped 1×1 convolution in one kernel each way; the backward is differentiable
+    (under create_graph, torch's convolution gradients); vmap folds the batch into B."""
+
+    @staticmethod
+    def forward(x, weight, groups):
+        return _pw_op(x, weight, groups)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        x, weight, groups = inputs
+        ctx.groups = groups
+        ctx.save_for_backward(x, weight)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        x, weight = ctx.saved_tensors
+        want_w = _engine_wants(ctx, 1, 1)  # not in the α step (see DepthwiseFunction)
+        if torch.is_grad_enabled():
+            grads = pointwise_backward_reference(grad, x, weight, ctx.groups, want_w)
+        else:
+            grads = _pw_backward_op(grad.contiguous(), x, weight, ctx.groups, want_w)
+        return grads[0], grads[1] if want_w else None, None
+
+    @staticmethod
+    def vmap(info, in_dims, x, weight, groups):
+        size = info.batch_size
+        if in_dims[1] is not None:
+            # Per-sample weights: torch's convolution under vmap.
+            x, weight = _leading(x, in_dims[0], size), weight.movedim(in_dims[1], 0)
+            return torch.vmap(lambda a, w: F.conv2d(a, w, groups=groups))(x, weight), 0
+        out = PointwiseFunction.apply(_fold(x, in_dims[0], size), weight, groups)
+        return out.view(size, -1, *out.shape[1:]), 0
+
+
+def _pw_setup_context(ctx, inputs, output) -> None:
+    x, weight, groups = inputs
+    ctx.groups = groups
+    ctx.save_for_backward(x, weight)
+
+
+def _pw_op_backward(ctx, grad):
+    x, weight = ctx.saved_tensors
+    d_x, d_w = pointwise_backward_reference(grad, x, weight, ctx.groups)
+    return d_x, d_w, None
+
+
+# torch.ops.fastdarts.pointwise is differentiable too (PointwiseFunction is what the cells use).
+_pw_op.register_autograd(_pw_op_backward, setup_context=_pw_setup_context)
+
+
+def pointwise(x: Tensor, weight: Tensor, groups: int) -> Tensor:
+    """``F.conv2d(x, weight, groups=groups)`` for a 1×1 weight at stride 1: x (B, G·Ci, H, W),
+    weight (G·Co, Ci, 1, 1) → (B, G·Co, H, W)."""
+    return PointwiseFunction.apply(x.contiguous(), weight.contiguous(), groups)
+
+
 # -- the batched edges -------------------------------------------------------------------
 
 
@@ -726,7 +832,7 @@ class FusedEdges(nn.Module):
             [dil for _, _, _, dil in _STAGE1],
             [0] * len(_STAGE1),
         )
-        y = F.conv2d(first, get("pw1"), groups=4 * E)
+        y = pointwise(first, get("pw1"), 4 * E)
         training, track = self.training, self.track_running_stats
         # BatchNorm's rules: running statistics in eval; in training, updated when tracked.
         use_running = not training or track
@@ -747,7 +853,7 @@ class FusedEdges(nn.Module):
             [1] * len(_STAGE2),
             [t * E * C for t in range(len(_STAGE2))],
         )
-        z = F.conv2d(second, get("pw2"), groups=2 * E)
+        z = pointwise(second, get("pw2"), 2 * E)
         maxp = F.max_pool2d(x, 3, s, 1)
         avgp = F.avg_pool2d(x, 3, s, 1, count_include_pad=False)
         if grp.fr:
