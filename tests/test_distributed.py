@@ -36,6 +36,7 @@ from fastdarts import distributed, plot
 from fastdarts.data import ptb
 from fastdarts.data.cifar import CIFAR10Split
 from fastdarts.errors import ConfigError
+from fastdarts.ops import backends
 from fastdarts.search.__main__ import main
 from fastdarts.search.config import SearchConfig
 from fastdarts.search.loop import Searcher
@@ -48,15 +49,17 @@ TINY = {
     "rnn": {"emsize": 8, "nhid": 8, "batch_size": 4, "bptt": 5, "eval_batch_size": 2},
     "cnn": {"init_channels": 4, "layers": 3, "batch_size": 4},
 }
+# (space, order, sync BN, backend)
 CASES = [
-    (space, order, sync_bn)
+    (space, order, sync_bn, "reference")
     for space in ("rnn", "cnn")
     for order in (1, 2)
     for sync_bn in (False, True)
 ]
-# A minute on the 2-core CI machine (an all-reduce per BatchNorm call, ~1000 per pass):
-# run with -m slow.
-SLOW_CASES = [("cnn", 2, True)]
+CASES += [("rnn", 2, False, "fused"), ("cnn", 2, False, "fused")]
+# A minute each on the 2-core CI machine (the sync BN case: an all-reduce per BatchNorm
+# call, ~1000 per pass): run with -m slow.
+SLOW_CASES = [("cnn", 2, True, "reference"), ("cnn", 2, False, "fused")]
 
 
 def free_port() -> int:
@@ -80,8 +83,10 @@ def small_images(n: int) -> CIFAR10Split:
     return CIFAR10Split(images, torch.randint(0, 10, (n,), generator=gen))
 
 
-def make_task(space: str, order: int, sync_bn: bool):
-    cfg = SearchConfig(space=space, dtype="float64", seed=3, order=order, sync_bn=sync_bn)
+def make_task(space: str, order: int, sync_bn: bool, backend: str = "reference"):
+    cfg = SearchConfig(
+        space=space, dtype="float64", seed=3, order=order, sync_bn=sync_bn, backend=backend
+    )
     cfg = dataclasses.replace(cfg, **TINY[space]).resolved()
     cpu = torch.device("cpu")
     if space == "rnn":
@@ -107,8 +112,8 @@ def shard_forward(model, world: int = WORLD) -> None:
     would: each shard (its block of the batch and of the masks) on its own, from the same
     running statistics, which end as the mean of the shards'; the loss is the shards' mean."""
     forward = model.forward
-    bn_types = torch.nn.modules.batchnorm._BatchNorm
-    bns = [m for m in model.modules() if isinstance(m, bn_types)]
+    # BatchNorm modules, and the fused ops' modules that keep BatchNorm statistics.
+    bns = [m for m in model.modules() if m._buffers]
 
     def set_buffers(values: list[dict[str, torch.Tensor]]) -> None:
         # New tensors, not copies into the old ones: earlier shards' graphs saved those.
@@ -159,8 +164,13 @@ def assert_close(a: torch.Tensor, b: torch.Tensor, what: str) -> None:
     torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12, msg=lambda m: f"{what}: {m}")
 
 
+def usable(backend: str, space: str) -> bool:
+    return backends.BACKENDS[backend].why_not(space, "cpu") is None
+
+
 def _worker(rank: int, port: int, folder: Path, cases: list, runs: bool) -> None:
     join_group(rank, port)
+    cases = [c for c in cases if usable(c[3], c[0])]
     results = {"cases": {case: run_steps(make_task(*case)) for case in cases}}
     if runs:
         results["runs"] = run_folder_scenario(rank, folder)
@@ -192,11 +202,13 @@ def one_thread():
 
 
 @pytest.mark.parametrize(
-    ("space", "order", "sync_bn"),
+    ("space", "order", "sync_bn", "backend"),
     [pytest.param(*c, marks=pytest.mark.slow) if c in SLOW_CASES else c for c in CASES],
 )
-def test_two_processes_equal_one(request, tmp_path, space, order, sync_bn):
-    case = (space, order, sync_bn)
+def test_two_processes_equal_one(request, tmp_path, space, order, sync_bn, backend):
+    case = (space, order, sync_bn, backend)
+    if not usable(backend, space):
+        pytest.skip(f"{backend} cannot run {space} here")
     if case in SLOW_CASES:
         results = [r["cases"] for r in launch(tmp_path, [case])]
     else:
@@ -210,7 +222,7 @@ def test_two_processes_equal_one(request, tmp_path, space, order, sync_bn):
         assert torch.equal(tensor, ranks[1]["state"][name]), name
     assert ranks[0]["metrics"] == ranks[1]["metrics"]
 
-    reference = make_task(space, order, sync_bn)
+    reference = make_task(*case)
     if not sync_bn:
         shard_forward(reference.model)  # else: one process on the whole batch
     ref = run_steps(reference)
@@ -224,9 +236,9 @@ def test_two_processes_equal_one(request, tmp_path, space, order, sync_bn):
         assert ranks[0]["metrics"][key] == pytest.approx(value, rel=1e-10), key
 
     # Not vacuous: α moved, and per-shard BatchNorm is another computation than sync BN.
-    start = make_task(space, order, sync_bn).model.arch_parameters()
+    start = make_task(*case).model.arch_parameters()
     assert max((a - s).abs().max() for a, s in zip(ref["alphas"][-1], start)) > 1e-5
-    other = results[0].get((space, order, not sync_bn))
+    other = results[0].get((space, order, not sync_bn, backend))
     if other is not None:
         differ = max((a - b).abs().max() for a, b in zip(other["alphas"][-1], ref["alphas"][-1]))
         assert differ > 1e-8

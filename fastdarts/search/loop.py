@@ -100,7 +100,7 @@ class Searcher(EpochRun):
             print(
                 f"note: resuming a search of {before} process(es) with {now}; the state is "
                 "global, but each shard's BatchNorm statistics change with the shard size "
-                "(not with --sync-bn)",
+                "(unless --sync-bn)",
                 file=sys.stderr,
             )
 
