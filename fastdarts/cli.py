@@ -92,8 +92,9 @@ def saved_settings(settings: type, out: str) -> dict:
 
 
 def run_reporting(prog: str, out: str, work: Callable[[], object]) -> int:
-    """Run ``work()`` and print its result as JSON (exit 0); a FastDartsError is one line on
-    stderr (its exit code), an interrupt says how to resume (130)."""
+    """Run ``work()`` and print its result as JSON (none for None: a distributed run's other
+    ranks) (exit 0); a FastDartsError is one line on stderr (its exit code), an interrupt says
+    how to resume (130)."""
     try:
         result = work()
     except FastDartsError as e:
@@ -101,5 +102,6 @@ def run_reporting(prog: str, out: str, work: Callable[[], object]) -> int:
     except KeyboardInterrupt:
         print(f"{prog}: interrupted; continue with --resume --out {out}", file=sys.stderr)
         return 130
-    print(json.dumps(result))
+    if result is not None:
+        print(json.dumps(result))
     return 0

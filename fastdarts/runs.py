@@ -3,7 +3,8 @@ the epoch loop with its run folder (settings, metrics, checkpoints, progress bar
 
 A run folder holds ``config.json`` (the settings), ``metrics.jsonl`` (one JSON object per
 logged step and per epoch) and ``checkpoint.pt`` (everything needed to continue exactly,
-written atomically and loaded with ``weights_only=True``).
+written atomically and loaded with ``weights_only=True``). In a distributed run only rank 0
+writes them (and shows the progress bar); every rank reads the checkpoint to resume.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from fastdarts import distributed
 from fastdarts.errors import ConfigError, DivergedError
 from fastdarts.utils import atomic_torch_save, atomic_write_text
 
@@ -32,6 +34,7 @@ SPACES = {"rnn": "ptb", "cnn": "cifar10"}  # space -> its dataset
 # to go on, not what is computed.
 RESUMABLE_CHANGES = frozenset(
     {"max_steps", "data", "out", "resume", "device", "threads", "checkpoint_every", "log_every"}
+    | {"seeds", "rank_train"}  # the search's --seeds driver, not what one search computes
 )
 
 
@@ -195,6 +198,7 @@ class EpochRun:
         # A step can leave non-finite weights behind a finite loss: never save those.
         if not all(torch.isfinite(p).all() for p in self.task.model.parameters()):
             self._diverged("the weights are not finite")
+        # Every rank builds the state (it may gather across ranks); rank 0 saves it.
         state = {
             "format": CHECKPOINT_FORMAT,
             "config": self.cfg.to_dict(),
@@ -207,7 +211,8 @@ class EpochRun:
             "threads": torch.get_num_threads(),
             **self._checkpoint_extras(),
         }
-        atomic_torch_save(state, self.ckpt_path)
+        if distributed.is_main():
+            atomic_torch_save(state, self.ckpt_path)
         self.last_checkpoint = self.step
 
     def _restore(self, saved: dict) -> None:
@@ -224,7 +229,7 @@ class EpochRun:
 
     def _truncate_metrics(self, step: int) -> None:
         """Drop the metrics a resume from ``step`` will log again."""
-        if not self.metrics_path.exists():
+        if not distributed.is_main() or not self.metrics_path.exists():
             return
         kept = [
             line
@@ -237,12 +242,16 @@ class EpochRun:
 
     def _start_folder(self) -> None:
         """Create the run folder; a new run writes its settings and empties the metrics."""
+        if not distributed.is_main():
+            return
         self.out.mkdir(parents=True, exist_ok=True)
         if not self.cfg.resume:
             atomic_write_text(self.out / "config.json", json.dumps(self.cfg.to_dict(), indent=1))
             self.metrics_path.write_text("")
 
     def _log(self, record: dict) -> None:
+        if not distributed.is_main():
+            return
         with self.metrics_path.open("a") as f:
             f.write(json.dumps(record) + "\n")
 
@@ -298,7 +307,7 @@ class EpochRun:
             bar = tqdm(
                 total=per_epoch,
                 desc=f"epoch {self.epoch + 1}/{cfg.epochs}",
-                disable=None,
+                disable=None if distributed.is_main() else True,
                 dynamic_ncols=True,
                 leave=False,
             )
@@ -332,7 +341,8 @@ class EpochRun:
             epoch_outputs()
             self._checkpoint()
             summary = ", ".join(f"{k} {v:.4g}" for k, v in evaluation.items())
-            print(f"epoch {self.epoch}/{cfg.epochs}: {summary}", file=sys.stderr)
+            if distributed.is_main():
+                print(f"epoch {self.epoch}/{cfg.epochs}: {summary}", file=sys.stderr)
 
     def _read(self, monitor: StepMonitor) -> dict[str, float]:
         """The latest step's metrics as numbers (one host read); stops the run, naming the

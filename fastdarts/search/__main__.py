@@ -2,6 +2,7 @@
 
 python -m fastdarts.search --space rnn --dataset ptb        # recurrent cell on PTB
 python -m fastdarts.search --space cnn --dataset cifar10    # convolutional cell on CIFAR-10
+torchrun --nproc_per_node 4 -m fastdarts.search --space cnn # one search on 4 GPUs
 """
 
 from __future__ import annotations
@@ -9,10 +10,12 @@ from __future__ import annotations
 import argparse
 import sys
 
+from fastdarts import distributed
 from fastdarts.cli import RUN_HELP, dataclass_parser, run_reporting, saved_settings
 from fastdarts.genotypes import to_dict
 from fastdarts.search.config import SearchConfig
 from fastdarts.search.loop import run_search
+from fastdarts.search.seeds import run_seeds
 
 PROG = "python -m fastdarts.search"
 
@@ -36,6 +39,12 @@ HELP = {
     "(CUDA only; not yet validated on a GPU)",
     "amp": "bf16: matmuls and convolutions in bfloat16 (softmax, losses, reductions and the "
     "finite-difference passes in float32)",
+    "sync_bn": "distributed (torchrun): normalise BatchNorm by the global batch's statistics "
+    "instead of each process's shard (--backend reference, not with --batched-fd)",
+    "seeds": "comma-separated seeds (e.g. 0,1,2,3): one search per seed in OUT/seed-S, then "
+    "each cell trained from scratch briefly and ranked in OUT/summary.json",
+    "rank_train": "flags of the short training that ranks the --seeds cells, e.g. "
+    "'--epochs 20 --layers 8' (default: the paper's, --epochs 100 cnn, 300 rnn)",
     "eval_batches": "cap the evaluation at N batches per epoch",
     "lr": "weight learning rate (paper: 20 rnn, 0.025 cnn)",
     "weight_decay": "weight decay (paper: 5e-7 rnn, 3e-4 cnn)",
@@ -72,10 +81,19 @@ def make_config(given: dict) -> SearchConfig:
     return SearchConfig(**{**base, **given, "out": out})
 
 
+def search(cfg: SearchConfig) -> dict | None:
+    """The search (or, with --seeds, the searches and their ranking); what rank 0 prints."""
+    result = run_seeds(cfg) if cfg.seeds else to_dict(run_search(cfg))
+    return result if distributed.is_main() else None
+
+
 def main(argv: list[str] | None = None) -> int:
     given = vars(build_parser().parse_args(argv))
     out = given.get("out", "runs/search-SPACE")
-    return run_reporting(PROG, out, lambda: to_dict(run_search(make_config(given))))
+    try:
+        return run_reporting(distributed.label(PROG), out, lambda: search(make_config(given)))
+    finally:
+        distributed.shutdown()
 
 
 if __name__ == "__main__":

@@ -37,6 +37,12 @@ virtual model keeps the old tied embedding (the state_dict load of the copied mo
 the stale ``decoder.weight`` over the updated ``encoder.weight``); every pass draws new
 dropout masks, w⁺ and w⁻ included; w± are formed in place (w + εv − 2εv + εv, which
 rounds); and the w± passes update BatchNorm running statistics.
+
+In a distributed run (:mod:`fastdarts.distributed`) every gradient above is the global
+batch's: each rank differentiates its shard's loss weighted by its share of the batch and
+the results are summed across ranks before use (g; ∇α and v at w' in one all-reduce; the w±
+difference quotient, or the exact HVP, in another), so the clip coefficients and ε come from
+the global g and v and every rank takes the same α step.
 """
 
 from __future__ import annotations
@@ -46,6 +52,7 @@ from dataclasses import dataclass
 import torch
 from torch.func import functional_call
 
+from fastdarts import distributed
 from fastdarts.search.masks import MaskSampler
 from fastdarts.spaces.base import Batch, SearchModel, SearchOutput
 
@@ -144,7 +151,7 @@ class Architect:
         if self.order == 1:
             with autocast(self.model, self.amp):
                 out = self.model(val, self._masks(val))
-            return out, list(torch.autograd.grad(out.loss, self.model.arch_parameters()))
+            return out, _global_grad(out.loss, val, self.model.arch_parameters())
         return self._second_order(train, val, lr, weight_optimizer)
 
     def _masks(self, batch: Batch) -> dict[str, torch.Tensor]:
@@ -159,7 +166,13 @@ class Architect:
         train_masks = self._masks(train)
         with autocast(model, self.amp):
             out_train = model(train, train_masks)
-        g = torch.autograd.grad(out_train.loss, weights, create_graph=self.hvp == "exact")
+        # This rank's part of g keeps its graph for the exact HVP; the step uses the sum.
+        g_local = torch.autograd.grad(
+            distributed.scale(out_train.loss, train.share),
+            weights,
+            create_graph=self.hvp == "exact",
+        )
+        g = distributed.all_sum(g_local)
         c_step = c_hvp = torch.ones((), dtype=weights[0].dtype, device=weights[0].device)
         if rule.clip is not None:
             with torch.no_grad():
@@ -176,20 +189,22 @@ class Architect:
         val_masks = self._masks(val)
         with model.frozen_bn_stats(), autocast(model, self.amp):
             out_val = functional_call(model, dict(zip(names, virtual)), (val, val_masks))
-        grads = torch.autograd.grad(out_val.loss, [*alphas, *virtual])
+        grads = _global_grad(out_val.loss, val, [*alphas, *virtual])
         dalpha, v = list(grads[: len(alphas)]), list(grads[len(alphas) :])
         if rule.clip is not None:
             c_v = (rule.clip / (_norm(v, self.foreach) + 1e-6)).clamp(max=1.0)
             v = torch._foreach_mul(v, c_v) if self.foreach else [t * c_v for t in v]
 
         if self.hvp == "exact":
-            hvp = torch.autograd.grad(g, alphas, grad_outputs=v)
+            hvp = torch.autograd.grad(g_local, alphas, grad_outputs=v)
         elif self.compat:
             hvp = self._hvp_fd_in_place(v, train)
         elif self.batched_fd:
             hvp = self._hvp_fd_batched(names, weights, v, train, train_masks)
         else:
             hvp = self._hvp_fd(names, weights, v, train, train_masks)
+        # The HVP is linear in the ranks' losses: one all-reduce for both w± passes.
+        hvp = distributed.all_sum(hvp)
         return out_val, [d - lr * c_hvp * h for d, h in zip(dalpha, hvp)]
 
     def _virtual(self, names, weights, g, c_step, lr, weight_optimizer) -> list[torch.Tensor]:
@@ -243,7 +258,7 @@ class Architect:
                 shifted = {n: p.detach() + (sign * eps) * t for n, p, t in zip(names, weights, v)}
             with model.frozen_bn_stats():
                 loss = functional_call(model, shifted, (train, masks)).loss
-            diffs.append(torch.autograd.grad(loss, alphas))
+            diffs.append(torch.autograd.grad(distributed.scale(loss, train.share), alphas))
         return [(gp - gn) / (2 * eps) for gp, gn in zip(*diffs)]
 
     def _hvp_fd_batched(self, names, weights, v, train, masks):
@@ -263,7 +278,7 @@ class Architect:
 
         with model.frozen_bn_stats():
             losses = torch.func.vmap(loss_at)(stacked)
-        diff = torch.autograd.grad(losses[0] - losses[1], alphas)
+        diff = torch.autograd.grad(distributed.scale(losses[0] - losses[1], train.share), alphas)
         return [d / (2 * eps) for d in diff]
 
     def _hvp_fd_in_place(self, v, train):
@@ -276,8 +291,16 @@ class Architect:
                 for p, t in zip(weights, v):
                     p.add_(t, alpha=float(shift))
             loss = model(train, self._masks(train)).loss
-            diffs.append(torch.autograd.grad(loss, alphas))
+            diffs.append(torch.autograd.grad(distributed.scale(loss, train.share), alphas))
         with torch.no_grad():
             for p, t in zip(weights, v):
                 p.add_(t, alpha=float(eps))
         return [(gp - gn) / (2 * eps) for gp, gn in zip(*diffs)]
+
+
+def _global_grad(
+    loss: torch.Tensor, batch: Batch, inputs: list[torch.Tensor]
+) -> list[torch.Tensor]:
+    """∇ of the global batch's loss: this rank's loss weighted by its share, summed across
+    ranks in one all-reduce (``torch.autograd.grad`` as it is in one process)."""
+    return distributed.all_sum(torch.autograd.grad(distributed.scale(loss, batch.share), inputs))

@@ -33,6 +33,9 @@ class SearchConfig(RunSettings):
     batched_fd: bool = False
     amp: str = "off"
     foreach: bool = False
+    sync_bn: bool = False  # distributed: BatchNorm over the global batch, not each shard
+    seeds: str | None = None  # "0,1,2,3": one search per seed, ranked by a short training
+    rank_train: str | None = None  # flags of that training (None: the paper's short run)
     fast: bool = False
     cuda_graphs: bool = False
     threads: int | None = None

@@ -48,7 +48,7 @@ def _key(batch: Batch) -> tuple:
 
 def _static_copy(batch: Batch) -> Batch:
     state = None if batch.state is None else batch.state.clone()
-    return Batch(batch.inputs.clone(), batch.targets.clone(), state)
+    return Batch(batch.inputs.clone(), batch.targets.clone(), state, batch.share)
 
 
 def _fill(static: Batch, batch: Batch) -> None:

@@ -7,16 +7,23 @@ Run folder (see :mod:`fastdarts.runs` for what every run writes):
   weights over the run;
 - ``checkpoint.pt``: everything needed to continue exactly (every N steps, each epoch and
   at the end), written atomically and loaded with ``weights_only=True``.
+
+Under torchrun every rank runs the search on its shard of each batch
+(:mod:`fastdarts.distributed`); only rank 0 writes the run folder. The checkpoint holds the
+global state (weights, α, optimisers and generators are the same on every rank; the RNN's
+hidden states are gathered from all ranks), so a run resumes with any number of processes
+that divides the batch.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import sys
 
 import torch
 
-from fastdarts import genotypes
+from fastdarts import distributed, genotypes
 from fastdarts.errors import ConfigError
 from fastdarts.ops.backends import resolve as resolve_backend
 from fastdarts.runs import CHECKPOINT_FORMAT, EpochRun, check_settings
@@ -36,7 +43,7 @@ class Searcher(EpochRun):
         cfg = cfg.resolved()
         self._validate(cfg)
         saved = self._open(cfg)
-        self.device = self._prepare(saved)
+        self.device = distributed.init(self._prepare(saved))
         if cfg.cuda_graphs and self.device.type != "cuda":
             raise ConfigError(f"--cuda-graphs needs a CUDA device; this run is on {self.device}")
         resolve_backend(cfg.backend, cfg.space, self.device.type)
@@ -54,6 +61,24 @@ class Searcher(EpochRun):
             (cfg.hvp in ("fd", "exact"), f"--hvp must be fd or exact, got {cfg.hvp}"),
             (not (cfg.compat and cfg.hvp == "exact"), "--compat darts needs --hvp fd"),
             (not (cfg.compat and cfg.cuda_graphs), "--compat darts cannot run in CUDA graphs"),
+            (
+                cfg.batch_size % distributed.env_world_size() == 0,
+                f"--batch-size {cfg.batch_size} is not divisible by the "
+                f"{distributed.env_world_size()} processes (each takes an equal shard)",
+            ),
+            (
+                not cfg.sync_bn or cfg.backend == "reference",
+                "--sync-bn runs with --backend reference only (the fused ops normalise "
+                "inside their kernels)",
+            ),
+            (
+                not (cfg.sync_bn and cfg.batched_fd),
+                "--sync-bn cannot run with --batched-fd (collectives cannot run under vmap)",
+            ),
+            (
+                not (cfg.cuda_graphs and distributed.env_world_size() > 1),
+                "--cuda-graphs runs in one process (not yet under torchrun)",
+            ),
         ]
         check_settings(cfg, "searches", more)
 
@@ -72,11 +97,19 @@ class Searcher(EpochRun):
         return saved
 
     def _checkpoint_extras(self) -> dict:
-        return {"history": json.dumps(self.history)}
+        return {"history": json.dumps(self.history), "world_size": distributed.world_size()}
 
     def _restore(self, saved: dict) -> None:
         super()._restore(saved)
         self.history = json.loads(saved["history"])
+        before, now = saved.get("world_size", 1), distributed.world_size()
+        if before != now and distributed.is_main():
+            print(
+                f"note: resuming a search of {before} process(es) with {now}; the state is "
+                "global, but each shard's BatchNorm statistics change with the shard size "
+                "(unless --sync-bn)",
+                file=sys.stderr,
+            )
 
     # -- outputs -----------------------------------------------------------------------------
 
@@ -87,6 +120,8 @@ class Searcher(EpochRun):
         from fastdarts.plot import plot_alpha_history
 
         genotype = self.task.model.genotype()
+        if not distributed.is_main():
+            return genotype
         genotypes.save_genotype(genotype, self.out / "genotype.json")
         history = list(self.history)
         if final and (not history or history[-1]["step"] != self.step):

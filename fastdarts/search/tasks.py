@@ -5,6 +5,16 @@ A task owns the model, both optimisers, the architect and the data position; the
 Every random draw comes from a generator the task checkpoints: the mask sampler (dropout),
 a NumPy generator (the RNN's sequence lengths) and a torch generator (the CNN's shuffling
 and augmentation), so a resumed run repeats an uninterrupted one exactly.
+
+Distributed (:mod:`fastdarts.distributed`): every rank draws what one process draws for the
+global batch and keeps its shard — the CNN's rank r the samples [r·B/N, (r+1)·B/N) of each
+batch, the RNN's rank r its block of the batchified columns (and only those columns' hidden
+state). Gradients are the global batch's, so w and α stay identical on every rank. Without
+``--sync-bn`` each shard is normalised by its own BatchNorm statistics and the running
+statistics are averaged across ranks after every step (the updates are linear in the batch
+statistics, so this equals averaging after each pass), keeping them identical too. Every
+rank evaluates the whole validation set, with the same weights and statistics, so the
+numbers are one process's. Reported losses are the global batch's.
 """
 
 from __future__ import annotations
@@ -15,7 +25,9 @@ import math
 import numpy as np
 import torch
 
+from fastdarts import distributed
 from fastdarts.data import cifar, ptb
+from fastdarts.errors import ConfigError
 from fastdarts.ops.backends import resolve as resolve_backend
 from fastdarts.search.architect import Architect, UnrollRule, autocast
 from fastdarts.search.config import SearchConfig
@@ -34,6 +46,8 @@ class SearchTask:
     def __init__(self, cfg: SearchConfig, model: SearchModel, device: torch.device):
         self.cfg, self.model, self.device = cfg, model, device
         resolve_backend(cfg.backend, model.space, device.type).apply(model)
+        if cfg.sync_bn and distributed.active():
+            distributed.convert_sync_batchnorm(model)
         self.dtype = next(iter(model.parameters())).dtype
         self.sampler = MaskSampler(cfg.seed + 1, device)
         on_gpu = device.type == "cuda"
@@ -107,7 +121,8 @@ class SearchTask:
         masks = self.sampler.draw(self.model.mask_specs(batch), self.dtype)
         with autocast(self.model, self.cfg.amp):
             out = self.model(batch, masks)
-        grads = torch.autograd.grad(out.loss + out.penalty, weights)
+        loss = distributed.scale(out.loss + out.penalty, batch.share)
+        grads = distributed.all_sum(torch.autograd.grad(loss, weights))
         for p, g in zip(weights, grads):
             # Fused SGD (torch 2.14, CPU) steps a gradient with other strides than its weight
             # as if they matched: the stem convolution's weight gradient comes out channels-last.
@@ -116,6 +131,12 @@ class SearchTask:
         self.weight_optimizer.step()
         self.weight_optimizer.zero_grad(set_to_none=True)
         return out
+
+    def sync_statistics(self) -> None:
+        """After a step, the mean over ranks of BatchNorm's running statistics (they come from
+        each rank's shard unless --sync-bn); nothing in one process."""
+        if not self.cfg.sync_bn:
+            distributed.average_buffers(self.model)
 
     def state_dict(self) -> dict:
         return {
@@ -166,8 +187,11 @@ class RNNTask(SearchTask):
         self.weight_clip = cfg.clip
         self.unroll_clip = cfg.clip
         super().__init__(cfg, model, device)
-        self.train_data = ptb.batchify(corpus.train, cfg.batch_size).to(device)
-        self.search_data = ptb.batchify(corpus.valid, cfg.batch_size).to(device)
+        # This rank's block of columns (all of them in one process).
+        self.train_data = distributed.shard(ptb.batchify(corpus.train, cfg.batch_size), 1)
+        self.search_data = distributed.shard(ptb.batchify(corpus.valid, cfg.batch_size), 1)
+        self.train_data, self.search_data = self.train_data.to(device), self.search_data.to(device)
+        self.share = distributed.share(cfg.batch_size)
         self.eval_data = ptb.batchify(corpus.valid, cfg.eval_batch_size).to(device)
         self.rng = np.random.default_rng(cfg.seed)
         self.pos = 0
@@ -179,8 +203,9 @@ class RNNTask(SearchTask):
 
     def begin_epoch(self, epoch: int) -> None:
         self.pos = 0
-        self.hidden = self.model.init_state(self.cfg.batch_size)
-        self.hidden_valid = self.model.init_state(self.cfg.batch_size)
+        columns = self.train_data.shape[1]
+        self.hidden = self.model.init_state(columns)
+        self.hidden_valid = self.model.init_state(columns)
 
     def epoch_done(self) -> bool:
         return self.pos >= len(self.train_data) - 2
@@ -195,14 +220,17 @@ class RNNTask(SearchTask):
         vdata, vtargets = ptb.get_batch(
             self.search_data, self.pos % (len(self.search_data) - 1), cfg.bptt
         )
-        train = Batch(data, targets, self.hidden)
-        val = Batch(vdata, vtargets, self.hidden_valid)
+        train = Batch(data, targets, self.hidden, self.share)
+        val = Batch(vdata, vtargets, self.hidden_valid, self.share)
         val_out, out = self.search_step(train, val, lr)
         self.hidden_valid = val_out.state.detach()
         self.hidden = out.state.detach()
+        self.sync_statistics()
         self.pos += seq_len
-        loss = out.loss.detach()
-        return {"loss": loss, "ppl": perplexity(loss), "val_loss": val_out.loss.detach(), "lr": lr}
+        loss, val_loss = distributed.global_values(
+            [(out.loss, train.share), (val_out.loss, val.share)]
+        )
+        return {"loss": loss, "ppl": perplexity(loss), "val_loss": val_loss, "lr": lr}
 
     @torch.no_grad()
     def evaluate(self, max_batches: int | None = None) -> dict[str, float]:
@@ -226,16 +254,18 @@ class RNNTask(SearchTask):
         return {
             **super().state_dict(),
             "pos": self.pos,
-            "hidden": self.hidden,
-            "hidden_valid": self.hidden_valid,
+            # The global batch's hidden states (every rank's columns), so that a run resumes
+            # with any number of processes.
+            "hidden": distributed.gather(self.hidden),
+            "hidden_valid": distributed.gather(self.hidden_valid),
             "rng": json.dumps(self.rng.bit_generator.state),
         }
 
     def load_state_dict(self, state: dict) -> None:
         super().load_state_dict(state)
         self.pos = state["pos"]
-        self.hidden = state["hidden"].to(self.device)
-        self.hidden_valid = state["hidden_valid"].to(self.device)
+        self.hidden = distributed.shard(state["hidden"]).to(self.device)
+        self.hidden_valid = distributed.shard(state["hidden_valid"]).to(self.device)
         self.rng.bit_generator.state = json.loads(state["rng"])
 
 
@@ -269,6 +299,12 @@ class CNNTask(SearchTask):
             self.weight_optimizer, float(cfg.epochs), eta_min=cfg.lr_min
         )
         self.train_idx, self.val_idx = cifar.search_split(len(self.images), cfg.train_portion)
+        last = len(self.train_idx) % cfg.batch_size
+        if 0 < last < distributed.world_size():
+            raise ConfigError(
+                f"the last batch of each epoch holds {last} images, fewer than the "
+                f"{distributed.world_size()} processes; choose another --batch-size"
+            )
         self.generator = torch.Generator().manual_seed(cfg.seed)
         self.order = self.val_order = torch.empty(0, dtype=torch.long)
         self.pos = self.val_pos = 0
@@ -284,9 +320,13 @@ class CNNTask(SearchTask):
         return self.pos >= len(self.order)
 
     def _batch(self, idx: torch.Tensor) -> Batch:
+        """The batch of ``idx`` (this rank's samples of it, augmented as one process would)."""
         images, labels = self.images.get(idx)
-        x = cifar.augment(images, self.generator, dtype=self.dtype)
-        return Batch(_to_device(x, self.device), _to_device(labels, self.device))
+        # The whole batch is augmented on every rank: its draws keep the generator in step.
+        x = distributed.shard(cifar.augment(images, self.generator, dtype=self.dtype))
+        labels = distributed.shard(labels)
+        share = distributed.share(len(idx))
+        return Batch(_to_device(x, self.device), _to_device(labels, self.device), share=share)
 
     def _next_val_indices(self) -> torch.Tensor:
         bs = self.cfg.batch_size
@@ -303,13 +343,16 @@ class CNNTask(SearchTask):
         val = self._batch(self._next_val_indices())
         lr = self.scheduler.get_last_lr()[0]
         val_out, out = self.search_step(train, val, lr)
+        self.sync_statistics()
         self.pos += bs
-        return {
-            "loss": out.loss.detach(),
-            "acc": _accuracy(out.logits, train.targets),
-            "val_loss": val_out.loss.detach(),
-            "lr": lr,
-        }
+        loss, acc, val_loss = distributed.global_values(
+            [
+                (out.loss, train.share),
+                (_accuracy(out.logits, train.targets), train.share),
+                (val_out.loss, val.share),
+            ]
+        )
+        return {"loss": loss, "acc": acc, "val_loss": val_loss, "lr": lr}
 
     def end_epoch(self) -> None:
         self.scheduler.step()

@@ -15,11 +15,16 @@ from fastdarts.genotypes import Genotype
 
 @dataclass
 class Batch:
-    """One pass's data. ``state`` is the carried recurrent state (RNN) or None (CNN)."""
+    """One pass's data. ``state`` is the carried recurrent state (RNN) or None (CNN).
+
+    ``share`` is this rank's share of the global batch in a distributed run (its samples over
+    the global batch's; 1 in one process): its loss's weight in the global batch's gradient.
+    """
 
     inputs: torch.Tensor
     targets: torch.Tensor
     state: torch.Tensor | None = None
+    share: float = 1.0
 
 
 class SearchOutput(NamedTuple):
@@ -39,10 +44,15 @@ class SearchOutput(NamedTuple):
 
 @dataclass(frozen=True)
 class MaskSpec:
-    """A dropout mask a pass needs: its shape and the drop rate (kept entries are 1/(1-rate))."""
+    """A dropout mask a pass needs: its shape and the drop rate (kept entries are 1/(1-rate)).
+
+    ``batch_dim`` is the dimension that runs over the batch's samples, if any: a distributed
+    run draws the mask for the global batch along it and keeps its rank's slice.
+    """
 
     shape: tuple[int, ...]
     rate: float
+    batch_dim: int | None = None
 
 
 class SearchModel(nn.Module):

@@ -206,7 +206,11 @@ class RNNSearchModel(SearchModel):
             "h": (batch_size, self.nhid),
             "output": (batch_size, self.nhid),
         }
-        return {k: MaskSpec(shapes[k], r) for k, r in self.rates.items() if r > 0}
+        return {
+            k: MaskSpec(shapes[k], r, None if k == "embedding" else 0)
+            for k, r in self.rates.items()
+            if r > 0
+        }
 
     def forward(self, batch: Batch, masks: dict[str, torch.Tensor] | None = None) -> SearchOutput:
         """batch.inputs / targets (T, B) token ids, batch.state (B, nhid).
