@@ -28,7 +28,7 @@ from torch import nn
 
 from fastdarts.genotypes import RNN_PRIMITIVES, RecurrentGenotype
 from fastdarts.spaces.base import MaskSpec
-from fastdarts.spaces.rnn import _ACTIVATIONS, INIT_RANGE
+from fastdarts.spaces.rnn import ACTIVATIONS, TiedLanguageModel, init_projections
 
 NodeOp = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -46,19 +46,13 @@ class DARTSCell(nn.Module):
         self.node_op = node_op
         steps = len(genotype.recurrent)
         names = ["tanh"] + [name for name, _ in genotype.recurrent]
-        self._activations = [_ACTIVATIONS[name] for name in names]
+        self._activations = [ACTIVATIONS[name] for name in names]
         # Each node's op weights for node_op; not persistent, so the state_dict keeps the
         # original code's keys.
         ops = torch.tensor([RNN_PRIMITIVES.index(name) for name in names])
         one_hot = F.one_hot(ops, len(RNN_PRIMITIVES)).to(torch.get_default_dtype())
         self.register_buffer("_one_hot", one_hot, persistent=False)
-        self._W0 = nn.Parameter(
-            torch.empty(ninp + nhid, 2 * nhid).uniform_(-INIT_RANGE, INIT_RANGE)
-        )
-        self._Ws = nn.ParameterList(
-            nn.Parameter(torch.empty(nhid, 2 * nhid).uniform_(-INIT_RANGE, INIT_RANGE))
-            for _ in range(steps)
-        )
+        self._W0, self._Ws = init_projections(ninp, nhid, steps)
 
     def forward(
         self,
@@ -93,7 +87,7 @@ class DARTSCell(nn.Module):
         return s + torch.sigmoid(c) * (self._activations[n](g) - s)
 
 
-class RNNModel(nn.Module):
+class RNNModel(TiedLanguageModel):
     """Language model: tied embedding → DARTSCell → tied decoder.
 
     Defaults are the paper's evaluation settings: emsize = nhid = 850, dropout 0.75
@@ -115,37 +109,13 @@ class RNNModel(nn.Module):
         node_op: NodeOp | None = None,
     ) -> None:
         super().__init__()
-        if emsize != nhid:
-            raise ValueError(f"the tied DARTS cell needs emsize == nhid, got {emsize} and {nhid}")
-        self.ntoken, self.nhid = ntoken, nhid
-        self.rates = {
-            "embedding": dropoute,
-            "input": dropouti,
-            "x": dropoutx,
-            "h": dropouth,
-            "output": dropout,
-        }
-        self.encoder = nn.Embedding(ntoken, emsize)
-        self.rnns = nn.ModuleList([DARTSCell(emsize, nhid, genotype, node_op)])
-        self.decoder = nn.Linear(nhid, ntoken)
-        self.decoder.weight = self.encoder.weight
-        nn.init.uniform_(self.encoder.weight, -INIT_RANGE, INIT_RANGE)
-        nn.init.zeros_(self.decoder.bias)
-
-    def init_state(self, batch_size: int) -> torch.Tensor:
-        """A zero hidden state (B, nhid)."""
-        return self.encoder.weight.new_zeros(batch_size, self.nhid)
+        rates = {"embedding": dropoute, "input": dropouti, "x": dropoutx, "h": dropouth}
+        rates["output"] = dropout
+        self.build(ntoken, emsize, nhid, rates, lambda: DARTSCell(emsize, nhid, genotype, node_op))
 
     def mask_specs(self, batch_size: int) -> dict[str, MaskSpec]:
         """Locked dropout masks for one training pass, fixed over the sequence."""
-        shapes = {
-            "embedding": (self.ntoken, 1),
-            "input": (batch_size, self.nhid),
-            "x": (batch_size, self.nhid),
-            "h": (batch_size, self.nhid),
-            "output": (batch_size, self.nhid),
-        }
-        return {k: MaskSpec(shapes[k], r) for k, r in self.rates.items() if r > 0}
+        return self.locked_mask_specs(batch_size)
 
     def forward(
         self,
@@ -159,12 +129,5 @@ class RNNModel(nn.Module):
         without dropout. ``hiddens`` are the cell outputs before the output dropout.
         """
         masks = masks or {}
-        weight = self.encoder.weight
-        if "embedding" in masks:
-            weight = weight * masks["embedding"]
-        emb = F.embedding(tokens, weight)
-        if "input" in masks:
-            emb = emb * masks["input"]
-        hiddens = self.rnns[0](emb, hidden, masks.get("x"), masks.get("h"))
-        out = hiddens * masks["output"] if "output" in masks else hiddens
-        return self.decoder(out), hiddens
+        hiddens = self.rnns[0](self.embed(tokens, masks), hidden, masks.get("x"), masks.get("h"))
+        return self.decode(hiddens, masks), hiddens

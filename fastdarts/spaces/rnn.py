@@ -32,7 +32,7 @@ from fastdarts.spaces.base import Batch, MaskSpec, SearchModel, SearchOutput
 
 INIT_RANGE = 0.04
 
-_ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "tanh": torch.tanh,
     "relu": torch.relu,
     "sigmoid": torch.sigmoid,
@@ -55,7 +55,7 @@ def recurrent_mixed_reference(
     for k, name in enumerate(RNN_PRIMITIVES):
         if name == "none":
             continue
-        candidate = states + c * (_ACTIVATIONS[name](h) - states)
+        candidate = states + c * (ACTIVATIONS[name](h) - states)
         out = out + (probs[:, k, None, None] * candidate).sum(0)
     return out
 
@@ -109,13 +109,7 @@ class RecurrentSearchCell(nn.Module):
     def __init__(self, ninp: int, nhid: int, steps: int = RNN_STEPS) -> None:
         super().__init__()
         self.nhid, self.steps = nhid, steps
-        self._W0 = nn.Parameter(
-            torch.empty(ninp + nhid, 2 * nhid).uniform_(-INIT_RANGE, INIT_RANGE)
-        )
-        self._Ws = nn.ParameterList(
-            nn.Parameter(torch.empty(nhid, 2 * nhid).uniform_(-INIT_RANGE, INIT_RANGE))
-            for _ in range(steps)
-        )
+        self._W0, self._Ws = init_projections(ninp, nhid, steps)
         self.bn = nn.BatchNorm1d(nhid, affine=False)
         self.node_op = recurrent_mixed_reference
         self.cell_op: Callable[..., torch.Tensor] | None = None
@@ -148,7 +142,77 @@ class RecurrentSearchCell(nn.Module):
         )
 
 
-class RNNSearchModel(SearchModel):
+def init_projections(ninp: int, nhid: int, steps: int) -> tuple[nn.Parameter, nn.ParameterList]:
+    """A cell's W0 (ninp + nhid, 2·nhid) and one W_j (nhid, 2·nhid) per node, uniform in
+    ±INIT_RANGE (the search and the derived cell alike)."""
+    w0 = nn.Parameter(torch.empty(ninp + nhid, 2 * nhid).uniform_(-INIT_RANGE, INIT_RANGE))
+    ws = nn.ParameterList(
+        nn.Parameter(torch.empty(nhid, 2 * nhid).uniform_(-INIT_RANGE, INIT_RANGE))
+        for _ in range(steps)
+    )
+    return w0, ws
+
+
+class TiedLanguageModel(nn.Module):
+    """The language model around a recurrent cell, shared by the search model and the
+    evaluation network: tied embedding and decoder (emsize = nhid), locked dropout masks on
+    embedding rows, embeddings, the cell's inputs and hidden states, and the output.
+    ``build`` creates the modules in the original code's order (encoder, cell, decoder), so
+    parameter names, initial values and random draws match it."""
+
+    def build(
+        self,
+        ntoken: int,
+        emsize: int,
+        nhid: int,
+        rates: dict[str, float],
+        make_cell: Callable[[], nn.Module],
+    ) -> None:
+        """rates: the drop rates of "embedding", "input", "x", "h" and "output"."""
+        if emsize != nhid:
+            raise ValueError(f"the tied DARTS cell needs emsize == nhid, got {emsize} and {nhid}")
+        self.ntoken, self.nhid, self.rates = ntoken, nhid, rates
+        self.encoder = nn.Embedding(ntoken, emsize)
+        self.rnns = nn.ModuleList([make_cell()])
+        self.decoder = nn.Linear(nhid, ntoken)
+        self.decoder.weight = self.encoder.weight
+        nn.init.uniform_(self.encoder.weight, -INIT_RANGE, INIT_RANGE)
+        nn.init.zeros_(self.decoder.bias)
+
+    def init_state(self, batch_size: int) -> torch.Tensor:
+        """A zero hidden state (B, nhid)."""
+        return self.encoder.weight.new_zeros(batch_size, self.nhid)
+
+    def locked_mask_specs(self, batch_size: int) -> dict[str, MaskSpec]:
+        """Locked dropout masks, fixed over the sequence (rate 0 → no mask); all but the
+        embedding rows' run over the batch (dim 0)."""
+        shapes = {
+            "embedding": (self.ntoken, 1),
+            "input": (batch_size, self.nhid),
+            "x": (batch_size, self.nhid),
+            "h": (batch_size, self.nhid),
+            "output": (batch_size, self.nhid),
+        }
+        return {
+            k: MaskSpec(shapes[k], r, None if k == "embedding" else 0)
+            for k, r in self.rates.items()
+            if r > 0
+        }
+
+    def embed(self, tokens: torch.Tensor, masks: dict[str, torch.Tensor]) -> torch.Tensor:
+        """tokens (T, B) → the cell's inputs (T, B, emsize), embedding dropouts applied."""
+        weight = self.encoder.weight
+        if "embedding" in masks:
+            weight = weight * masks["embedding"]
+        emb = F.embedding(tokens, weight)
+        return emb * masks["input"] if "input" in masks else emb
+
+    def decode(self, hiddens: torch.Tensor, masks: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The cell's outputs (T, B, nhid) → logits (T, B, ntoken), output dropout applied."""
+        return self.decoder(hiddens * masks["output"] if "output" in masks else hiddens)
+
+
+class RNNSearchModel(SearchModel, TiedLanguageModel):
     """The DARTS recurrent search language model (reference implementation).
 
     Defaults are the paper's search settings: emsize = nhid = 300, dropout 0.75 (output),
@@ -172,45 +236,15 @@ class RNNSearchModel(SearchModel):
         tar: float = 1e-3,
     ) -> None:
         super().__init__()
-        if emsize != nhid:
-            raise ValueError(f"the tied DARTS cell needs emsize == nhid, got {emsize} and {nhid}")
-        self.ntoken, self.nhid, self.steps, self.tar = ntoken, nhid, steps, tar
-        self.rates = {
-            "embedding": dropoute,
-            "input": dropouti,
-            "x": dropoutx,
-            "h": dropouth,
-            "output": dropout,
-        }
-        self.encoder = nn.Embedding(ntoken, emsize)
-        self.rnns = nn.ModuleList([RecurrentSearchCell(emsize, nhid, steps)])
-        self.decoder = nn.Linear(nhid, ntoken)
-        self.decoder.weight = self.encoder.weight
-        nn.init.uniform_(self.encoder.weight, -INIT_RANGE, INIT_RANGE)
-        nn.init.zeros_(self.decoder.bias)
+        self.steps, self.tar = steps, tar
+        rates = {"embedding": dropoute, "input": dropouti, "x": dropoutx, "h": dropouth}
+        rates["output"] = dropout
+        self.build(ntoken, emsize, nhid, rates, lambda: RecurrentSearchCell(emsize, nhid, steps))
         n_edges = steps * (steps + 1) // 2
         self.alphas_recurrent = nn.Parameter(1e-3 * torch.randn(n_edges, len(RNN_PRIMITIVES)))
 
-    def init_state(self, batch_size: int) -> torch.Tensor:
-        """A zero hidden state (B, nhid)."""
-        w = self.encoder.weight
-        return w.new_zeros(batch_size, self.nhid)
-
     def mask_specs(self, batch: Batch) -> dict[str, MaskSpec]:
-        """Locked dropout masks, fixed over the sequence (rate 0 → no mask)."""
-        batch_size = batch.inputs.shape[1]
-        shapes = {
-            "embedding": (self.ntoken, 1),
-            "input": (batch_size, self.nhid),
-            "x": (batch_size, self.nhid),
-            "h": (batch_size, self.nhid),
-            "output": (batch_size, self.nhid),
-        }
-        return {
-            k: MaskSpec(shapes[k], r, None if k == "embedding" else 0)
-            for k, r in self.rates.items()
-            if r > 0
-        }
+        return self.locked_mask_specs(batch.inputs.shape[1])
 
     def forward(self, batch: Batch, masks: dict[str, torch.Tensor] | None = None) -> SearchOutput:
         """batch.inputs / targets (T, B) token ids, batch.state (B, nhid).
@@ -218,16 +252,10 @@ class RNNSearchModel(SearchModel):
         ``masks`` from the mask sampler (training); None runs without dropout (evaluation).
         """
         masks = masks or {}
-        emb_weight = self.encoder.weight
-        if "embedding" in masks:
-            emb_weight = emb_weight * masks["embedding"]
-        emb = F.embedding(batch.inputs, emb_weight)
-        if "input" in masks:
-            emb = emb * masks["input"]
+        emb = self.embed(batch.inputs, masks)
         probs = torch.softmax(self.alphas_recurrent, dim=-1)
         hiddens = self.rnns[0](emb, batch.state, probs, masks.get("x"), masks.get("h"))
-        out = hiddens * masks["output"] if "output" in masks else hiddens
-        logits = self.decoder(out)
+        logits = self.decode(hiddens, masks)
         loss = F.cross_entropy(logits.reshape(-1, self.ntoken), batch.targets.reshape(-1))
         if hiddens.shape[0] > 1:
             penalty = self.tar * (hiddens[1:] - hiddens[:-1]).pow(2).mean()
