@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from fastdarts.genotypes import ConvGenotype
-from fastdarts.spaces.cnn import DilConv, FactorizedReduce, Identity, ReLUConvBN, SepConv
+from fastdarts.spaces.cnn import DilConv, FactorizedReduce, Identity, SepConv, cell_inputs
 
 
 def make_op(name: str, C: int, stride: int) -> nn.Module:
@@ -60,11 +60,8 @@ class Cell(nn.Module):
     ):
         super().__init__()
         self.reduction = reduction
-        if reduction_prev:
-            self.preprocess0 = FactorizedReduce(c_prev_prev, C, affine=True)
-        else:
-            self.preprocess0 = ReLUConvBN(c_prev_prev, C, 1, 1, 0, affine=True)
-        self.preprocess1 = ReLUConvBN(c_prev, C, 1, 1, 0, affine=True)
+        pre = cell_inputs(c_prev_prev, c_prev, C, reduction_prev, affine=True)
+        self.preprocess0, self.preprocess1 = pre
         edges = genotype.reduce if reduction else genotype.normal
         self._concat = list(genotype.reduce_concat if reduction else genotype.normal_concat)
         self.multiplier = len(self._concat)

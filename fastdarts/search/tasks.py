@@ -35,6 +35,7 @@ from fastdarts.search.graphs import GraphedStep
 from fastdarts.search.masks import MaskSampler
 from fastdarts.spaces import Batch, ConvSearchModel, RNNSearchModel, SearchModel
 from fastdarts.spaces.base import SearchOutput
+from fastdarts.spaces.rnn import DROPOUTS
 from fastdarts.utils import perplexity
 
 
@@ -173,17 +174,9 @@ class RNNTask(SearchTask):
         """``corpus`` replaces PTB (benchmarks pass synthetic tokens of the same shape)."""
         corpus = corpus if corpus is not None else ptb.load_ptb(cfg.data)
         torch.manual_seed(cfg.seed)
-        model = RNNSearchModel(
-            corpus.vocab_size,
-            cfg.emsize,
-            cfg.nhid,
-            dropout=cfg.dropout,
-            dropouth=cfg.dropouth,
-            dropoutx=cfg.dropoutx,
-            dropouti=cfg.dropouti,
-            dropoute=cfg.dropoute,
-            tar=cfg.tar,
-        ).to(device, dtype)
+        dropouts = {k: getattr(cfg, k) for k in DROPOUTS}
+        model = RNNSearchModel(corpus.vocab_size, cfg.emsize, cfg.nhid, **dropouts, tar=cfg.tar)
+        model = model.to(device, dtype)
         self.weight_clip = cfg.clip
         self.unroll_clip = cfg.clip
         super().__init__(cfg, model, device)

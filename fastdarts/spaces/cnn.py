@@ -142,6 +142,18 @@ class MixedOp(nn.Module):
         return sum(w * op(x) for w, op in zip(weights, self._ops))
 
 
+def cell_inputs(
+    c_prev_prev: int, c_prev: int, C: int, reduction_prev: bool, affine: bool
+) -> tuple[nn.Module, nn.Module]:
+    """The two preprocessing ops that bring the previous two cells' outputs to C channels at
+    this cell's input size (FactorizedReduce for s0 after a reduction cell)."""
+    if reduction_prev:
+        pre0: nn.Module = FactorizedReduce(c_prev_prev, C, affine=affine)
+    else:
+        pre0 = ReLUConvBN(c_prev_prev, C, 1, 1, 0, affine=affine)
+    return pre0, ReLUConvBN(c_prev, C, 1, 1, 0, affine=affine)
+
+
 class SearchCell(nn.Module):
     def __init__(
         self,
@@ -155,11 +167,8 @@ class SearchCell(nn.Module):
     ):
         super().__init__()
         self.reduction, self._steps, self._multiplier = reduction, steps, multiplier
-        if reduction_prev:
-            self.preprocess0 = FactorizedReduce(c_prev_prev, C, affine=False)
-        else:
-            self.preprocess0 = ReLUConvBN(c_prev_prev, C, 1, 1, 0, affine=False)
-        self.preprocess1 = ReLUConvBN(c_prev, C, 1, 1, 0, affine=False)
+        pre = cell_inputs(c_prev_prev, c_prev, C, reduction_prev, affine=False)
+        self.preprocess0, self.preprocess1 = pre
         self._ops = nn.ModuleList(
             MixedOp(C, 2 if reduction and j < 2 else 1) for i in range(steps) for j in range(2 + i)
         )

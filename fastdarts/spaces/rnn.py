@@ -31,6 +31,8 @@ from fastdarts.genotypes import RNN_PRIMITIVES, RNN_STEPS, RecurrentGenotype, de
 from fastdarts.spaces.base import Batch, MaskSpec, SearchModel, SearchOutput
 
 INIT_RANGE = 0.04
+# The language models' dropout arguments, as the search and training settings name them too.
+DROPOUTS = ("dropout", "dropouth", "dropoutx", "dropouti", "dropoute")
 
 ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "tanh": torch.tanh,

@@ -21,6 +21,7 @@ from fastdarts.genotypes import ConvGenotype, RecurrentGenotype
 from fastdarts.models import NetworkCIFAR, RNNModel
 from fastdarts.ops.backends import Backend, resolve
 from fastdarts.search.masks import MaskSampler
+from fastdarts.spaces.rnn import DROPOUTS
 from fastdarts.train.config import TrainConfig
 from fastdarts.utils import perplexity
 
@@ -79,18 +80,11 @@ class RNNTrainTask:
         node_op = resolve_backend(cfg.backend, "rnn", device).rnn_node_op
         corpus = ptb.load_ptb(cfg.data)
         torch.manual_seed(cfg.seed)
-        self.model = RNNModel(
-            corpus.vocab_size,
-            genotype,
-            cfg.emsize,
-            cfg.nhid,
-            dropout=cfg.dropout,
-            dropouth=cfg.dropouth,
-            dropoutx=cfg.dropoutx,
-            dropouti=cfg.dropouti,
-            dropoute=cfg.dropoute,
-            node_op=node_op,
-        ).to(device)
+        dropouts = {k: getattr(cfg, k) for k in DROPOUTS}
+        model = RNNModel(
+            corpus.vocab_size, genotype, cfg.emsize, cfg.nhid, **dropouts, node_op=node_op
+        )
+        self.model = model.to(device)
         self.params = list(self.model.parameters())
         self.optimizer = torch.optim.SGD(self.params, lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.train_data = ptb.batchify(corpus.train, cfg.batch_size).to(device)
