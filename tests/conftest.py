@@ -34,6 +34,25 @@ def run_module(module: str, *args: str, env: dict | None = None, timeout: float 
     )
 
 
+def run_triton_interpreted(script: str, timeout: float = 300) -> None:
+    """Runs ``script`` (Python source, the repository importable, ``math``, ``sys`` and
+    ``torch`` imported) in a fresh interpreter with TRITON_INTERPRET=1 — Triton reads it at
+    import, so not in this process — and checks that it ran to its end. Skips without triton.
+    """
+    pytest.importorskip("triton")
+    prelude = f"import math, sys, torch\nsys.path.insert(0, {str(REPO)!r})\n"
+    result = subprocess.run(
+        [sys.executable, "-c", prelude + script + '\nprint("triton-interpreter-ok")\n'],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "TRITON_INTERPRET": "1"},
+        timeout=timeout,
+        cwd=REPO,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "triton-interpreter-ok" in result.stdout
+
+
 @dataclass
 class Result:
     returncode: int

@@ -22,7 +22,7 @@ import warnings
 import numpy as np
 import pytest
 import torch
-from conftest import REPO
+from conftest import REPO, run_triton_interpreted
 
 import fastdarts
 from fastdarts.data.cifar import CIFAR10Split
@@ -819,8 +819,6 @@ def test_import_loads_no_kernel_module():
 
 TRITON_SCRIPT = textwrap.dedent(
     """
-    import math, sys, torch
-    sys.path.insert(0, {repo!r})
     from kernels import conv_mixed as k
     from fastdarts.ops.conv_mixed import Routes, mix_backward_reference, mix_reference
     gen = torch.Generator().manual_seed(23)
@@ -844,23 +842,12 @@ TRITON_SCRIPT = textwrap.dedent(
             want = mix_backward_reference(g, src, alpha, shift, rs, ro)
             for x, y in zip(got, want):
                 torch.testing.assert_close(x, y.to(dtype), rtol=tol, atol=10 * tol)
-    print("triton-interpreter-ok")
     """
 )
 
 
 def test_triton_kernels_under_interpreter():
-    pytest.importorskip("triton")
-    result = subprocess.run(
-        [sys.executable, "-c", TRITON_SCRIPT.format(repo=str(REPO))],
-        capture_output=True,
-        text=True,
-        env={**os.environ, "TRITON_INTERPRET": "1"},
-        timeout=300,
-        cwd=REPO,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "triton-interpreter-ok" in result.stdout
+    run_triton_interpreted(TRITON_SCRIPT)
 
 
 @pytest.mark.cuda

@@ -19,7 +19,7 @@ import warnings
 import numpy as np
 import pytest
 import torch
-from conftest import REPO
+from conftest import REPO, run_triton_interpreted
 
 from fastdarts import RecurrentMixedOp, recurrent_mixed
 from fastdarts.data.ptb import Corpus
@@ -369,8 +369,6 @@ def test_search_steps_fused_equal_reference(order, hvp, one_thread):
 
 TRITON_SCRIPT = textwrap.dedent(
     """
-    import math, sys, torch
-    sys.path.insert(0, {repo!r})
     from kernels import recurrent_mixed as k
     from fastdarts.spaces.rnn import recurrent_mixed_reference as ref
     gen = torch.Generator().manual_seed(21)
@@ -395,23 +393,12 @@ TRITON_SCRIPT = textwrap.dedent(
             for i, (a, b) in enumerate(zip(got, want)):
                 torch.testing.assert_close(a, b.detach().to(dtype), rtol=rtol,
                                            atol=dp_atol if i == 3 else atol)
-    print("triton-interpreter-ok")
     """
 )
 
 
 def test_triton_kernels_under_interpreter():
-    pytest.importorskip("triton")
-    result = subprocess.run(
-        [sys.executable, "-c", TRITON_SCRIPT.format(repo=str(REPO))],
-        capture_output=True,
-        text=True,
-        env={**os.environ, "TRITON_INTERPRET": "1"},
-        timeout=300,
-        cwd=REPO,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "triton-interpreter-ok" in result.stdout
+    run_triton_interpreted(TRITON_SCRIPT)
 
 
 @pytest.mark.cuda
