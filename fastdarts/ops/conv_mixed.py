@@ -109,7 +109,18 @@ def kernel_name(device: torch.device) -> str:
     return "reference"
 
 
-@torch.library.custom_op("fastdarts::conv_mix", mutates_args=())
+def _kernel_op(name: str, impl, fake, autograd=None):
+    """Registers ``impl`` as the custom op torch.ops.fastdarts.<name> (schema from its
+    annotations, mutating nothing) with its fake (shapes-only) implementation and, with
+    ``autograd`` = (backward, setup_context), the op's own autograd formula. The kernels'
+    autograd Functions call these ops; the formula makes the op usable on its own too."""
+    op = torch.library.custom_op(f"fastdarts::{name}", impl, mutates_args=())
+    op.register_fake(fake)
+    if autograd is not None:
+        op.register_autograd(autograd[0], setup_context=autograd[1])
+    return op
+
+
 def _mix_op(
     src: Tensor,
     alpha: Tensor,
@@ -132,12 +143,6 @@ def _mix_op(
     return out
 
 
-@_mix_op.register_fake
-def _(src, alpha, shift, acc, route_src, route_out, out_ptr, n_out):
-    return src.new_empty(src.shape[0], n_out, *src.shape[2:])
-
-
-@torch.library.custom_op("fastdarts::conv_mix_backward", mutates_args=())
 def _mix_backward_op(
     grad: Tensor,
     src: Tensor,
@@ -163,9 +168,30 @@ def _mix_backward_op(
     return grads
 
 
-@_mix_backward_op.register_fake
-def _(grad, src, alpha, shift, route_src, route_out, src_perm, src_ptr):
-    return [torch.empty_like(src), torch.empty_like(alpha), torch.empty_like(shift)]
+def _mix_setup_context(ctx, inputs, output) -> None:
+    src, alpha, shift, acc, route_src, route_out, _, _ = inputs
+    ctx.has_acc = acc is not None
+    ctx.save_for_backward(src, alpha, shift, route_src, route_out)
+
+
+def _mix_op_backward(ctx, grad):
+    # The op alone has no by-source tables for the kernel: the torch-op formula.
+    src, alpha, shift, route_src, route_out = ctx.saved_tensors
+    grads = mix_backward_reference(grad, src, alpha, shift, route_src, route_out)
+    return (*grads, grad if ctx.has_acc else None, None, None, None, None)
+
+
+_mix_op = _kernel_op(
+    "conv_mix",
+    _mix_op,
+    lambda src, *args: src.new_empty(src.shape[0], args[-1], *src.shape[2:]),
+    (_mix_op_backward, _mix_setup_context),
+)
+_mix_backward_op = _kernel_op(
+    "conv_mix_backward",
+    _mix_backward_op,
+    lambda grad, *args: [torch.empty_like(t) for t in args[:3]],
+)
 
 
 def _leading(x: Tensor, bdim: int | None, size: int) -> Tensor:
@@ -246,24 +272,6 @@ class ConvMixFunction(torch.autograd.Function):
     @staticmethod
     def vmap(info, in_dims, src, alpha, shift, acc, *routes):
         return _vmap_forward(ConvMixFunction.apply, info, in_dims, src, alpha, shift, acc, *routes)
-
-
-def _mix_setup_context(ctx, inputs, output) -> None:
-    src, alpha, shift, acc, route_src, route_out, _, _ = inputs
-    ctx.has_acc = acc is not None
-    ctx.save_for_backward(src, alpha, shift, route_src, route_out)
-
-
-def _op_backward(ctx, grad):
-    # The op alone has no by-source tables for the kernel: the torch-op formula.
-    src, alpha, shift, route_src, route_out = ctx.saved_tensors
-    grads = mix_backward_reference(grad, src, alpha, shift, route_src, route_out)
-    return (*grads, grad if ctx.has_acc else None, None, None, None, None)
-
-
-# torch.ops.fastdarts.conv_mix is differentiable too (the Function above is what the search
-# and the torch.func transforms use, with the fused backward kernel).
-_mix_op.register_autograd(_op_backward, setup_context=_mix_setup_context)
 
 
 class Routes(nn.Module):
@@ -393,7 +401,6 @@ def _dw_out_shape(x: Tensor, weights: list[Tensor], stride: int, pads, dils) -> 
 # At stride 1 the C++ kernel wins at every plane size of the search (1.5–6× at 8×8 to 32×32).
 
 
-@torch.library.custom_op("fastdarts::depthwise", mutates_args=())
 def _dw_op(
     x: Tensor,
     weights: list[Tensor],
@@ -410,12 +417,6 @@ def _dw_op(
     return out
 
 
-@_dw_op.register_fake
-def _(x, weights, stride, pads, dils, in_offsets):
-    return x.new_empty(_dw_out_shape(x, weights, stride, pads, dils))
-
-
-@torch.library.custom_op("fastdarts::depthwise_backward", mutates_args=())
 def _dw_backward_op(
     grad: Tensor,
     x: Tensor,
@@ -437,9 +438,33 @@ def _dw_backward_op(
     return [d_x, *d_ws]
 
 
-@_dw_backward_op.register_fake
-def _(grad, x, weights, stride, pads, dils, in_offsets, grad_weights):
-    return [torch.empty_like(x), *(torch.empty_like(w) for w in weights if grad_weights)]
+def _dw_setup_context(ctx, inputs, output) -> None:
+    x, weights, stride, pads, dils, in_offsets = inputs
+    ctx.geometry = (stride, pads, dils, in_offsets)
+    ctx.save_for_backward(x, *weights)
+
+
+def _dw_op_backward(ctx, grad):
+    x, *weights = ctx.saved_tensors
+    grads = depthwise_backward_reference(grad, x, weights, *ctx.geometry)
+    return grads[0], grads[1:], None, None, None, None
+
+
+_dw_op = _kernel_op(
+    "depthwise",
+    _dw_op,
+    lambda x, weights, stride, pads, dils, _: x.new_empty(
+        _dw_out_shape(x, weights, stride, pads, dils)
+    ),
+    (_dw_op_backward, _dw_setup_context),
+)
+_dw_backward_op = _kernel_op(
+    "depthwise_backward",
+    _dw_backward_op,
+    lambda grad, x, weights, *args: [
+        torch.empty_like(t) for t in (x, *(weights if args[-1] else []))
+    ],
+)
 
 
 def _engine_wants(ctx, arg: int, edge: int) -> bool:
@@ -505,22 +530,6 @@ class DepthwiseFunction(torch.autograd.Function):
         return out.view(size, -1, *out.shape[1:]), 0
 
 
-def _dw_setup_context(ctx, inputs, output) -> None:
-    x, weights, stride, pads, dils, in_offsets = inputs
-    ctx.geometry = (stride, pads, dils, in_offsets)
-    ctx.save_for_backward(x, *weights)
-
-
-def _dw_op_backward(ctx, grad):
-    x, *weights = ctx.saved_tensors
-    grads = depthwise_backward_reference(grad, x, weights, *ctx.geometry)
-    return grads[0], grads[1:], None, None, None, None
-
-
-# torch.ops.fastdarts.depthwise is differentiable too (DepthwiseFunction is what the cells use).
-_dw_op.register_autograd(_dw_op_backward, setup_context=_dw_setup_context)
-
-
 def depthwise(
     x: Tensor,
     weights: list[Tensor],
@@ -553,7 +562,6 @@ def _pw_cpp(x: Tensor, name: str) -> bool:
     return x.device.type == "cpu" and _has_cpp(name)
 
 
-@torch.library.custom_op("fastdarts::pointwise", mutates_args=())
 def _pw_op(x: Tensor, weight: Tensor, groups: int) -> Tensor:
     if not _pw_cpp(x, "pointwise_forward"):
         return F.conv2d(x, weight, groups=groups)
@@ -562,12 +570,6 @@ def _pw_op(x: Tensor, weight: Tensor, groups: int) -> Tensor:
     return out
 
 
-@_pw_op.register_fake
-def _(x, weight, groups):
-    return x.new_empty(x.shape[0], weight.shape[0], *x.shape[2:])
-
-
-@torch.library.custom_op("fastdarts::pointwise_backward", mutates_args=())
 def _pw_backward_op(
     grad: Tensor, x: Tensor, weight: Tensor, groups: int, grad_weight: bool
 ) -> list[Tensor]:
@@ -579,9 +581,31 @@ def _pw_backward_op(
     return [d_x, *d_w]
 
 
-@_pw_backward_op.register_fake
-def _(grad, x, weight, groups, grad_weight):
-    return [torch.empty_like(x), *([torch.empty_like(weight)] if grad_weight else [])]
+def _pw_setup_context(ctx, inputs, output) -> None:
+    x, weight, groups = inputs
+    ctx.groups = groups
+    ctx.save_for_backward(x, weight)
+
+
+def _pw_op_backward(ctx, grad):
+    x, weight = ctx.saved_tensors
+    d_x, d_w = pointwise_backward_reference(grad, x, weight, ctx.groups)
+    return d_x, d_w, None
+
+
+_pw_op = _kernel_op(
+    "pointwise",
+    _pw_op,
+    lambda x, weight, groups: x.new_empty(x.shape[0], weight.shape[0], *x.shape[2:]),
+    (_pw_op_backward, _pw_setup_context),
+)
+_pw_backward_op = _kernel_op(
+    "pointwise_backward",
+    _pw_backward_op,
+    lambda grad, x, weight, groups, grad_weight: [
+        torch.empty_like(t) for t in (x, *([weight] if grad_weight else []))
+    ],
+)
 
 
 class PointwiseFunction(torch.autograd.Function):
@@ -592,11 +616,7 @@ class PointwiseFunction(torch.autograd.Function):
     def forward(x, weight, groups):
         return _pw_op(x, weight, groups)
 
-    @staticmethod
-    def setup_context(ctx, inputs, output) -> None:
-        x, weight, groups = inputs
-        ctx.groups = groups
-        ctx.save_for_backward(x, weight)
+    setup_context = staticmethod(_pw_setup_context)
 
     @staticmethod
     def backward(ctx, grad: Tensor):
@@ -617,22 +637,6 @@ class PointwiseFunction(torch.autograd.Function):
             return torch.vmap(lambda a, w: F.conv2d(a, w, groups=groups))(x, weight), 0
         out = PointwiseFunction.apply(_fold(x, in_dims[0], size), weight, groups)
         return out.view(size, -1, *out.shape[1:]), 0
-
-
-def _pw_setup_context(ctx, inputs, output) -> None:
-    x, weight, groups = inputs
-    ctx.groups = groups
-    ctx.save_for_backward(x, weight)
-
-
-def _pw_op_backward(ctx, grad):
-    x, weight = ctx.saved_tensors
-    d_x, d_w = pointwise_backward_reference(grad, x, weight, ctx.groups)
-    return d_x, d_w, None
-
-
-# torch.ops.fastdarts.pointwise is differentiable too (PointwiseFunction is what the cells use).
-_pw_op.register_autograd(_pw_op_backward, setup_context=_pw_setup_context)
 
 
 def pointwise(x: Tensor, weight: Tensor, groups: int) -> Tensor:
