@@ -309,6 +309,16 @@ def test_only_rank0_writes_and_resume_works(launched, quick):
     assert saved["step"] == 5 and saved["world_size"] == 1
 
 
+def test_resumes_a_checkpoint_from_before_sync_bn(tmp_path, quick):
+    search(tmp_path / "run", 1)
+    path = tmp_path / "run" / "checkpoint.pt"
+    saved = torch.load(path, weights_only=True)
+    del saved["config"]["sync_bn"]
+    torch.save(saved, path)
+    search(tmp_path / "run", 2, resume=True)
+    assert torch.load(path, weights_only=True)["step"] == 2
+
+
 def test_batch_must_divide(monkeypatch, tmp_path):
     monkeypatch.setenv("WORLD_SIZE", "3")
     with pytest.raises(ConfigError, match="not divisible by the 3 processes"):

@@ -194,10 +194,10 @@ def test_rnn_mask_specs():
     specs = model.mask_specs(make_batch())
     assert specs == {
         "embedding": MaskSpec((NTOKEN, 1), 0.15),
-        "input": MaskSpec((B, NHID), 0.2),
-        "x": MaskSpec((B, NHID), 0.4),
-        "h": MaskSpec((B, NHID), 0.25),
-        "output": MaskSpec((B, NHID), 0.3),
+        "input": MaskSpec((B, NHID), 0.2, batch_dim=0),
+        "x": MaskSpec((B, NHID), 0.4, batch_dim=0),
+        "h": MaskSpec((B, NHID), 0.25, batch_dim=0),
+        "output": MaskSpec((B, NHID), 0.3, batch_dim=0),
     }
     no_e = make_rnn(dropoute=0.0).mask_specs(make_batch())
     assert set(no_e) == {"input", "x", "h", "output"}
