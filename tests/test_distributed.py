@@ -4,7 +4,8 @@
   process whose model computes the 2 shards one by one with the same masks (loss: the mean
   of the shards' losses; each shard normalised by its own statistics; running statistics
   the mean of the shards'), built here by wrapping the model's forward. With --sync-bn they
-  equal one process on the whole batch. Both spaces, first and second order, float64.
+  equal one process on the whole batch. Both spaces, first and second order (also with the
+  exact HVP, and with the fused backends), float64.
 - Every rank holds the same α after every step; only rank 0 writes files; a stopped run
   resumes to the uninterrupted run's state, also with another number of processes.
 - Killing one rank of a torchrun launch ends the run within seconds, each survivor saying
@@ -14,7 +15,6 @@
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import json
 import os
 import shutil
@@ -85,9 +85,8 @@ def small_images(n: int) -> CIFAR10Split:
 
 
 def make_task(space: str, order: int, sync_bn: bool, backend: str, hvp: str):
-    cfg = SearchConfig(space=space, dtype="float64", seed=3, order=order, sync_bn=sync_bn)
-    cfg = dataclasses.replace(cfg, backend=backend, hvp=hvp)
-    cfg = dataclasses.replace(cfg, **TINY[space]).resolved()
+    options = {"order": order, "sync_bn": sync_bn, "backend": backend, "hvp": hvp}
+    cfg = SearchConfig(space=space, dtype="float64", seed=3, **options, **TINY[space]).resolved()
     cpu = torch.device("cpu")
     if space == "rnn":
         task = RNNTask(cfg, cpu, torch.float64, corpus=_synthetic_corpus())
