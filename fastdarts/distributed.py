@@ -84,7 +84,7 @@ def init(device: torch.device) -> torch.device:
     if env_world_size() <= 1 or dist.is_initialized():
         return device
     timeout = float(os.environ.get(TIMEOUT_ENV, DEFAULT_TIMEOUT_S))
-    with _collective("joining the process group"):
+    with _collective("joining the process group", "check MASTER_ADDR/MASTER_PORT"):
         dist.init_process_group(
             "nccl" if device.type == "cuda" else "gloo",
             timeout=datetime.timedelta(seconds=timeout),
@@ -102,22 +102,27 @@ def shutdown() -> None:
 
 def _stopped_by_launcher(signum: int, frame: object) -> None:
     raise PeerFailure(
-        f"rank {rank()}: stopped by the launcher (SIGTERM): another process of the run "
-        "failed or was killed; see its message"
+        f"rank {os.environ.get('RANK', '?')}: stopped by the launcher (SIGTERM): another "
+        "process of the run failed or was killed; see its message"
     )
 
 
 @contextmanager
-def _collective(what: str) -> Iterator[None]:
-    """Turn a failed collective (gloo and NCCL raise RuntimeError) into a one-line PeerFailure."""
+def _collective(what: str, hint: str | None = None) -> Iterator[None]:
+    """Turn a failed collective (gloo and NCCL raise RuntimeError) into a one-line
+    PeerFailure saying what failed, the likely cause (``hint``, else a stopped peer) and
+    the backend's first line."""
     try:
         yield
     except RuntimeError as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        timeout = os.environ.get(TIMEOUT_ENV, DEFAULT_TIMEOUT_S)
+        hint = hint or (
+            "another process of the run stopped, was killed or stalled past the "
+            f"{timeout} s timeout ({TIMEOUT_ENV})"
+        )
         raise PeerFailure(
-            f"rank {rank()}: {what} failed: another process of the run stopped, was killed "
-            f"or stalled past the {os.environ.get(TIMEOUT_ENV, DEFAULT_TIMEOUT_S)} s timeout "
-            f"({TIMEOUT_ENV}) ({first})"
+            f"rank {os.environ.get('RANK', '?')}: {what} failed: {hint} ({first})"
         ) from e
 
 

@@ -4,7 +4,8 @@
   process whose model computes the 2 shards one by one with the same masks (loss: the mean
   of the shards' losses; each shard normalised by its own statistics; running statistics
   the mean of the shards'), built here by wrapping the model's forward. With --sync-bn they
-  equal one process on the whole batch. Both spaces, first and second order, float64.
+  equal one process on the whole batch. Both spaces, first and second order (also with the
+  exact HVP, and with the fused backends), float64.
 - Every rank holds the same α after every step; only rank 0 writes files; a stopped run
   resumes to the uninterrupted run's state, also with another number of processes.
 - Killing one rank of a torchrun launch ends the run within seconds, each survivor saying
@@ -14,7 +15,6 @@
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import json
 import os
 import shutil
@@ -49,17 +49,18 @@ TINY = {
     "rnn": {"emsize": 8, "nhid": 8, "batch_size": 4, "bptt": 5, "eval_batch_size": 2},
     "cnn": {"init_channels": 4, "layers": 3, "batch_size": 4},
 }
-# (space, order, sync BN, backend)
+# (space, order, sync BN, backend, HVP)
 CASES = [
-    (space, order, sync_bn, "reference")
+    (space, order, sync_bn, "reference", "fd")
     for space in ("rnn", "cnn")
     for order in (1, 2)
     for sync_bn in (False, True)
 ]
-CASES += [("rnn", 2, False, "fused"), ("cnn", 2, False, "fused")]
+CASES += [("rnn", 2, False, "reference", "exact"), ("rnn", 2, True, "reference", "exact")]
+CASES += [("rnn", 2, False, "fused", "fd"), ("cnn", 2, False, "fused", "fd")]
 # A minute each on the 2-core CI machine (the sync BN case: an all-reduce per BatchNorm
 # call, ~1000 per pass): run with -m slow.
-SLOW_CASES = [("cnn", 2, True, "reference"), ("cnn", 2, False, "fused")]
+SLOW_CASES = [("cnn", 2, True, "reference", "fd"), ("cnn", 2, False, "fused", "fd")]
 
 
 def free_port() -> int:
@@ -83,11 +84,9 @@ def small_images(n: int) -> CIFAR10Split:
     return CIFAR10Split(images, torch.randint(0, 10, (n,), generator=gen))
 
 
-def make_task(space: str, order: int, sync_bn: bool, backend: str = "reference"):
-    cfg = SearchConfig(
-        space=space, dtype="float64", seed=3, order=order, sync_bn=sync_bn, backend=backend
-    )
-    cfg = dataclasses.replace(cfg, **TINY[space]).resolved()
+def make_task(space: str, order: int, sync_bn: bool, backend: str, hvp: str):
+    options = {"order": order, "sync_bn": sync_bn, "backend": backend, "hvp": hvp}
+    cfg = SearchConfig(space=space, dtype="float64", seed=3, **options, **TINY[space]).resolved()
     cpu = torch.device("cpu")
     if space == "rnn":
         task = RNNTask(cfg, cpu, torch.float64, corpus=_synthetic_corpus())
@@ -202,11 +201,11 @@ def one_thread():
 
 
 @pytest.mark.parametrize(
-    ("space", "order", "sync_bn", "backend"),
+    ("space", "order", "sync_bn", "backend", "hvp"),
     [pytest.param(*c, marks=pytest.mark.slow) if c in SLOW_CASES else c for c in CASES],
 )
-def test_two_processes_equal_one(request, tmp_path, space, order, sync_bn, backend):
-    case = (space, order, sync_bn, backend)
+def test_two_processes_equal_one(request, tmp_path, space, order, sync_bn, backend, hvp):
+    case = (space, order, sync_bn, backend, hvp)
     if not usable(backend, space):
         pytest.skip(f"{backend} cannot run {space} here")
     if case in SLOW_CASES:
@@ -238,7 +237,7 @@ def test_two_processes_equal_one(request, tmp_path, space, order, sync_bn, backe
     # Not vacuous: α moved, and per-shard BatchNorm is another computation than sync BN.
     start = make_task(*case).model.arch_parameters()
     assert max((a - s).abs().max() for a, s in zip(ref["alphas"][-1], start)) > 1e-5
-    other = results[0].get((space, order, not sync_bn, backend))
+    other = results[0].get((space, order, not sync_bn, backend, hvp))
     if other is not None:
         differ = max((a - b).abs().max() for a, b in zip(other["alphas"][-1], ref["alphas"][-1]))
         assert differ > 1e-8
@@ -307,6 +306,16 @@ def test_only_rank0_writes_and_resume_works(launched, quick):
     search(folder / "split", 5, resume=True)
     saved = torch.load(folder / "split" / "checkpoint.pt", weights_only=True)
     assert saved["step"] == 5 and saved["world_size"] == 1
+
+
+def test_resumes_a_checkpoint_from_before_sync_bn(tmp_path, quick):
+    search(tmp_path / "run", 1)
+    path = tmp_path / "run" / "checkpoint.pt"
+    saved = torch.load(path, weights_only=True)
+    del saved["config"]["sync_bn"]
+    torch.save(saved, path)
+    search(tmp_path / "run", 2, resume=True)
+    assert torch.load(path, weights_only=True)["step"] == 2
 
 
 def test_batch_must_divide(monkeypatch, tmp_path):

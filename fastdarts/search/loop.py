@@ -93,6 +93,8 @@ class Searcher(EpochRun):
                 f"{self.ckpt_path}: a checkpoint of the {saved['config'].get('space')} space, "
                 f"but this run searches the {self.cfg.space} space"
             )
+        # A checkpoint from before --sync-bn existed ran without it.
+        saved["config"].setdefault("sync_bn", False)
         self._check_settings(saved)
         return saved
 
