@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import torch
 
 REPO = Path(__file__).resolve().parents[1]
 os.environ.setdefault("FASTDARTS_DATA", str(REPO.parent / "shared" / "data"))
@@ -58,6 +59,16 @@ class Result:
     returncode: int
     stdout: str
     stderr: str
+
+
+@pytest.fixture
+def one_thread():
+    """One intra-op thread for the test: two threads on the shared 2-core machine spend most
+    of a tiny step waiting for each other."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture

@@ -60,14 +60,6 @@ def test_extension_has_the_conv_kernels_in_ci():
         pytest.fail(f"CI without the conv_mix C++ kernels: {extension.unavailable_reason()}")
 
 
-@pytest.fixture
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _gen(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 

@@ -45,6 +45,8 @@ from fastdarts.spaces import Batch, SearchOutput
 
 WORLD = 2
 STEPS = 3
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 TINY = {
     "rnn": {"emsize": 8, "nhid": 8, "batch_size": 4, "bptt": 5, "eval_batch_size": 2},
     "cnn": {"init_channels": 4, "layers": 3, "batch_size": 4},
@@ -190,14 +192,6 @@ def launched(tmp_path_factory) -> tuple[Path, list[dict]]:
     cases, then the run-folder scenario in the launch's folder."""
     folder = tmp_path_factory.mktemp("ranks")
     return folder, launch(folder, [c for c in CASES if c not in SLOW_CASES], runs=True)
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.mark.parametrize(

@@ -27,18 +27,12 @@ from fastdarts.search.config import SearchConfig
 from fastdarts.search.tasks import CNNTask, RNNTask
 from fastdarts.spaces import Batch
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 TINY = {
     "rnn": {"emsize": 8, "nhid": 8, "batch_size": 4, "bptt": 5, "eval_batch_size": 2},
     "cnn": {"init_channels": 4, "layers": 3, "batch_size": 2},
 }
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def make_task(space: str, steps: int, **overrides):

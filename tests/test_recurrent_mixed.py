@@ -322,15 +322,6 @@ def _synthetic_corpus(vocab=50, seed=0):
     return Corpus(*splits, [f"w{i}" for i in range(vocab)])
 
 
-@pytest.fixture
-def one_thread():
-    # Two threads on a shared 2-core machine spend most of a tiny step waiting for each other.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _run_search(backend, order, steps=5, hvp="fd"):
     cfg = SearchConfig(
         space="rnn",
