@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fastdarts.genotypes import CNN_PRIMITIVES
-from fastdarts.ops.extension import extension
+from fastdarts.ops.extension import extension, has_triton
 
 K = len(CNN_PRIMITIVES)
 BN_MOMENTUM, BN_EPS = 0.1, 1e-5
@@ -85,15 +85,6 @@ def mix_backward_reference(
     return d_src, d_alpha, d_shift
 
 
-@functools.cache
-def _has_triton() -> bool:
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
 def _has_cpp(op: str = "conv_mix_forward") -> bool:
     # The C++ kernels register themselves as torch.ops.fastdarts_cpp.* when fastdarts._C loads
     # (an extension built before they existed has none).
@@ -102,7 +93,7 @@ def _has_cpp(op: str = "conv_mix_forward") -> bool:
 
 def kernel_name(device: torch.device) -> str:
     """Which mixture kernel runs on ``device``: 'triton', 'cpp' or 'reference'."""
-    if device.type == "cuda" and _has_triton():
+    if device.type == "cuda" and has_triton():
         return "triton"
     if device.type == "cpu" and _has_cpp():
         return "cpp"

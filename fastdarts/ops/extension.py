@@ -1,4 +1,5 @@
-"""The optional compiled extension ``fastdarts._C`` (csrc/, built by setup.py).
+"""The optional compiled extension ``fastdarts._C`` (csrc/, built by setup.py), and whether
+Triton is installed.
 
 Loaded on first use, never at ``import fastdarts``; when it is missing the fast ops fall back
 (Triton on CUDA, the reference elsewhere) and one warning says what is missing and why.
@@ -33,3 +34,13 @@ def extension() -> ModuleType | None:
 def unavailable_reason() -> str | None:
     """None when the extension loads, else why it does not."""
     return _load()[1]
+
+
+@functools.cache
+def has_triton() -> bool:
+    """Whether Triton imports (the fused ops' GPU kernels need it)."""
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True

@@ -17,13 +17,11 @@ dimension into B instead of looping.
 
 from __future__ import annotations
 
-import functools
-
 import torch
 from torch import Tensor, nn
 
 from fastdarts.genotypes import RNN_PRIMITIVES
-from fastdarts.ops.extension import extension
+from fastdarts.ops.extension import extension, has_triton
 
 K = len(RNN_PRIMITIVES)
 _DTYPES = (torch.float32, torch.float64)
@@ -94,17 +92,8 @@ def backward_reference(
     return d_states, torch.cat([d_c, d_h], -1), torch.cat([d_none, d_p], -1)
 
 
-@functools.cache
-def _has_triton() -> bool:
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
 def _triton_ready(device: torch.device) -> bool:
-    return device.type == "cuda" and _has_triton()
+    return device.type == "cuda" and has_triton()
 
 
 def kernel_name(device: torch.device) -> str:
