@@ -7,4 +7,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "fastdarts CPU (and optional CUDA) kernels behind the fastdarts::* custom ops";
   fastdarts::bind_recurrent_mixed(m);
   fastdarts::bind_recurrent_cell(m);
+  fastdarts::bind_conv_mixed(m);
 }

@@ -10,11 +10,18 @@
 // src_ptr), d_alpha and d_shift, each reduction done by one thread in a fixed order, so
 // results do not depend on the thread count.
 //
-// Registered as torch.ops.fastdarts_cpp.conv_mix_forward / conv_mix_backward (out-variants);
-// fastdarts/ops/conv_mixed.py wraps them in the custom ops fastdarts::conv_mix{,_backward}.
+// Bound as fastdarts._C.conv_mix_forward / conv_mix_backward (and the convolutions' kernels
+// below); fastdarts/ops/conv_mixed.py makes them the CPU implementations of the custom ops
+// fastdarts::conv_mix, depthwise, pointwise and their _backward. Each function allocates its
+// outputs itself, as ATen's own CPU kernels do (at::detail::empty_cpu: no dispatcher round
+// trip per output), or writes the `out` tensors it is given (checked; the tests pass
+// NaN-filled ones to see every element written).
 
 #include <torch/extension.h>
 
+#include "bindings.h"
+
+#include <ATen/EmptyTensor.h>
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/vec.h>
 
@@ -25,6 +32,12 @@
 namespace {
 
 constexpr int64_t kGrain = 16384;  // elements per parallel task, at least
+
+// A new contiguous cpu tensor of `like`'s dtype, or `out` when one is given.
+at::Tensor output(const std::optional<at::Tensor>& out, const at::Tensor& like,
+                  at::IntArrayRef sizes) {
+  return out.has_value() ? *out : at::Tensor(at::detail::empty_cpu(sizes, like.scalar_type()));
+}
 
 void check_same(const at::Tensor& t, const at::Tensor& like, const char* name) {
   TORCH_CHECK(t.device() == like.device() && t.scalar_type() == like.scalar_type(),
@@ -174,16 +187,18 @@ void backward_kernel(const T* grad, const T* src, const T* alpha, const T* shift
   });
 }
 
-// Writes every element of out (B, N, H, W).
-void forward(const at::Tensor& src, const at::Tensor& alpha, const at::Tensor& shift,
-             const std::optional<at::Tensor>& acc, const at::Tensor& route_src,
-             const at::Tensor& out_ptr, const at::Tensor& out) {
+// out (B, N, H, W), every element written.
+at::Tensor forward(const at::Tensor& src, const at::Tensor& alpha, const at::Tensor& shift,
+                   const std::optional<at::Tensor>& acc, const at::Tensor& route_src,
+                   const at::Tensor& out_ptr, const std::optional<at::Tensor>& out_arg) {
   check_common(src, alpha, shift);
   const int64_t B = src.size(0), S = src.size(1), P = src.size(2) * src.size(3);
+  TORCH_CHECK(out_ptr.dim() == 1 && out_ptr.size(0) >= 1,
+              "conv_mix: out_ptr must have n_out + 1 entries");
   const int64_t R = alpha.size(0), N = out_ptr.size(0) - 1;
-  TORCH_CHECK(N >= 0, "conv_mix: out_ptr must have n_out + 1 entries");
   check_index(route_src, R, "route_src");
   check_index(out_ptr, N + 1, "out_ptr");
+  const at::Tensor out = output(out_arg, src, {B, N, src.size(2), src.size(3)});
   check_out(out, src, {B, N, src.size(2), src.size(3)}, "out");
   if (acc.has_value()) {
     check_out(*acc, src, {B, N, src.size(2), src.size(3)}, "acc");
@@ -196,14 +211,20 @@ void forward(const at::Tensor& src, const at::Tensor& alpha, const at::Tensor& s
                              route_src.data_ptr<int64_t>(), out_ptr.data_ptr<int64_t>(),
                              out.data_ptr<scalar_t>(), B, S, N, P);
   });
+  return out;
 }
 
-// Writes every element of d_src (B, S, H, W), d_alpha and d_shift (R,).
-void backward(const at::Tensor& grad, const at::Tensor& src, const at::Tensor& alpha,
-              const at::Tensor& shift, const at::Tensor& route_src, const at::Tensor& route_out,
-              const at::Tensor& src_perm, const at::Tensor& src_ptr, const at::Tensor& d_src,
-              const at::Tensor& d_alpha, const at::Tensor& d_shift) {
+// [d_src (B, S, H, W), d_alpha, d_shift (R,)], every element written.
+std::vector<at::Tensor> backward(const at::Tensor& grad, const at::Tensor& src,
+                                 const at::Tensor& alpha, const at::Tensor& shift,
+                                 const at::Tensor& route_src, const at::Tensor& route_out,
+                                 const at::Tensor& src_perm, const at::Tensor& src_ptr,
+                                 const std::optional<std::vector<at::Tensor>>& out) {
   check_common(src, alpha, shift);
+  TORCH_CHECK(!out.has_value() || out->size() == 3, "conv_mix backward: out must be 3 tensors");
+  const at::Tensor d_src = out.has_value() ? (*out)[0] : output({}, src, src.sizes());
+  const at::Tensor d_alpha = out.has_value() ? (*out)[1] : output({}, src, alpha.sizes());
+  const at::Tensor d_shift = out.has_value() ? (*out)[2] : output({}, src, alpha.sizes());
   const int64_t B = src.size(0), S = src.size(1), P = src.size(2) * src.size(3);
   const int64_t R = alpha.size(0);
   TORCH_CHECK(grad.dim() == 4 && grad.size(0) == B && grad.size(2) == src.size(2) &&
@@ -230,24 +251,10 @@ void backward(const at::Tensor& grad, const at::Tensor& src, const at::Tensor& a
         src_ptr.data_ptr<int64_t>(), d_src.data_ptr<scalar_t>(), d_alpha.data_ptr<scalar_t>(),
         d_shift.data_ptr<scalar_t>(), B, S, N, R, P);
   });
+  return {d_src, d_alpha, d_shift};
 }
 
 }  // namespace
-
-TORCH_LIBRARY(fastdarts_cpp, m) {
-  m.def(
-      "conv_mix_forward(Tensor src, Tensor alpha, Tensor shift, Tensor? acc, Tensor route_src, "
-      "Tensor out_ptr, Tensor(a!) out) -> ()");
-  m.def(
-      "conv_mix_backward(Tensor grad, Tensor src, Tensor alpha, Tensor shift, Tensor route_src, "
-      "Tensor route_out, Tensor src_perm, Tensor src_ptr, Tensor(a!) d_src, Tensor(b!) d_alpha, "
-      "Tensor(c!) d_shift) -> ()");
-}
-
-TORCH_LIBRARY_IMPL(fastdarts_cpp, CPU, m) {
-  m.impl("conv_mix_forward", &forward);
-  m.impl("conv_mix_backward", &backward);
-}
 
 // -- depthwise convolutions of several shapes in one call --------------------------------
 //
@@ -685,11 +692,14 @@ DwGeometry dw_check(const at::Tensor& x, at::TensorList weights, int64_t stride,
   return geo;
 }
 
-// Writes every element of out (B, Σ Ch_t, Ho, Wo).
-void depthwise_forward(const at::Tensor& x, at::TensorList weights, int64_t stride,
-                       at::IntArrayRef pads, at::IntArrayRef dils, at::IntArrayRef in_offsets,
-                       const at::Tensor& out) {
+// out (B, Σ Ch_t, Ho, Wo), every element written.
+at::Tensor depthwise_forward(const at::Tensor& x, const std::vector<at::Tensor>& weights,
+                             int64_t stride, const std::vector<int64_t>& pads,
+                             const std::vector<int64_t>& dils,
+                             const std::vector<int64_t>& in_offsets,
+                             const std::optional<at::Tensor>& out_arg) {
   const auto geo = dw_check(x, weights, stride, pads, dils, in_offsets);
+  const at::Tensor out = output(out_arg, x, {geo.B, geo.Cout, geo.Ho, geo.Wo});
   check_out(out, x, {geo.B, geo.Cout, geo.Ho, geo.Wo}, "out");
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "depthwise_forward", [&] {
     std::vector<const scalar_t*> w;
@@ -698,19 +708,34 @@ void depthwise_forward(const at::Tensor& x, at::TensorList weights, int64_t stri
     fn(x.data_ptr<scalar_t>(), w, geo.shapes, out.data_ptr<scalar_t>(), geo.B, geo.Cin, geo.H,
        geo.W, geo.Cout, geo.Ho, geo.Wo);
   });
+  return out;
 }
 
-// Writes every element of d_x (B, Cin, H, W) and of each d_weights[t] (Ch_t, 1, k_t, k_t);
-// input channels no shape reads get zero. An empty d_weights skips the weights' gradient.
-void depthwise_backward(const at::Tensor& grad, const at::Tensor& x, at::TensorList weights,
-                        int64_t stride, at::IntArrayRef pads, at::IntArrayRef dils,
-                        at::IntArrayRef in_offsets, const at::Tensor& d_x,
-                        at::TensorList d_weights) {
+// [d_x (B, Cin, H, W), d_weights[t] (Ch_t, 1, k_t, k_t) when grad_weights], every element
+// written; input channels no shape reads get zero. Without grad_weights (an α-only pass) the
+// weights' gradient is not computed.
+std::vector<at::Tensor> depthwise_backward(const at::Tensor& grad, const at::Tensor& x,
+                                           const std::vector<at::Tensor>& weights,
+                                           int64_t stride, const std::vector<int64_t>& pads,
+                                           const std::vector<int64_t>& dils,
+                                           const std::vector<int64_t>& in_offsets,
+                                           bool grad_weights,
+                                           const std::optional<std::vector<at::Tensor>>& out) {
   const auto geo = dw_check(x, weights, stride, pads, dils, in_offsets);
   check_out(grad, x, {geo.B, geo.Cout, geo.Ho, geo.Wo}, "grad");
+  const size_t n_out = 1 + (grad_weights ? weights.size() : 0);
+  TORCH_CHECK(!out.has_value() || out->size() == n_out, "depthwise backward: out must be d_x",
+              grad_weights ? " and one d_weight per weight" : " alone");
+  std::vector<at::Tensor> grads;
+  if (out.has_value()) {
+    grads = *out;
+  } else {
+    grads.push_back(output({}, x, x.sizes()));
+    for (size_t t = 1; t < n_out; ++t) grads.push_back(output({}, x, weights[t - 1].sizes()));
+  }
+  const at::Tensor& d_x = grads[0];
+  const at::TensorList d_weights = at::TensorList(grads).slice(1);
   check_out(d_x, x, x.sizes(), "d_x");
-  TORCH_CHECK(d_weights.empty() || d_weights.size() == weights.size(),
-              "depthwise: one d_weight per weight, or none");
   for (size_t t = 0; t < d_weights.size(); ++t) {
     check_out(d_weights[t], x, weights[t].sizes(), "d_weight");
   }
@@ -729,6 +754,7 @@ void depthwise_backward(const at::Tensor& grad, const at::Tensor& x, at::TensorL
     fn(grad.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(), w, geo.shapes,
        d_x.data_ptr<scalar_t>(), dw, geo.B, geo.Cin, geo.H, geo.W, geo.Cout, geo.Ho, geo.Wo);
   });
+  return grads;
 }
 
 // -- grouped pointwise (1×1) convolutions ------------------------------------------------
@@ -867,10 +893,11 @@ PwGeometry pw_check(const at::Tensor& x, const at::Tensor& weight, int64_t group
   return {x.size(0), groups, weight.size(1), weight.size(0) / groups, x.size(2) * x.size(3)};
 }
 
-// Writes every element of out (B, G·Co, H, W).
-void pointwise_forward(const at::Tensor& x, const at::Tensor& weight, int64_t groups,
-                       const at::Tensor& out) {
+// out (B, G·Co, H, W), every element written.
+at::Tensor pointwise_forward(const at::Tensor& x, const at::Tensor& weight, int64_t groups,
+                             const std::optional<at::Tensor>& out_arg) {
   const auto s = pw_check(x, weight, groups);
+  const at::Tensor out = output(out_arg, x, {s.B, s.G * s.Co, x.size(2), x.size(3)});
   check_out(out, x, {s.B, s.G * s.Co, x.size(2), x.size(3)}, "out");
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "pointwise_forward", [&] {
     const scalar_t* xp = x.data_ptr<scalar_t>();
@@ -884,15 +911,29 @@ void pointwise_forward(const at::Tensor& x, const at::Tensor& weight, int64_t gr
       }
     });
   });
+  return out;
 }
 
-// Writes every element of d_x and, unless d_weight is empty, of d_weight[0].
-void pointwise_backward(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& weight,
-                        int64_t groups, const at::Tensor& d_x, at::TensorList d_weight) {
+// [d_x, d_weight when grad_weight], every element written.
+std::vector<at::Tensor> pointwise_backward(const at::Tensor& grad, const at::Tensor& x,
+                                           const at::Tensor& weight, int64_t groups,
+                                           bool grad_weight,
+                                           const std::optional<std::vector<at::Tensor>>& out) {
   const auto s = pw_check(x, weight, groups);
   check_out(grad, x, {s.B, s.G * s.Co, x.size(2), x.size(3)}, "grad");
+  const size_t n_out = grad_weight ? 2 : 1;
+  TORCH_CHECK(!out.has_value() || out->size() == n_out, "pointwise backward: out must be d_x",
+              grad_weight ? " and d_weight" : " alone");
+  std::vector<at::Tensor> grads;
+  if (out.has_value()) {
+    grads = *out;
+  } else {
+    grads.push_back(output({}, x, x.sizes()));
+    if (grad_weight) grads.push_back(output({}, x, weight.sizes()));
+  }
+  const at::Tensor& d_x = grads[0];
+  const at::TensorList d_weight = at::TensorList(grads).slice(1);
   check_out(d_x, x, x.sizes(), "d_x");
-  TORCH_CHECK(d_weight.size() <= 1, "pointwise: one d_weight or none");
   if (!d_weight.empty()) check_out(d_weight[0], x, weight.sizes(), "d_weight");
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "pointwise_backward", [&] {
     const scalar_t* gp = grad.data_ptr<scalar_t>();
@@ -927,27 +968,34 @@ void pointwise_backward(const at::Tensor& grad, const at::Tensor& x, const at::T
       }
     });
   });
+  return grads;
 }
 
 }  // namespace
 
-// The convolutions' kernels (depthwise, pointwise), registered beside the mixture's.
-TORCH_LIBRARY_FRAGMENT(fastdarts_cpp, m) {
-  m.def(
-      "depthwise_forward(Tensor x, Tensor[] weights, int stride, int[] pads, int[] dils, "
-      "int[] in_offsets, Tensor(a!) out) -> ()");
-  m.def(
-      "depthwise_backward(Tensor grad, Tensor x, Tensor[] weights, int stride, int[] pads, "
-      "int[] dils, int[] in_offsets, Tensor(a!) d_x, Tensor(b!)[] d_weights) -> ()");
-  m.def("pointwise_forward(Tensor x, Tensor weight, int groups, Tensor(a!) out) -> ()");
-  m.def(
-      "pointwise_backward(Tensor grad, Tensor x, Tensor weight, int groups, Tensor(a!) d_x, "
-      "Tensor(b!)[] d_weight) -> ()");
+namespace fastdarts {
+
+void bind_conv_mixed(pybind11::module& m) {
+  namespace py = pybind11;
+  m.def("conv_mix_forward", &forward, "out (B, n_out, H, W) of the mixture", py::arg("src"),
+        py::arg("alpha"), py::arg("shift"), py::arg("acc"), py::arg("route_src"),
+        py::arg("out_ptr"), py::arg("out") = py::none());
+  m.def("conv_mix_backward", &backward, "[d_src, d_alpha, d_shift] of the mixture",
+        py::arg("grad"), py::arg("src"), py::arg("alpha"), py::arg("shift"),
+        py::arg("route_src"), py::arg("route_out"), py::arg("src_perm"), py::arg("src_ptr"),
+        py::arg("out") = py::none());
+  m.def("depthwise_forward", &depthwise_forward, "depthwise convolutions of several shapes",
+        py::arg("x"), py::arg("weights"), py::arg("stride"), py::arg("pads"), py::arg("dils"),
+        py::arg("in_offsets"), py::arg("out") = py::none());
+  m.def("depthwise_backward", &depthwise_backward, "[d_x, *d_weights] of depthwise_forward",
+        py::arg("grad"), py::arg("x"), py::arg("weights"), py::arg("stride"), py::arg("pads"),
+        py::arg("dils"), py::arg("in_offsets"), py::arg("grad_weights"),
+        py::arg("out") = py::none());
+  m.def("pointwise_forward", &pointwise_forward, "a grouped 1x1 convolution", py::arg("x"),
+        py::arg("weight"), py::arg("groups"), py::arg("out") = py::none());
+  m.def("pointwise_backward", &pointwise_backward, "[d_x, d_weight] of pointwise_forward",
+        py::arg("grad"), py::arg("x"), py::arg("weight"), py::arg("groups"),
+        py::arg("grad_weight"), py::arg("out") = py::none());
 }
 
-TORCH_LIBRARY_IMPL(fastdarts_cpp, CPU, m) {
-  m.impl("depthwise_forward", &depthwise_forward);
-  m.impl("depthwise_backward", &depthwise_backward);
-  m.impl("pointwise_forward", &pointwise_forward);
-  m.impl("pointwise_backward", &pointwise_backward);
-}
+}  // namespace fastdarts

@@ -51,6 +51,7 @@ from fastdarts.spaces.cnn import MixedOp as ReferenceMixedOp
 
 CPP = kernel_name(torch.device("cpu")) == "cpp"
 needs_cpp = pytest.mark.skipif(not CPP, reason="fastdarts._C without the conv_mix kernels")
+_C = extension.extension  # the compiled module (its kernels take NaN-filled out= tensors)
 TOL = {torch.float64: (1e-10, 1e-12), torch.float32: (1e-4, 1e-4)}
 F64 = torch.float64
 
@@ -277,11 +278,11 @@ def test_cpp_kernels_write_every_element(dtype):
         g = torch.randn(B, 4, H, W, generator=gen, dtype=dtype)
         for a in (acc, None):
             out = torch.full((B, 4, H, W), math.nan, dtype=dtype)
-            torch.ops.fastdarts_cpp.conv_mix_forward(src, alpha, shift, a, rs, optr, out)
+            _C().conv_mix_forward(src, alpha, shift, a, rs, optr, out=out)
             want = mix_reference(*(t.double() for t in (src, alpha, shift)), a, rs, ro, n)
             assert_close(out, want, dtype)
         grads = [torch.full_like(t, math.nan) for t in (src, alpha, shift)]
-        torch.ops.fastdarts_cpp.conv_mix_backward(g, src, alpha, shift, rs, ro, perm, sptr, *grads)
+        _C().conv_mix_backward(g, src, alpha, shift, rs, ro, perm, sptr, out=grads)
         want = mix_backward_reference(*(t.double() for t in (g, src, alpha, shift)), rs, ro)
         for got, w in zip(grads, want):
             assert_close(got, w, dtype)
@@ -293,11 +294,11 @@ def test_cpp_kernel_checks_its_inputs():
     routes, src, alpha, shift, acc = make_mix(_gen(12))
     rs, _, optr, _, _, _ = routes.tables()
     out = torch.empty_like(acc)
-    forward = torch.ops.fastdarts_cpp.conv_mix_forward
+    forward = _C().conv_mix_forward
     with pytest.raises(RuntimeError, match=r"outside \[0, 6\)"):
-        forward(src, alpha, shift, acc, rs + 3, optr, out)
+        forward(src, alpha, shift, acc, rs + 3, optr, out=out)
     with pytest.raises(RuntimeError, match="alpha must be Double"):
-        forward(src, alpha.float(), shift, acc, rs, optr, out)
+        forward(src, alpha.float(), shift, acc, rs, optr, out=out)
     with pytest.raises(RuntimeError, match="out must be a contiguous tensor on cpu"):
         forward(src, alpha, shift, acc, rs, optr, out.float())
     with pytest.raises(RuntimeError, match="route_src must be a contiguous int64"):
@@ -466,16 +467,16 @@ def test_cpp_depthwise_matches_torch_and_writes_every_element(shared, stride, si
     g = torch.randn(want.shape, generator=gen, dtype=F64)
     want_grads = torch.autograd.grad(want, [x64, *ws64], g)
     out = torch.full(want.shape, math.nan, dtype=dtype)
-    torch.ops.fastdarts_cpp.depthwise_forward(x, ws, stride, pads, dils, offs, out)
+    _C().depthwise_forward(x, ws, stride, pads, dils, offs, out=out)
     assert_close(out, want, dtype)
     d_x, d_ws = torch.full_like(x, math.nan), [torch.full_like(w, math.nan) for w in ws]
-    args = (g.to(dtype), x, ws, stride, pads, dils, offs, d_x, d_ws)
-    torch.ops.fastdarts_cpp.depthwise_backward(*args)
+    args = (g.to(dtype), x, ws, stride, pads, dils, offs)
+    _C().depthwise_backward(*args, True, out=[d_x, *d_ws])
     for got, w in zip([d_x, *d_ws], want_grads):
         assert_close(got, w, dtype)
     # Without the weights' gradient (an α-only pass): d_x alone, the same.
     d_x2 = torch.full_like(x, math.nan)
-    torch.ops.fastdarts_cpp.depthwise_backward(*args[:7], d_x2, [])
+    _C().depthwise_backward(*args, False, out=[d_x2])
     assert torch.equal(d_x2, d_x)
     # ... and the torch-op backward used under create_graph agrees.
     ref = depthwise_backward_reference(
@@ -498,10 +499,10 @@ def test_cpp_depthwise_padded_beyond_the_kernel_reach(dtype):
     g = torch.randn(want.shape, generator=gen, dtype=F64)
     want_grads = torch.autograd.grad(want, [x64, *ws64], g)
     out = torch.full(want.shape, math.nan, dtype=dtype)
-    torch.ops.fastdarts_cpp.depthwise_forward(x, ws, 1, pads, dils, offs, out)
+    _C().depthwise_forward(x, ws, 1, pads, dils, offs, out=out)
     assert_close(out, want, dtype)
     d_x, d_ws = torch.full_like(x, math.nan), [torch.full_like(w, math.nan) for w in ws]
-    torch.ops.fastdarts_cpp.depthwise_backward(g.to(dtype), x, ws, 1, pads, dils, offs, d_x, d_ws)
+    _C().depthwise_backward(g.to(dtype), x, ws, 1, pads, dils, offs, True, out=[d_x, *d_ws])
     for got, w in zip([d_x, *d_ws], want_grads):
         assert_close(got, w, dtype)
 
@@ -546,13 +547,13 @@ def test_depthwise_weight_gradient_only_when_the_pass_uses_it(monkeypatch):
 def test_cpp_depthwise_checks_its_inputs():
     x, ws, pads, dils, offs = make_depthwise(_gen(31), 4, DW_SHAPES[:2], shared=True)
     out = torch.empty(2, 8, 7, 9, dtype=F64)
-    forward = torch.ops.fastdarts_cpp.depthwise_forward
+    forward = _C().depthwise_forward
     with pytest.raises(RuntimeError, match=r"reads channels \[2, 6\) of an input with 4"):
-        forward(x, ws, 1, pads, dils, [0, 2], out)
+        forward(x, ws, 1, pads, dils, [0, 2], out=out)
     with pytest.raises(RuntimeError, match="same output size"):
-        forward(x, ws, 1, [1, 1], dils, offs, out)
+        forward(x, ws, 1, [1, 1], dils, offs, out=out)
     with pytest.raises(RuntimeError, match="stride must be 1 or 2"):
-        forward(x, ws, 3, pads, dils, offs, out)
+        forward(x, ws, 3, pads, dils, offs)
 
 
 def test_depthwise_gradcheck_gradgradcheck_and_vmap():
@@ -602,14 +603,14 @@ def test_cpp_pointwise_matches_torch_and_writes_every_element(B, G, Ci, Co, H, W
     g = torch.randn(want.shape, generator=gen, dtype=F64)
     want_grads = torch.autograd.grad(want, [x64, w64], g)
     out = torch.full(want.shape, math.nan, dtype=dtype)
-    torch.ops.fastdarts_cpp.pointwise_forward(x, w, G, out)
+    _C().pointwise_forward(x, w, G, out=out)
     assert_close(out, want, dtype)
     d_x, d_w = torch.full_like(x, math.nan), torch.full_like(w, math.nan)
-    torch.ops.fastdarts_cpp.pointwise_backward(g.to(dtype), x, w, G, d_x, [d_w])
+    _C().pointwise_backward(g.to(dtype), x, w, G, True, out=[d_x, d_w])
     assert_close(d_x, want_grads[0], dtype)
     assert_close(d_w, want_grads[1], dtype)
     d_x2 = torch.full_like(x, math.nan)
-    torch.ops.fastdarts_cpp.pointwise_backward(g.to(dtype), x, w, G, d_x2, [])
+    _C().pointwise_backward(g.to(dtype), x, w, G, False, out=[d_x2])
     assert torch.equal(d_x2, d_x)
     ref = pointwise_backward_reference(g, x64.detach(), w64.detach(), G)
     for got, want_g in zip(ref, want_grads):
@@ -621,9 +622,9 @@ def test_cpp_pointwise_checks_its_inputs():
     x, w = make_pointwise(_gen(41), 2, 2, 3, 4, 5, 5)
     out = torch.empty(2, 8, 5, 5, dtype=F64)
     with pytest.raises(RuntimeError, match="for 3 groups of an input with 6 channels"):
-        torch.ops.fastdarts_cpp.pointwise_forward(x, w, 3, out)
+        _C().pointwise_forward(x, w, 3, out=out)
     with pytest.raises(RuntimeError, match="out must be"):
-        torch.ops.fastdarts_cpp.pointwise_forward(x, w, 2, out[:, :7])
+        _C().pointwise_forward(x, w, 2, out=out[:, :7])
 
 
 def test_pointwise_gradcheck_gradgradcheck_vmap_and_weight_gradient_skip():

@@ -20,7 +20,7 @@ second stage and FactorizedReduce (in training one BatchNorm over all of those r
 with one route per (edge, op, channel): alpha = α-weight (· 1/√(running var + eps) in
 eval), shift = 0 (the running mean in eval). The kernels are custom ops
 (``torch.ops.fastdarts.conv_mix`` / ``depthwise`` / ``pointwise`` and their ``_backward``):
-C++ on the CPU (``fastdarts._C``, registered as ``torch.ops.fastdarts_cpp.*``), Triton on
+C++ on the CPU (functions of ``fastdarts._C`` that allocate their outputs), Triton on
 CUDA for the mixture (cuDNN's convolutions for the others), else torch ops. An autograd
 Function ties each pair; under create_graph its backward takes torch-op formulas
 (differentiable), and a vmap rule folds a batch dimension into B.
@@ -86,9 +86,8 @@ def mix_backward_reference(
 
 
 def _has_cpp(op: str = "conv_mix_forward") -> bool:
-    # The C++ kernels register themselves as torch.ops.fastdarts_cpp.* when fastdarts._C loads
-    # (an extension built before they existed has none).
-    return extension() is not None and hasattr(torch.ops.fastdarts_cpp, op)
+    # An extension built before a kernel existed lacks its function.
+    return hasattr(extension(), op)
 
 
 def kernel_name(device: torch.device) -> str:
@@ -125,13 +124,12 @@ def _mix_op(
     kind = kernel_name(src.device)
     if kind == "reference":
         return mix_reference(src, alpha, shift, acc, route_src, route_out, n_out)
-    out = src.new_empty(src.shape[0], n_out, *src.shape[2:])
-    if kind == "triton":
-        from fastdarts.kernels import conv_mixed as triton_kernels
+    if kind == "cpp":
+        return extension().conv_mix_forward(src, alpha, shift, acc, route_src, out_ptr)
+    from fastdarts.kernels import conv_mixed as triton_kernels
 
-        return triton_kernels.forward(src, alpha, shift, acc, route_src, out_ptr, out)
-    torch.ops.fastdarts_cpp.conv_mix_forward(src, alpha, shift, acc, route_src, out_ptr, out)
-    return out
+    out = src.new_empty(src.shape[0], n_out, *src.shape[2:])
+    return triton_kernels.forward(src, alpha, shift, acc, route_src, out_ptr, out)
 
 
 def _mix_backward_op(
@@ -147,16 +145,13 @@ def _mix_backward_op(
     kind = kernel_name(src.device)
     if kind == "reference":
         return list(mix_backward_reference(grad, src, alpha, shift, route_src, route_out))
-    grads = [torch.empty_like(src), torch.empty_like(alpha), torch.empty_like(shift)]
-    if kind == "triton":
-        from fastdarts.kernels import conv_mixed as triton_kernels
+    args = (grad, src, alpha, shift, route_src, route_out, src_perm, src_ptr)
+    if kind == "cpp":
+        return extension().conv_mix_backward(*args)
+    from fastdarts.kernels import conv_mixed as triton_kernels
 
-        args = (grad, src, alpha, shift, route_src, route_out, src_perm, src_ptr)
-        return list(triton_kernels.backward(*args, out=grads))
-    torch.ops.fastdarts_cpp.conv_mix_backward(
-        grad, src, alpha, shift, route_src, route_out, src_perm, src_ptr, *grads
-    )
-    return grads
+    grads = [torch.empty_like(src), torch.empty_like(alpha), torch.empty_like(shift)]
+    return list(triton_kernels.backward(*args, out=grads))
 
 
 def _mix_setup_context(ctx, inputs, output) -> None:
@@ -400,12 +395,9 @@ def _dw_op(
     dils: list[int],
     in_offsets: list[int],
 ) -> Tensor:
-    shape = _dw_out_shape(x, weights, stride, pads, dils)
     if x.device.type != "cpu" or stride != 1 or not _has_cpp("depthwise_forward"):
         return depthwise_reference(x, weights, stride, pads, dils, in_offsets)
-    out = x.new_empty(shape)
-    torch.ops.fastdarts_cpp.depthwise_forward(x, weights, stride, pads, dils, in_offsets, out)
-    return out
+    return extension().depthwise_forward(x, weights, stride, pads, dils, in_offsets)
 
 
 def _dw_backward_op(
@@ -421,12 +413,7 @@ def _dw_backward_op(
     args = (grad, x, weights, stride, pads, dils, in_offsets)
     if x.device.type != "cpu" or not _has_cpp("depthwise_backward"):
         return depthwise_backward_reference(*args, grad_weights)
-    d_x = torch.empty_like(x)
-    d_ws = [torch.empty_like(w) for w in weights] if grad_weights else []
-    torch.ops.fastdarts_cpp.depthwise_backward(
-        grad, x, weights, stride, pads, dils, in_offsets, d_x, d_ws
-    )
-    return [d_x, *d_ws]
+    return extension().depthwise_backward(*args, grad_weights)
 
 
 def _dw_setup_context(ctx, inputs, output) -> None:
@@ -556,9 +543,7 @@ def _pw_cpp(x: Tensor, name: str) -> bool:
 def _pw_op(x: Tensor, weight: Tensor, groups: int) -> Tensor:
     if not _pw_cpp(x, "pointwise_forward"):
         return F.conv2d(x, weight, groups=groups)
-    out = x.new_empty(x.shape[0], weight.shape[0], *x.shape[2:])
-    torch.ops.fastdarts_cpp.pointwise_forward(x, weight, groups, out)
-    return out
+    return extension().pointwise_forward(x, weight, groups)
 
 
 def _pw_backward_op(
@@ -566,10 +551,7 @@ def _pw_backward_op(
 ) -> list[Tensor]:
     if not _pw_cpp(x, "pointwise_backward"):
         return pointwise_backward_reference(grad, x, weight, groups, grad_weight)
-    d_x = torch.empty_like(x)
-    d_w = [torch.empty_like(weight)] if grad_weight else []
-    torch.ops.fastdarts_cpp.pointwise_backward(grad, x, weight, groups, d_x, d_w)
-    return [d_x, *d_w]
+    return extension().pointwise_backward(grad, x, weight, groups, grad_weight)
 
 
 def _pw_setup_context(ctx, inputs, output) -> None:
