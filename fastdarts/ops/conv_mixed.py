@@ -627,9 +627,10 @@ class _Group:
     edges[e] = (state_dict key prefix, input index, output slot, row of α). Channel layouts
     (t the op, e the edge, c the channel, i the input): stage-1 outputs [t][e][c] (4EC),
     stage-2 [t][e][c] (2EC), pools [p][i][c], FactorizedReduce [half][e][c'] (EC). The
-    mixture's sources: [dil convs (2EC) | sep convs (2EC) | pools (2·n_in·C) | skip: the
-    inputs (n_in·C) or FR (EC)]. Running statistics of the BNs folded into the mixture:
-    [sep convs (2EC) | pools [p][e][c] (2EC) | FR (EC)].
+    mixture's sources: [the stage-1 block (4EC; its last 2EC, the dil convs, are read) | sep
+    convs (2EC) | pools (2·n_in·C) | skip: the inputs (n_in·C) or FR (EC)]. Running
+    statistics of the BNs folded into the mixture: [sep convs (2EC) | pools [p][e][c] (2EC) |
+    FR (EC)].
     """
 
     def __init__(self, C: int, stride: int, n_in: int, n_out: int, edges: list[tuple]):
@@ -640,8 +641,10 @@ class _Group:
         self.bn_keys += ["_ops.4.op.3", "_ops.4.op.7", "_ops.5.op.3", "_ops.5.op.7"]
         self.bn_keys += ["_ops.6.op.3", "_ops.7.op.3"]
         E = self.E
-        self.offsets = {"dil": 0, "sep": 2 * E * C, "pools": 4 * E * C}
-        self.offsets["skip"] = 4 * E * C + 2 * n_in * C
+        # The dil convs are the last 2EC channels of the whole stage-1 block (4EC), which
+        # the mixture reads in place (no slice of it, forward or backward).
+        self.offsets = {"dil": 2 * E * C, "sep": 4 * E * C, "pools": 6 * E * C}
+        self.offsets["skip"] = 6 * E * C + 2 * n_in * C
         self.n_src = self.offsets["skip"] + (E * C if self.fr else n_in * C)
         self.n_run = 4 * E * C + (E * C if self.fr else 0)
 
@@ -813,17 +816,20 @@ class FusedEdges(nn.Module):
         training, track = self.training, self.track_running_stats
         # BatchNorm's rules: running statistics in eval; in training, updated when tracked.
         use_running = not training or track
-        y = F.batch_norm(
+        y = torch.native_batch_norm(
             y,
+            None,
+            None,
             get("run1_mean") if use_running else None,
             get("run1_var") if use_running else None,
-            training=training,
-            momentum=BN_MOMENTUM,
-            eps=BN_EPS,
-        )
-        sep = torch.relu(y[:, : 2 * E * C])
+            training,
+            BN_MOMENTUM,
+            BN_EPS,
+        )[0]
+        # The sep convs' second stage reads its channels of the whole block (relu'd whole:
+        # a slice would cost a slice and a slice_backward per pass).
         second = depthwise(
-            sep,
+            torch.relu(y),
             [get(f"dw2_{k}") for k, _, _ in _STAGE2],
             1,
             [pad for _, _, pad in _STAGE2],
@@ -838,7 +844,6 @@ class FusedEdges(nn.Module):
             skip = torch.cat([f1, F.conv2d(rr[:, :, 1:, 1:], get("fr2"), stride=2, groups=E)], 1)
         else:
             skip = x
-        dil = y[:, 2 * E * C :]
         final = [z, maxp, avgp, *([skip] if grp.fr else [])]  # the BNs folded in eval
         alpha = weights[get("w")]
         if training:
@@ -848,13 +853,13 @@ class FusedEdges(nn.Module):
             )
             if track:
                 self._update_running(g, mean, invstd, normed.numel() // normed.shape[1])
-            src = torch.cat([dil, normed, *([] if grp.fr else [skip])], 1)
+            src = torch.cat([y, normed, *([] if grp.fr else [skip])], 1)
             return conv_mix(src, alpha, get("zeros"), get("routes"), acc)
         # Eval: the running statistics folded into the mixture's coefficients.
         stat = get("st_eval")
         shift = F.pad(get("run2_mean"), (0, 1))[stat]
         invstd = F.pad(torch.rsqrt(get("run2_var") + BN_EPS), (0, 1), value=1.0)[stat]
-        src = torch.cat([dil, *final, *([] if grp.fr else [skip])], 1)
+        src = torch.cat([y, *final, *([] if grp.fr else [skip])], 1)
         return conv_mix(src, alpha * invstd, shift, get("routes"), acc)
 
     @torch.no_grad()
