@@ -26,6 +26,8 @@
 #include <ATen/cpu/vec/vec.h>
 
 #include <algorithm>
+#include <cmath>
+#include <limits>
 #include <optional>
 #include <vector>
 
@@ -59,6 +61,28 @@ void check_out(const at::Tensor& t, const at::Tensor& like, at::IntArrayRef size
               "conv_mix: ", name, " must be a contiguous tensor on ", like.device(), " of shape ",
               sizes, " and dtype ", like.scalar_type(), ", got ", t.sizes(), " ",
               t.scalar_type(), " on ", t.device());
+}
+
+// An output gradient (B, C, H, W) of `like`'s dtype and device whose (b, c) planes are laid
+// out contiguously, with any batch stride: a channel block of a larger tensor, as autograd
+// hands over the slices of a concatenation, is read in place (a copy only otherwise).
+at::Tensor grad_planes(const at::Tensor& grad, const at::Tensor& like, at::IntArrayRef sizes) {
+  TORCH_CHECK(grad.device() == like.device() && grad.scalar_type() == like.scalar_type() &&
+                  grad.sizes() == sizes,
+              "grad must be a tensor on ", like.device(), " of shape ", sizes, " and dtype ",
+              like.scalar_type(), ", got ", grad.sizes(), " ", grad.scalar_type(), " on ",
+              grad.device());
+  int64_t dense = 1;
+  for (int64_t d = 3; d >= 1; --d) {
+    if (sizes[d] != 1 && grad.stride(d) != dense) return grad.contiguous();
+    dense *= sizes[d];
+  }
+  return grad;
+}
+
+// The batch stride of a tensor from grad_planes.
+int64_t batch_stride(const at::Tensor& t) {
+  return t.size(0) == 1 ? 0 : t.stride(0);
 }
 
 void check_common(const at::Tensor& src, const at::Tensor& alpha, const at::Tensor& shift) {
@@ -915,12 +939,13 @@ at::Tensor pointwise_forward(const at::Tensor& x, const at::Tensor& weight, int6
 }
 
 // [d_x, d_weight when grad_weight], every element written.
-std::vector<at::Tensor> pointwise_backward(const at::Tensor& grad, const at::Tensor& x,
+std::vector<at::Tensor> pointwise_backward(const at::Tensor& grad_arg, const at::Tensor& x,
                                            const at::Tensor& weight, int64_t groups,
                                            bool grad_weight,
                                            const std::optional<std::vector<at::Tensor>>& out) {
   const auto s = pw_check(x, weight, groups);
-  check_out(grad, x, {s.B, s.G * s.Co, x.size(2), x.size(3)}, "grad");
+  const at::Tensor grad = grad_planes(grad_arg, x, {s.B, s.G * s.Co, x.size(2), x.size(3)});
+  const int64_t g_batch = batch_stride(grad);
   const size_t n_out = grad_weight ? 2 : 1;
   TORCH_CHECK(!out.has_value() || out->size() == n_out, "pointwise backward: out must be d_x",
               grad_weight ? " and d_weight" : " alone");
@@ -942,15 +967,15 @@ std::vector<at::Tensor> pointwise_backward(const at::Tensor& grad, const at::Ten
     scalar_t* dxp = d_x.data_ptr<scalar_t>();
     at::parallel_for(0, s.B * s.G, 1, [&](int64_t begin, int64_t end) {
       for (int64_t bg = begin; bg < end; ++bg) {
-        const int64_t g = bg % s.G;
+        const int64_t b = bg / s.G, g = bg % s.G;
         // d_x_bg (Ci × P) = W_gᵀ · grad_bg: W_g read transposed (row stride 1, column Ci).
-        mm(wp + g * s.Co * s.Ci, 1, s.Ci, gp + bg * s.Co * s.P, s.Ci, s.Co, s.P,
+        mm(wp + g * s.Co * s.Ci, 1, s.Ci, gp + b * g_batch + g * s.Co * s.P, s.Ci, s.Co, s.P,
            dxp + bg * s.Ci * s.P);
       }
     });
     if (d_weight.empty()) return;  // the weight's gradient is not wanted (an α-only pass)
     scalar_t* dwp = d_weight[0].data_ptr<scalar_t>();
-    const int64_t g_stride = s.G * s.Co * s.P, x_stride = s.G * s.Ci * s.P;
+    const int64_t g_stride = g_batch, x_stride = s.G * s.Ci * s.P;
     at::parallel_for(0, s.G, 1, [&](int64_t begin, int64_t end) {
       for (int64_t g = begin; g < end; ++g) {
         const scalar_t* gg = gp + g * s.Co * s.P;
@@ -969,6 +994,134 @@ std::vector<at::Tensor> pointwise_backward(const at::Tensor& grad, const at::Ten
     });
   });
   return grads;
+}
+
+}  // namespace
+
+// -- max_pool_3x3 and avg_pool_3x3 of the same input in one call ------------------------
+//
+// x (B, C, H, W) → out (B, 2C, Ho, Wo) = [max pool | avg pool], each 3×3 with padding 1 at
+// stride 1 or 2 (Ho = (H − 1) / stride + 1), the average over the window's pixels inside the
+// image (count_include_pad=False), the maximum as torch's CPU kernel takes it (the first
+// maximum in row-major order; a NaN wins). One task per (b, c) plane each way; the backward
+// finds each window's maximum again (nothing saved) and adds both gradients into d_x in a
+// fixed order (no atomics).
+
+namespace {
+
+struct PoolGeometry {
+  int64_t B, C, H, W, Ho, Wo, stride;
+};
+
+PoolGeometry pool_check(const at::Tensor& x, int64_t stride) {
+  TORCH_CHECK(x.device().is_cpu() && x.dim() == 4 && x.is_contiguous(),
+              "pools (cpu kernel): x must be a contiguous (B, C, H, W) cpu tensor, got ",
+              x.sizes(), " on ", x.device());
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble,
+              "pools: dtype must be float32 or float64, got ", x.scalar_type());
+  TORCH_CHECK(stride == 1 || stride == 2, "pools: stride must be 1 or 2, got ", stride);
+  TORCH_CHECK(x.size(2) >= 1 && x.size(3) >= 1, "pools: empty input");
+  return {x.size(0),
+          x.size(1),
+          x.size(2),
+          x.size(3),
+          (x.size(2) - 1) / stride + 1,
+          (x.size(3) - 1) / stride + 1,
+          stride};
+}
+
+// The window of output (oy, ox): rows [y0, y1), columns [x0, x1) of the image.
+inline void window(const PoolGeometry& g, int64_t oy, int64_t ox, int64_t& y0, int64_t& y1,
+                   int64_t& x0, int64_t& x1) {
+  y0 = std::max<int64_t>(oy * g.stride - 1, 0), y1 = std::min<int64_t>(oy * g.stride + 2, g.H);
+  x0 = std::max<int64_t>(ox * g.stride - 1, 0), x1 = std::min<int64_t>(ox * g.stride + 2, g.W);
+}
+
+template <typename T>
+inline int64_t argmax(const T* plane, int64_t W, int64_t y0, int64_t y1, int64_t x0,
+                      int64_t x1) {
+  int64_t best = y0 * W + x0;
+  T maxval = -std::numeric_limits<T>::infinity();
+  for (int64_t y = y0; y < y1; ++y) {
+    for (int64_t x = x0; x < x1; ++x) {
+      const T v = plane[y * W + x];
+      if (v > maxval || std::isnan(v)) maxval = v, best = y * W + x;
+    }
+  }
+  return best;
+}
+
+// out (B, 2C, Ho, Wo), every element written.
+at::Tensor pools_forward(const at::Tensor& x, int64_t stride,
+                         const std::optional<at::Tensor>& out_arg) {
+  const auto g = pool_check(x, stride);
+  const at::Tensor out = output(out_arg, x, {g.B, 2 * g.C, g.Ho, g.Wo});
+  check_out(out, x, {g.B, 2 * g.C, g.Ho, g.Wo}, "out");
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "pools_forward", [&] {
+    const scalar_t* xp = x.data_ptr<scalar_t>();
+    scalar_t* op = out.data_ptr<scalar_t>();
+    const int64_t P = g.H * g.W, Po = g.Ho * g.Wo;
+    at::parallel_for(0, g.B * g.C, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t bc = begin; bc < end; ++bc) {
+        const int64_t b = bc / g.C, c = bc % g.C;
+        const scalar_t* plane = xp + bc * P;
+        scalar_t* maxp = op + (b * 2 * g.C + c) * Po;
+        scalar_t* avgp = maxp + g.C * Po;
+        for (int64_t oy = 0; oy < g.Ho; ++oy) {
+          for (int64_t ox = 0; ox < g.Wo; ++ox) {
+            int64_t y0, y1, x0, x1;
+            window(g, oy, ox, y0, y1, x0, x1);
+            scalar_t sum = 0;
+            for (int64_t y = y0; y < y1; ++y) {
+              for (int64_t xx = x0; xx < x1; ++xx) sum += plane[y * g.W + xx];
+            }
+            maxp[oy * g.Wo + ox] = plane[argmax(plane, g.W, y0, y1, x0, x1)];
+            avgp[oy * g.Wo + ox] = sum / static_cast<scalar_t>((y1 - y0) * (x1 - x0));
+          }
+        }
+      }
+    });
+  });
+  return out;
+}
+
+// d_x (B, C, H, W) from grad (B, 2C, Ho, Wo), every element written.
+at::Tensor pools_backward(const at::Tensor& grad_arg, const at::Tensor& x, int64_t stride,
+                          const std::optional<at::Tensor>& out_arg) {
+  const auto g = pool_check(x, stride);
+  const at::Tensor grad = grad_planes(grad_arg, x, {g.B, 2 * g.C, g.Ho, g.Wo});
+  const int64_t g_batch = batch_stride(grad);
+  const at::Tensor d_x = output(out_arg, x, x.sizes());
+  check_out(d_x, x, x.sizes(), "d_x");
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "pools_backward", [&] {
+    const scalar_t* xp = x.data_ptr<scalar_t>();
+    const scalar_t* gp = grad.data_ptr<scalar_t>();
+    scalar_t* dp = d_x.data_ptr<scalar_t>();
+    const int64_t P = g.H * g.W, Po = g.Ho * g.Wo;
+    at::parallel_for(0, g.B * g.C, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t bc = begin; bc < end; ++bc) {
+        const int64_t b = bc / g.C, c = bc % g.C;
+        const scalar_t* plane = xp + bc * P;
+        const scalar_t* g_max = gp + b * g_batch + c * Po;
+        const scalar_t* g_avg = g_max + g.C * Po;
+        scalar_t* d = dp + bc * P;
+        std::fill(d, d + P, scalar_t(0));
+        for (int64_t oy = 0; oy < g.Ho; ++oy) {
+          for (int64_t ox = 0; ox < g.Wo; ++ox) {
+            int64_t y0, y1, x0, x1;
+            window(g, oy, ox, y0, y1, x0, x1);
+            const scalar_t share =
+                g_avg[oy * g.Wo + ox] / static_cast<scalar_t>((y1 - y0) * (x1 - x0));
+            for (int64_t y = y0; y < y1; ++y) {
+              for (int64_t xx = x0; xx < x1; ++xx) d[y * g.W + xx] += share;
+            }
+            d[argmax(plane, g.W, y0, y1, x0, x1)] += g_max[oy * g.Wo + ox];
+          }
+        }
+      }
+    });
+  });
+  return d_x;
 }
 
 }  // namespace
@@ -996,6 +1149,10 @@ void bind_conv_mixed(pybind11::module& m) {
   m.def("pointwise_backward", &pointwise_backward, "[d_x, d_weight] of pointwise_forward",
         py::arg("grad"), py::arg("x"), py::arg("weight"), py::arg("groups"),
         py::arg("grad_weight"), py::arg("out") = py::none());
+  m.def("pools_forward", &pools_forward, "[max pool | avg pool] (3x3, padding 1)",
+        py::arg("x"), py::arg("stride"), py::arg("out") = py::none());
+  m.def("pools_backward", &pools_backward, "d_x of pools_forward", py::arg("grad"),
+        py::arg("x"), py::arg("stride"), py::arg("out") = py::none());
 }
 
 }  // namespace fastdarts

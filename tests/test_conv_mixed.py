@@ -42,6 +42,9 @@ from fastdarts.ops.conv_mixed import (
     mix_reference,
     pointwise,
     pointwise_backward_reference,
+    pools,
+    pools_backward_reference,
+    pools_reference,
     reference_cell_ops,
 )
 from fastdarts.search.config import SearchConfig
@@ -652,6 +655,90 @@ def test_pointwise_gradcheck_gradgradcheck_vmap_and_weight_gradient_skip():
     for grad_weight in (True, False):
         args = [g, x.detach(), w.detach(), 3, grad_weight]
         torch.library.opcheck(torch.ops.fastdarts.pointwise_backward.default, args)
+
+
+# -- max and avg pools in one kernel ------------------------------------------------------
+
+
+def _torch_pools_and_grad(x, stride, g):
+    """torch's two pools of x (float64) and their input gradient for the output gradient g."""
+    x64 = x.double().requires_grad_()
+    maxp = torch.nn.functional.max_pool2d(x64, 3, stride, 1)
+    avgp = torch.nn.functional.avg_pool2d(x64, 3, stride, 1, count_include_pad=False)
+    want = torch.cat([maxp, avgp], 1)
+    return want, torch.autograd.grad(want, x64, g.double())[0]
+
+
+@needs_cpp
+@pytest.mark.parametrize("dtype", [F64, torch.float32])
+@pytest.mark.parametrize("stride, size", [(1, (7, 9)), (2, (10, 6)), (1, (1, 1)), (2, (2, 2))])
+@pytest.mark.parametrize("ties", [False, True])
+def test_cpp_pools_match_torch_and_write_every_element(ties, stride, size, dtype):
+    gen = _gen(50 + stride)
+    shape = (3, 5, *size)
+    if ties:  # small integers: most windows hold their maximum twice or more
+        x = torch.randint(0, 3, shape, generator=gen).to(dtype)
+    else:
+        x = torch.randn(shape, generator=gen, dtype=dtype)
+    n_out = [(n - 1) // stride + 1 for n in size]
+    g = torch.randn(3, 10, *n_out, generator=gen, dtype=F64)
+    want, want_dx = _torch_pools_and_grad(x, stride, g)
+    out = torch.full(want.shape, math.nan, dtype=dtype)
+    _C().pools_forward(x, stride, out=out)
+    assert_close(out, want, dtype)
+    d_x = torch.full_like(x, math.nan)
+    _C().pools_backward(g.to(dtype), x, stride, out=d_x)
+    assert_close(d_x, want_dx, dtype)  # ties: the same window element as torch's
+    ref = pools_backward_reference(g, x.double(), stride)
+    assert_close(ref, want_dx, F64)
+    assert_close(pools_reference(x.double(), stride), want, F64)
+
+
+@needs_cpp
+def test_cpp_pools_check_their_inputs():
+    x = torch.randn(2, 3, 4, 4, dtype=F64)
+    with pytest.raises(RuntimeError, match="stride must be 1 or 2"):
+        _C().pools_forward(x, 3)
+    with pytest.raises(RuntimeError, match="x must be a contiguous"):
+        _C().pools_forward(x.transpose(2, 3), 1)
+    with pytest.raises(RuntimeError, match="out must be"):
+        _C().pools_forward(x, 1, out=torch.empty(2, 6, 4, 3, dtype=F64))
+    with pytest.raises(RuntimeError, match="grad must be"):
+        _C().pools_backward(torch.empty(2, 3, 4, 4, dtype=F64), x, 1)
+
+
+@needs_cpp
+def test_cpp_backward_kernels_read_strided_gradients():
+    # Autograd hands pools and pointwise a channel block of the concatenation's gradient:
+    # read in place, and any other layout copied first; the same values either way.
+    gen = _gen(53)
+    for B in (3, 1):
+        x = torch.randn(B, 4, 6, 5, generator=gen, dtype=F64)
+        w = torch.randn(6, 2, 1, 1, generator=gen, dtype=F64)
+        for n, run in (
+            (8, lambda g, x=x: [_C().pools_backward(g, x, 1)]),
+            (6, lambda g, x=x, w=w: _C().pointwise_backward(g, x, w, 2, True)),
+        ):
+            block = torch.randn(B, n + 5, 6, 5, generator=gen, dtype=F64)[:, 2 : 2 + n]
+            want = run(block.contiguous())
+            for g in (block, block.transpose(2, 3).contiguous().transpose(2, 3)):
+                for got, w_ in zip(run(g), want):
+                    assert torch.equal(got, w_)
+
+
+def test_pools_gradcheck_gradgradcheck_vmap_and_opcheck():
+    gen = _gen(52)
+    x = torch.randn(2, 3, 5, 4, generator=gen, dtype=F64, requires_grad=True)
+    for stride in (1, 2):
+        assert torch.autograd.gradcheck(lambda a, s=stride: pools(a, s), [x])
+        assert torch.autograd.gradgradcheck(lambda a, s=stride: pools(a, s), [x])
+        xs = torch.randn(4, 2, 3, 5, 4, generator=gen, dtype=F64)
+        got = torch.vmap(lambda a, s=stride: pools(a, s))(xs)
+        assert_close(got, torch.stack([pools_reference(a, stride) for a in xs]), F64)
+        torch.library.opcheck(torch.ops.fastdarts.pools.default, [x, stride])
+        g = torch.randn(2, 6, *((n - 1) // stride + 1 for n in (5, 4)), generator=gen, dtype=F64)
+        args = [g, x.detach(), stride]
+        torch.library.opcheck(torch.ops.fastdarts.pools_backward.default, args)
 
 
 # -- bad inputs ---------------------------------------------------------------------------

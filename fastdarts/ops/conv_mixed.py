@@ -8,7 +8,8 @@ one call of :func:`depthwise` (a kernel that runs several kernel sizes and dilat
 once, E·C channels each); their pointwise convolutions as one grouped 1×1 (4E groups,
 :func:`pointwise`); one BatchNorm over those 4EC channels; the sep convs' second stage
 likewise (one depthwise call, one grouped 1×1). max_pool and avg_pool run once per input
-state, skip_connect is the input (or FactorizedReduce, two grouped 1×1, at stride 2).
+state, both in one call of :func:`pools`; skip_connect is the input (or FactorizedReduce,
+two grouped 1×1, at stride 2).
 
 The rest — the α-weighted sum of the eight ops of every edge into its target node, with
 skip_connect, `none` (no term) and, in eval, the BatchNorm of the pools, the sep convs'
@@ -19,9 +20,9 @@ second stage and FactorizedReduce (in training one BatchNorm over all of those r
 
 with one route per (edge, op, channel): alpha = α-weight (· 1/√(running var + eps) in
 eval), shift = 0 (the running mean in eval). The kernels are custom ops
-(``torch.ops.fastdarts.conv_mix`` / ``depthwise`` / ``pointwise`` and their ``_backward``):
-C++ on the CPU (functions of ``fastdarts._C`` that allocate their outputs), Triton on
-CUDA for the mixture (cuDNN's convolutions for the others), else torch ops. An autograd
+(``torch.ops.fastdarts.conv_mix`` / ``depthwise`` / ``pointwise`` / ``pools`` and their
+``_backward``): C++ on the CPU (functions of ``fastdarts._C`` that allocate their outputs),
+Triton on CUDA for the mixture (cuDNN's and torch's ops for the others), else torch ops. An autograd
 Function ties each pair; under create_graph its backward takes torch-op formulas
 (differentiable), and a vmap rule folds a batch dimension into B.
 
@@ -536,12 +537,12 @@ def pointwise_backward_reference(
     return [d_x, torch.nn.grad.conv2d_weight(x, weight.shape, grad, groups=groups)]
 
 
-def _pw_cpp(x: Tensor, name: str) -> bool:
+def _cpp(x: Tensor, name: str) -> bool:
     return x.device.type == "cpu" and _has_cpp(name)
 
 
 def _pw_op(x: Tensor, weight: Tensor, groups: int) -> Tensor:
-    if not _pw_cpp(x, "pointwise_forward"):
+    if not _cpp(x, "pointwise_forward"):
         return F.conv2d(x, weight, groups=groups)
     return extension().pointwise_forward(x, weight, groups)
 
@@ -549,7 +550,7 @@ def _pw_op(x: Tensor, weight: Tensor, groups: int) -> Tensor:
 def _pw_backward_op(
     grad: Tensor, x: Tensor, weight: Tensor, groups: int, grad_weight: bool
 ) -> list[Tensor]:
-    if not _pw_cpp(x, "pointwise_backward"):
+    if not _cpp(x, "pointwise_backward"):
         return pointwise_backward_reference(grad, x, weight, groups, grad_weight)
     return extension().pointwise_backward(grad, x, weight, groups, grad_weight)
 
@@ -598,7 +599,8 @@ class PointwiseFunction(torch.autograd.Function):
         if torch.is_grad_enabled():
             grads = pointwise_backward_reference(grad, x, weight, ctx.groups, want_w)
         else:
-            grads = _pw_backward_op(grad.contiguous(), x, weight, ctx.groups, want_w)
+            # Any strides (the C++ kernel reads a channel block of a concatenation in place).
+            grads = _pw_backward_op(grad, x, weight, ctx.groups, want_w)
         return grads[0], grads[1] if want_w else None, None
 
     @staticmethod
@@ -616,6 +618,93 @@ def pointwise(x: Tensor, weight: Tensor, groups: int) -> Tensor:
     """``F.conv2d(x, weight, groups=groups)`` for a 1×1 weight at stride 1: x (B, G·Ci, H, W),
     weight (G·Co, Ci, 1, 1) → (B, G·Co, H, W)."""
     return PointwiseFunction.apply(x.contiguous(), weight.contiguous(), groups)
+
+
+# -- max_pool_3x3 and avg_pool_3x3 of one input -------------------------------------------
+
+
+def pools_reference(x: Tensor, stride: int) -> Tensor:
+    """:func:`pools` in torch ops."""
+    maxp = F.max_pool2d(x, 3, stride, 1)
+    return torch.cat([maxp, F.avg_pool2d(x, 3, stride, 1, count_include_pad=False)], -3)
+
+
+def pools_backward_reference(grad: Tensor, x: Tensor, stride: int) -> Tensor:
+    """d_x of :func:`pools` in differentiable torch ops (torch's pooling backward ops)."""
+    g_max, g_avg = grad.split(x.shape[-3], -3)
+    size, step, pad = [3, 3], [stride, stride], [1, 1]
+    _, idx = torch.ops.aten.max_pool2d_with_indices(x, size, step, pad)
+    d_x = torch.ops.aten.max_pool2d_with_indices_backward(
+        g_max, x, size, step, pad, [1, 1], False, idx
+    )
+    return d_x + torch.ops.aten.avg_pool2d_backward(g_avg, x, size, step, pad, False, False, None)
+
+
+def _pools_op(x: Tensor, stride: int) -> Tensor:
+    if not _cpp(x, "pools_forward"):
+        return pools_reference(x, stride)
+    return extension().pools_forward(x, stride)
+
+
+def _pools_backward_op(grad: Tensor, x: Tensor, stride: int) -> Tensor:
+    if not _cpp(x, "pools_backward"):
+        return pools_backward_reference(grad, x, stride)
+    return extension().pools_backward(grad, x, stride)
+
+
+def _pools_setup_context(ctx, inputs, output) -> None:
+    x, ctx.stride = inputs
+    ctx.save_for_backward(x)
+
+
+def _pools_op_backward(ctx, grad):
+    (x,) = ctx.saved_tensors
+    return pools_backward_reference(grad, x, ctx.stride), None
+
+
+def _pools_shape(x: Tensor, stride: int) -> list[int]:
+    return [x.shape[0], 2 * x.shape[1], *((n - 1) // stride + 1 for n in x.shape[2:])]
+
+
+_pools_op = _kernel_op(
+    "pools",
+    _pools_op,
+    lambda x, stride: x.new_empty(_pools_shape(x, stride)),
+    (_pools_op_backward, _pools_setup_context),
+)
+_pools_backward_op = _kernel_op(
+    "pools_backward", _pools_backward_op, lambda grad, x, stride: torch.empty_like(x)
+)
+
+
+class PoolsFunction(torch.autograd.Function):
+    """Both pools in one kernel each way; the backward is differentiable (under create_graph,
+    torch's pooling backward ops); vmap folds the batch into B."""
+
+    @staticmethod
+    def forward(x, stride):
+        return _pools_op(x, stride)
+
+    setup_context = staticmethod(_pools_setup_context)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        (x,) = ctx.saved_tensors
+        if torch.is_grad_enabled():
+            return pools_backward_reference(grad, x, ctx.stride), None
+        return _pools_backward_op(grad, x, ctx.stride), None  # any strides, as pointwise
+
+    @staticmethod
+    def vmap(info, in_dims, x, stride):
+        out = PoolsFunction.apply(_fold(x, in_dims[0], info.batch_size), stride)
+        return out.view(info.batch_size, -1, *out.shape[1:]), 0
+
+
+def pools(x: Tensor, stride: int) -> Tensor:
+    """[max_pool_3x3 | avg_pool_3x3] of x at ``stride``, padding 1, the average over the
+    window's pixels inside the image (DARTS' count_include_pad=False): x (B, C, H, W) →
+    (B, 2C, (H − 1) // stride + 1, (W − 1) // stride + 1)."""
+    return PoolsFunction.apply(x.contiguous(), stride)
 
 
 # -- the batched edges -------------------------------------------------------------------
@@ -837,14 +926,12 @@ class FusedEdges(nn.Module):
             [t * E * C for t in range(len(_STAGE2))],
         )
         z = pointwise(second, get("pw2"), 2 * E)
-        maxp = F.max_pool2d(x, 3, s, 1)
-        avgp = F.avg_pool2d(x, 3, s, 1, count_include_pad=False)
         if grp.fr:
             f1 = F.conv2d(rr, get("fr1"), stride=2, groups=E)
             skip = torch.cat([f1, F.conv2d(rr[:, :, 1:, 1:], get("fr2"), stride=2, groups=E)], 1)
         else:
             skip = x
-        final = [z, maxp, avgp, *([skip] if grp.fr else [])]  # the BNs folded in eval
+        final = [z, pools(x, s), *([skip] if grp.fr else [])]  # the BNs folded in eval
         alpha = weights[get("w")]
         if training:
             # One BatchNorm over all of them (batch statistics), then the mixture.
