@@ -41,6 +41,21 @@ at::Tensor output(const std::optional<at::Tensor>& out, const at::Tensor& like,
   return out.has_value() ? *out : at::Tensor(at::detail::empty_cpu(sizes, like.scalar_type()));
 }
 
+// One output per entry of `sizes`: the given ones (their count checked here, each tensor by
+// the caller) or new ones.
+std::vector<at::Tensor> outputs(const std::optional<std::vector<at::Tensor>>& out,
+                                const at::Tensor& like,
+                                const std::vector<std::vector<int64_t>>& sizes, const char* op) {
+  if (out.has_value()) {
+    TORCH_CHECK(out->size() == sizes.size(), op, ": out must hold ", sizes.size(),
+                " tensors, got ", out->size());
+    return *out;
+  }
+  std::vector<at::Tensor> made;
+  for (const auto& size : sizes) made.push_back(output({}, like, size));
+  return made;
+}
+
 void check_same(const at::Tensor& t, const at::Tensor& like, const char* name) {
   TORCH_CHECK(t.device() == like.device() && t.scalar_type() == like.scalar_type(),
               "conv_mix: ", name, " must be ", like.scalar_type(), " on ", like.device(),
@@ -245,10 +260,9 @@ std::vector<at::Tensor> backward(const at::Tensor& grad, const at::Tensor& src,
                                  const at::Tensor& src_perm, const at::Tensor& src_ptr,
                                  const std::optional<std::vector<at::Tensor>>& out) {
   check_common(src, alpha, shift);
-  TORCH_CHECK(!out.has_value() || out->size() == 3, "conv_mix backward: out must be 3 tensors");
-  const at::Tensor d_src = out.has_value() ? (*out)[0] : output({}, src, src.sizes());
-  const at::Tensor d_alpha = out.has_value() ? (*out)[1] : output({}, src, alpha.sizes());
-  const at::Tensor d_shift = out.has_value() ? (*out)[2] : output({}, src, alpha.sizes());
+  const auto grads = outputs(
+      out, src, {src.sizes().vec(), alpha.sizes().vec(), alpha.sizes().vec()}, "conv_mix backward");
+  const at::Tensor &d_src = grads[0], &d_alpha = grads[1], &d_shift = grads[2];
   const int64_t B = src.size(0), S = src.size(1), P = src.size(2) * src.size(3);
   const int64_t R = alpha.size(0);
   TORCH_CHECK(grad.dim() == 4 && grad.size(0) == B && grad.size(2) == src.size(2) &&
@@ -275,7 +289,7 @@ std::vector<at::Tensor> backward(const at::Tensor& grad, const at::Tensor& src,
         src_ptr.data_ptr<int64_t>(), d_src.data_ptr<scalar_t>(), d_alpha.data_ptr<scalar_t>(),
         d_shift.data_ptr<scalar_t>(), B, S, N, R, P);
   });
-  return {d_src, d_alpha, d_shift};
+  return grads;
 }
 
 }  // namespace
@@ -747,16 +761,11 @@ std::vector<at::Tensor> depthwise_backward(const at::Tensor& grad, const at::Ten
                                            const std::optional<std::vector<at::Tensor>>& out) {
   const auto geo = dw_check(x, weights, stride, pads, dils, in_offsets);
   check_out(grad, x, {geo.B, geo.Cout, geo.Ho, geo.Wo}, "grad");
-  const size_t n_out = 1 + (grad_weights ? weights.size() : 0);
-  TORCH_CHECK(!out.has_value() || out->size() == n_out, "depthwise backward: out must be d_x",
-              grad_weights ? " and one d_weight per weight" : " alone");
-  std::vector<at::Tensor> grads;
-  if (out.has_value()) {
-    grads = *out;
-  } else {
-    grads.push_back(output({}, x, x.sizes()));
-    for (size_t t = 1; t < n_out; ++t) grads.push_back(output({}, x, weights[t - 1].sizes()));
+  std::vector<std::vector<int64_t>> sizes{x.sizes().vec()};
+  for (const auto& w : weights) {
+    if (grad_weights) sizes.push_back(w.sizes().vec());
   }
+  const auto grads = outputs(out, x, sizes, "depthwise backward");
   const at::Tensor& d_x = grads[0];
   const at::TensorList d_weights = at::TensorList(grads).slice(1);
   check_out(d_x, x, x.sizes(), "d_x");
@@ -946,16 +955,9 @@ std::vector<at::Tensor> pointwise_backward(const at::Tensor& grad_arg, const at:
   const auto s = pw_check(x, weight, groups);
   const at::Tensor grad = grad_planes(grad_arg, x, {s.B, s.G * s.Co, x.size(2), x.size(3)});
   const int64_t g_batch = batch_stride(grad);
-  const size_t n_out = grad_weight ? 2 : 1;
-  TORCH_CHECK(!out.has_value() || out->size() == n_out, "pointwise backward: out must be d_x",
-              grad_weight ? " and d_weight" : " alone");
-  std::vector<at::Tensor> grads;
-  if (out.has_value()) {
-    grads = *out;
-  } else {
-    grads.push_back(output({}, x, x.sizes()));
-    if (grad_weight) grads.push_back(output({}, x, weight.sizes()));
-  }
+  std::vector<std::vector<int64_t>> sizes{x.sizes().vec()};
+  if (grad_weight) sizes.push_back(weight.sizes().vec());
+  const auto grads = outputs(out, x, sizes, "pointwise backward");
   const at::Tensor& d_x = grads[0];
   const at::TensorList d_weight = at::TensorList(grads).slice(1);
   check_out(d_x, x, x.sizes(), "d_x");
