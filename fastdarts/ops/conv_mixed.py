@@ -623,10 +623,13 @@ def pointwise(x: Tensor, weight: Tensor, groups: int) -> Tensor:
 # -- max_pool_3x3 and avg_pool_3x3 of one input -------------------------------------------
 
 
+def _torch_pools(x: Tensor, stride: int) -> list[Tensor]:
+    return [F.max_pool2d(x, 3, stride, 1), F.avg_pool2d(x, 3, stride, 1, count_include_pad=False)]
+
+
 def pools_reference(x: Tensor, stride: int) -> Tensor:
     """:func:`pools` in torch ops."""
-    maxp = F.max_pool2d(x, 3, stride, 1)
-    return torch.cat([maxp, F.avg_pool2d(x, 3, stride, 1, count_include_pad=False)], -3)
+    return torch.cat(_torch_pools(x, stride), -3)
 
 
 def pools_backward_reference(grad: Tensor, x: Tensor, stride: int) -> Tensor:
@@ -705,6 +708,13 @@ def pools(x: Tensor, stride: int) -> Tensor:
     window's pixels inside the image (DARTS' count_include_pad=False): x (B, C, H, W) →
     (B, 2C, (H − 1) // stride + 1, (W − 1) // stride + 1)."""
     return PoolsFunction.apply(x.contiguous(), stride)
+
+
+def _pooled(x: Tensor, stride: int) -> list[Tensor]:
+    """The [max | avg] pool block of x as a group's BatchNorm reads it: one :func:`pools`
+    call with the C++ kernel, else torch's two pooling ops (whose autograd keeps the max's
+    indices, where :func:`pools`' torch-op backward would pool again)."""
+    return [pools(x, stride)] if _cpp(x, "pools_forward") else _torch_pools(x, stride)
 
 
 # -- the batched edges -------------------------------------------------------------------
@@ -931,7 +941,7 @@ class FusedEdges(nn.Module):
             skip = torch.cat([f1, F.conv2d(rr[:, :, 1:, 1:], get("fr2"), stride=2, groups=E)], 1)
         else:
             skip = x
-        final = [z, pools(x, s), *([skip] if grp.fr else [])]  # the BNs folded in eval
+        final = [z, *_pooled(x, s), *([skip] if grp.fr else [])]  # the BNs folded in eval
         alpha = weights[get("w")]
         if training:
             # One BatchNorm over all of them (batch statistics), then the mixture.
