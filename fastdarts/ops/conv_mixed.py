@@ -22,9 +22,9 @@ with one route per (edge, op, channel): alpha = α-weight (· 1/√(running var 
 eval), shift = 0 (the running mean in eval). The kernels are custom ops
 (``torch.ops.fastdarts.conv_mix`` / ``depthwise`` / ``pointwise`` / ``pools`` and their
 ``_backward``): C++ on the CPU (functions of ``fastdarts._C`` that allocate their outputs),
-Triton on CUDA for the mixture (cuDNN's and torch's ops for the others), else torch ops. An autograd
-Function ties each pair; under create_graph its backward takes torch-op formulas
-(differentiable), and a vmap rule folds a batch dimension into B.
+Triton on CUDA for the mixture (cuDNN's and torch's ops for the others), else torch ops.
+An autograd Function ties each pair; under create_graph its backward takes torch-op
+formulas (differentiable), and a vmap rule folds a batch dimension into B.
 
 :class:`MixedOp` is the drop-in module for one edge; :class:`FusedCellOps` holds all 14
 edges of a search cell (``SearchCell._ops`` under ``--backend fused``). Both keep their
