@@ -78,24 +78,26 @@ void check_out(const at::Tensor& t, const at::Tensor& like, at::IntArrayRef size
               t.scalar_type(), " on ", t.device());
 }
 
-// An output gradient (B, C, H, W) of `like`'s dtype and device whose (b, c) planes are laid
-// out contiguously, with any batch stride: a channel block of a larger tensor, as autograd
-// hands over the slices of a concatenation, is read in place (a copy only otherwise).
-at::Tensor grad_planes(const at::Tensor& grad, const at::Tensor& like, at::IntArrayRef sizes) {
-  TORCH_CHECK(grad.device() == like.device() && grad.scalar_type() == like.scalar_type() &&
-                  grad.sizes() == sizes,
-              "grad must be a tensor on ", like.device(), " of shape ", sizes, " and dtype ",
-              like.scalar_type(), ", got ", grad.sizes(), " ", grad.scalar_type(), " on ",
-              grad.device());
+// A (B, C, H, W) input of `like`'s dtype and device whose (b, c) planes are laid out
+// contiguously, with any batch stride: a channel block of a larger tensor (a gradient slice
+// of a concatenation, a node's channels of the mixture's output) is read in place; any
+// other layout is copied first.
+at::Tensor planes(const at::Tensor& t, const at::Tensor& like, at::IntArrayRef sizes,
+                  const char* name) {
+  TORCH_CHECK(t.device() == like.device() && t.scalar_type() == like.scalar_type() &&
+                  t.sizes() == sizes,
+              name, " must be a tensor on ", like.device(), " of shape ", sizes, " and dtype ",
+              like.scalar_type(), ", got ", t.sizes(), " ", t.scalar_type(), " on ",
+              t.device());
   int64_t dense = 1;
   for (int64_t d = 3; d >= 1; --d) {
-    if (sizes[d] != 1 && grad.stride(d) != dense) return grad.contiguous();
+    if (sizes[d] != 1 && t.stride(d) != dense) return t.contiguous();
     dense *= sizes[d];
   }
-  return grad;
+  return t;
 }
 
-// The batch stride of a tensor from grad_planes.
+// The batch stride of a tensor from planes().
 int64_t batch_stride(const at::Tensor& t) {
   return t.size(0) == 1 ? 0 : t.stride(0);
 }
@@ -143,7 +145,7 @@ inline void axpy_shifted(T* y, const T* x, T a, T h, int64_t P) {
 }
 
 template <typename T>
-void forward_kernel(const T* src, const T* alpha, const T* shift, const T* acc,
+void forward_kernel(const T* src, const T* alpha, const T* shift, const T* acc, int64_t acc_b,
                     const int64_t* rsrc, const int64_t* optr, T* out, int64_t B, int64_t S,
                     int64_t N, int64_t P) {
   const int64_t grain = std::max<int64_t>(1, kGrain / std::max<int64_t>(P, 1));
@@ -152,7 +154,8 @@ void forward_kernel(const T* src, const T* alpha, const T* shift, const T* acc,
       const int64_t b = bo / N, o = bo - b * N;
       T* y = out + bo * P;
       if (acc != nullptr) {
-        std::copy(acc + bo * P, acc + (bo + 1) * P, y);
+        const T* a = acc + b * acc_b + o * P;
+        std::copy(a, a + P, y);
       } else {
         std::fill(y, y + P, T(0));
       }
@@ -226,9 +229,9 @@ void backward_kernel(const T* grad, const T* src, const T* alpha, const T* shift
   });
 }
 
-// out (B, N, H, W), every element written.
+// out (B, N, H, W), every element written; acc may be a channel block of a larger tensor.
 at::Tensor forward(const at::Tensor& src, const at::Tensor& alpha, const at::Tensor& shift,
-                   const std::optional<at::Tensor>& acc, const at::Tensor& route_src,
+                   const std::optional<at::Tensor>& acc_arg, const at::Tensor& route_src,
                    const at::Tensor& out_ptr, const std::optional<at::Tensor>& out_arg) {
   check_common(src, alpha, shift);
   const int64_t B = src.size(0), S = src.size(1), P = src.size(2) * src.size(3);
@@ -239,15 +242,14 @@ at::Tensor forward(const at::Tensor& src, const at::Tensor& alpha, const at::Ten
   check_index(out_ptr, N + 1, "out_ptr");
   const at::Tensor out = output(out_arg, src, {B, N, src.size(2), src.size(3)});
   check_out(out, src, {B, N, src.size(2), src.size(3)}, "out");
-  if (acc.has_value()) {
-    check_out(*acc, src, {B, N, src.size(2), src.size(3)}, "acc");
-  }
+  std::optional<at::Tensor> acc;
+  if (acc_arg.has_value()) acc = planes(*acc_arg, src, {B, N, src.size(2), src.size(3)}, "acc");
   check_routes(route_src.data_ptr<int64_t>(), R, S, out_ptr.data_ptr<int64_t>(), N);
   AT_DISPATCH_FLOATING_TYPES(src.scalar_type(), "conv_mix_forward", [&] {
     forward_kernel<scalar_t>(src.data_ptr<scalar_t>(), alpha.data_ptr<scalar_t>(),
                              shift.data_ptr<scalar_t>(),
                              acc.has_value() ? acc->data_ptr<scalar_t>() : nullptr,
-                             route_src.data_ptr<int64_t>(), out_ptr.data_ptr<int64_t>(),
+                             acc.has_value() ? batch_stride(*acc) : 0, route_src.data_ptr<int64_t>(), out_ptr.data_ptr<int64_t>(),
                              out.data_ptr<scalar_t>(), B, S, N, P);
   });
   return out;
@@ -953,7 +955,7 @@ std::vector<at::Tensor> pointwise_backward(const at::Tensor& grad_arg, const at:
                                            bool grad_weight,
                                            const std::optional<std::vector<at::Tensor>>& out) {
   const auto s = pw_check(x, weight, groups);
-  const at::Tensor grad = grad_planes(grad_arg, x, {s.B, s.G * s.Co, x.size(2), x.size(3)});
+  const at::Tensor grad = planes(grad_arg, x, {s.B, s.G * s.Co, x.size(2), x.size(3)}, "grad");
   const int64_t g_batch = batch_stride(grad);
   std::vector<std::vector<int64_t>> sizes{x.sizes().vec()};
   if (grad_weight) sizes.push_back(weight.sizes().vec());
@@ -1005,7 +1007,8 @@ std::vector<at::Tensor> pointwise_backward(const at::Tensor& grad_arg, const at:
 // x (B, C, H, W) → out (B, 2C, Ho, Wo) = [max pool | avg pool], each 3×3 with padding 1 at
 // stride 1 or 2 (Ho = (H − 1) / stride + 1), the average over the window's pixels inside the
 // image (count_include_pad=False), the maximum as torch's CPU kernel takes it (the first
-// maximum in row-major order; a NaN wins). One task per (b, c) plane each way; the backward
+// maximum in row-major order; a NaN wins); x may be a channel block of a larger tensor (its
+// planes are read in place). One task per (b, c) plane each way; the backward
 // finds each window's maximum again (nothing saved) and adds both gradients into d_x in a
 // fixed order (no atomics).
 
@@ -1016,9 +1019,9 @@ struct PoolGeometry {
 };
 
 PoolGeometry pool_check(const at::Tensor& x, int64_t stride) {
-  TORCH_CHECK(x.device().is_cpu() && x.dim() == 4 && x.is_contiguous(),
-              "pools (cpu kernel): x must be a contiguous (B, C, H, W) cpu tensor, got ",
-              x.sizes(), " on ", x.device());
+  TORCH_CHECK(x.device().is_cpu() && x.dim() == 4,
+              "pools (cpu kernel): x must be a (B, C, H, W) cpu tensor, got ", x.sizes(), " on ",
+              x.device());
   TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble,
               "pools: dtype must be float32 or float64, got ", x.scalar_type());
   TORCH_CHECK(stride == 1 || stride == 2, "pools: stride must be 1 or 2, got ", stride);
@@ -1054,9 +1057,11 @@ inline int64_t argmax(const T* plane, int64_t W, int64_t y0, int64_t y1, int64_t
 }
 
 // out (B, 2C, Ho, Wo), every element written.
-at::Tensor pools_forward(const at::Tensor& x, int64_t stride,
+at::Tensor pools_forward(const at::Tensor& x_arg, int64_t stride,
                          const std::optional<at::Tensor>& out_arg) {
-  const auto g = pool_check(x, stride);
+  const auto g = pool_check(x_arg, stride);
+  const at::Tensor x = planes(x_arg, x_arg, x_arg.sizes(), "x");
+  const int64_t x_batch = batch_stride(x);
   const at::Tensor out = output(out_arg, x, {g.B, 2 * g.C, g.Ho, g.Wo});
   check_out(out, x, {g.B, 2 * g.C, g.Ho, g.Wo}, "out");
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "pools_forward", [&] {
@@ -1066,7 +1071,7 @@ at::Tensor pools_forward(const at::Tensor& x, int64_t stride,
     at::parallel_for(0, g.B * g.C, 1, [&](int64_t begin, int64_t end) {
       for (int64_t bc = begin; bc < end; ++bc) {
         const int64_t b = bc / g.C, c = bc % g.C;
-        const scalar_t* plane = xp + bc * P;
+        const scalar_t* plane = xp + b * x_batch + c * P;
         scalar_t* maxp = op + (b * 2 * g.C + c) * Po;
         scalar_t* avgp = maxp + g.C * Po;
         for (int64_t oy = 0; oy < g.Ho; ++oy) {
@@ -1088,10 +1093,12 @@ at::Tensor pools_forward(const at::Tensor& x, int64_t stride,
 }
 
 // d_x (B, C, H, W) from grad (B, 2C, Ho, Wo), every element written.
-at::Tensor pools_backward(const at::Tensor& grad_arg, const at::Tensor& x, int64_t stride,
+at::Tensor pools_backward(const at::Tensor& grad_arg, const at::Tensor& x_arg, int64_t stride,
                           const std::optional<at::Tensor>& out_arg) {
-  const auto g = pool_check(x, stride);
-  const at::Tensor grad = grad_planes(grad_arg, x, {g.B, 2 * g.C, g.Ho, g.Wo});
+  const auto g = pool_check(x_arg, stride);
+  const at::Tensor x = planes(x_arg, x_arg, x_arg.sizes(), "x");
+  const int64_t x_batch = batch_stride(x);
+  const at::Tensor grad = planes(grad_arg, x, {g.B, 2 * g.C, g.Ho, g.Wo}, "grad");
   const int64_t g_batch = batch_stride(grad);
   const at::Tensor d_x = output(out_arg, x, x.sizes());
   check_out(d_x, x, x.sizes(), "d_x");
@@ -1103,7 +1110,7 @@ at::Tensor pools_backward(const at::Tensor& grad_arg, const at::Tensor& x, int64
     at::parallel_for(0, g.B * g.C, 1, [&](int64_t begin, int64_t end) {
       for (int64_t bc = begin; bc < end; ++bc) {
         const int64_t b = bc / g.C, c = bc % g.C;
-        const scalar_t* plane = xp + bc * P;
+        const scalar_t* plane = xp + b * x_batch + c * P;
         const scalar_t* g_max = gp + b * g_batch + c * Po;
         const scalar_t* g_avg = g_max + g.C * Po;
         scalar_t* d = dp + bc * P;

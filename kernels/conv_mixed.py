@@ -19,7 +19,19 @@ BLOCK = 256
 
 @triton.jit
 def _forward_kernel(
-    SRC, ALPHA, SHIFT, ACC, RSRC, OPTR, OUT, S, N, P, HAS_ACC: tl.constexpr, BLOCK: tl.constexpr
+    SRC,
+    ALPHA,
+    SHIFT,
+    ACC,
+    ACC_B,
+    RSRC,
+    OPTR,
+    OUT,
+    S,
+    N,
+    P,
+    HAS_ACC: tl.constexpr,
+    BLOCK: tl.constexpr,
 ):
     bo = tl.program_id(0)
     b = bo // N
@@ -27,7 +39,7 @@ def _forward_kernel(
     p = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = p < P
     if HAS_ACC:
-        y = tl.load(ACC + bo * P + p, mask=mask, other=0)
+        y = tl.load(ACC + b * ACC_B + o * P + p, mask=mask, other=0)
     else:
         y = tl.zeros([BLOCK], dtype=OUT.dtype.element_ty)
     r0 = tl.load(OPTR + o)
@@ -91,16 +103,42 @@ def forward(
     out: torch.Tensor,
 ) -> torch.Tensor:
     """Writes every element of ``out`` (B, N, H, W) (contiguous) and returns it; src
-    (B, S, H, W), alpha and shift (R,), routes sorted by output channel."""
+    (B, S, H, W), alpha and shift (R,), routes sorted by output channel; acc may be a channel
+    block of a larger tensor (read in place)."""
     src, alpha, shift = src.contiguous(), alpha.contiguous(), shift.contiguous()
     b, s, n, p = src.shape[0], src.shape[1], out.shape[1], src.shape[2] * src.shape[3]
     has_acc = acc is not None
-    acc = acc.contiguous() if has_acc else out
+    if has_acc and not planes_dense(acc):
+        acc = acc.contiguous()
+    acc_b = acc.stride(0) if has_acc else 0
     grid = (b * n, triton.cdiv(p, BLOCK))
     _forward_kernel[grid](
-        src, alpha, shift, acc, route_src, out_ptr, out, s, n, p, HAS_ACC=has_acc, BLOCK=BLOCK
+        src,
+        alpha,
+        shift,
+        acc if has_acc else out,
+        acc_b,
+        route_src,
+        out_ptr,
+        out,
+        s,
+        n,
+        p,
+        HAS_ACC=has_acc,
+        BLOCK=BLOCK,
     )
     return out
+
+
+def planes_dense(t: torch.Tensor) -> bool:
+    """Whether each (b, c) plane of the 4-D ``t`` is laid out contiguously, the channels one
+    plane apart (any batch stride: a channel block of a larger tensor qualifies)."""
+    dense = 1
+    for size, stride in zip(reversed(t.shape[1:]), reversed(t.stride()[1:])):
+        if size != 1 and stride != dense:
+            return False
+        dense *= size
+    return True
 
 
 def backward(

@@ -699,8 +699,8 @@ def test_cpp_pools_check_their_inputs():
     x = torch.randn(2, 3, 4, 4, dtype=F64)
     with pytest.raises(RuntimeError, match="stride must be 1 or 2"):
         _C().pools_forward(x, 3)
-    with pytest.raises(RuntimeError, match="x must be a contiguous"):
-        _C().pools_forward(x.transpose(2, 3), 1)
+    with pytest.raises(RuntimeError, match="dtype must be float32 or float64"):
+        _C().pools_forward(x.int(), 1)
     with pytest.raises(RuntimeError, match="out must be"):
         _C().pools_forward(x, 1, out=torch.empty(2, 6, 4, 3, dtype=F64))
     with pytest.raises(RuntimeError, match="grad must be"):
@@ -708,22 +708,29 @@ def test_cpp_pools_check_their_inputs():
 
 
 @needs_cpp
-def test_cpp_backward_kernels_read_strided_gradients():
-    # Autograd hands pools and pointwise a channel block of the concatenation's gradient:
-    # read in place, and any other layout copied first; the same values either way.
+def test_cpp_kernels_read_channel_blocks():
+    # Autograd hands pools and pointwise a channel block of the concatenation's gradient, and
+    # the fused cell passes a node's channels of the mixture's output to the next group's
+    # pools and the rest as the mixture's acc: read in place (any other layout is copied
+    # first), the same values either way.
     gen = _gen(53)
-    for B in (3, 1):
-        x = torch.randn(B, 4, 6, 5, generator=gen, dtype=F64)
-        w = torch.randn(6, 2, 1, 1, generator=gen, dtype=F64)
-        for n, run in (
-            (8, lambda g, x=x: [_C().pools_backward(g, x, 1)]),
-            (6, lambda g, x=x, w=w: _C().pointwise_backward(g, x, w, 2, True)),
-        ):
-            block = torch.randn(B, n + 5, 6, 5, generator=gen, dtype=F64)[:, 2 : 2 + n]
-            want = run(block.contiguous())
-            for g in (block, block.transpose(2, 3).contiguous().transpose(2, 3)):
-                for got, w_ in zip(run(g), want):
-                    assert torch.equal(got, w_)
+    routes, src, alpha, shift, _ = make_mix(gen, F64, 3, 6, 5)
+    rs, _, optr, _, _, _ = routes.tables()
+    x = torch.randn(3, 4, 6, 5, generator=gen, dtype=F64)
+    w = torch.randn(6, 2, 1, 1, generator=gen, dtype=F64)
+    g_pool = torch.randn(3, 8, 3, 3, generator=gen, dtype=F64)
+    cases = [  # (channels of the argument given as a block, the kernels run on it)
+        (8, lambda g: [_C().pools_backward(g, x, 1)]),
+        (6, lambda g: _C().pointwise_backward(g, x, w, 2, True)),
+        (4, lambda t: [_C().pools_forward(t, 2), _C().pools_backward(g_pool, t, 2)]),
+        (4, lambda a: [_C().conv_mix_forward(src, alpha, shift, a, rs, optr)]),
+    ]
+    for n, run in cases:
+        block = torch.randn(3, n + 5, 6, 5, generator=gen, dtype=F64)[:, 2 : 2 + n]
+        want = run(block.contiguous())
+        for t in (block, block.transpose(2, 3).contiguous().transpose(2, 3)):
+            for got, w_ in zip(run(t), want):
+                assert torch.equal(got, w_)
 
 
 def test_pools_gradcheck_gradgradcheck_vmap_and_opcheck():
@@ -912,7 +919,11 @@ TRITON_SCRIPT = textwrap.dedent(
             acc = torch.randn(B, 4, H, W, generator=gen, dtype=torch.float64)
             g = torch.randn(B, 4, H, W, generator=gen, dtype=torch.float64)
             lo = [t.to(dtype) for t in (src, alpha, shift, acc, g)]
-            for a, a_lo in ((acc, lo[3]), (None, None)):
+            # acc whole, as a channel block of a larger tensor (read in place), and none
+            wide = torch.randn(B, 7, H, W, generator=gen, dtype=torch.float64)
+            wide[:, 2:6] = acc
+            blocks = ((acc, lo[3]), (acc, wide.to(dtype)[:, 2:6]), (None, None))
+            for a, a_lo in blocks:
                 out = torch.full((B, 4, H, W), math.nan, dtype=dtype)
                 k.forward(lo[0], lo[1], lo[2], a_lo, rs, optr, out)
                 want = mix_reference(src, alpha, shift, a, rs, ro, n)

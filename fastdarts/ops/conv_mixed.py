@@ -320,10 +320,11 @@ def conv_mix(
     """out (B, n_out, H, W) = acc + Σ_r alpha_r·(src[:, src_r] − shift_r) into channel out_r.
 
     src (B, S, H, W); alpha, shift (R,) in ``routes``' order (sorted by output channel);
-    float32 or float64, one device; made contiguous for the kernel.
+    float32 or float64, one device; src, alpha and shift made contiguous for the kernel, acc
+    read in place when it is a channel block of a larger tensor.
     """
     check_mix_inputs(src, alpha, shift, acc, routes)
-    acc = None if acc is None else acc.contiguous()
+    # acc as it is: the kernels read a channel block of a larger tensor in place.
     return ConvMixFunction.apply(
         src.contiguous(), alpha.contiguous(), shift.contiguous(), acc, *routes.tables()
     )
@@ -707,7 +708,7 @@ def pools(x: Tensor, stride: int) -> Tensor:
     """[max_pool_3x3 | avg_pool_3x3] of x at ``stride``, padding 1, the average over the
     window's pixels inside the image (DARTS' count_include_pad=False): x (B, C, H, W) →
     (B, 2C, (H − 1) // stride + 1, (W − 1) // stride + 1)."""
-    return PoolsFunction.apply(x.contiguous(), stride)
+    return PoolsFunction.apply(x, stride)  # any strides (the C++ kernel copies if it must)
 
 
 def _pooled(x: Tensor, stride: int) -> list[Tensor]:
@@ -1081,8 +1082,9 @@ class FusedCellOps(FusedEdges):
         states = list(states)
         for g in range(self.steps):
             out = self.run_group(g, states[:2] if g == 0 else states[-1:], flat, acc)
-            # Contiguous node states: the pools and convolutions of the next group read them.
-            states.append(out[:, :C].contiguous())
+            # Channel blocks of out, read in place (the next group's ReLU writes a new tensor,
+            # the pools and the mixture's acc take a batch stride, the concatenations copy).
+            states.append(out[:, :C])
             acc = out[:, C:]
         return torch.cat(states[-self.multiplier :], dim=1)
 
