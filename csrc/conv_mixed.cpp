@@ -1035,11 +1035,26 @@ PoolGeometry pool_check(const at::Tensor& x, int64_t stride) {
           stride};
 }
 
-// The window of output (oy, ox): rows [y0, y1), columns [x0, x1) of the image.
-inline void window(const PoolGeometry& g, int64_t oy, int64_t ox, int64_t& y0, int64_t& y1,
-                   int64_t& x0, int64_t& x1) {
-  y0 = std::max<int64_t>(oy * g.stride - 1, 0), y1 = std::min<int64_t>(oy * g.stride + 2, g.H);
-  x0 = std::max<int64_t>(ox * g.stride - 1, 0), x1 = std::min<int64_t>(ox * g.stride + 2, g.W);
+// fn(b, c) for every (b, c) plane, one task each.
+template <typename F>
+void each_plane(const PoolGeometry& g, F&& fn) {
+  at::parallel_for(0, g.B * g.C, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t bc = begin; bc < end; ++bc) fn(bc / g.C, bc % g.C);
+  });
+}
+
+// fn(o, y0, y1, x0, x1) for every output pixel o (row-major) with its window: rows [y0, y1),
+// columns [x0, x1) of the image.
+template <typename F>
+inline void each_window(const PoolGeometry& g, F&& fn) {
+  for (int64_t oy = 0; oy < g.Ho; ++oy) {
+    const int64_t y0 = std::max<int64_t>(oy * g.stride - 1, 0);
+    const int64_t y1 = std::min<int64_t>(oy * g.stride + 2, g.H);
+    for (int64_t ox = 0; ox < g.Wo; ++ox) {
+      const int64_t x0 = std::max<int64_t>(ox * g.stride - 1, 0);
+      fn(oy * g.Wo + ox, y0, y1, x0, std::min<int64_t>(ox * g.stride + 2, g.W));
+    }
+  }
 }
 
 template <typename T>
@@ -1067,26 +1082,18 @@ at::Tensor pools_forward(const at::Tensor& x_arg, int64_t stride,
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "pools_forward", [&] {
     const scalar_t* xp = x.data_ptr<scalar_t>();
     scalar_t* op = out.data_ptr<scalar_t>();
-    const int64_t P = g.H * g.W, Po = g.Ho * g.Wo;
-    at::parallel_for(0, g.B * g.C, 1, [&](int64_t begin, int64_t end) {
-      for (int64_t bc = begin; bc < end; ++bc) {
-        const int64_t b = bc / g.C, c = bc % g.C;
-        const scalar_t* plane = xp + b * x_batch + c * P;
-        scalar_t* maxp = op + (b * 2 * g.C + c) * Po;
-        scalar_t* avgp = maxp + g.C * Po;
-        for (int64_t oy = 0; oy < g.Ho; ++oy) {
-          for (int64_t ox = 0; ox < g.Wo; ++ox) {
-            int64_t y0, y1, x0, x1;
-            window(g, oy, ox, y0, y1, x0, x1);
-            scalar_t sum = 0;
-            for (int64_t y = y0; y < y1; ++y) {
-              for (int64_t xx = x0; xx < x1; ++xx) sum += plane[y * g.W + xx];
-            }
-            maxp[oy * g.Wo + ox] = plane[argmax(plane, g.W, y0, y1, x0, x1)];
-            avgp[oy * g.Wo + ox] = sum / static_cast<scalar_t>((y1 - y0) * (x1 - x0));
-          }
+    each_plane(g, [&](int64_t b, int64_t c) {
+      const scalar_t* plane = xp + b * x_batch + c * g.H * g.W;
+      scalar_t* maxp = op + (b * 2 * g.C + c) * g.Ho * g.Wo;
+      scalar_t* avgp = maxp + g.C * g.Ho * g.Wo;
+      each_window(g, [&](int64_t o, int64_t y0, int64_t y1, int64_t x0, int64_t x1) {
+        scalar_t sum = 0;
+        for (int64_t y = y0; y < y1; ++y) {
+          for (int64_t xx = x0; xx < x1; ++xx) sum += plane[y * g.W + xx];
         }
-      }
+        maxp[o] = plane[argmax(plane, g.W, y0, y1, x0, x1)];
+        avgp[o] = sum / static_cast<scalar_t>((y1 - y0) * (x1 - x0));
+      });
     });
   });
   return out;
@@ -1106,28 +1113,19 @@ at::Tensor pools_backward(const at::Tensor& grad_arg, const at::Tensor& x_arg, i
     const scalar_t* xp = x.data_ptr<scalar_t>();
     const scalar_t* gp = grad.data_ptr<scalar_t>();
     scalar_t* dp = d_x.data_ptr<scalar_t>();
-    const int64_t P = g.H * g.W, Po = g.Ho * g.Wo;
-    at::parallel_for(0, g.B * g.C, 1, [&](int64_t begin, int64_t end) {
-      for (int64_t bc = begin; bc < end; ++bc) {
-        const int64_t b = bc / g.C, c = bc % g.C;
-        const scalar_t* plane = xp + b * x_batch + c * P;
-        const scalar_t* g_max = gp + b * g_batch + c * Po;
-        const scalar_t* g_avg = g_max + g.C * Po;
-        scalar_t* d = dp + bc * P;
-        std::fill(d, d + P, scalar_t(0));
-        for (int64_t oy = 0; oy < g.Ho; ++oy) {
-          for (int64_t ox = 0; ox < g.Wo; ++ox) {
-            int64_t y0, y1, x0, x1;
-            window(g, oy, ox, y0, y1, x0, x1);
-            const scalar_t share =
-                g_avg[oy * g.Wo + ox] / static_cast<scalar_t>((y1 - y0) * (x1 - x0));
-            for (int64_t y = y0; y < y1; ++y) {
-              for (int64_t xx = x0; xx < x1; ++xx) d[y * g.W + xx] += share;
-            }
-            d[argmax(plane, g.W, y0, y1, x0, x1)] += g_max[oy * g.Wo + ox];
-          }
+    each_plane(g, [&](int64_t b, int64_t c) {
+      const scalar_t* plane = xp + b * x_batch + c * g.H * g.W;
+      const scalar_t* g_max = gp + b * g_batch + c * g.Ho * g.Wo;
+      const scalar_t* g_avg = g_max + g.C * g.Ho * g.Wo;
+      scalar_t* d = dp + (b * g.C + c) * g.H * g.W;
+      std::fill(d, d + g.H * g.W, scalar_t(0));
+      each_window(g, [&](int64_t o, int64_t y0, int64_t y1, int64_t x0, int64_t x1) {
+        const scalar_t share = g_avg[o] / static_cast<scalar_t>((y1 - y0) * (x1 - x0));
+        for (int64_t y = y0; y < y1; ++y) {
+          for (int64_t xx = x0; xx < x1; ++xx) d[y * g.W + xx] += share;
         }
-      }
+        d[argmax(plane, g.W, y0, y1, x0, x1)] += g_max[o];
+      });
     });
   });
   return d_x;
