@@ -109,9 +109,17 @@ class RNNModel(TiedLanguageModel):
         node_op: NodeOp | None = None,
     ) -> None:
         super().__init__()
-        rates = {"embedding": dropoute, "input": dropouti, "x": dropoutx, "h": dropouth}
-        rates["output"] = dropout
-        self.build(ntoken, emsize, nhid, rates, lambda: DARTSCell(emsize, nhid, genotype, node_op))
+        self.build(
+            ntoken,
+            emsize,
+            nhid,
+            lambda: DARTSCell(emsize, nhid, genotype, node_op),
+            dropout=dropout,
+            dropouth=dropouth,
+            dropoutx=dropoutx,
+            dropouti=dropouti,
+            dropoute=dropoute,
+        )
 
     def mask_specs(self, batch_size: int) -> dict[str, MaskSpec]:
         """Locked dropout masks for one training pass, fixed over the sequence."""

@@ -91,6 +91,11 @@ def _has_cpp(op: str = "conv_mix_forward") -> bool:
     return hasattr(extension(), op)
 
 
+def _cpp(x: Tensor, name: str) -> bool:
+    """Whether the C++ kernel ``name`` runs for x (on the CPU, with the extension)."""
+    return x.device.type == "cpu" and _has_cpp(name)
+
+
 def kernel_name(device: torch.device) -> str:
     """Which mixture kernel runs on ``device``: 'triton', 'cpp' or 'reference'."""
     if device.type == "cuda" and has_triton():
@@ -397,7 +402,7 @@ def _dw_op(
     dils: list[int],
     in_offsets: list[int],
 ) -> Tensor:
-    if x.device.type != "cpu" or stride != 1 or not _has_cpp("depthwise_forward"):
+    if stride != 1 or not _cpp(x, "depthwise_forward"):
         return depthwise_reference(x, weights, stride, pads, dils, in_offsets)
     return extension().depthwise_forward(x, weights, stride, pads, dils, in_offsets)
 
@@ -413,7 +418,7 @@ def _dw_backward_op(
     grad_weights: bool,
 ) -> list[Tensor]:
     args = (grad, x, weights, stride, pads, dils, in_offsets)
-    if x.device.type != "cpu" or not _has_cpp("depthwise_backward"):
+    if not _cpp(x, "depthwise_backward"):
         return depthwise_backward_reference(*args, grad_weights)
     return extension().depthwise_backward(*args, grad_weights)
 
@@ -536,10 +541,6 @@ def pointwise_backward_reference(
     if not grad_weight:
         return [d_x]
     return [d_x, torch.nn.grad.conv2d_weight(x, weight.shape, grad, groups=groups)]
-
-
-def _cpp(x: Tensor, name: str) -> bool:
-    return x.device.type == "cpu" and _has_cpp(name)
 
 
 def _pw_op(x: Tensor, weight: Tensor, groups: int) -> Tensor:

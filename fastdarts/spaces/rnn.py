@@ -33,6 +33,9 @@ from fastdarts.spaces.base import Batch, MaskSpec, SearchModel, SearchOutput
 INIT_RANGE = 0.04
 # The language models' dropout arguments, as the search and training settings name them too.
 DROPOUTS = ("dropout", "dropouth", "dropoutx", "dropouti", "dropoute")
+# The locked mask each one drops with, in the order the masks are drawn.
+_MASK_OF = {"dropoute": "embedding", "dropouti": "input", "dropoutx": "x", "dropouth": "h"}
+_MASK_OF["dropout"] = "output"
 
 ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "tanh": torch.tanh,
@@ -167,13 +170,14 @@ class TiedLanguageModel(nn.Module):
         ntoken: int,
         emsize: int,
         nhid: int,
-        rates: dict[str, float],
         make_cell: Callable[[], nn.Module],
+        **dropouts: float,
     ) -> None:
-        """rates: the drop rates of "embedding", "input", "x", "h" and "output"."""
+        """dropouts: the rates named in DROPOUTS."""
         if emsize != nhid:
             raise ValueError(f"the tied DARTS cell needs emsize == nhid, got {emsize} and {nhid}")
-        self.ntoken, self.nhid, self.rates = ntoken, nhid, rates
+        self.ntoken, self.nhid = ntoken, nhid
+        self.rates = {mask: dropouts[arg] for arg, mask in _MASK_OF.items()}
         self.encoder = nn.Embedding(ntoken, emsize)
         self.rnns = nn.ModuleList([make_cell()])
         self.decoder = nn.Linear(nhid, ntoken)
@@ -239,9 +243,17 @@ class RNNSearchModel(SearchModel, TiedLanguageModel):
     ) -> None:
         super().__init__()
         self.steps, self.tar = steps, tar
-        rates = {"embedding": dropoute, "input": dropouti, "x": dropoutx, "h": dropouth}
-        rates["output"] = dropout
-        self.build(ntoken, emsize, nhid, rates, lambda: RecurrentSearchCell(emsize, nhid, steps))
+        self.build(
+            ntoken,
+            emsize,
+            nhid,
+            lambda: RecurrentSearchCell(emsize, nhid, steps),
+            dropout=dropout,
+            dropouth=dropouth,
+            dropoutx=dropoutx,
+            dropouti=dropouti,
+            dropoute=dropoute,
+        )
         n_edges = steps * (steps + 1) // 2
         self.alphas_recurrent = nn.Parameter(1e-3 * torch.randn(n_edges, len(RNN_PRIMITIVES)))
 
