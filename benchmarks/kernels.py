@@ -31,7 +31,7 @@ if __package__ in (None, ""):
 from benchmarks import harness
 from fastdarts.genotypes import CNN_PRIMITIVES, CNN_STEPS, RNN_PRIMITIVES
 from fastdarts.ops.conv_mixed import MixedOp as FusedMixedOp
-from fastdarts.ops.conv_mixed import fused_cell_ops
+from fastdarts.ops.conv_mixed import fused_cell_ops, pools, pools_reference
 from fastdarts.ops.recurrent_mixed import recurrent_mixed
 from fastdarts.spaces.cnn import MixedOp, SearchCell
 from fastdarts.spaces.rnn import recurrent_mixed_reference
@@ -227,7 +227,47 @@ CELL_FUSED = Kernel(
     "(s + P + out)·size; fwd+bwd: fwd + (out + 2s + P)·size (grads of inputs and α only)",
 )
 
-KERNELS: list[Kernel] = [RECURRENT, MIXED_OP, MIXED_OP_FUSED, CELL_FUSED]
+# -- both 3x3 pools of a group's input (fastdarts.ops.conv_mixed.pools) --------------------
+
+
+def _make_pools(shape: dict[str, int], device: torch.device, dtype: torch.dtype) -> Inputs:
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(shape["B"], shape["C"], shape["H"], shape["H"], generator=g, dtype=dtype)
+    x = x.to(device).requires_grad_()
+    return Inputs({"x": x, "stride": shape["stride"]}, [x])
+
+
+def _pools_bytes(shape: dict[str, int], pass_: str, size: int) -> int:
+    b, c, h, s = shape["B"], shape["C"], shape["H"], shape["stride"]
+    x, out = b * c * h * h, 2 * b * c * ((h - 1) // s + 1) ** 2
+    return size * (x + out if pass_ == "fwd" else 2 * (x + out))
+
+
+POOLS = Kernel(
+    name="cnn_pools",
+    shapes={
+        # A normal cell's group input (E = 2 edges of C 16 at 32x32) and a reduction
+        # group's (E = 2 edges of C 32 at 32x32, stride 2), batch 64.
+        "paper": [
+            {"B": 64, "C": 32, "H": 32, "stride": 1},
+            {"B": 64, "C": 64, "H": 32, "stride": 2},
+        ],
+        "large": [{"B": 256, "C": 128, "H": 16, "stride": 1}],
+        "tiny": [{"B": 2, "C": 3, "H": 7, "stride": 2}],
+    },
+    make=_make_pools,
+    impls={
+        # torch's max_pool2d and avg_pool2d (count_include_pad=False), concatenated.
+        "reference": lambda a: pools_reference(a["x"], a["stride"]),
+        # One C++ kernel each way for both pools (torch's two ops where it has none).
+        "fused": lambda a: pools(a["x"], a["stride"]),
+    },
+    bytes_moved=_pools_bytes,
+    formula="x = B·C·H·W, out = 2·B·C·H'·W'; fwd: (x + out)·size; fwd+bwd: 2·(x + out)·size "
+    "(x and grad_out read, out and grad_x written)",
+)
+
+KERNELS: list[Kernel] = [RECURRENT, MIXED_OP, MIXED_OP_FUSED, CELL_FUSED, POOLS]
 
 
 # -- measurement --------------------------------------------------------------------------

@@ -249,7 +249,8 @@ at::Tensor forward(const at::Tensor& src, const at::Tensor& alpha, const at::Ten
     forward_kernel<scalar_t>(src.data_ptr<scalar_t>(), alpha.data_ptr<scalar_t>(),
                              shift.data_ptr<scalar_t>(),
                              acc.has_value() ? acc->data_ptr<scalar_t>() : nullptr,
-                             acc.has_value() ? batch_stride(*acc) : 0, route_src.data_ptr<int64_t>(), out_ptr.data_ptr<int64_t>(),
+                             acc.has_value() ? batch_stride(*acc) : 0,
+                             route_src.data_ptr<int64_t>(), out_ptr.data_ptr<int64_t>(),
                              out.data_ptr<scalar_t>(), B, S, N, P);
   });
   return out;
@@ -339,121 +340,6 @@ int64_t out_size(int64_t n, const Shape& s, int64_t stride) {
   return (n + 2 * s.pad - s.dil * (s.k - 1) - 1) / stride + 1;
 }
 
-// Output columns [x0, x1) whose tap at input column offset `off` (= j·d − p) is in [0, W).
-inline void valid_range(int64_t off, int64_t stride, int64_t W, int64_t Wo, int64_t& x0,
-                        int64_t& x1) {
-  x0 = off >= 0 ? 0 : (-off + stride - 1) / stride;
-  x1 = std::min<int64_t>(Wo, off >= W ? 0 : (W - 1 - off) / stride + 1);
-}
-
-template <typename T, int S>
-inline void row_axpy(T* out, const T* in, T w, int64_t x0, int64_t x1, int64_t off) {
-  for (int64_t x = x0; x < x1; ++x) out[x] += w * in[x * S + off];
-}
-
-template <typename T, int S>
-inline void row_scatter(T* d_in, const T* g, T w, int64_t x0, int64_t x1, int64_t off) {
-  for (int64_t x = x0; x < x1; ++x) d_in[x * S + off] += w * g[x];
-}
-
-template <typename T, int S>
-inline T row_dot(const T* g, const T* in, int64_t x0, int64_t x1, int64_t off) {
-  T acc = 0;
-  for (int64_t x = x0; x < x1; ++x) acc += g[x] * in[x * S + off];
-  return acc;
-}
-
-template <typename T, int S>
-void dw_forward(const T* x, const std::vector<const T*>& w, const std::vector<Shape>& shapes,
-                T* out, int64_t B, int64_t Cin, int64_t H, int64_t W, int64_t Cout, int64_t Ho,
-                int64_t Wo) {
-  at::parallel_for(0, B * Cout, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t bo = begin; bo < end; ++bo) {
-      const int64_t b = bo / Cout, o = bo - b * Cout;
-      size_t t = 0;
-      while (o >= shapes[t].out_off + shapes[t].ch) ++t;
-      const Shape& s = shapes[t];
-      const int64_t c = o - s.out_off;
-      const T* in = x + (b * Cin + s.in_off + c) * H * W;
-      const T* wk = w[t] + c * s.k * s.k;
-      T* y = out + bo * Ho * Wo;
-      std::fill(y, y + Ho * Wo, T(0));
-      for (int64_t i = 0; i < s.k; ++i) {
-        for (int64_t yo = 0; yo < Ho; ++yo) {
-          const int64_t iy = yo * S - s.pad + i * s.dil;
-          if (iy < 0 || iy >= H) continue;
-          for (int64_t j = 0; j < s.k; ++j) {
-            const int64_t off = j * s.dil - s.pad;
-            int64_t x0, x1;
-            valid_range(off, S, W, Wo, x0, x1);
-            row_axpy<T, S>(y + yo * Wo, in + iy * W, wk[i * s.k + j], x0, x1, off);
-          }
-        }
-      }
-    }
-  });
-}
-
-template <typename T, int S>
-void dw_backward(const T* g, const T* x, const std::vector<const T*>& w,
-                 const std::vector<Shape>& shapes, T* d_x, const std::vector<T*>& d_w, int64_t B,
-                 int64_t Cin, int64_t H, int64_t W, int64_t Cout, int64_t Ho, int64_t Wo) {
-  at::parallel_for(0, B * Cin, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t bc = begin; bc < end; ++bc) {
-      const int64_t b = bc / Cin, ci = bc - b * Cin;
-      T* dx = d_x + bc * H * W;
-      std::fill(dx, dx + H * W, T(0));
-      for (size_t t = 0; t < shapes.size(); ++t) {
-        const Shape& s = shapes[t];
-        const int64_t c = ci - s.in_off;
-        if (c < 0 || c >= s.ch) continue;
-        const T* gy = g + (b * Cout + s.out_off + c) * Ho * Wo;
-        const T* wk = w[t] + c * s.k * s.k;
-        for (int64_t i = 0; i < s.k; ++i) {
-          for (int64_t yo = 0; yo < Ho; ++yo) {
-            const int64_t iy = yo * S - s.pad + i * s.dil;
-            if (iy < 0 || iy >= H) continue;
-            for (int64_t j = 0; j < s.k; ++j) {
-              const int64_t off = j * s.dil - s.pad;
-              int64_t x0, x1;
-              valid_range(off, S, W, Wo, x0, x1);
-              row_scatter<T, S>(dx + iy * W, gy + yo * Wo, wk[i * s.k + j], x0, x1, off);
-            }
-          }
-        }
-      }
-    }
-  });
-  if (d_w.empty()) return;  // the weights' gradient is not wanted (an α-only pass)
-  at::parallel_for(0, Cout, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t o = begin; o < end; ++o) {
-      size_t t = 0;
-      while (o >= shapes[t].out_off + shapes[t].ch) ++t;
-      const Shape& s = shapes[t];
-      const int64_t c = o - s.out_off;
-      T* dwk = d_w[t] + c * s.k * s.k;
-      for (int64_t i = 0; i < s.k; ++i) {
-        for (int64_t j = 0; j < s.k; ++j) {
-          const int64_t off = j * s.dil - s.pad;
-          int64_t x0, x1;
-          valid_range(off, S, W, Wo, x0, x1);
-          double acc = 0;
-          for (int64_t b = 0; b < B; ++b) {
-            const T* in = x + (b * Cin + s.in_off + c) * H * W;
-            const T* gy = g + (b * Cout + o) * Ho * Wo;
-            for (int64_t yo = 0; yo < Ho; ++yo) {
-              const int64_t iy = yo * S - s.pad + i * s.dil;
-              if (iy < 0 || iy >= H) continue;
-              acc += row_dot<T, S>(gy + yo * Wo, in + iy * W, x0, x1, off);
-            }
-          }
-          dwk[i * s.k + j] = static_cast<T>(acc);
-        }
-      }
-    }
-  });
-}
-
 // -- stride 1: direct convolution over a zero-padded copy of each plane ------------------
 //
 // Why (profile of the small CNN step, first order, one thread, before this path): the
@@ -474,12 +360,12 @@ template <int NC>
 constexpr int kRowBlock = NC == 1 ? 8 : NC == 2 ? 4 : 2;
 
 // dst[r][x] (+)= Σ_{i,j} w[i, j] · src[r + i·d][x + j·d] for rows [0, RB) and columns
-// [0, ncols), ncols in ((NC−1)·lanes, NC·lanes]; w flipped (w[k−1−i, k−1−j]) if `flip`. Reads
-// up to lanes − 1 elements past a row's last column (the buffer has that slack); those lanes
-// are not stored.
+// [0, ncols), ncols in ((NC−1)·lanes, NC·lanes], w a kh × kw kernel, flipped
+// (w[kh−1−i, kw−1−j]) if `flip`. Reads up to lanes − 1 elements past a row's last column (the
+// buffer has that slack); those lanes are not stored.
 template <typename T, int NC, int RB>
-inline void corr_block(const T* src, int64_t sW, const T* w, int64_t k, int64_t d, bool flip,
-                       T* dst, int64_t dW, int64_t ncols, bool accumulate) {
+inline void corr_block(const T* src, int64_t sW, const T* w, int64_t kh, int64_t kw, int64_t d,
+                       bool flip, T* dst, int64_t dW, int64_t ncols, bool accumulate) {
   using Vec = at::vec::Vectorized<T>;
   constexpr int64_t L = Vec::size();
   const int64_t last = ncols - (NC - 1) * L;
@@ -490,10 +376,10 @@ inline void corr_block(const T* src, int64_t sW, const T* w, int64_t k, int64_t 
       acc[r][c] = accumulate ? Vec::loadu(dst + r * dW + c * L, n) : Vec(T(0));
     }
   }
-  const int64_t kk = k * k;
-  for (int64_t i = 0; i < k; ++i) {
-    for (int64_t j = 0; j < k; ++j) {
-      const int64_t t = i * k + j;
+  const int64_t kk = kh * kw;
+  for (int64_t i = 0; i < kh; ++i) {
+    for (int64_t j = 0; j < kw; ++j) {
+      const int64_t t = i * kw + j;
       const Vec wv(w[flip ? kk - 1 - t : t]);
       const T* s = src + i * d * sW + j * d;
       for (int r = 0; r < RB; ++r) {
@@ -511,23 +397,26 @@ inline void corr_block(const T* src, int64_t sW, const T* w, int64_t k, int64_t 
 }
 
 template <typename T, int NC>
-inline void corr_rows(const T* src, int64_t sW, const T* w, int64_t k, int64_t d, bool flip,
-                      T* dst, int64_t dW, int64_t rows, int64_t ncols, bool accumulate) {
+inline void corr_rows(const T* src, int64_t sW, const T* w, int64_t kh, int64_t kw, int64_t d,
+                      bool flip, T* dst, int64_t dW, int64_t rows, int64_t ncols,
+                      bool accumulate) {
   constexpr int RB = kRowBlock<NC>;
   int64_t r = 0;
   for (; r + RB <= rows; r += RB) {
-    corr_block<T, NC, RB>(src + r * sW, sW, w, k, d, flip, dst + r * dW, dW, ncols, accumulate);
+    corr_block<T, NC, RB>(src + r * sW, sW, w, kh, kw, d, flip, dst + r * dW, dW, ncols,
+                          accumulate);
   }
   for (; r < rows; ++r) {
-    corr_block<T, NC, 1>(src + r * sW, sW, w, k, d, flip, dst + r * dW, dW, ncols, accumulate);
+    corr_block<T, NC, 1>(src + r * sW, sW, w, kh, kw, d, flip, dst + r * dW, dW, ncols,
+                         accumulate);
   }
 }
 
-// dst (rows × cols, row stride dW) (+)= the k×k correlation (dilation d) of the padded plane
-// src (row stride sW), in column segments of at most 4 vectors.
+// dst (rows × cols, row stride dW) (+)= the kh × kw correlation (dilation d) of the padded
+// plane src (row stride sW), in column segments of at most 4 vectors.
 template <typename T>
-void corr_plane(const T* src, int64_t sW, const T* w, int64_t k, int64_t d, bool flip, T* dst,
-                int64_t dW, int64_t rows, int64_t cols, bool accumulate) {
+void corr_plane(const T* src, int64_t sW, const T* w, int64_t kh, int64_t kw, int64_t d,
+                bool flip, T* dst, int64_t dW, int64_t rows, int64_t cols, bool accumulate) {
   constexpr int64_t L = at::vec::Vectorized<T>::size();
   for (int64_t x0 = 0; x0 < cols; x0 += 4 * L) {
     const int64_t n = std::min<int64_t>(4 * L, cols - x0);
@@ -535,16 +424,16 @@ void corr_plane(const T* src, int64_t sW, const T* w, int64_t k, int64_t d, bool
     T* o = dst + x0;
     switch ((n + L - 1) / L) {
       case 1:
-        corr_rows<T, 1>(s, sW, w, k, d, flip, o, dW, rows, n, accumulate);
+        corr_rows<T, 1>(s, sW, w, kh, kw, d, flip, o, dW, rows, n, accumulate);
         break;
       case 2:
-        corr_rows<T, 2>(s, sW, w, k, d, flip, o, dW, rows, n, accumulate);
+        corr_rows<T, 2>(s, sW, w, kh, kw, d, flip, o, dW, rows, n, accumulate);
         break;
       case 3:
-        corr_rows<T, 3>(s, sW, w, k, d, flip, o, dW, rows, n, accumulate);
+        corr_rows<T, 3>(s, sW, w, kh, kw, d, flip, o, dW, rows, n, accumulate);
         break;
       default:
-        corr_rows<T, 4>(s, sW, w, k, d, flip, o, dW, rows, n, accumulate);
+        corr_rows<T, 4>(s, sW, w, kh, kw, d, flip, o, dW, rows, n, accumulate);
     }
   }
 }
@@ -636,16 +525,16 @@ void dw1_forward(const T* x, const std::vector<const T*>& w, const std::vector<S
         const int64_t c = ci - s.in_off;
         if (c < 0 || c >= s.ch) continue;
         const T* origin = xp + (q - s.pad) * (pad.W + 1);
-        corr_plane(origin, pad.W, w[t] + c * s.k * s.k, s.k, s.dil, false,
+        corr_plane(origin, pad.W, w[t] + c * s.k * s.k, s.k, s.k, s.dil, false,
                    out + (b * Cout + s.out_off + c) * Ho * Wo, Wo, Ho, Wo, false);
       }
     }
   });
 }
 
-// Stride 1, every shape with p ≤ (k−1)·d (dw_backward otherwise). d_x: one task per
-// (b, input channel), the correlation of each reading shape's output gradient, padded by
-// (k−1)·d − p, with its flipped kernel, summed in shape order; d_w: one task per output
+// Stride 1. d_x: one task per (b, input channel), the correlation of each reading shape's
+// output gradient, padded by (k−1)·d − p (none if p is larger: the correlation then starts
+// inside it), with its flipped kernel, summed in shape order; d_w: one task per output
 // channel, its B input planes padded once, each tap the dot product of the output gradient
 // with the padded input shifted by the tap, over (b, y, x) (see dot_taps).
 template <typename T>
@@ -663,9 +552,10 @@ void dw1_backward(const T* g, const T* x, const std::vector<const T*>& w,
         const Shape& s = shapes[t];
         const int64_t c = ci - s.in_off;
         if (c < 0 || c >= s.ch) continue;
-        const int64_t q = (s.k - 1) * s.dil - s.pad;
+        const int64_t reach = (s.k - 1) * s.dil, q = std::max<int64_t>(reach - s.pad, 0);
         const T* gp = pad.fill(g + (b * Cout + s.out_off + c) * Ho * Wo, Ho, Wo, q);
-        corr_plane(gp, pad.W, w[t] + c * s.k * s.k, s.k, s.dil, true, dx, W, H, W, written);
+        corr_plane(gp + (q + s.pad - reach) * (pad.W + 1), pad.W, w[t] + c * s.k * s.k, s.k,
+                   s.k, s.dil, true, dx, W, H, W, written);
         written = true;
       }
       if (!written) std::fill(dx, dx + H * W, T(0));
@@ -699,6 +589,240 @@ void dw1_backward(const T* g, const T* x, const std::vector<const T*>& w,
       }
       T* dwk = d_w[t] + c * k * k;
       for (int64_t r = 0; r < k * k; ++r) dwk[r] = static_cast<T>(acc[r]);
+    }
+  });
+}
+
+// -- stride 2: the stride-1 routines on the planes' four phases ---------------------------
+//
+// Why (profile of the small CNN's second-order step, one thread): the stride-2 depthwise
+// convolutions of the reduction cells ran on per-row loops (a bounds computation and a short
+// strided loop per tap and row) and took 57 ms per backward call at B 8, 256 channels,
+// 32×32 → 16×16, where a stride-1 call of the same output size took 8 ms.
+//
+// A stride-2 correlation reads the padded input xp[2·yo + i·d][2·xo + j·d]. Split xp into
+// its phases P_ab[u][v] = xp[2u + a][2v + b]: the taps whose row and column offsets have
+// parities (a, b) read P_ab at stride 1, a sub-kernel of the taps i = i0, i0 + step, … at
+// offsets step·d / 2 apart (step 2 for odd d, 1 for even d). So the forward is four
+// stride-1 correlations (corr_plane) summed; d_x's phase (a, b) is the stride-1
+// correlation of the padded output gradient with the flipped sub-kernel of the taps that
+// land on it; each tap of d_w is a dot product of the output gradient with one phase,
+// shifted (dot_taps), the phases built once per input channel for every shape reading it.
+
+// The taps i in [0, k) whose offset i·d + r is ≡ a (mod 2): i0, i0 + step, … (n of them).
+struct PhaseTaps {
+  int64_t i0, n, step;
+
+  int64_t last() const { return i0 + (n - 1) * step; }
+};
+
+inline PhaseTaps phase_taps(int64_t k, int64_t d, int64_t r, int64_t a) {
+  const int64_t step = d % 2 ? 2 : 1;
+  for (int64_t i = 0; i < std::min<int64_t>(k, 2); ++i) {
+    if (((i * d + r) % 2 + 2) % 2 == a) return {i, (k - 1 - i) / step + 1, step};
+  }
+  return {0, 0, step};
+}
+
+// The sub-kernel w[ti × tj] of a k × k kernel, rows then columns, into sub.
+template <typename T>
+inline const T* sub_kernel(const T* w, int64_t k, const PhaseTaps& ti, const PhaseTaps& tj,
+                           T* sub) {
+  for (int64_t m = 0; m < ti.n; ++m) {
+    for (int64_t n = 0; n < tj.n; ++n) {
+      sub[m * tj.n + n] = w[(ti.i0 + m * ti.step) * k + tj.i0 + n * tj.step];
+    }
+  }
+  return sub;
+}
+
+// The four phases of n zero-padded planes: phase (a, b) of plane i at at(a, b) + i·plane,
+// rows of W elements; a vector of zero slack after the last.
+template <typename T>
+struct Phases {
+  std::vector<T> buf;
+  int64_t H = 0, W = 0, plane = 0, n = 0;
+
+  void fill(const T* src, int64_t Hs, int64_t Ws, int64_t pad, int64_t count = 1,
+            int64_t src_stride = 0) {
+    H = (Hs + 2 * pad + 1) / 2;
+    W = (Ws + 2 * pad + 1) / 2;
+    plane = H * W;
+    n = count;
+    buf.assign(4 * n * plane + at::vec::Vectorized<T>::size(), T(0));
+    for (int64_t i = 0; i < n; ++i) {
+      for (int64_t y = 0; y < Hs; ++y) {
+        const int64_t Y = y + pad;
+        const T* row = src + i * src_stride + y * Ws;
+        for (int64_t b = 0; b < 2; ++b) {
+          const int64_t x0 = ((pad + b) % 2 == 0) ? 0 : 1;  // first x with x + pad ≡ b
+          T* dst = at(Y % 2, (x0 + pad) % 2) + i * plane + (Y / 2) * W + (x0 + pad) / 2;
+          for (int64_t x = x0; x < Ws; x += 2) *dst++ = row[x];
+        }
+      }
+    }
+  }
+
+  T* at(int64_t a, int64_t b) { return buf.data() + (2 * a + b) * n * plane; }
+};
+
+template <typename T>
+void dw2_forward(const T* x, const std::vector<const T*>& w, const std::vector<Shape>& shapes,
+                 T* out, int64_t B, int64_t Cin, int64_t H, int64_t W, int64_t Cout, int64_t Ho,
+                 int64_t Wo) {
+  at::parallel_for(0, B * Cin, 1, [&](int64_t begin, int64_t end) {
+    Phases<T> ph;
+    std::vector<T> sub;
+    for (int64_t bc = begin; bc < end; ++bc) {
+      const int64_t b = bc / Cin, ci = bc - b * Cin;
+      int64_t q = -1;
+      for (const auto& s : shapes) {
+        if (ci >= s.in_off && ci < s.in_off + s.ch) q = std::max(q, s.pad);
+      }
+      if (q < 0) continue;  // no shape reads this channel
+      ph.fill(x + bc * H * W, H, W, q);
+      for (size_t t = 0; t < shapes.size(); ++t) {
+        const Shape& s = shapes[t];
+        const int64_t c = ci - s.in_off;
+        if (c < 0 || c >= s.ch) continue;
+        const T* wk = w[t] + c * s.k * s.k;
+        sub.resize(s.k * s.k);
+        T* y = out + (b * Cout + s.out_off + c) * Ho * Wo;
+        const int64_t r = q - s.pad;  // the shape's padded plane starts r rows and columns in
+        bool written = false;
+        for (int64_t a = 0; a < 2; ++a) {
+          const PhaseTaps ti = phase_taps(s.k, s.dil, r, a);
+          for (int64_t bb = 0; bb < 2 && ti.n > 0; ++bb) {
+            const PhaseTaps tj = phase_taps(s.k, s.dil, r, bb);
+            if (tj.n == 0) continue;
+            const T* origin = ph.at(a, bb) + (ti.i0 * s.dil + r - a) / 2 * ph.W +
+                              (tj.i0 * s.dil + r - bb) / 2;
+            corr_plane(origin, ph.W, sub_kernel(wk, s.k, ti, tj, sub.data()), ti.n, tj.n,
+                       ti.step * s.dil / 2, false, y, Wo, Ho, Wo, written);
+            written = true;
+          }
+        }
+      }
+    }
+  });
+}
+
+// d_x: one task per (b, input channel). Its phase (a, b) (rows 2u + a, columns 2v + b) gets,
+// from each shape reading the channel, Σ over the taps i ≡ the phase of
+// w[i][j] · g[u + (a + p − i·d) / 2][v + (b + p − j·d) / 2]: a flipped correlation of the
+// output gradient, zero-padded by as much as the offsets reach, summed in shape order into a
+// phase buffer, then interleaved into d_x. d_w: one task per input channel, its B planes
+// split into phases once (padded by the largest padding q of the shapes reading it); tap
+// (i, j) of a shape with padding p (r = q − p) is Σ_{b, yo, xo} g · P_{(i·d + r)%2, (j·d +
+// r)%2} at ((i·d + r) / 2 + yo, (j·d + r) / 2 + xo), a kernel row's taps of one column phase
+// at a time.
+template <typename T>
+void dw2_backward(const T* g, const T* x, const std::vector<const T*>& w,
+                  const std::vector<Shape>& shapes, T* d_x, const std::vector<T*>& d_w,
+                  int64_t B, int64_t Cin, int64_t H, int64_t W, int64_t Cout, int64_t Ho,
+                  int64_t Wo) {
+  const int64_t Hh = (H + 1) / 2, Wh = (W + 1) / 2;  // the largest phase of d_x
+  at::parallel_for(0, B * Cin, 1, [&](int64_t begin, int64_t end) {
+    Padded<T> pad;
+    std::vector<T> phase(4 * Hh * Wh), sub;
+    for (int64_t bc = begin; bc < end; ++bc) {
+      const int64_t b = bc / Cin, ci = bc - b * Cin;
+      bool written[4] = {false, false, false, false};
+      for (size_t t = 0; t < shapes.size(); ++t) {
+        const Shape& s = shapes[t];
+        const int64_t c = ci - s.in_off;
+        if (c < 0 || c >= s.ch) continue;
+        const T* wk = w[t] + c * s.k * s.k;
+        sub.resize(s.k * s.k);
+        // Padding so that every offset (a + p − i·d) / 2 reads inside the buffer: q ≥ −offset
+        // for the first row and q ≥ rows + offset − Ho for the last (columns alike).
+        int64_t q = 0;
+        for (int64_t a = 0; a < 2; ++a) {
+          const PhaseTaps ti = phase_taps(s.k, s.dil, -s.pad, a);
+          for (int64_t m = 0; m < ti.n; ++m) {
+            const int64_t off = (a + s.pad - (ti.i0 + m * ti.step) * s.dil) / 2;
+            q = std::max({q, -off, (H - a + 1) / 2 + off - Ho, (W - a + 1) / 2 + off - Wo});
+          }
+        }
+        const T* gp = pad.fill(g + (b * Cout + s.out_off + c) * Ho * Wo, Ho, Wo, q);
+        for (int64_t a = 0; a < 2; ++a) {
+          const PhaseTaps ti = phase_taps(s.k, s.dil, -s.pad, a);
+          for (int64_t bb = 0; bb < 2 && ti.n > 0; ++bb) {
+            const PhaseTaps tj = phase_taps(s.k, s.dil, -s.pad, bb);
+            if (tj.n == 0) continue;
+            // The correlation starts at the last tap's offset (flipped: taps by rising offset).
+            const int64_t y0 = q + (a + s.pad - ti.last() * s.dil) / 2;
+            const int64_t x0 = q + (bb + s.pad - tj.last() * s.dil) / 2;
+            bool& done = written[2 * a + bb];
+            corr_plane(gp + y0 * pad.W + x0, pad.W, sub_kernel(wk, s.k, ti, tj, sub.data()), ti.n,
+                       tj.n, ti.step * s.dil / 2, true, phase.data() + (2 * a + bb) * Hh * Wh, Wh,
+                       (H - a + 1) / 2, (W - bb + 1) / 2, done);
+            done = true;
+          }
+        }
+      }
+      T* dx = d_x + bc * H * W;
+      for (int64_t y = 0; y < H; ++y) {
+        for (int64_t bb = 0; bb < 2; ++bb) {
+          const int64_t ph = 2 * (y % 2) + bb;
+          const T* src = phase.data() + ph * Hh * Wh + (y / 2) * Wh;
+          T* row = dx + y * W;
+          for (int64_t xx = bb, v = 0; xx < W; xx += 2, ++v) row[xx] = written[ph] ? src[v] : T(0);
+        }
+      }
+    }
+  });
+  if (d_w.empty()) return;  // the weights' gradient is not wanted (an α-only pass)
+  at::parallel_for(0, Cin, 1, [&](int64_t begin, int64_t end) {
+    Phases<T> ph;
+    std::vector<double> taps;
+    for (int64_t ci = begin; ci < end; ++ci) {
+      int64_t q = -1;
+      for (const auto& s : shapes) {
+        if (ci >= s.in_off && ci < s.in_off + s.ch) q = std::max(q, s.pad);
+      }
+      if (q < 0) continue;  // no shape reads this channel
+      ph.fill(x + ci * H * W, H, W, q, B, Cin * H * W);
+      for (size_t t = 0; t < shapes.size(); ++t) {
+        const Shape& s = shapes[t];
+        const int64_t c = ci - s.in_off;
+        if (c < 0 || c >= s.ch) continue;
+        const int64_t k = s.k, d = s.dil, r = q - s.pad;
+        const T* gy = g + (s.out_off + c) * Ho * Wo;
+        const int64_t gs = Cout * Ho * Wo;
+        T* dwk = d_w[t] + c * k * k;
+        taps.resize(k);
+        for (int64_t i = 0; i < k; ++i) {
+          const int64_t a = (i * d + r) % 2;
+          for (int64_t bb = 0; bb < 2; ++bb) {
+            const PhaseTaps tj = phase_taps(k, d, r, bb);
+            if (tj.n == 0) continue;
+            const T* row = ph.at(a, bb) + (i * d + r) / 2 * ph.W + (tj.i0 * d + r - bb) / 2;
+            const int64_t dd = tj.step * d / 2;
+            switch (tj.n) {
+              case 1:
+                dot_taps<T, 1>(gy, gs, row, ph.plane, ph.W, B, Ho, Wo, dd, taps.data());
+                break;
+              case 2:
+                dot_taps<T, 2>(gy, gs, row, ph.plane, ph.W, B, Ho, Wo, dd, taps.data());
+                break;
+              case 3:
+                dot_taps<T, 3>(gy, gs, row, ph.plane, ph.W, B, Ho, Wo, dd, taps.data());
+                break;
+              case 5:
+                dot_taps<T, 5>(gy, gs, row, ph.plane, ph.W, B, Ho, Wo, dd, taps.data());
+                break;
+              default:
+                for (int64_t n = 0; n < tj.n; ++n) {
+                  dot_taps<T, 1>(gy, gs, row + n * dd, ph.plane, ph.W, B, Ho, Wo, dd, &taps[n]);
+                }
+            }
+            for (int64_t n = 0; n < tj.n; ++n) {
+              dwk[i * k + tj.i0 + n * tj.step] = static_cast<T>(taps[n]);
+            }
+          }
+        }
+      }
     }
   });
 }
@@ -744,7 +868,7 @@ at::Tensor depthwise_forward(const at::Tensor& x, const std::vector<at::Tensor>&
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "depthwise_forward", [&] {
     std::vector<const scalar_t*> w;
     for (const auto& t : weights) w.push_back(t.data_ptr<scalar_t>());
-    auto fn = stride == 1 ? dw1_forward<scalar_t> : dw_forward<scalar_t, 2>;
+    auto fn = stride == 1 ? dw1_forward<scalar_t> : dw2_forward<scalar_t>;
     fn(x.data_ptr<scalar_t>(), w, geo.shapes, out.data_ptr<scalar_t>(), geo.B, geo.Cin, geo.H,
        geo.W, geo.Cout, geo.Ho, geo.Wo);
   });
@@ -779,13 +903,7 @@ std::vector<at::Tensor> depthwise_backward(const at::Tensor& grad, const at::Ten
     std::vector<scalar_t*> dw;
     for (const auto& t : weights) w.push_back(t.data_ptr<scalar_t>());
     for (const auto& t : d_weights) dw.push_back(t.data_ptr<scalar_t>());
-    // The padded path needs p ≤ (k−1)·d (a non-negative padding of the output gradient).
-    const bool padded = stride == 1 && std::all_of(geo.shapes.begin(), geo.shapes.end(),
-                                                   [](const Shape& s) {
-                                                     return s.pad <= (s.k - 1) * s.dil;
-                                                   });
-    auto fn = padded ? dw1_backward<scalar_t>
-                     : stride == 1 ? dw_backward<scalar_t, 1> : dw_backward<scalar_t, 2>;
+    auto fn = stride == 1 ? dw1_backward<scalar_t> : dw2_backward<scalar_t>;
     fn(grad.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(), w, geo.shapes,
        d_x.data_ptr<scalar_t>(), dw, geo.B, geo.Cin, geo.H, geo.W, geo.Cout, geo.Ho, geo.Wo);
   });
@@ -1007,15 +1125,29 @@ std::vector<at::Tensor> pointwise_backward(const at::Tensor& grad_arg, const at:
 // x (B, C, H, W) → out (B, 2C, Ho, Wo) = [max pool | avg pool], each 3×3 with padding 1 at
 // stride 1 or 2 (Ho = (H − 1) / stride + 1), the average over the window's pixels inside the
 // image (count_include_pad=False), the maximum as torch's CPU kernel takes it (the first
-// maximum in row-major order; a NaN wins); x may be a channel block of a larger tensor (its
-// planes are read in place). One task per (b, c) plane each way; the backward
-// finds each window's maximum again (nothing saved) and adds both gradients into d_x in a
-// fixed order (no atomics).
+// maximum in row-major order; a NaN wins, the last one if several); x may be a channel block
+// of a larger tensor (its planes are read in place). One task per (b, c) plane each way; the
+// backward finds each window's maximum again (nothing saved) and adds into d_x in a fixed
+// order (no atomics).
+//
+// Both directions are separable: a pass along each row at the output columns (max, argmax
+// or sum of the row's 3 window pixels), then one combining the window's rows, with
+// branch-free inner loops over whole rows that the compiler vectorises. Measured at B 64,
+// C 32, 32×32, stride 1 (benchmarks/kernels.py cnn_pools, 1 thread): the per-window loops
+// this replaced took 95 ms forward and 91 ms backward, torch's two pools 149 and 37 ms.
 
 namespace {
 
 struct PoolGeometry {
   int64_t B, C, H, W, Ho, Wo, stride;
+
+  // The image rows (or columns) [lo, hi) of output row (column) o's window.
+  int64_t lo(int64_t o) const { return std::max<int64_t>(o * stride - 1, 0); }
+  int64_t hi(int64_t o, int64_t n) const { return std::min<int64_t>(o * stride + 2, n); }
+  // Output rows (columns) whose window holds every pixel of theirs: [1, inner_end(n)).
+  int64_t inner_end(int64_t n, int64_t n_out) const {
+    return std::max<int64_t>(std::min<int64_t>((n - 2) / stride + 1, n_out), 1);
+  }
 };
 
 PoolGeometry pool_check(const at::Tensor& x, int64_t stride) {
@@ -1035,40 +1167,53 @@ PoolGeometry pool_check(const at::Tensor& x, int64_t stride) {
           stride};
 }
 
-// fn(b, c) for every (b, c) plane, one task each.
-template <typename F>
-void each_plane(const PoolGeometry& g, F&& fn) {
+// fn(b, c, scratch, index) for every (b, c) plane, one task each, with a task's scratch of n
+// elements of T and n_index integers.
+template <typename T, typename F>
+void each_plane(const PoolGeometry& g, int64_t n, int64_t n_index, F&& fn) {
   at::parallel_for(0, g.B * g.C, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t bc = begin; bc < end; ++bc) fn(bc / g.C, bc % g.C);
+    std::vector<T> scratch(n);
+    std::vector<int64_t> index(n_index);
+    for (int64_t bc = begin; bc < end; ++bc) {
+      fn(bc / g.C, bc % g.C, scratch.data(), index.data());
+    }
   });
 }
 
-// fn(o, y0, y1, x0, x1) for every output pixel o (row-major) with its window: rows [y0, y1),
-// columns [x0, x1) of the image.
-template <typename F>
-inline void each_window(const PoolGeometry& g, F&& fn) {
-  for (int64_t oy = 0; oy < g.Ho; ++oy) {
-    const int64_t y0 = std::max<int64_t>(oy * g.stride - 1, 0);
-    const int64_t y1 = std::min<int64_t>(oy * g.stride + 2, g.H);
-    for (int64_t ox = 0; ox < g.Wo; ++ox) {
-      const int64_t x0 = std::max<int64_t>(ox * g.stride - 1, 0);
-      fn(oy * g.Wo + ox, y0, y1, x0, std::min<int64_t>(ox * g.stride + 2, g.W));
-    }
-  }
+// Whether torch's max pool moves its maximum from m to v (a NaN always takes it).
+template <typename T>
+inline bool takes(T v, T m) {
+  return v > m || v != v;
 }
 
+// Output column ox's share of one image row: its maximum, first argmax (as a column; the last
+// NaN if any) and sum, for every ox. The inner columns (whole windows) run without branches.
 template <typename T>
-inline int64_t argmax(const T* plane, int64_t W, int64_t y0, int64_t y1, int64_t x0,
-                      int64_t x1) {
-  int64_t best = y0 * W + x0;
-  T maxval = -std::numeric_limits<T>::infinity();
-  for (int64_t y = y0; y < y1; ++y) {
-    for (int64_t x = x0; x < x1; ++x) {
-      const T v = plane[y * W + x];
-      if (v > maxval || std::isnan(v)) maxval = v, best = y * W + x;
+void row_pass(const PoolGeometry& g, const T* row, T* mx, int64_t* arg, T* sum) {
+  const int64_t s = g.stride, inner = g.inner_end(g.W, g.Wo);
+  auto edge = [&](int64_t ox) {
+    const int64_t x0 = g.lo(ox), x1 = g.hi(ox, g.W);
+    T m = row[x0], total = row[x0];
+    int64_t a = x0;
+    for (int64_t x = x0 + 1; x < x1; ++x) {
+      if (takes(row[x], m)) m = row[x], a = x;
+      total += row[x];
     }
+    mx[ox] = m;
+    if (arg != nullptr) arg[ox] = a;
+    if (sum != nullptr) sum[ox] = total;
+  };
+  edge(0);
+  for (int64_t ox = 1; ox < inner; ++ox) {
+    const T* w = row + ox * s - 1;
+    const bool t1 = takes(w[1], w[0]);
+    const T m1 = t1 ? w[1] : w[0];
+    const bool t2 = takes(w[2], m1);
+    mx[ox] = t2 ? w[2] : m1;
+    if (arg != nullptr) arg[ox] = ox * s - 1 + (t2 ? 2 : (t1 ? 1 : 0));
+    if (sum != nullptr) sum[ox] = w[0] + w[1] + w[2];
   }
-  return best;
+  for (int64_t ox = inner; ox < g.Wo; ++ox) edge(ox);
 }
 
 // out (B, 2C, Ho, Wo), every element written.
@@ -1082,18 +1227,34 @@ at::Tensor pools_forward(const at::Tensor& x_arg, int64_t stride,
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "pools_forward", [&] {
     const scalar_t* xp = x.data_ptr<scalar_t>();
     scalar_t* op = out.data_ptr<scalar_t>();
-    each_plane(g, [&](int64_t b, int64_t c) {
+    std::vector<scalar_t> cols(g.Wo);  // pixels per window column span
+    for (int64_t ox = 0; ox < g.Wo; ++ox) cols[ox] = g.hi(ox, g.W) - g.lo(ox);
+    // scratch: every row's [max | sum] at the output columns.
+    each_plane<scalar_t>(g, 2 * g.H * g.Wo, 0, [&](int64_t b, int64_t c, scalar_t* rows, int64_t*) {
       const scalar_t* plane = xp + b * x_batch + c * g.H * g.W;
+      for (int64_t y = 0; y < g.H; ++y) {
+        scalar_t* r = rows + 2 * y * g.Wo;
+        row_pass<scalar_t>(g, plane + y * g.W, r, nullptr, r + g.Wo);
+      }
       scalar_t* maxp = op + (b * 2 * g.C + c) * g.Ho * g.Wo;
       scalar_t* avgp = maxp + g.C * g.Ho * g.Wo;
-      each_window(g, [&](int64_t o, int64_t y0, int64_t y1, int64_t x0, int64_t x1) {
-        scalar_t sum = 0;
-        for (int64_t y = y0; y < y1; ++y) {
-          for (int64_t xx = x0; xx < x1; ++xx) sum += plane[y * g.W + xx];
+      for (int64_t oy = 0; oy < g.Ho; ++oy) {
+        const int64_t y0 = g.lo(oy), y1 = g.hi(oy, g.H);
+        scalar_t* m = maxp + oy * g.Wo;
+        scalar_t* a = avgp + oy * g.Wo;
+        std::copy(rows + (2 * y0 + 1) * g.Wo, rows + (2 * y0 + 2) * g.Wo, a);
+        std::copy(rows + 2 * y0 * g.Wo, rows + (2 * y0 + 1) * g.Wo, m);
+        for (int64_t y = y0 + 1; y < y1; ++y) {
+          const scalar_t* rm = rows + 2 * y * g.Wo;
+          const scalar_t* rs = rm + g.Wo;
+          for (int64_t ox = 0; ox < g.Wo; ++ox) {
+            m[ox] = takes(rm[ox], m[ox]) ? rm[ox] : m[ox];
+            a[ox] += rs[ox];
+          }
         }
-        maxp[o] = plane[argmax(plane, g.W, y0, y1, x0, x1)];
-        avgp[o] = sum / static_cast<scalar_t>((y1 - y0) * (x1 - x0));
-      });
+        const scalar_t height = static_cast<scalar_t>(y1 - y0);
+        for (int64_t ox = 0; ox < g.Wo; ++ox) a[ox] /= height * cols[ox];
+      }
     });
   });
   return out;
@@ -1113,19 +1274,50 @@ at::Tensor pools_backward(const at::Tensor& grad_arg, const at::Tensor& x_arg, i
     const scalar_t* xp = x.data_ptr<scalar_t>();
     const scalar_t* gp = grad.data_ptr<scalar_t>();
     scalar_t* dp = d_x.data_ptr<scalar_t>();
-    each_plane(g, [&](int64_t b, int64_t c) {
+    std::vector<scalar_t> cols(g.Wo);
+    for (int64_t ox = 0; ox < g.Wo; ++ox) cols[ox] = g.hi(ox, g.W) - g.lo(ox);
+    // scratch: every row's max at the output columns, then one row of the average's
+    // gradient summed over the output rows that cover an image row; index: the rows' argmax
+    // columns.
+    const int64_t n_rows = g.H * g.Wo;
+    each_plane<scalar_t>(g, n_rows + g.Wo, n_rows, [&](int64_t b, int64_t c, scalar_t* rows,
+                                                       int64_t* args) {
       const scalar_t* plane = xp + b * x_batch + c * g.H * g.W;
       const scalar_t* g_max = gp + b * g_batch + c * g.Ho * g.Wo;
       const scalar_t* g_avg = g_max + g.C * g.Ho * g.Wo;
       scalar_t* d = dp + (b * g.C + c) * g.H * g.W;
-      std::fill(d, d + g.H * g.W, scalar_t(0));
-      each_window(g, [&](int64_t o, int64_t y0, int64_t y1, int64_t x0, int64_t x1) {
-        const scalar_t share = g_avg[o] / static_cast<scalar_t>((y1 - y0) * (x1 - x0));
-        for (int64_t y = y0; y < y1; ++y) {
-          for (int64_t xx = x0; xx < x1; ++xx) d[y * g.W + xx] += share;
+      scalar_t* v = rows + n_rows;
+      // The average: each image row y gets sum over covering output rows oy and columns ox
+      // of g_avg / window size, spread over the columns each window covers.
+      for (int64_t y = 0; y < g.H; ++y) {
+        const int64_t oy0 = y == 0 ? 0 : (y + g.stride - 2) / g.stride;
+        const int64_t oy1 = std::min<int64_t>((y + 1) / g.stride + 1, g.Ho);
+        std::fill(v, v + g.Wo, scalar_t(0));
+        for (int64_t oy = oy0; oy < oy1; ++oy) {
+          const scalar_t height = static_cast<scalar_t>(g.hi(oy, g.H) - g.lo(oy));
+          const scalar_t* ga = g_avg + oy * g.Wo;
+          for (int64_t ox = 0; ox < g.Wo; ++ox) v[ox] += ga[ox] / (height * cols[ox]);
         }
-        d[argmax(plane, g.W, y0, y1, x0, x1)] += g_max[o];
-      });
+        scalar_t* dr = d + y * g.W;
+        std::fill(dr, dr + g.W, scalar_t(0));
+        for (int64_t ox = 0; ox < g.Wo; ++ox) {
+          for (int64_t xx = g.lo(ox); xx < g.hi(ox, g.W); ++xx) dr[xx] += v[ox];
+        }
+        row_pass<scalar_t>(g, plane + y * g.W, rows + y * g.Wo, args + y * g.Wo, nullptr);
+      }
+      // The maximum: each window's argmax (the rows' in order, as torch scans them).
+      for (int64_t oy = 0; oy < g.Ho; ++oy) {
+        const int64_t y0 = g.lo(oy), y1 = g.hi(oy, g.H);
+        for (int64_t ox = 0; ox < g.Wo; ++ox) {
+          scalar_t m = rows[y0 * g.Wo + ox];
+          int64_t at = y0 * g.W + args[y0 * g.Wo + ox];
+          for (int64_t y = y0 + 1; y < y1; ++y) {
+            const scalar_t r = rows[y * g.Wo + ox];
+            if (takes(r, m)) m = r, at = y * g.W + args[y * g.Wo + ox];
+          }
+          d[at] += g_max[oy * g.Wo + ox];
+        }
+      }
     });
   });
   return d_x;

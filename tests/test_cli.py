@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -107,7 +108,7 @@ def test_missing_data(tmp_path, cli):
 
 def test_corrupt_data(tmp_path, cli):
     data = tmp_path / "ptb"
-    shutil.copytree(Path(__file__).resolve().parents[2] / "shared" / "data" / "ptb", data)
+    shutil.copytree(Path(os.environ["FASTDARTS_DATA"]) / "ptb", data)  # set by conftest
     with (data / "ptb.valid.txt").open("ab") as f:
         f.write(b"extra words\n")
     proc = cli(SEARCH, *RNN_TINY, "--data", str(data), "--out", str(tmp_path / "x"))

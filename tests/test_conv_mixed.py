@@ -458,7 +458,8 @@ def make_depthwise(gen, C, shapes, shared, B=2, H=7, W=9, dtype=F64):
 @needs_cpp
 @pytest.mark.parametrize("dtype", [F64, torch.float32])
 @pytest.mark.parametrize(
-    "stride, size", [(1, (7, 9)), (2, (10, 6)), (1, (1, 1)), (2, (2, 2)), (1, (9, 35))]
+    "stride, size",
+    [(1, (7, 9)), (2, (10, 6)), (1, (1, 1)), (2, (2, 2)), (1, (9, 35)), (2, (9, 35)), (2, (1, 3))],
 )
 @pytest.mark.parametrize("shared", [True, False])
 def test_cpp_depthwise_matches_torch_and_writes_every_element(shared, stride, size, dtype):
@@ -491,21 +492,26 @@ def test_cpp_depthwise_matches_torch_and_writes_every_element(shared, stride, si
 
 @needs_cpp
 @pytest.mark.parametrize("dtype", [F64, torch.float32])
-def test_cpp_depthwise_padded_beyond_the_kernel_reach(dtype):
-    # A 1×1 kernel with padding 1 (p > (k−1)·d): the input gradient takes the row loops,
-    # not the padded correlation; the forward stays on the padded path.
+@pytest.mark.parametrize("stride", [1, 2])
+@pytest.mark.parametrize(
+    "shapes", [[(1, 1, 1), (3, 2, 1)], [(2, 0, 1), (4, 1, 1), (2, 1, 3)], [(7, 3, 1), (3, 3, 3)]]
+)
+def test_cpp_depthwise_other_kernels(shapes, stride, dtype):
+    # Shapes the search does not use: padding beyond the kernel's reach (p > (k−1)·d: the
+    # input gradient's correlation starts inside the output gradient), even kernels, odd
+    # dilation 3, a kernel wider than the dot-product unrolls (7 taps).
     gen = _gen(33)
-    shapes = [(1, 1, 1), (3, 2, 1)]
-    x, ws, pads, dils, offs = make_depthwise(gen, 3, shapes, False, 2, 6, 11, dtype)
+    x, ws, pads, dils, offs = make_depthwise(gen, 3, shapes, False, 2, 10, 11, dtype)
     x64, ws64 = x.double().requires_grad_(), [w.double().requires_grad_() for w in ws]
-    want = depthwise_reference(x64, ws64, 1, pads, dils, offs)
+    want = depthwise_reference(x64, ws64, stride, pads, dils, offs)
     g = torch.randn(want.shape, generator=gen, dtype=F64)
     want_grads = torch.autograd.grad(want, [x64, *ws64], g)
     out = torch.full(want.shape, math.nan, dtype=dtype)
-    _C().depthwise_forward(x, ws, 1, pads, dils, offs, out=out)
+    _C().depthwise_forward(x, ws, stride, pads, dils, offs, out=out)
     assert_close(out, want, dtype)
     d_x, d_ws = torch.full_like(x, math.nan), [torch.full_like(w, math.nan) for w in ws]
-    _C().depthwise_backward(g.to(dtype), x, ws, 1, pads, dils, offs, True, out=[d_x, *d_ws])
+    args = (g.to(dtype), x, ws, stride, pads, dils, offs)
+    _C().depthwise_backward(*args, True, out=[d_x, *d_ws])
     for got, w in zip([d_x, *d_ws], want_grads):
         assert_close(got, w, dtype)
 
@@ -671,7 +677,18 @@ def _torch_pools_and_grad(x, stride, g):
 
 @needs_cpp
 @pytest.mark.parametrize("dtype", [F64, torch.float32])
-@pytest.mark.parametrize("stride, size", [(1, (7, 9)), (2, (10, 6)), (1, (1, 1)), (2, (2, 2))])
+@pytest.mark.parametrize(
+    "stride, size",
+    [
+        (1, (7, 9)),
+        (2, (10, 6)),
+        (1, (1, 1)),
+        (2, (2, 2)),
+        (1, (3, 2)),
+        (1, (17, 19)),
+        (2, (13, 16)),
+    ],
+)
 @pytest.mark.parametrize("ties", [False, True])
 def test_cpp_pools_match_torch_and_write_every_element(ties, stride, size, dtype):
     gen = _gen(50 + stride)
@@ -692,6 +709,24 @@ def test_cpp_pools_match_torch_and_write_every_element(ties, stride, size, dtype
     ref = pools_backward_reference(g, x.double(), stride)
     assert_close(ref, want_dx, F64)
     assert_close(pools_reference(x.double(), stride), want, F64)
+
+
+@needs_cpp
+@pytest.mark.parametrize("stride", [1, 2])
+def test_cpp_pools_take_nans_as_torch_does(stride):
+    # A NaN is every window's maximum holding it, and torch's backward sends the gradient to
+    # the last NaN in row-major order: some windows here hold two or three.
+    gen = _gen(60 + stride)
+    x = torch.randn(2, 3, 11, 12, generator=gen, dtype=F64)
+    nan_at = torch.rand(x.shape, generator=gen) < 0.15
+    x[nan_at] = math.nan
+    n_out = [(n - 1) // stride + 1 for n in x.shape[2:]]
+    g = torch.randn(2, 6, *n_out, generator=gen, dtype=F64)
+    want, want_dx = _torch_pools_and_grad(x, stride, g)
+    got = _C().pools_forward(x, stride)
+    assert torch.equal(got.isnan(), want.isnan()) and want[:, :3].isnan().any()
+    assert_close(got.nan_to_num(7.0), want.nan_to_num(7.0), F64)
+    assert_close(_C().pools_backward(g, x, stride), want_dx, F64)
 
 
 @needs_cpp

@@ -214,10 +214,11 @@ def test_existing_run_and_foreign_checkpoints(tmp_path, capsys):
 
 
 def identity_batchnorm(model: torch.nn.Module) -> torch.nn.Module:
-    """Eval mode with fresh statistics and eps = 0: every BatchNorm is exactly the identity."""
+    """Eval mode with fresh statistics (mean 0, variance 1) and an eps that 1 + eps rounds
+    away (torch 2.11 refuses eps = 0): every BatchNorm is exactly the identity."""
     for m in model.modules():
         if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
-            m.eps = 0.0
+            m.eps = 1e-300
     return model.eval()
 
 
