@@ -598,7 +598,8 @@ void dw1_backward(const T* g, const T* x, const std::vector<const T*>& w,
 // Why (profile of the small CNN's second-order step, one thread): the stride-2 depthwise
 // convolutions of the reduction cells ran on per-row loops (a bounds computation and a short
 // strided loop per tap and row) and took 57 ms per backward call at B 8, 256 channels,
-// 32×32 → 16×16, where a stride-1 call of the same output size took 8 ms.
+// 32×32 → 16×16, where a stride-1 call of the same output size took 8 ms; on the phases
+// below, 16 ms (the same profile).
 //
 // A stride-2 correlation reads the padded input xp[2·yo + i·d][2·xo + j·d]. Split xp into
 // its phases P_ab[u][v] = xp[2u + a][2v + b]: the taps whose row and column offsets have
@@ -1132,9 +1133,9 @@ std::vector<at::Tensor> pointwise_backward(const at::Tensor& grad_arg, const at:
 //
 // Both directions are separable: a pass along each row at the output columns (max, argmax
 // or sum of the row's 3 window pixels), then one combining the window's rows, with
-// branch-free inner loops over whole rows that the compiler vectorises. Measured at B 64,
-// C 32, 32×32, stride 1 (benchmarks/kernels.py cnn_pools, 1 thread): the per-window loops
-// this replaced took 95 ms forward and 91 ms backward, torch's two pools 149 and 37 ms.
+// branch-free inner loops over whole rows. At B 64, C 32, 32×32, stride 1 (one thread) the
+// per-window loops this replaced took 95 ms forward and 91 ms backward, torch's two pools
+// 149 and 37 ms; benchmarks/results/cpu-kernels-conv.json has the figures of this code.
 
 namespace {
 
@@ -1167,51 +1168,51 @@ PoolGeometry pool_check(const at::Tensor& x, int64_t stride) {
           stride};
 }
 
-// fn(b, c, scratch, index) for every (b, c) plane, one task each, with a task's scratch of n
-// elements of T and n_index integers.
+// fn(b, c, scratch) for every (b, c) plane, one task each, with a task's scratch of n
+// elements of T.
 template <typename T, typename F>
-void each_plane(const PoolGeometry& g, int64_t n, int64_t n_index, F&& fn) {
+void each_plane(const PoolGeometry& g, int64_t n, F&& fn) {
   at::parallel_for(0, g.B * g.C, 1, [&](int64_t begin, int64_t end) {
     std::vector<T> scratch(n);
-    std::vector<int64_t> index(n_index);
-    for (int64_t bc = begin; bc < end; ++bc) {
-      fn(bc / g.C, bc % g.C, scratch.data(), index.data());
-    }
+    for (int64_t bc = begin; bc < end; ++bc) fn(bc / g.C, bc % g.C, scratch.data());
   });
 }
 
-// Whether torch's max pool moves its maximum from m to v (a NaN always takes it).
+// Whether torch's max pool moves its maximum from m to v (a NaN always takes it). Callers
+// select on it rather than branch: which element wins is data (a branch on it mispredicts).
 template <typename T>
 inline bool takes(T v, T m) {
-  return v > m || v != v;
+  return (v > m) | (v != v);
 }
 
-// Output column ox's share of one image row: its maximum, first argmax (as a column; the last
-// NaN if any) and sum, for every ox. The inner columns (whole windows) run without branches.
-template <typename T>
-void row_pass(const PoolGeometry& g, const T* row, T* mx, int64_t* arg, T* sum) {
+// Output column ox's share of one image row, for every ox: its maximum, with ARG its first
+// argmax as an offset from the window's first column (0, 1 or 2, held in a T; the last NaN
+// if any), with SUM its sum. The inner columns (whole windows) are one branch-free loop.
+template <typename T, bool ARG, bool SUM>
+void row_pass(const PoolGeometry& g, const T* row, T* mx, T* arg, T* sum) {
   const int64_t s = g.stride, inner = g.inner_end(g.W, g.Wo);
   auto edge = [&](int64_t ox) {
     const int64_t x0 = g.lo(ox), x1 = g.hi(ox, g.W);
-    T m = row[x0], total = row[x0];
-    int64_t a = x0;
+    T m = row[x0], total = row[x0], a = 0;
     for (int64_t x = x0 + 1; x < x1; ++x) {
-      if (takes(row[x], m)) m = row[x], a = x;
+      const bool moves = takes(row[x], m);
+      m = moves ? row[x] : m;
+      a = moves ? T(x - x0) : a;
       total += row[x];
     }
     mx[ox] = m;
-    if (arg != nullptr) arg[ox] = a;
-    if (sum != nullptr) sum[ox] = total;
+    if (ARG) arg[ox] = a;
+    if (SUM) sum[ox] = total;
   };
   edge(0);
   for (int64_t ox = 1; ox < inner; ++ox) {
-    const T* w = row + ox * s - 1;
-    const bool t1 = takes(w[1], w[0]);
-    const T m1 = t1 ? w[1] : w[0];
-    const bool t2 = takes(w[2], m1);
-    mx[ox] = t2 ? w[2] : m1;
-    if (arg != nullptr) arg[ox] = ox * s - 1 + (t2 ? 2 : (t1 ? 1 : 0));
-    if (sum != nullptr) sum[ox] = w[0] + w[1] + w[2];
+    const T w0 = row[ox * s - 1], w1 = row[ox * s], w2 = row[ox * s + 1];
+    const bool t1 = takes(w1, w0);
+    const T m1 = t1 ? w1 : w0;
+    const bool t2 = takes(w2, m1);
+    mx[ox] = t2 ? w2 : m1;
+    if (ARG) arg[ox] = t2 ? T(2) : (t1 ? T(1) : T(0));
+    if (SUM) sum[ox] = w0 + w1 + w2;
   }
   for (int64_t ox = inner; ox < g.Wo; ++ox) edge(ox);
 }
@@ -1230,11 +1231,11 @@ at::Tensor pools_forward(const at::Tensor& x_arg, int64_t stride,
     std::vector<scalar_t> cols(g.Wo);  // pixels per window column span
     for (int64_t ox = 0; ox < g.Wo; ++ox) cols[ox] = g.hi(ox, g.W) - g.lo(ox);
     // scratch: every row's [max | sum] at the output columns.
-    each_plane<scalar_t>(g, 2 * g.H * g.Wo, 0, [&](int64_t b, int64_t c, scalar_t* rows, int64_t*) {
+    each_plane<scalar_t>(g, 2 * g.H * g.Wo, [&](int64_t b, int64_t c, scalar_t* rows) {
       const scalar_t* plane = xp + b * x_batch + c * g.H * g.W;
       for (int64_t y = 0; y < g.H; ++y) {
         scalar_t* r = rows + 2 * y * g.Wo;
-        row_pass<scalar_t>(g, plane + y * g.W, r, nullptr, r + g.Wo);
+        row_pass<scalar_t, false, true>(g, plane + y * g.W, r, nullptr, r + g.Wo);
       }
       scalar_t* maxp = op + (b * 2 * g.C + c) * g.Ho * g.Wo;
       scalar_t* avgp = maxp + g.C * g.Ho * g.Wo;
@@ -1276,17 +1277,20 @@ at::Tensor pools_backward(const at::Tensor& grad_arg, const at::Tensor& x_arg, i
     scalar_t* dp = d_x.data_ptr<scalar_t>();
     std::vector<scalar_t> cols(g.Wo);
     for (int64_t ox = 0; ox < g.Wo; ++ox) cols[ox] = g.hi(ox, g.W) - g.lo(ox);
-    // scratch: every row's max at the output columns, then one row of the average's
-    // gradient summed over the output rows that cover an image row; index: the rows' argmax
-    // columns.
+    // scratch: every row's max and argmax offset at the output columns; one row of the
+    // average's gradient summed over the output rows covering an image row; a window row's
+    // running maximum, its argmax offset and the image row it is in.
     const int64_t n_rows = g.H * g.Wo;
-    each_plane<scalar_t>(g, n_rows + g.Wo, n_rows, [&](int64_t b, int64_t c, scalar_t* rows,
-                                                       int64_t* args) {
+    each_plane<scalar_t>(g, 2 * n_rows + 4 * g.Wo, [&](int64_t b, int64_t c, scalar_t* rows) {
       const scalar_t* plane = xp + b * x_batch + c * g.H * g.W;
       const scalar_t* g_max = gp + b * g_batch + c * g.Ho * g.Wo;
       const scalar_t* g_avg = g_max + g.C * g.Ho * g.Wo;
       scalar_t* d = dp + (b * g.C + c) * g.H * g.W;
-      scalar_t* v = rows + n_rows;
+      scalar_t* args = rows + n_rows;
+      scalar_t* v = args + n_rows;
+      scalar_t* best = v + g.Wo;
+      scalar_t* col = best + g.Wo;
+      scalar_t* row_of = col + g.Wo;
       // The average: each image row y gets sum over covering output rows oy and columns ox
       // of g_avg / window size, spread over the columns each window covers.
       for (int64_t y = 0; y < g.H; ++y) {
@@ -1298,24 +1302,45 @@ at::Tensor pools_backward(const at::Tensor& grad_arg, const at::Tensor& x_arg, i
           const scalar_t* ga = g_avg + oy * g.Wo;
           for (int64_t ox = 0; ox < g.Wo; ++ox) v[ox] += ga[ox] / (height * cols[ox]);
         }
+        // Column x gets v of the windows covering it, in window order: x − 1, x, x + 1 at
+        // stride 1; at stride 2, m for x = 2m and m, m + 1 for x = 2m + 1.
         scalar_t* dr = d + y * g.W;
-        std::fill(dr, dr + g.W, scalar_t(0));
-        for (int64_t ox = 0; ox < g.Wo; ++ox) {
-          for (int64_t xx = g.lo(ox); xx < g.hi(ox, g.W); ++xx) dr[xx] += v[ox];
+        if (g.stride == 1) {
+          const int64_t W = g.W;
+          dr[0] = W > 1 ? v[0] + v[1] : v[0];
+          for (int64_t xx = 1; xx + 1 < W; ++xx) dr[xx] = v[xx - 1] + v[xx] + v[xx + 1];
+          if (W > 1) dr[W - 1] = v[W - 2] + v[W - 1];
+        } else {
+          for (int64_t m = 0; m < g.Wo; ++m) {
+            dr[2 * m] = v[m];
+            if (2 * m + 1 < g.W) dr[2 * m + 1] = m + 1 < g.Wo ? v[m] + v[m + 1] : v[m];
+          }
         }
-        row_pass<scalar_t>(g, plane + y * g.W, rows + y * g.Wo, args + y * g.Wo, nullptr);
+        row_pass<scalar_t, true, false>(g, plane + y * g.W, rows + y * g.Wo, args + y * g.Wo,
+                                        nullptr);
       }
-      // The maximum: each window's argmax (the rows' in order, as torch scans them).
+      // The maximum: each window's argmax (its rows' in order, as torch scans them), then
+      // its gradient added there.
       for (int64_t oy = 0; oy < g.Ho; ++oy) {
         const int64_t y0 = g.lo(oy), y1 = g.hi(oy, g.H);
-        for (int64_t ox = 0; ox < g.Wo; ++ox) {
-          scalar_t m = rows[y0 * g.Wo + ox];
-          int64_t at = y0 * g.W + args[y0 * g.Wo + ox];
-          for (int64_t y = y0 + 1; y < y1; ++y) {
-            const scalar_t r = rows[y * g.Wo + ox];
-            if (takes(r, m)) m = r, at = y * g.W + args[y * g.Wo + ox];
+        std::copy(rows + y0 * g.Wo, rows + (y0 + 1) * g.Wo, best);
+        std::copy(args + y0 * g.Wo, args + (y0 + 1) * g.Wo, col);
+        std::fill(row_of, row_of + g.Wo, static_cast<scalar_t>(y0));
+        for (int64_t y = y0 + 1; y < y1; ++y) {
+          const scalar_t* r = rows + y * g.Wo;
+          const scalar_t* a = args + y * g.Wo;
+          const scalar_t yy = static_cast<scalar_t>(y);
+          for (int64_t ox = 0; ox < g.Wo; ++ox) {
+            const bool moves = takes(r[ox], best[ox]);
+            best[ox] = moves ? r[ox] : best[ox];
+            col[ox] = moves ? a[ox] : col[ox];
+            row_of[ox] = moves ? yy : row_of[ox];
           }
-          d[at] += g_max[oy * g.Wo + ox];
+        }
+        const scalar_t* gm = g_max + oy * g.Wo;
+        for (int64_t ox = 0; ox < g.Wo; ++ox) {
+          const auto y = static_cast<int64_t>(row_of[ox]), x = static_cast<int64_t>(col[ox]);
+          d[y * g.W + g.lo(ox) + x] += gm[ox];
         }
       }
     });
