@@ -340,6 +340,25 @@ int64_t out_size(int64_t n, const Shape& s, int64_t stride) {
   return (n + 2 * s.pad - s.dil * (s.k - 1) - 1) / stride + 1;
 }
 
+// The largest padding of the shapes reading input channel ci; −1 if none reads it.
+inline int64_t reading_pad(const std::vector<Shape>& shapes, int64_t ci) {
+  int64_t q = -1;
+  for (const auto& s : shapes) {
+    if (ci >= s.in_off && ci < s.in_off + s.ch) q = std::max(q, s.pad);
+  }
+  return q;
+}
+
+// fn(t, shapes[t], c) for every shape t that reads input channel ci (as its channel c), in
+// shape order.
+template <typename F>
+inline void each_reader(const std::vector<Shape>& shapes, int64_t ci, F&& fn) {
+  for (size_t t = 0; t < shapes.size(); ++t) {
+    const int64_t c = ci - shapes[t].in_off;
+    if (c >= 0 && c < shapes[t].ch) fn(t, shapes[t], c);
+  }
+}
+
 // -- stride 1: direct convolution over a zero-padded copy of each plane ------------------
 //
 // Why (profile of the small CNN step, first order, one thread, before this path): the
@@ -514,20 +533,14 @@ void dw1_forward(const T* x, const std::vector<const T*>& w, const std::vector<S
     Padded<T> pad;
     for (int64_t bc = begin; bc < end; ++bc) {
       const int64_t b = bc / Cin, ci = bc - b * Cin;
-      int64_t q = -1;
-      for (const auto& s : shapes) {
-        if (ci >= s.in_off && ci < s.in_off + s.ch) q = std::max(q, s.pad);
-      }
+      const int64_t q = reading_pad(shapes, ci);
       if (q < 0) continue;  // no shape reads this channel
       const T* xp = pad.fill(x + bc * H * W, H, W, q);
-      for (size_t t = 0; t < shapes.size(); ++t) {
-        const Shape& s = shapes[t];
-        const int64_t c = ci - s.in_off;
-        if (c < 0 || c >= s.ch) continue;
+      each_reader(shapes, ci, [&](size_t t, const Shape& s, int64_t c) {
         const T* origin = xp + (q - s.pad) * (pad.W + 1);
         corr_plane(origin, pad.W, w[t] + c * s.k * s.k, s.k, s.k, s.dil, false,
                    out + (b * Cout + s.out_off + c) * Ho * Wo, Wo, Ho, Wo, false);
-      }
+      });
     }
   });
 }
@@ -548,16 +561,13 @@ void dw1_backward(const T* g, const T* x, const std::vector<const T*>& w,
       const int64_t b = bc / Cin, ci = bc - b * Cin;
       T* dx = d_x + bc * H * W;
       bool written = false;
-      for (size_t t = 0; t < shapes.size(); ++t) {
-        const Shape& s = shapes[t];
-        const int64_t c = ci - s.in_off;
-        if (c < 0 || c >= s.ch) continue;
+      each_reader(shapes, ci, [&](size_t t, const Shape& s, int64_t c) {
         const int64_t reach = (s.k - 1) * s.dil, q = std::max<int64_t>(reach - s.pad, 0);
         const T* gp = pad.fill(g + (b * Cout + s.out_off + c) * Ho * Wo, Ho, Wo, q);
         corr_plane(gp + (q + s.pad - reach) * (pad.W + 1), pad.W, w[t] + c * s.k * s.k, s.k,
                    s.k, s.dil, true, dx, W, H, W, written);
         written = true;
-      }
+      });
       if (!written) std::fill(dx, dx + H * W, T(0));
     }
   });
@@ -676,16 +686,10 @@ void dw2_forward(const T* x, const std::vector<const T*>& w, const std::vector<S
     std::vector<T> sub;
     for (int64_t bc = begin; bc < end; ++bc) {
       const int64_t b = bc / Cin, ci = bc - b * Cin;
-      int64_t q = -1;
-      for (const auto& s : shapes) {
-        if (ci >= s.in_off && ci < s.in_off + s.ch) q = std::max(q, s.pad);
-      }
+      const int64_t q = reading_pad(shapes, ci);
       if (q < 0) continue;  // no shape reads this channel
       ph.fill(x + bc * H * W, H, W, q);
-      for (size_t t = 0; t < shapes.size(); ++t) {
-        const Shape& s = shapes[t];
-        const int64_t c = ci - s.in_off;
-        if (c < 0 || c >= s.ch) continue;
+      each_reader(shapes, ci, [&](size_t t, const Shape& s, int64_t c) {
         const T* wk = w[t] + c * s.k * s.k;
         sub.resize(s.k * s.k);
         T* y = out + (b * Cout + s.out_off + c) * Ho * Wo;
@@ -703,7 +707,7 @@ void dw2_forward(const T* x, const std::vector<const T*>& w, const std::vector<S
             written = true;
           }
         }
-      }
+      });
     }
   });
 }
@@ -729,10 +733,7 @@ void dw2_backward(const T* g, const T* x, const std::vector<const T*>& w,
     for (int64_t bc = begin; bc < end; ++bc) {
       const int64_t b = bc / Cin, ci = bc - b * Cin;
       bool written[4] = {false, false, false, false};
-      for (size_t t = 0; t < shapes.size(); ++t) {
-        const Shape& s = shapes[t];
-        const int64_t c = ci - s.in_off;
-        if (c < 0 || c >= s.ch) continue;
+      each_reader(shapes, ci, [&](size_t t, const Shape& s, int64_t c) {
         const T* wk = w[t] + c * s.k * s.k;
         sub.resize(s.k * s.k);
         // Padding so that every offset (a + p − i·d) / 2 reads inside the buffer: q ≥ −offset
@@ -761,7 +762,7 @@ void dw2_backward(const T* g, const T* x, const std::vector<const T*>& w,
             done = true;
           }
         }
-      }
+      });
       T* dx = d_x + bc * H * W;
       for (int64_t y = 0; y < H; ++y) {
         for (int64_t bb = 0; bb < 2; ++bb) {
@@ -778,16 +779,10 @@ void dw2_backward(const T* g, const T* x, const std::vector<const T*>& w,
     Phases<T> ph;
     std::vector<double> taps;
     for (int64_t ci = begin; ci < end; ++ci) {
-      int64_t q = -1;
-      for (const auto& s : shapes) {
-        if (ci >= s.in_off && ci < s.in_off + s.ch) q = std::max(q, s.pad);
-      }
+      const int64_t q = reading_pad(shapes, ci);
       if (q < 0) continue;  // no shape reads this channel
       ph.fill(x + ci * H * W, H, W, q, B, Cin * H * W);
-      for (size_t t = 0; t < shapes.size(); ++t) {
-        const Shape& s = shapes[t];
-        const int64_t c = ci - s.in_off;
-        if (c < 0 || c >= s.ch) continue;
+      each_reader(shapes, ci, [&](size_t t, const Shape& s, int64_t c) {
         const int64_t k = s.k, d = s.dil, r = q - s.pad;
         const T* gy = g + (s.out_off + c) * Ho * Wo;
         const int64_t gs = Cout * Ho * Wo;
@@ -823,7 +818,7 @@ void dw2_backward(const T* g, const T* x, const std::vector<const T*>& w,
             }
           }
         }
-      }
+      });
     }
   });
 }
