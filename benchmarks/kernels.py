@@ -31,7 +31,13 @@ if __package__ in (None, ""):
 from benchmarks import harness
 from fastdarts.genotypes import CNN_PRIMITIVES, CNN_STEPS, RNN_PRIMITIVES
 from fastdarts.ops.conv_mixed import MixedOp as FusedMixedOp
-from fastdarts.ops.conv_mixed import fused_cell_ops, pools, pools_reference
+from fastdarts.ops.conv_mixed import (
+    depthwise,
+    depthwise_reference,
+    fused_cell_ops,
+    pools,
+    pools_reference,
+)
 from fastdarts.ops.recurrent_mixed import recurrent_mixed
 from fastdarts.spaces.cnn import MixedOp, SearchCell
 from fastdarts.spaces.rnn import recurrent_mixed_reference
@@ -227,6 +233,59 @@ CELL_FUSED = Kernel(
     "(s + P + out)·size; fwd+bwd: fwd + (out + 2s + P)·size (grads of inputs and α only)",
 )
 
+# -- the first-stage depthwise convolutions of a group (fastdarts.ops.conv_mixed.depthwise) --
+
+# (kernel, padding, dilation) of sep_conv_3x3, sep_conv_5x5, dil_conv_3x3, dil_conv_5x5.
+DW_SHAPES = [(3, 1, 1), (5, 2, 1), (3, 2, 2), (5, 4, 2)]
+
+
+def _make_depthwise(shape: dict[str, int], device: torch.device, dtype: torch.dtype) -> Inputs:
+    g = torch.Generator().manual_seed(0)
+    b, c, h = shape["B"], shape["C"], shape["H"]
+    x = torch.randn(b, c, h, h, generator=g, dtype=dtype)
+    ws = [torch.randn(c, 1, k, k, generator=g, dtype=dtype) for k, _, _ in DW_SHAPES]
+    leaves = [t.to(device).requires_grad_() for t in (x, *ws)]
+    return Inputs({"x": leaves[0], "ws": leaves[1:], "stride": shape["stride"]}, leaves)
+
+
+def _depthwise_args(a: dict[str, Any]) -> tuple:
+    pads, dils = [p for _, p, _ in DW_SHAPES], [d for _, _, d in DW_SHAPES]
+    return a["x"], a["ws"], a["stride"], pads, dils, [0] * len(DW_SHAPES)
+
+
+def _depthwise_bytes(shape: dict[str, int], pass_: str, size: int) -> int:
+    b, c, h, s = shape["B"], shape["C"], shape["H"], shape["stride"]
+    x, out = b * c * h * h, len(DW_SHAPES) * b * c * ((h - 1) // s + 1) ** 2
+    w = c * sum(k * k for k, _, _ in DW_SHAPES)
+    fwd = x + w + out
+    return size * (fwd if pass_ == "fwd" else fwd + out + 2 * x + 2 * w)
+
+
+DEPTHWISE = Kernel(
+    name="cnn_depthwise",
+    shapes={
+        # A normal cell's first group reads 2 edges' inputs (C 16 each at 32x32); the first
+        # reduction cell's, 2 edges of C 32 at stride 2; batch 64.
+        "paper": [
+            {"B": 64, "C": 32, "H": 32, "stride": 1},
+            {"B": 64, "C": 64, "H": 32, "stride": 2},
+        ],
+        "large": [{"B": 256, "C": 128, "H": 16, "stride": 2}],
+        "tiny": [{"B": 2, "C": 3, "H": 9, "stride": 2}],
+    },
+    make=_make_depthwise,
+    impls={
+        # One grouped convolution per kernel shape, concatenated (oneDNN on the CPU).
+        "reference": lambda a: depthwise_reference(*_depthwise_args(a)),
+        # The four shapes in one C++ kernel each way (cuDNN's convolutions on CUDA).
+        "fused": lambda a: depthwise(*_depthwise_args(a)),
+    },
+    bytes_moved=_depthwise_bytes,
+    formula="x = B·C·H·W, out = 4·B·C·H'·W', w = C·Σk²; fwd: (x + w + out)·size; fwd+bwd: "
+    "fwd + (out + 2x + 2w)·size (grad_out, x, w read; their grads written)",
+)
+
+
 # -- both 3x3 pools of a group's input (fastdarts.ops.conv_mixed.pools) --------------------
 
 
@@ -267,7 +326,7 @@ POOLS = Kernel(
     "(x and grad_out read, out and grad_x written)",
 )
 
-KERNELS: list[Kernel] = [RECURRENT, MIXED_OP, MIXED_OP_FUSED, CELL_FUSED, POOLS]
+KERNELS: list[Kernel] = [RECURRENT, MIXED_OP, MIXED_OP_FUSED, CELL_FUSED, DEPTHWISE, POOLS]
 
 
 # -- measurement --------------------------------------------------------------------------
