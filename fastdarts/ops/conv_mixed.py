@@ -388,10 +388,8 @@ def _dw_out_shape(x: Tensor, weights: list[Tensor], stride: int, pads, dils) -> 
     return [x.shape[0], sum(t.shape[0] for t in weights), *size]
 
 
-# The depthwise forward at stride 2 takes torch's (oneDNN) convolutions: the C++ kernel's
-# padded path is stride 1 only, and its row loops lose there (small CNN step, one AVX2
-# core: 19 ms against 15 ms at 32×32 → 16×16, 31 ms against 7 ms at 16×16 → 8×8, per call).
-# At stride 1 the C++ kernel wins at every plane size of the search (1.5–6× at 8×8 to 32×32).
+# On the CPU the C++ kernel runs both strides (stride 2 on the input planes' phases); against
+# torch's (oneDNN) grouped convolutions see benchmarks/results/cpu-kernels-depthwise-pools.json.
 
 
 def _dw_op(
@@ -402,7 +400,7 @@ def _dw_op(
     dils: list[int],
     in_offsets: list[int],
 ) -> Tensor:
-    if stride != 1 or not _cpp(x, "depthwise_forward"):
+    if not _cpp(x, "depthwise_forward"):
         return depthwise_reference(x, weights, stride, pads, dils, in_offsets)
     return extension().depthwise_forward(x, weights, stride, pads, dils, in_offsets)
 
