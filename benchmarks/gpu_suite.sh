@@ -1,9 +1,14 @@
 #!/usr/bin/env bash
 # The one script for a GPU machine (H100/H200; torch and triton preinstalled, no internet):
-# install (building the extension when csrc/ has one), the CUDA-marked tests, then both
+# build the extension in place, the CUDA-marked tests, then both
 # benchmarks at the paper configuration; logs and JSON go to OUTDIR, a short table last.
 #
 #   benchmarks/gpu_suite.sh OUTDIR
+#   benchmarks/gpu_suite.sh --rehearse OUTDIR
+#
+# --rehearse runs the same commands on the CPU at the tiny configuration, one step each and
+# without the build (the CUDA tests skip): a check of the script itself before it spends
+# device time; CI runs it (tests/test_benchmarks.py).
 #
 # Every command runs under `timeout`: its own limit, cut to what is left of a 290-second
 # budget, so the whole suite ends within 5 minutes (no autotuning sweeps, few steps) and
@@ -12,17 +17,22 @@
 # any failed.
 set -u -o pipefail
 
+REHEARSE=0
+if [[ ${1:-} == --rehearse ]]; then
+    REHEARSE=1
+    shift
+fi
 if [[ $# -ne 1 ]]; then
-    echo "usage: $0 OUTDIR" >&2
+    echo "usage: $0 [--rehearse] OUTDIR" >&2
     exit 2
 fi
 mkdir -p "$1"
 OUT=$(cd "$1" && pwd)
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$REPO"
-# The checkout is importable even if the editable install below fails.
+# The checkout is what runs (see the build below).
 export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"
-PY=${PYTHON:-python}
+PY=${PYTHON:-$(command -v python3 || command -v python)}
 START=$SECONDS
 BUDGET=290
 FAILED=()
@@ -49,21 +59,34 @@ run() {
 
 # Quick facts first: what machine this was.
 timeout 10 nvidia-smi >"$OUT/nvidia-smi.txt" 2>&1 || echo "   nvidia-smi unavailable"
-timeout 20 "$PY" -c 'import torch; print(torch.__version__, torch.version.cuda, torch.cuda.get_device_name())' \
+timeout 20 "$PY" -c 'import torch; print(torch.__version__, torch.version.cuda,
+    torch.cuda.get_device_name() if torch.cuda.is_available() else "no CUDA device")' \
     >"$OUT/torch.txt" 2>&1
 cat "$OUT/torch.txt"
 
-# Install: pip builds the extension setup.py declares from csrc/ (compile jobs in parallel);
-# without sources there is nothing to build and it takes seconds.
-if compgen -G "csrc/*.c*" >/dev/null; then
-    install_limit=150
-    export MAX_JOBS=${MAX_JOBS:-16}
+# What differs in a rehearsal: the device, the sizes, and no install.
+if [[ $REHEARSE -eq 1 ]]; then
+    DEVICE=cpu STEP_CONFIG=tiny ALPHA_CONFIG=tiny
+    KERNEL_ARGS=(--configs tiny --repeats 1 --warmup 0 --copy-mib 8)
+    STEP_ARGS=(--steps 1 --warmup 0) # after each bench's own: the last one counts
 else
-    install_limit=40
+    DEVICE=cuda STEP_CONFIG=paper ALPHA_CONFIG=small
+    KERNEL_ARGS=() STEP_ARGS=()
+fi
+
+# Build: the extension setup.py declares from csrc/, in place (compile jobs in parallel, for
+# Hopper unless TORCH_CUDA_ARCH_LIST says otherwise). In place rather than `pip install -e`:
+# nothing is written to the image's site-packages, and the checkout on PYTHONPATH (whose
+# kernels/ fastdarts loads as fastdarts.kernels) runs whether or not the build succeeds.
+if [[ $REHEARSE -eq 1 ]]; then
+    echo "   rehearsal: no build"
+elif compgen -G "csrc/*.c*" >/dev/null; then
+    export MAX_JOBS=${MAX_JOBS:-16} TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0}
+    run build 150 "$PY" setup.py build_ext --inplace ||
+        echo "   build failed: the fast ops use Triton (and the reference on the CPU)"
+else
     echo "   csrc/ has no extension sources: nothing to build"
 fi
-run install "$install_limit" "$PY" -m pip install --no-deps --no-build-isolation -e . ||
-    echo "   install failed: running from the checkout through PYTHONPATH"
 
 # CUDA-marked tests; exit 5 means none were collected, which is fine.
 run tests 30 "$PY" -m pytest -m cuda -q -p no:cacheprovider
@@ -75,17 +98,21 @@ BACKENDS=reference,fused,fast,graphs,amp=--fast,--amp,bf16
 bench() { # bench NAME LIMIT_S ARGS...
     local name=$1 limit=$2
     shift 2
-    run "$name" "$limit" "$PY" benchmarks/search_step.py --config paper --device cuda \
-        --backends "$BACKENDS" --json "$OUT/$name.json" --memory-timeout 30 "$@" ||
-        FAILED+=("$name")
+    run "$name" "$limit" "$PY" benchmarks/search_step.py --config "$STEP_CONFIG" --device "$DEVICE" \
+        --backends "$BACKENDS" --json "$OUT/$name.json" --memory-timeout 30 "$@" \
+        "${STEP_ARGS[@]}" || FAILED+=("$name")
 }
 bench gpu-rnn-paper-o2 100 --space rnn --order 2 --steps 3 --warmup 3
+# A rehearsal runs the peak-memory subprocesses (a few seconds each on the CPU) once.
+[[ $REHEARSE -eq 1 ]] && STEP_ARGS+=(--no-memory)
 bench gpu-cnn-paper-o2 70 --space cnn --order 2 --steps 3 --warmup 3
-run gpu-kernels 30 "$PY" benchmarks/kernels.py --device cuda --json "$OUT/gpu-kernels.json" ||
+run gpu-kernels 30 "$PY" benchmarks/kernels.py --device "$DEVICE" "${KERNEL_ARGS[@]}" \
+    --json "$OUT/gpu-kernels.json" ||
     FAILED+=(gpu-kernels)
 bench gpu-rnn-paper-o1 45 --space rnn --order 1 --steps 3 --warmup 1
-run gpu-alpha-grad-error 30 "$PY" benchmarks/alpha_grad_error.py --space rnn --config small \
-    --device cuda --json "$OUT/gpu-alpha-grad-error-rnn.json" || FAILED+=(gpu-alpha-grad-error)
+run gpu-alpha-grad-error 30 "$PY" benchmarks/alpha_grad_error.py --space rnn \
+    --config "$ALPHA_CONFIG" --device "$DEVICE" --json "$OUT/gpu-alpha-grad-error-rnn.json" ||
+    FAILED+=(gpu-alpha-grad-error)
 
 echo "== [$((SECONDS - START)) s] done; logs and JSON in $OUT"
 echo

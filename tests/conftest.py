@@ -129,3 +129,14 @@ def cache_env(tmp_path_factory):
 def snapshot(folder: Path) -> dict[str, bytes]:
     """Every file's bytes, to check that a failed command left earlier outputs intact."""
     return {p.name: p.read_bytes() for p in sorted(folder.iterdir()) if p.is_file()}
+
+
+def pytest_collection_modifyitems(config, items):
+    """CUDA-marked tests (deselected by default; the GPU suite runs them with -m cuda) skip,
+    saying why, on a machine without a CUDA device."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "cuda" in item.keywords:
+            item.add_marker(skip)

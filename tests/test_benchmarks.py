@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -315,3 +317,39 @@ def test_time_split_attributes_matmul_time_once():
     # Both products count, each once (torch.matmul's own event wraps an aten::mm).
     nested = harness.time_split(lambda: torch.mm(a, a), {"matmul": ("aten::matmul", "aten::mm")})
     assert nested["matmul"] <= nested["total"]
+
+
+# -- the GPU suite ------------------------------------------------------------------------
+
+
+def test_gpu_suite_rehearsal_runs_every_command(tmp_path):
+    """benchmarks/gpu_suite.sh --rehearse: the script's every command, on the CPU at the tiny
+    configuration, ends well; so the suite does not spend a GPU lease on its own mistakes."""
+    proc = subprocess.run(
+        ["bash", "benchmarks/gpu_suite.sh", "--rehearse", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHON": sys.executable},
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "timed out" not in proc.stdout and "exit " not in proc.stdout, proc.stdout
+    assert "skipped" in (tmp_path / "tests.log").read_text()  # the CUDA tests, without CUDA
+    summary = (tmp_path / "summary.md").read_text()
+    for name in ("gpu-rnn-paper-o2", "gpu-cnn-paper-o2", "gpu-rnn-paper-o1"):
+        result = json.loads((tmp_path / f"{name}.json").read_text())
+        done = {row["backend"] for row in result["rows"]}
+        assert done == {"reference", "fused", "fast", "amp"}, (name, done)
+        assert [(s["backend"], s["reason"]) for s in result["skipped"]] == [
+            ("graphs", "--cuda-graphs needs a CUDA device, not cpu")
+        ]
+        assert f"| {name} |" in summary
+    assert all(row["peak_mem_mb"] for row in _rows(tmp_path / "gpu-rnn-paper-o2.json"))
+    kernels_run = {row["kernel"] for row in _rows(tmp_path / "gpu-kernels.json")}
+    assert {"rnn_node_mixture", "cnn_cell_fused", "cnn_pools"} <= kernels_run
+    assert _rows(tmp_path / "gpu-alpha-grad-error-rnn.json")
+
+
+def _rows(path: Path) -> list[dict]:
+    return json.loads(path.read_text())["rows"]

@@ -976,6 +976,43 @@ def test_triton_kernels_under_interpreter():
     run_triton_interpreted(TRITON_SCRIPT)
 
 
+# The launch glue the CUDA path takes (fastdarts.ops.conv_mixed's 'triton' branch: output
+# allocation, argument order, the backward's out= tensors), run on the CPU by the interpreter:
+# conv_mix and a whole fused edge, forward and every gradient, against the reference.
+TRITON_DISPATCH_SCRIPT = textwrap.dedent(
+    """
+    sys.path.insert(0, "tests")
+    import fastdarts.ops.conv_mixed as cm
+    from test_conv_mixed import _gen, _probs, compare_modules, make_edge
+    cm.kernel_name = lambda device: "triton"
+    gen = torch.Generator().manual_seed(25)
+    routes = cm.Routes([0, 3, 2, 2, 4, 1, 4], [1, 0, 0, 2, 2, 1, 0], 6, 4)
+    src = torch.randn(2, 6, 3, 5, generator=gen, dtype=torch.float64)
+    alpha, shift = torch.randn(2, 7, generator=gen, dtype=torch.float64)
+    acc = torch.randn(2, 4, 3, 5, generator=gen, dtype=torch.float64)
+    g = torch.randn(2, 4, 3, 5, generator=gen, dtype=torch.float64)
+    for a in (acc, None):
+        x = [t.clone().requires_grad_() for t in (src, alpha, shift)]
+        out = cm.conv_mix(*x, routes, a)
+        got = [out, *torch.autograd.grad(out, x, g)]
+        x = [t.clone().requires_grad_() for t in (src, alpha, shift)]
+        want = cm.mix_reference(*x, a, routes.src, routes.out, routes.n_out)
+        want = [want, *torch.autograd.grad(want, x, g)]
+        for u, v in zip(got, want):
+            torch.testing.assert_close(u, v, rtol=1e-12, atol=1e-12)
+    for stride in (1, 2):
+        ref, fused = make_edge(4, stride, torch.float64, seed=stride, train=True)
+        x = torch.randn(2, 4, 6, 6, generator=gen, dtype=torch.float64)
+        loss_w = torch.randn(2, 4, 6 // stride, 6 // stride, generator=gen, dtype=torch.float64)
+        compare_modules(ref, fused, [x, _probs(gen)], torch.float64, loss_w)
+    """
+)
+
+
+def test_triton_dispatch_under_interpreter():
+    run_triton_interpreted(TRITON_DISPATCH_SCRIPT)
+
+
 @pytest.mark.cuda
 @pytest.mark.parametrize("dtype", [F64, torch.float32])
 def test_cuda_edge_and_cell_match_reference(dtype):

@@ -392,6 +392,49 @@ def test_triton_kernels_under_interpreter():
     run_triton_interpreted(TRITON_SCRIPT)
 
 
+# The launch glue the CUDA path takes (fastdarts.ops.recurrent_mixed's 'triton' branch), run
+# on the CPU by the interpreter: the public op and a whole cell node by node (the whole-cell
+# kernel is CPU-only, so on CUDA the cell runs the node op), forward and every gradient.
+TRITON_DISPATCH_SCRIPT = textwrap.dedent(
+    """
+    import fastdarts.ops.recurrent_mixed as rm
+    import fastdarts.ops.recurrent_cell as rc
+    from fastdarts import recurrent_mixed, recurrent_mixed_reference
+    from fastdarts.ops.backends import BACKENDS
+    from fastdarts.spaces import Batch, RNNSearchModel
+    rm.kernel_name = lambda device: "triton"
+    rc.cell_kernel_ready = lambda device: False
+    gen = torch.Generator().manual_seed(26)
+    s = torch.randn(3, 4, 7, generator=gen, dtype=torch.float64)
+    ch = torch.randn(3, 4, 14, generator=gen, dtype=torch.float64)
+    p = torch.softmax(torch.randn(3, 5, generator=gen, dtype=torch.float64), -1)
+    g = torch.randn(4, 7, generator=gen, dtype=torch.float64)
+    results = []
+    for fn in (recurrent_mixed, recurrent_mixed_reference):
+        x = [t.clone().requires_grad_() for t in (s, ch, p)]
+        out = fn(*x)
+        results.append([out, *torch.autograd.grad(out, x, g)])
+    for u, v in zip(*results):
+        torch.testing.assert_close(u, v, rtol=1e-12, atol=1e-12)
+    results = []
+    tokens = torch.randint(0, 20, (6, 3), generator=gen)
+    state = torch.randn(3, 6, generator=gen, dtype=torch.float64)
+    for backend in ("fused", "reference"):
+        torch.manual_seed(3)
+        model = BACKENDS[backend].apply(RNNSearchModel(20, 6, 6).double())
+        batch = Batch(tokens[:-1], tokens[1:], state)
+        loss = model(batch).loss
+        results.append([loss, *torch.autograd.grad(loss, list(model.parameters()))])
+    for u, v in zip(*results):
+        torch.testing.assert_close(u, v, rtol=1e-10, atol=1e-12)
+    """
+)
+
+
+def test_triton_dispatch_under_interpreter():
+    run_triton_interpreted(TRITON_DISPATCH_SCRIPT)
+
+
 @pytest.mark.cuda
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 def test_cuda_triton_matches_reference(dtype):

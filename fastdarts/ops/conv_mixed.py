@@ -41,7 +41,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fastdarts.genotypes import CNN_PRIMITIVES
-from fastdarts.ops.extension import extension, has_triton
+from fastdarts.ops.extension import extension, has_triton, triton_kernels
 
 K = len(CNN_PRIMITIVES)
 BN_MOMENTUM, BN_EPS = 0.1, 1e-5
@@ -132,10 +132,8 @@ def _mix_op(
         return mix_reference(src, alpha, shift, acc, route_src, route_out, n_out)
     if kind == "cpp":
         return extension().conv_mix_forward(src, alpha, shift, acc, route_src, out_ptr)
-    from fastdarts.kernels import conv_mixed as triton_kernels
-
     out = src.new_empty(src.shape[0], n_out, *src.shape[2:])
-    return triton_kernels.forward(src, alpha, shift, acc, route_src, out_ptr, out)
+    return triton_kernels("conv_mixed").forward(src, alpha, shift, acc, route_src, out_ptr, out)
 
 
 def _mix_backward_op(
@@ -154,10 +152,8 @@ def _mix_backward_op(
     args = (grad, src, alpha, shift, route_src, route_out, src_perm, src_ptr)
     if kind == "cpp":
         return extension().conv_mix_backward(*args)
-    from fastdarts.kernels import conv_mixed as triton_kernels
-
     grads = [torch.empty_like(src), torch.empty_like(alpha), torch.empty_like(shift)]
-    return list(triton_kernels.backward(*args, out=grads))
+    return list(triton_kernels("conv_mixed").backward(*args, out=grads))
 
 
 def _mix_setup_context(ctx, inputs, output) -> None:

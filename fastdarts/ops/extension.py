@@ -1,5 +1,5 @@
-"""The optional compiled extension ``fastdarts._C`` (csrc/, built by setup.py), and whether
-Triton is installed.
+"""The optional compiled extension ``fastdarts._C`` (csrc/, built by setup.py), whether
+Triton is installed, and the Triton kernels' modules.
 
 Loaded on first use, never at ``import fastdarts``; when it is missing the fast ops fall back
 (Triton on CUDA, the reference elsewhere) and one warning says what is missing and why.
@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import functools
 import importlib
+import importlib.util
+import sys
 import warnings
+from pathlib import Path
 from types import ModuleType
 
 
@@ -44,3 +47,24 @@ def has_triton() -> bool:
     except ImportError:
         return False
     return True
+
+
+@functools.cache
+def triton_kernels(name: str) -> ModuleType:
+    """The Triton kernels' module ``fastdarts.kernels.<name>`` (imports triton).
+
+    setup.py installs the top-level ``kernels/`` as ``fastdarts.kernels``; when fastdarts runs
+    from a checkout on sys.path instead (not installed: the GPU suite's fallback when the
+    install fails), that package is loaded from the checkout's ``kernels/``.
+    """
+    if importlib.util.find_spec("fastdarts.kernels") is None:
+        folder = Path(__file__).resolve().parents[2] / "kernels"
+        spec = importlib.util.spec_from_file_location(
+            "fastdarts.kernels", folder / "__init__.py", submodule_search_locations=[str(folder)]
+        )
+        if spec is None or not folder.is_dir():
+            raise ImportError(f"fastdarts.kernels is not installed and {folder} does not exist")
+        package = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = package
+        spec.loader.exec_module(package)
+    return importlib.import_module(f"fastdarts.kernels.{name}")

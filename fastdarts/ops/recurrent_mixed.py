@@ -21,7 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from fastdarts.genotypes import RNN_PRIMITIVES
-from fastdarts.ops.extension import extension, has_triton
+from fastdarts.ops.extension import extension, has_triton, triton_kernels
 
 K = len(RNN_PRIMITIVES)
 _DTYPES = (torch.float32, torch.float64)
@@ -112,9 +112,7 @@ def kernel_name(device: torch.device) -> str:
 def _forward_op(states: Tensor, ch: Tensor, probs: Tensor) -> Tensor:
     kind = kernel_name(states.device)
     if kind == "triton":
-        from fastdarts.kernels import recurrent_mixed as triton_kernels
-
-        return triton_kernels.forward(states, ch, probs)
+        return triton_kernels("recurrent_mixed").forward(states, ch, probs)
     if kind in ("cpp", "cuda"):
         out = states.new_empty(states.shape[1:])
         fn = "recurrent_mixed_forward" + ("_cuda" if kind == "cuda" else "")
@@ -132,9 +130,7 @@ def _(states: Tensor, ch: Tensor, probs: Tensor) -> Tensor:
 def _backward_op(grad: Tensor, states: Tensor, ch: Tensor, probs: Tensor) -> list[Tensor]:
     kind = kernel_name(states.device)
     if kind == "triton":
-        from fastdarts.kernels import recurrent_mixed as triton_kernels
-
-        return list(triton_kernels.backward(grad, states, ch, probs))
+        return list(triton_kernels("recurrent_mixed").backward(grad, states, ch, probs))
     if kind in ("cpp", "cuda"):
         grads = [torch.empty_like(states), torch.empty_like(ch), torch.empty_like(probs)]
         fn = "recurrent_mixed_backward" + ("_cuda" if kind == "cuda" else "")
