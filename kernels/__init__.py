@@ -1,1 +1,14 @@
 """Triton kernels, installed as ``fastdarts.kernels``; imported only by the fast ops."""
+
+# The kernels compute offsets in int32 (program ids and integer arguments are 32-bit).
+MAX_EXTENT = 2**31 - 1
+
+
+def check_extent(*extents: int) -> None:
+    """ValueError if an offset the kernels compute could pass int32 (elements from a base
+    pointer: a tensor's numel, or a strided block's span)."""
+    if max(extents) > MAX_EXTENT:
+        raise ValueError(
+            f"fastdarts' Triton kernels index in 32 bits: {max(extents)} elements from one "
+            f"pointer is over {MAX_EXTENT}; use a smaller batch"
+        )

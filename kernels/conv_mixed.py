@@ -14,6 +14,8 @@ import torch
 import triton
 import triton.language as tl
 
+from . import check_extent
+
 BLOCK = 256
 
 
@@ -111,6 +113,7 @@ def forward(
     if has_acc and not planes_dense(acc):
         acc = acc.contiguous()
     acc_b = acc.stride(0) if has_acc else 0
+    check_extent(src.numel(), out.numel(), (b - 1) * acc_b + n * p)
     grid = (b * n, triton.cdiv(p, BLOCK))
     _forward_kernel[grid](
         src,
@@ -157,6 +160,7 @@ def backward(
     grad, src = grad.contiguous(), src.contiguous()
     alpha, shift = alpha.contiguous(), shift.contiguous()
     b, s, n, p = src.shape[0], src.shape[1], grad.shape[1], src.shape[2] * src.shape[3]
+    check_extent(grad.numel(), src.numel())
     if out is None:
         out = [torch.empty_like(src), torch.empty_like(alpha), torch.empty_like(shift)]
     d_src, d_alpha, d_shift = out

@@ -13,6 +13,8 @@ import torch
 import triton
 import triton.language as tl
 
+from . import check_extent
+
 K = 5
 BLOCK = 512
 
@@ -99,6 +101,7 @@ def forward(
     (contiguous) receives the result, every element written."""
     states, ch, probs = states.contiguous(), ch.contiguous(), probs.contiguous()
     n, b, d = states.shape
+    check_extent(ch.numel())  # the largest: n·B·2D
     out = states.new_empty(b, d) if out is None else out
     _forward_kernel[(triton.cdiv(b * d, BLOCK),)](states, ch, probs, out, n, b, d, BLOCK=BLOCK)
     return out
@@ -116,6 +119,7 @@ def backward(
     grad, states, ch = grad.contiguous(), states.contiguous(), ch.contiguous()
     probs = probs.contiguous()
     n, b, d = states.shape
+    check_extent(ch.numel())
     blocks = triton.cdiv(b * d, BLOCK)
     d_states, d_ch = (torch.empty_like(states), torch.empty_like(ch)) if out is None else out
     parts = states.new_empty(blocks, n, K - 1)

@@ -15,6 +15,7 @@ import sys
 import textwrap
 
 import pytest
+import torch
 from conftest import REPO
 
 triton = pytest.importorskip("triton")
@@ -121,3 +122,24 @@ def test_kernels_load_from_a_plain_checkout():
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.strip() == "loaded"
+
+
+def test_launchers_refuse_tensors_past_32_bit_offsets():
+    # Checked before any launch, so meta tensors (no memory) stand in for huge ones.
+    def big(*shape):
+        return torch.empty(*shape, device="meta")
+
+    half = 2**16, 2**15 + 1  # one plane of just over 2**31 elements
+    src, none = big(1, 1, *half), torch.empty(0, dtype=torch.long)
+    args = (big(1), big(1), None, none, none, big(1, 1, *half))
+    with pytest.raises(ValueError, match="index in 32 bits"):
+        conv_mixed.forward(src, *args)
+    with pytest.raises(ValueError, match="index in 32 bits"):
+        conv_mixed.backward(big(1, 1, *half), src, big(1), big(1), none, none, none, none)
+    with pytest.raises(ValueError, match="index in 32 bits"):
+        recurrent_mixed.forward(big(1, 1, 2**30), big(1, 1, 2**31), big(1, 5))
+    # An accumulator read in place (a channel block of a larger tensor): its span counts.
+    src = big(2, 1, 32, 32)
+    acc = big(2, 2**21, 32, 32)[:, :1]  # batch stride 2**31
+    with pytest.raises(ValueError, match="index in 32 bits"):
+        conv_mixed.forward(src, big(1), big(1), acc, none, none, big(2, 1, 32, 32))
