@@ -15,6 +15,7 @@ import subprocess
 import sys
 import textwrap
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -460,12 +461,64 @@ def test_cuda_kernel_compiles_with_nvcc(tmp_path):
     nvcc = shutil.which("nvcc")
     if nvcc is None:
         pytest.skip("nvcc is not installed")
-    cmd = [nvcc, "-c", "-O3", "-std=c++17", "csrc/recurrent_mixed_cuda.cu", "-o"]
+    # For Hopper (the GPU machines' H100/H200), as the GPU suite builds it.
+    cmd = [nvcc, "-c", "-O3", "-std=c++17", "-arch=sm_90", "csrc/recurrent_mixed_cuda.cu", "-o"]
     result = subprocess.run(
         [*cmd, str(tmp_path / "k.o")], capture_output=True, text=True, cwd=REPO, timeout=300
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert (tmp_path / "k.o").stat().st_size > 0
+
+
+@pytest.mark.slow
+def test_cuda_extension_builds_links_and_loads_without_a_gpu(tmp_path):
+    """The whole extension built for CUDA (FORCE_CUDA=1, sm_90) on a machine without a GPU
+    links against torch's CUDA libraries and imports; its CUDA entry points exist and refuse
+    CPU tensors with their one-line error. (About 2 minutes on 2 cores: marked slow.)"""
+    from torch.utils.cpp_extension import CUDA_HOME
+
+    # A toolkit with its headers (torch guesses /usr/local from a /usr/local/bin/nvcc).
+    homes = [os.environ.get("CUDA_HOME"), CUDA_HOME, "/usr/local/cuda"]
+    homes = [h for h in homes if h and (Path(h) / "include" / "cuda_runtime.h").exists()]
+    if not homes or torch.version.cuda is None:
+        pytest.skip("needs the CUDA toolkit and a CUDA build of torch")
+    checkout = tmp_path / "checkout"
+    shutil.copytree(REPO, checkout, ignore=shutil.ignore_patterns("build", "*.so", ".git"))
+    env = {**os.environ, "FORCE_CUDA": "1", "TORCH_CUDA_ARCH_LIST": "9.0", "MAX_JOBS": "2"}
+    env["CUDA_HOME"] = homes[0]
+    build = subprocess.run(
+        [sys.executable, "setup.py", "build_ext", "--inplace"],
+        capture_output=True,
+        text=True,
+        cwd=checkout,
+        env=env,
+        timeout=1500,
+    )
+    assert "could not build" not in build.stderr, build.stderr[-3000:]
+    script = textwrap.dedent(
+        """
+        import torch, fastdarts._C as C
+        assert C.__file__.startswith(sys.argv[1]), C.__file__
+        s, ch, p = torch.randn(2, 3, 4), torch.randn(2, 3, 8), torch.randn(2, 5)
+        try:
+            C.recurrent_mixed_forward_cuda(s, ch, p, torch.empty(3, 4))
+        except RuntimeError as e:
+            assert "must be on one cuda device" in str(e), e
+        else:
+            raise AssertionError("the CUDA kernel accepted CPU tensors")
+        print("loaded", hasattr(C, "recurrent_mixed_backward_cuda"))
+        """
+    )
+    load = subprocess.run(
+        [sys.executable, "-c", "import sys\n" + script, str(checkout)],
+        capture_output=True,
+        text=True,
+        cwd=checkout,
+        env={**os.environ, "PYTHONPATH": str(checkout)},
+        timeout=300,
+    )
+    assert load.returncode == 0, load.stderr[-3000:]
+    assert load.stdout.strip() == "loaded True"
 
 
 @pytest.mark.cuda
