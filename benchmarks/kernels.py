@@ -32,6 +32,7 @@ from benchmarks import harness
 from fastdarts.genotypes import CNN_PRIMITIVES, CNN_STEPS, RNN_PRIMITIVES
 from fastdarts.ops.conv_mixed import MixedOp as FusedMixedOp
 from fastdarts.ops.conv_mixed import (
+    batch_norm,
     depthwise,
     depthwise_reference,
     fused_cell_ops,
@@ -326,7 +327,52 @@ POOLS = Kernel(
     "(x and grad_out read, out and grad_x written)",
 )
 
-KERNELS: list[Kernel] = [RECURRENT, MIXED_OP, MIXED_OP_FUSED, CELL_FUSED, DEPTHWISE, POOLS]
+
+# -- BatchNorm's training forward, no affine (fastdarts.ops.conv_mixed.batch_norm) --------
+
+
+def _make_batch_norm(shape: dict[str, int], device: torch.device, dtype: torch.dtype) -> Inputs:
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(shape["B"], shape["C"], shape["H"], shape["H"], generator=g, dtype=dtype)
+    x = x.to(device).requires_grad_()
+    return Inputs({"x": x}, [x])
+
+
+def _batch_norm_bytes(shape: dict[str, int], pass_: str, size: int) -> int:
+    n = shape["B"] * shape["C"] * shape["H"] ** 2
+    return size * (2 * n if pass_ == "fwd" else 5 * n)
+
+
+BATCH_NORM = Kernel(
+    name="cnn_batch_norm",
+    shapes={
+        # A group's BatchNorms: the normal cell's first group (E = 2, C = 16: 4EC = 128
+        # channels at 32x32) and the first reduction cell's (E = 2, C = 32, at 16x16), batch 64.
+        "paper": [{"B": 64, "C": 128, "H": 32}, {"B": 64, "C": 256, "H": 16}],
+        "large": [{"B": 256, "C": 256, "H": 16}],
+        "tiny": [{"B": 2, "C": 3, "H": 5}],
+    },
+    make=_make_batch_norm,
+    impls={
+        # torch's native_batch_norm (batch statistics, no affine) and its backward.
+        "reference": lambda a: torch.nn.functional.batch_norm(a["x"], None, None, training=True),
+        # The C++ forward (torch's backward); torch's own op where it has none.
+        "fused": lambda a: batch_norm(a["x"])[0],
+    },
+    bytes_moved=_batch_norm_bytes,
+    formula="n = B·C·H·W; fwd: 2n·size (x read, y written); fwd+bwd: fwd + 3n·size (grad_out "
+    "and x read, grad_x written)",
+)
+
+KERNELS: list[Kernel] = [
+    RECURRENT,
+    MIXED_OP,
+    MIXED_OP_FUSED,
+    CELL_FUSED,
+    DEPTHWISE,
+    POOLS,
+    BATCH_NORM,
+]
 
 
 # -- measurement --------------------------------------------------------------------------

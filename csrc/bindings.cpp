@@ -8,4 +8,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   fastdarts::bind_recurrent_mixed(m);
   fastdarts::bind_recurrent_cell(m);
   fastdarts::bind_conv_mixed(m);
+  fastdarts::bind_batch_norm(m);
 }

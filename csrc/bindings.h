@@ -10,5 +10,6 @@ namespace fastdarts {
 void bind_recurrent_mixed(pybind11::module& m);
 void bind_recurrent_cell(pybind11::module& m);
 void bind_conv_mixed(pybind11::module& m);
+void bind_batch_norm(pybind11::module& m);
 
 }  // namespace fastdarts

@@ -347,7 +347,7 @@ def test_gpu_suite_rehearsal_runs_every_command(tmp_path):
         assert f"| {name} |" in summary
     assert all(row["peak_mem_mb"] for row in _rows(tmp_path / "gpu-rnn-paper-o2.json"))
     kernels_run = {row["kernel"] for row in _rows(tmp_path / "gpu-kernels.json")}
-    assert {"rnn_node_mixture", "cnn_cell_fused", "cnn_pools"} <= kernels_run
+    assert {"rnn_node_mixture", "cnn_cell_fused", "cnn_pools", "cnn_batch_norm"} <= kernels_run
     assert _rows(tmp_path / "gpu-alpha-grad-error-rnn.json")
 
 

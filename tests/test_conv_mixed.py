@@ -32,6 +32,7 @@ from fastdarts.ops.conv_mixed import (
     FusedEdges,
     MixedOp,
     Routes,
+    batch_norm,
     conv_mix,
     depthwise,
     depthwise_backward_reference,
@@ -781,6 +782,94 @@ def test_pools_gradcheck_gradgradcheck_vmap_and_opcheck():
         g = torch.randn(2, 6, *((n - 1) // stride + 1 for n in (5, 4)), generator=gen, dtype=F64)
         args = [g, x.detach(), stride]
         torch.library.opcheck(torch.ops.fastdarts.pools_backward.default, args)
+
+
+# -- BatchNorm's training forward -----------------------------------------------------------
+
+
+def _torch_bn(x: torch.Tensor) -> torch.Tensor:
+    return torch.nn.functional.batch_norm(x, None, None, training=True, eps=1e-5)
+
+
+@needs_cpp
+@pytest.mark.parametrize("dtype", [F64, torch.float32])
+@pytest.mark.parametrize("shape", [(1, 3, 1, 2), (3, 5, 7, 9), (2, 17, 4, 4), (4, 2, 33, 1)])
+def test_batch_norm_matches_torch(shape, dtype):
+    # Far from zero mean, so a one-pass variance would cancel; channels of different scales.
+    gen = _gen(60)
+    scale = torch.rand(shape[1], 1, 1, generator=gen, dtype=F64) * 10
+    x = torch.randn(shape, generator=gen, dtype=F64) * scale + 50
+    x = x.to(dtype).to(F64)  # the float32 kernel against float64 on the same input
+    got = _C().batch_norm_forward(x.to(dtype), 1e-5)
+    want = torch.native_batch_norm(x, None, None, None, None, True, 0.0, 1e-5)
+    tol = {F64: 1e-12, torch.float32: 2e-5}[dtype]
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b.to(dtype), rtol=tol, atol=tol)
+    # Every gradient through the op, and the gradient of a gradient (exact HVP).
+    xs = [x.to(dtype).clone().requires_grad_() for _ in range(2)]
+    g = torch.randn(shape, generator=gen, dtype=F64).to(dtype)
+    outs = [batch_norm(xs[0])[0], _torch_bn(xs[1])]
+    grads = [torch.autograd.grad(o, t, g, create_graph=True)[0] for o, t in zip(outs, xs)]
+    torch.testing.assert_close(grads[0], grads[1], rtol=100 * tol, atol=100 * tol)
+    v = torch.randn(shape, generator=gen, dtype=F64).to(dtype)
+    hvps = [torch.autograd.grad((d * v).sum(), t)[0] for d, t in zip(grads, xs)]
+    torch.testing.assert_close(hvps[0], hvps[1], rtol=100 * tol, atol=100 * tol)
+
+
+def test_batch_norm_gradcheck_vmap_and_opcheck():
+    gen = _gen(61)
+    x = torch.randn(3, 2, 4, 3, generator=gen, dtype=F64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda a: batch_norm(a)[0], [x])
+    assert torch.autograd.gradgradcheck(lambda a: batch_norm(a)[0], [x])
+    # Under vmap (the batched w± passes) each sample keeps its own statistics.
+    xs = torch.randn(2, 3, 4, 5, 2, generator=gen, dtype=F64) * 3 + 1
+    got = torch.vmap(batch_norm)(xs)
+    for i, a in enumerate(xs):
+        want = torch.native_batch_norm(a, None, None, None, None, True, 0.0, 1e-5)
+        for u, w in zip(got, want):
+            assert_close(u[i], w, F64)
+    vx = xs.clone().requires_grad_()
+    g = torch.randn_like(xs)
+    (d_vmap,) = torch.autograd.grad(torch.vmap(lambda a: batch_norm(a)[0])(vx), vx, g)
+    d_loop = torch.stack(
+        [torch.autograd.grad(_torch_bn(a.requires_grad_()), a, b)[0] for a, b in zip(xs.clone(), g)]
+    )
+    assert_close(d_vmap, d_loop, F64)
+    op = torch.ops.fastdarts.batch_norm.default
+    torch.library.opcheck(op, [x.detach(), 1e-5, None, None, 0.1])
+    running = [torch.rand(2, generator=gen, dtype=F64) for _ in range(2)]
+    torch.library.opcheck(op, [x.detach(), 1e-5, *running, 0.1])
+
+
+@pytest.mark.parametrize("dtype", [F64, torch.float32])
+def test_batch_norm_updates_running_statistics_as_torch(dtype):
+    gen = _gen(62)
+    x = (torch.randn(3, 4, 5, 2, generator=gen, dtype=F64) * 2 + 3).to(dtype)
+    ours = [torch.rand(4, generator=gen, dtype=F64).to(dtype) for _ in range(2)]
+    theirs, before = [t.clone() for t in ours], [t.clone() for t in ours]
+    for momentum in (0.1, 0.5):
+        got = batch_norm(x, *ours, momentum=momentum)
+        want = torch.native_batch_norm(x, None, None, *theirs, True, momentum, 1e-5)
+        for a, b in zip([*got, *ours], [*want, *theirs]):
+            assert_close(a, b, dtype)
+    assert all((a - b).abs().min() > 1e-3 for a, b in zip(ours, before))  # they moved
+
+
+@needs_cpp
+def test_cpp_batch_norm_checks_its_inputs():
+    x = torch.randn(2, 3, 4, 4, dtype=F64)
+    with pytest.raises(RuntimeError, match="dtype must be float32 or float64"):
+        _C().batch_norm_forward(x.int(), 1e-5)
+    with pytest.raises(RuntimeError, match="contiguous non-empty"):
+        _C().batch_norm_forward(x.transpose(2, 3), 1e-5)
+    with pytest.raises(RuntimeError, match="more than 1 value per channel"):
+        _C().batch_norm_forward(x[:1, :, :1, :1].contiguous(), 1e-5)
+    with pytest.raises(RuntimeError, match="must be on the cpu"):
+        _C().batch_norm_forward(x.to("meta"), 1e-5)
+    with pytest.raises(RuntimeError, match="running_mean and running_var, or neither"):
+        _C().batch_norm_forward(x, 1e-5, torch.zeros(3, dtype=F64))
+    with pytest.raises(RuntimeError, match=r"running_var must be a contiguous \(3,\)"):
+        _C().batch_norm_forward(x, 1e-5, torch.zeros(3, dtype=F64), torch.zeros(4, dtype=F64))
 
 
 # -- bad inputs ---------------------------------------------------------------------------

@@ -713,6 +713,87 @@ def _pooled(x: Tensor, stride: int) -> list[Tensor]:
     return [pools(x, stride)] if _cpp(x, "pools_forward") else _torch_pools(x, stride)
 
 
+# -- BatchNorm's training forward (batch statistics, no affine) ---------------------------
+
+
+@torch.library.custom_op("fastdarts::batch_norm", mutates_args=("running_mean", "running_var"))
+def _bn_op(
+    x: Tensor,
+    eps: float,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    momentum: float,
+) -> tuple[Tensor, Tensor, Tensor]:
+    if not _cpp(x, "batch_norm_forward"):
+        args = (running_mean, running_var, True, momentum, eps)
+        return tuple(torch.native_batch_norm(x, None, None, *args))
+    return tuple(extension().batch_norm_forward(x, eps, running_mean, running_var, momentum))
+
+
+@_bn_op.register_fake
+def _(x, eps, running_mean, running_var, momentum):
+    return torch.empty_like(x), x.new_empty(x.shape[1]), x.new_empty(x.shape[1])
+
+
+def _bn_backward(grad: Tensor, x: Tensor, mean: Tensor, invstd: Tensor, eps: float) -> Tensor:
+    # torch's own: its derivative (batchnorm_double_backward) takes mean and invstd as the
+    # functions of x they are, so this is differentiable under create_graph too.
+    mask = [True, False, False]
+    args = (grad, x, None, None, None, mean, invstd, True, eps, mask)
+    return torch.ops.aten.native_batch_norm_backward(*args)[0]
+
+
+class BatchNormFunction(torch.autograd.Function):
+    """BatchNorm's training forward in one kernel (y, mean, invstd; the statistics carry no
+    gradient); torch's backward. Under vmap each sample keeps its own statistics. (The op
+    mutates the running statistics, so torch.library takes no autograd formula for it: this
+    Function is its autograd.)"""
+
+    @staticmethod
+    def forward(x, eps, running_mean, running_var, momentum):
+        return _bn_op(x, eps, running_mean, running_var, momentum)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        x, ctx.eps = inputs[:2]
+        ctx.save_for_backward(x, output[1], output[2])
+        ctx.mark_non_differentiable(output[1], output[2])
+
+    @staticmethod
+    def backward(ctx, grad: Tensor, _grad_mean, _grad_invstd):
+        x, mean, invstd = ctx.saved_tensors
+        return _bn_backward(grad, x, mean, invstd, ctx.eps), None, None, None, None
+
+    @staticmethod
+    def vmap(info, in_dims, x, eps, running_mean, running_var, momentum):
+        if running_mean is not None:
+            raise ValueError("batch_norm: no running statistics under vmap")
+        # (V, B, C, H, W) → (B, V·C, H, W): each sample's channels are channels of their own.
+        v = info.batch_size
+        x = _leading(x, in_dims[0], v)
+        folded = x.transpose(0, 1).reshape(x.shape[1], -1, *x.shape[3:])
+        y, mean, invstd = BatchNormFunction.apply(folded.contiguous(), eps, None, None, momentum)
+        y = y.view(x.shape[1], v, *x.shape[2:]).transpose(0, 1)
+        return (y, mean.view(v, -1), invstd.view(v, -1)), (0, 0, 0)
+
+
+def batch_norm(
+    x: Tensor,
+    running_mean: Tensor | None = None,
+    running_var: Tensor | None = None,
+    momentum: float = BN_MOMENTUM,
+    eps: float = BN_EPS,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """(y, mean, invstd) = ``torch.native_batch_norm(x, None, None, running_mean,
+    running_var, True, momentum, eps)`` for x (B, C, H, W): BatchNorm's training forward,
+    no affine, the running statistics (if given) updated in place. The C++ kernel on the
+    CPU; elsewhere (and without the extension) torch's op itself, no custom op around it."""
+    if not _cpp(x, "batch_norm_forward"):
+        args = (running_mean, running_var, True, momentum, eps)
+        return torch.native_batch_norm(x, None, None, *args)
+    return BatchNormFunction.apply(x.contiguous(), eps, running_mean, running_var, momentum)
+
+
 # -- the batched edges -------------------------------------------------------------------
 
 
@@ -909,18 +990,14 @@ class FusedEdges(nn.Module):
         )
         y = pointwise(first, get("pw1"), 4 * E)
         training, track = self.training, self.track_running_stats
-        # BatchNorm's rules: running statistics in eval; in training, updated when tracked.
-        use_running = not training or track
-        y = torch.native_batch_norm(
-            y,
-            None,
-            None,
-            get("run1_mean") if use_running else None,
-            get("run1_var") if use_running else None,
-            training,
-            BN_MOMENTUM,
-            BN_EPS,
-        )[0]
+        # BatchNorm's rules: running statistics in eval; in training, batch statistics, the
+        # running ones updated when tracked.
+        if training:
+            running = (get("run1_mean"), get("run1_var")) if track else (None, None)
+            y = batch_norm(y, *running)[0]
+        else:
+            args = (get("run1_mean"), get("run1_var"), False, BN_MOMENTUM, BN_EPS)
+            y = torch.native_batch_norm(y, None, None, *args)[0]
         # The sep convs' second stage reads its channels of the whole block (relu'd whole:
         # a slice would cost a slice and a slice_backward per pass).
         second = depthwise(
@@ -941,11 +1018,9 @@ class FusedEdges(nn.Module):
         alpha = weights[get("w")]
         if training:
             # One BatchNorm over all of them (batch statistics), then the mixture.
-            normed, mean, invstd = torch.native_batch_norm(
-                torch.cat(final, 1), None, None, None, None, True, 0.0, BN_EPS
-            )
+            normed, mean, invstd = batch_norm(torch.cat(final, 1))
             if track:
-                self._update_running(g, mean, invstd, normed.numel() // normed.shape[1])
+                self._update_running(g, mean, invstd, normed)
             src = torch.cat([y, normed, *([] if grp.fr else [skip])], 1)
             return conv_mix(src, alpha, get("zeros"), get("routes"), acc)
         # Eval: the running statistics folded into the mixture's coefficients.
@@ -956,13 +1031,14 @@ class FusedEdges(nn.Module):
         return conv_mix(src, alpha * invstd, shift, get("routes"), acc)
 
     @torch.no_grad()
-    def _update_running(self, g: int, mean: Tensor, invstd: Tensor, n: int) -> None:
-        """The folded BNs' running statistics from their batch statistics (per channel of
-        the normalised block), as BatchNorm updates them (unbiased variance)."""
+    def _update_running(self, g: int, mean: Tensor, invstd: Tensor, normed: Tensor) -> None:
+        """The folded BNs' running statistics from the batch statistics of the normalised
+        block (per channel; ``runstat`` picks each running channel's), and the group's
+        num_batches_tracked."""
         stat = self._get("runstat", g)
+        n = normed.numel() // normed.shape[1]
         self._get("run2_mean", g).mul_(1 - BN_MOMENTUM).add_(mean[stat], alpha=BN_MOMENTUM)
-        var = invstd[stat].pow(-2) - BN_EPS
-        unbiased = var * (n / max(n - 1, 1))
+        unbiased = (invstd[stat].pow(-2) - BN_EPS) * (n / max(n - 1, 1))
         self._get("run2_var", g).mul_(1 - BN_MOMENTUM).add_(unbiased, alpha=BN_MOMENTUM)
         self._get("nbt", g).add_(1)
 
