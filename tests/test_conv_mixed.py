@@ -841,6 +841,19 @@ def test_batch_norm_gradcheck_vmap_and_opcheck():
     torch.library.opcheck(op, [x.detach(), 1e-5, *running, 0.1])
 
 
+@needs_cpp
+def test_batch_norm_dispatches_one_op_each_way():
+    # The statistics' gradients are not materialised as zero tensors (two ops per backward).
+    sys.path.insert(0, str(REPO))
+    from benchmarks.harness import count_ops
+
+    x = torch.randn(2, 3, 4, 4, dtype=F64, requires_grad=True)
+    counts = count_ops(lambda: torch.autograd.grad(batch_norm(x)[0].sum(), x))
+    assert counts.get("fastdarts.batch_norm.default") == 1
+    assert counts.get("aten.native_batch_norm_backward.default") == 1
+    assert "aten.zeros.default" not in counts and "aten.native_batch_norm.default" not in counts
+
+
 @pytest.mark.parametrize("dtype", [F64, torch.float32])
 def test_batch_norm_updates_running_statistics_as_torch(dtype):
     gen = _gen(62)

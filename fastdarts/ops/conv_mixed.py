@@ -758,9 +758,12 @@ class BatchNormFunction(torch.autograd.Function):
         x, ctx.eps = inputs[:2]
         ctx.save_for_backward(x, output[1], output[2])
         ctx.mark_non_differentiable(output[1], output[2])
+        ctx.set_materialize_grads(False)  # no zero gradients made for the statistics
 
     @staticmethod
-    def backward(ctx, grad: Tensor, _grad_mean, _grad_invstd):
+    def backward(ctx, grad: Tensor | None, _grad_mean, _grad_invstd):
+        if grad is None:
+            return None, None, None, None, None
         x, mean, invstd = ctx.saved_tensors
         return _bn_backward(grad, x, mean, invstd, ctx.eps), None, None, None, None
 
