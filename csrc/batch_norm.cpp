@@ -12,10 +12,12 @@
 // fixed order, so results do not depend on the thread count.
 //
 // The running statistics, when given, are updated in place as torch's training forward
-// updates them (momentum, unbiased variance), from the double-precision statistics.
+// updates them (momentum, unbiased variance), from the double-precision statistics. The
+// backward reads g and x once for its sums and once more to write d_x.
 //
 // Bound as fastdarts._C.batch_norm_forward; fastdarts/ops/conv_mixed.py makes it the CPU
-// implementation of the custom op fastdarts::batch_norm (its backward is torch's).
+// implementation of the custom op fastdarts::batch_norm (and batch_norm_backward, the
+// backward without create_graph; under create_graph torch's differentiable formula runs).
 
 #include <torch/extension.h>
 
@@ -28,6 +30,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <functional>
 #include <optional>
 #include <vector>
 
@@ -95,6 +98,71 @@ struct Forward {
   }
 };
 
+// d_x of the training forward for d_y = g, per channel over its N = B·P values:
+//   d_x = invstd · (g − Σg / N − (x − mean) · invstd² · Σ g·(x − mean) / N)
+// one pass for the sums (g and x read together), one writing d_x.
+template <typename T>
+struct Backward {
+  const T* g;
+  const T* x;
+  const T* mean;
+  const T* invstd;
+  T* dx;
+  int64_t B, C, P;
+
+  void channel(int64_t c) const {
+    using Vec = Vectorized<T>;
+    constexpr int64_t kLanes = Vec::size();
+    // The saved mean m is the true one rounded to T; δ = Σ(x − m) / N is the difference, so
+    // x − mean = (x − m) − δ keeps the digits that matter when a channel's spread is small
+    // next to its mean (as the forward does).
+    const T m = mean[c];
+    const auto sum = [](Vec v) { return at::vec::vec_reduce_all<T>(std::plus<Vec>(), v); };
+    double sum_g = 0, sum_gx = 0, sum_x = 0;
+    for (int64_t b = 0; b < B; ++b) {
+      const T* gp = g + (b * C + c) * P;
+      const T* xp = x + (b * C + c) * P;
+      Vec vg(0), vgx(0), vx(0);
+      int64_t i = 0;
+      for (; i + kLanes <= P; i += kLanes) {
+        const Vec gi = Vec::loadu(gp + i);
+        const Vec xi = Vec::loadu(xp + i) - Vec(m);
+        vg = vg + gi;
+        vgx = vgx + gi * xi;
+        vx = vx + xi;
+      }
+      T tail_g = 0, tail_gx = 0, tail_x = 0;
+      for (; i < P; ++i) {
+        tail_g += gp[i];
+        tail_gx += gp[i] * (xp[i] - m);
+        tail_x += xp[i] - m;
+      }
+      sum_g += static_cast<double>(sum(vg)) + tail_g;
+      sum_gx += static_cast<double>(sum(vgx)) + tail_gx;
+      sum_x += static_cast<double>(sum(vx)) + tail_x;
+    }
+    const double n = static_cast<double>(B * P), s = invstd[c], delta = sum_x / n;
+    const double k = -s * s * s * (sum_gx - delta * sum_g) / n;
+    const T a = static_cast<T>(s);
+    const T kt = static_cast<T>(k);
+    const T shift = static_cast<T>(-s * sum_g / n - k * delta);
+    for (int64_t b = 0; b < B; ++b) {
+      const int64_t at = (b * C + c) * P;
+      const auto dx_of = [a, kt, shift, m](Vec gi, Vec xi) {
+        return Vec(a) * gi + Vec(kt) * (xi - Vec(m)) + Vec(shift);
+      };
+      at::vec::map2<T>(dx_of, dx + at, g + at, x + at, P);
+    }
+  }
+
+  void run() const {
+    const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(1, B * P));
+    at::parallel_for(0, C, grain, [this](int64_t c0, int64_t c1) {
+      for (int64_t c = c0; c < c1; ++c) channel(c);
+    });
+  }
+};
+
 void check_running(const at::Tensor& t, const at::Tensor& x, const char* name) {
   TORCH_CHECK(t.device() == x.device() && t.scalar_type() == x.scalar_type() && t.dim() == 1 &&
                   t.size(0) == x.size(1) && t.is_contiguous(),
@@ -147,6 +215,32 @@ std::vector<at::Tensor> batch_norm_forward(const at::Tensor& x, double eps,
   return {y, mean, invstd};
 }
 
+// d_x for grad g (B, C, H, W) of the training forward's y, from its x, mean and invstd.
+at::Tensor batch_norm_backward(const at::Tensor& g, const at::Tensor& x, const at::Tensor& mean,
+                               const at::Tensor& invstd) {
+  TORCH_CHECK(x.device().is_cpu(), "batch_norm (cpu kernel): x must be on the cpu, got ",
+              x.device());
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble,
+              "batch_norm: dtype must be float32 or float64, got ", x.scalar_type());
+  TORCH_CHECK(x.dim() == 4 && x.is_contiguous(),
+              "batch_norm: x must be a contiguous (B, C, H, W) tensor, got ", x.sizes());
+  TORCH_CHECK(g.device() == x.device() && g.scalar_type() == x.scalar_type() &&
+                  g.sizes() == x.sizes() && g.is_contiguous(),
+              "batch_norm: grad must be a contiguous tensor like x ", x.sizes(), ", got ",
+              g.sizes(), " ", g.scalar_type(), " on ", g.device());
+  check_running(mean, x, "mean");
+  check_running(invstd, x, "invstd");
+  const int64_t B = x.size(0), C = x.size(1), P = x.size(2) * x.size(3);
+  at::Tensor dx = at::detail::empty_cpu(x.sizes(), x.scalar_type());
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "batch_norm_backward", [&] {
+    const Backward<scalar_t> backward{
+        g.data_ptr<scalar_t>(),       x.data_ptr<scalar_t>(),      mean.data_ptr<scalar_t>(),
+        invstd.data_ptr<scalar_t>(), dx.data_ptr<scalar_t>(), B, C, P};
+    backward.run();
+  });
+  return dx;
+}
+
 }  // namespace
 
 namespace fastdarts {
@@ -157,6 +251,9 @@ void bind_batch_norm(pybind11::module& m) {
         pybind11::arg("running_var") = pybind11::none(), pybind11::arg("momentum") = 0.1,
         "(y, mean, invstd) of BatchNorm's training forward, no affine: x (B, C, H, W); the "
         "running statistics, if given, updated in place");
+  m.def("batch_norm_backward", &batch_norm_backward, pybind11::arg("grad"), pybind11::arg("x"),
+        pybind11::arg("mean"), pybind11::arg("invstd"),
+        "d_x of batch_norm_forward's y for grad, from its x, mean and invstd");
 }
 
 }  // namespace fastdarts

@@ -33,6 +33,7 @@ from fastdarts.ops.conv_mixed import (
     MixedOp,
     Routes,
     batch_norm,
+    batch_norm_backward_reference,
     conv_mix,
     depthwise,
     depthwise_backward_reference,
@@ -814,6 +815,12 @@ def test_batch_norm_matches_torch(shape, dtype):
     v = torch.randn(shape, generator=gen, dtype=F64).to(dtype)
     hvps = [torch.autograd.grad((d * v).sum(), t)[0] for d, t in zip(grads, xs)]
     torch.testing.assert_close(hvps[0], hvps[1], rtol=100 * tol, atol=100 * tol)
+    # The backward kernel (no create_graph) against torch's in float64 on the same input.
+    (d_x,) = torch.autograd.grad(batch_norm(xs[0])[0], xs[0], g)
+    _, mean, invstd = want
+    want_dx = batch_norm_backward_reference(g.to(F64), x, mean, invstd, 1e-5)
+    torch.testing.assert_close(d_x, want_dx.to(dtype), rtol=100 * tol, atol=100 * tol)
+    assert torch.equal(d_x, _C().batch_norm_backward(g, xs[0].detach(), *got[1:]))
 
 
 def test_batch_norm_gradcheck_vmap_and_opcheck():
@@ -839,19 +846,22 @@ def test_batch_norm_gradcheck_vmap_and_opcheck():
     torch.library.opcheck(op, [x.detach(), 1e-5, None, None, 0.1])
     running = [torch.rand(2, generator=gen, dtype=F64) for _ in range(2)]
     torch.library.opcheck(op, [x.detach(), 1e-5, *running, 0.1])
+    _, mean, invstd = batch_norm(x.detach())
+    args = [torch.randn_like(x), x.detach(), mean, invstd, 1e-5]
+    torch.library.opcheck(torch.ops.fastdarts.batch_norm_backward.default, args)
 
 
 @needs_cpp
 def test_batch_norm_dispatches_one_op_each_way():
-    # The statistics' gradients are not materialised as zero tensors (two ops per backward).
+    # One kernel each way; the statistics' gradients are not materialised as zero tensors.
     sys.path.insert(0, str(REPO))
     from benchmarks.harness import count_ops
 
     x = torch.randn(2, 3, 4, 4, dtype=F64, requires_grad=True)
     counts = count_ops(lambda: torch.autograd.grad(batch_norm(x)[0].sum(), x))
-    assert counts.get("fastdarts.batch_norm.default") == 1
-    assert counts.get("aten.native_batch_norm_backward.default") == 1
-    assert "aten.zeros.default" not in counts and "aten.native_batch_norm.default" not in counts
+    norms = {name: n for name, n in counts.items() if "batch_norm" in name}
+    assert norms == {"fastdarts.batch_norm.default": 1, "fastdarts.batch_norm_backward.default": 1}
+    assert "aten.zeros.default" not in counts
 
 
 @pytest.mark.parametrize("dtype", [F64, torch.float32])
@@ -879,6 +889,10 @@ def test_cpp_batch_norm_checks_its_inputs():
         _C().batch_norm_forward(x[:1, :, :1, :1].contiguous(), 1e-5)
     with pytest.raises(RuntimeError, match="must be on the cpu"):
         _C().batch_norm_forward(x.to("meta"), 1e-5)
+    with pytest.raises(RuntimeError, match="grad must be a contiguous tensor like x"):
+        _C().batch_norm_backward(x[:1], x, torch.zeros(3, dtype=F64), torch.ones(3, dtype=F64))
+    with pytest.raises(RuntimeError, match=r"invstd must be a contiguous \(3,\)"):
+        _C().batch_norm_backward(x, x, torch.zeros(3, dtype=F64), torch.ones(2, dtype=F64))
     with pytest.raises(RuntimeError, match="running_mean and running_var, or neither"):
         _C().batch_norm_forward(x, 1e-5, torch.zeros(3, dtype=F64))
     with pytest.raises(RuntimeError, match=r"running_var must be a contiguous \(3,\)"):

@@ -735,17 +735,32 @@ def _(x, eps, running_mean, running_var, momentum):
     return torch.empty_like(x), x.new_empty(x.shape[1]), x.new_empty(x.shape[1])
 
 
-def _bn_backward(grad: Tensor, x: Tensor, mean: Tensor, invstd: Tensor, eps: float) -> Tensor:
-    # torch's own: its derivative (batchnorm_double_backward) takes mean and invstd as the
-    # functions of x they are, so this is differentiable under create_graph too.
+def batch_norm_backward_reference(
+    grad: Tensor, x: Tensor, mean: Tensor, invstd: Tensor, eps: float
+) -> Tensor:
+    """d_x of :func:`batch_norm`'s y, torch's own: its derivative (batchnorm_double_backward)
+    takes mean and invstd as the functions of x they are, so it is differentiable under
+    create_graph too."""
     mask = [True, False, False]
     args = (grad, x, None, None, None, mean, invstd, True, eps, mask)
     return torch.ops.aten.native_batch_norm_backward(*args)[0]
 
 
+def _bn_backward_op(grad: Tensor, x: Tensor, mean: Tensor, invstd: Tensor, eps: float) -> Tensor:
+    if not _cpp(x, "batch_norm_backward"):
+        return batch_norm_backward_reference(grad, x, mean, invstd, eps)
+    return extension().batch_norm_backward(grad, x, mean, invstd)
+
+
+_bn_backward_op = _kernel_op(
+    "batch_norm_backward", _bn_backward_op, lambda grad, x, *args: torch.empty_like(x)
+)
+
+
 class BatchNormFunction(torch.autograd.Function):
     """BatchNorm's training forward in one kernel (y, mean, invstd; the statistics carry no
-    gradient); torch's backward. Under vmap each sample keeps its own statistics. (The op
+    gradient), its backward in another (torch's formula under create_graph). Under vmap each
+    sample keeps its own statistics. (The forward op
     mutates the running statistics, so torch.library takes no autograd formula for it: this
     Function is its autograd.)"""
 
@@ -765,7 +780,12 @@ class BatchNormFunction(torch.autograd.Function):
         if grad is None:
             return None, None, None, None, None
         x, mean, invstd = ctx.saved_tensors
-        return _bn_backward(grad, x, mean, invstd, ctx.eps), None, None, None, None
+        if torch.is_grad_enabled():
+            # create_graph (double backward, exact HVP): torch's differentiable formula.
+            d_x = batch_norm_backward_reference(grad, x, mean, invstd, ctx.eps)
+        else:
+            d_x = _bn_backward_op(grad.contiguous(), x, mean, invstd, ctx.eps)
+        return d_x, None, None, None, None
 
     @staticmethod
     def vmap(info, in_dims, x, eps, running_mean, running_var, momentum):
@@ -789,8 +809,8 @@ def batch_norm(
 ) -> tuple[Tensor, Tensor, Tensor]:
     """(y, mean, invstd) = ``torch.native_batch_norm(x, None, None, running_mean,
     running_var, True, momentum, eps)`` for x (B, C, H, W): BatchNorm's training forward,
-    no affine, the running statistics (if given) updated in place. The C++ kernel on the
-    CPU; elsewhere (and without the extension) torch's op itself, no custom op around it."""
+    no affine, the running statistics (if given) updated in place. C++ kernels each way on
+    the CPU; elsewhere (and without the extension) torch's op itself, no custom op around it."""
     if not _cpp(x, "batch_norm_forward"):
         args = (running_mean, running_var, True, momentum, eps)
         return torch.native_batch_norm(x, None, None, *args)
