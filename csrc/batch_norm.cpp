@@ -103,12 +103,12 @@ struct Forward {
 // one pass for the sums (g and x read together), one writing d_x.
 template <typename T>
 struct Backward {
-  const T* g;
+  const T* g;  // planes of P contiguous values, channels P apart, batches g_batch apart
   const T* x;
   const T* mean;
   const T* invstd;
   T* dx;
-  int64_t B, C, P;
+  int64_t B, C, P, g_batch;
 
   void channel(int64_t c) const {
     using Vec = Vectorized<T>;
@@ -120,7 +120,7 @@ struct Backward {
     const auto sum = [](Vec v) { return at::vec::vec_reduce_all<T>(std::plus<Vec>(), v); };
     double sum_g = 0, sum_gx = 0, sum_x = 0;
     for (int64_t b = 0; b < B; ++b) {
-      const T* gp = g + (b * C + c) * P;
+      const T* gp = g + b * g_batch + c * P;
       const T* xp = x + (b * C + c) * P;
       Vec vg(0), vgx(0), vx(0);
       int64_t i = 0;
@@ -151,7 +151,7 @@ struct Backward {
       const auto dx_of = [a, kt, shift, m](Vec gi, Vec xi) {
         return Vec(a) * gi + Vec(kt) * (xi - Vec(m)) + Vec(shift);
       };
-      at::vec::map2<T>(dx_of, dx + at, g + at, x + at, P);
+      at::vec::map2<T>(dx_of, dx + at, g + b * g_batch + c * P, x + at, P);
     }
   }
 
@@ -215,27 +215,35 @@ std::vector<at::Tensor> batch_norm_forward(const at::Tensor& x, double eps,
   return {y, mean, invstd};
 }
 
-// d_x for grad g (B, C, H, W) of the training forward's y, from its x, mean and invstd.
-at::Tensor batch_norm_backward(const at::Tensor& g, const at::Tensor& x, const at::Tensor& mean,
-                               const at::Tensor& invstd) {
+// d_x for grad g (B, C, H, W) of the training forward's y, from its x, mean and invstd; g
+// any layout (a channel block of a larger tensor is read in place).
+at::Tensor batch_norm_backward(const at::Tensor& g_arg, const at::Tensor& x,
+                               const at::Tensor& mean, const at::Tensor& invstd) {
   TORCH_CHECK(x.device().is_cpu(), "batch_norm (cpu kernel): x must be on the cpu, got ",
               x.device());
   TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble,
               "batch_norm: dtype must be float32 or float64, got ", x.scalar_type());
   TORCH_CHECK(x.dim() == 4 && x.is_contiguous(),
               "batch_norm: x must be a contiguous (B, C, H, W) tensor, got ", x.sizes());
-  TORCH_CHECK(g.device() == x.device() && g.scalar_type() == x.scalar_type() &&
-                  g.sizes() == x.sizes() && g.is_contiguous(),
-              "batch_norm: grad must be a contiguous tensor like x ", x.sizes(), ", got ",
-              g.sizes(), " ", g.scalar_type(), " on ", g.device());
+  TORCH_CHECK(g_arg.device() == x.device() && g_arg.scalar_type() == x.scalar_type() &&
+                  g_arg.sizes() == x.sizes(),
+              "batch_norm: grad must be a tensor like x ", x.sizes(), ", got ", g_arg.sizes(),
+              " ", g_arg.scalar_type(), " on ", g_arg.device());
   check_running(mean, x, "mean");
   check_running(invstd, x, "invstd");
   const int64_t B = x.size(0), C = x.size(1), P = x.size(2) * x.size(3);
+  // Autograd hands the gradient of a concatenation's channel block: read in place when its
+  // planes are laid out as x's (any batch stride), else copied.
+  const bool planes = (g_arg.size(3) == 1 || g_arg.stride(3) == 1) &&
+                      (g_arg.size(2) == 1 || g_arg.stride(2) == g_arg.size(3)) &&
+                      (C == 1 || g_arg.stride(1) == P);
+  const at::Tensor g = planes ? g_arg : g_arg.contiguous();
+  const int64_t g_batch = B == 1 ? 0 : g.stride(0);
   at::Tensor dx = at::detail::empty_cpu(x.sizes(), x.scalar_type());
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "batch_norm_backward", [&] {
     const Backward<scalar_t> backward{
         g.data_ptr<scalar_t>(),       x.data_ptr<scalar_t>(),      mean.data_ptr<scalar_t>(),
-        invstd.data_ptr<scalar_t>(), dx.data_ptr<scalar_t>(), B, C, P};
+        invstd.data_ptr<scalar_t>(), dx.data_ptr<scalar_t>(), B, C, P, g_batch};
     backward.run();
   });
   return dx;

@@ -784,7 +784,7 @@ class BatchNormFunction(torch.autograd.Function):
             # create_graph (double backward, exact HVP): torch's differentiable formula.
             d_x = batch_norm_backward_reference(grad, x, mean, invstd, ctx.eps)
         else:
-            d_x = _bn_backward_op(grad.contiguous(), x, mean, invstd, ctx.eps)
+            d_x = _bn_backward_op(grad, x, mean, invstd, ctx.eps)  # any layout: no copy op
         return d_x, None, None, None, None
 
     @staticmethod
