@@ -290,11 +290,12 @@ DEPTHWISE = Kernel(
 # -- both 3x3 pools of a group's input (fastdarts.ops.conv_mixed.pools) --------------------
 
 
-def _make_pools(shape: dict[str, int], device: torch.device, dtype: torch.dtype) -> Inputs:
+def _make_planes(shape: dict[str, int], device: torch.device, dtype: torch.dtype) -> Inputs:
+    """x (B, C, H, H), the only input (pools and BatchNorm), with the shape's stride if any."""
     g = torch.Generator().manual_seed(0)
     x = torch.randn(shape["B"], shape["C"], shape["H"], shape["H"], generator=g, dtype=dtype)
     x = x.to(device).requires_grad_()
-    return Inputs({"x": x, "stride": shape["stride"]}, [x])
+    return Inputs({"x": x, **({"stride": shape["stride"]} if "stride" in shape else {})}, [x])
 
 
 def _pools_bytes(shape: dict[str, int], pass_: str, size: int) -> int:
@@ -315,7 +316,7 @@ POOLS = Kernel(
         "large": [{"B": 256, "C": 128, "H": 16, "stride": 1}],
         "tiny": [{"B": 2, "C": 3, "H": 7, "stride": 2}],
     },
-    make=_make_pools,
+    make=_make_planes,
     impls={
         # torch's max_pool2d and avg_pool2d (count_include_pad=False), concatenated.
         "reference": lambda a: pools_reference(a["x"], a["stride"]),
@@ -329,13 +330,6 @@ POOLS = Kernel(
 
 
 # -- BatchNorm's training forward, no affine (fastdarts.ops.conv_mixed.batch_norm) --------
-
-
-def _make_batch_norm(shape: dict[str, int], device: torch.device, dtype: torch.dtype) -> Inputs:
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(shape["B"], shape["C"], shape["H"], shape["H"], generator=g, dtype=dtype)
-    x = x.to(device).requires_grad_()
-    return Inputs({"x": x}, [x])
 
 
 def _batch_norm_bytes(shape: dict[str, int], pass_: str, size: int) -> int:
@@ -352,7 +346,7 @@ BATCH_NORM = Kernel(
         "large": [{"B": 256, "C": 256, "H": 16}],
         "tiny": [{"B": 2, "C": 3, "H": 5}],
     },
-    make=_make_batch_norm,
+    make=_make_planes,
     impls={
         # torch's native_batch_norm (batch statistics, no affine) and its backward.
         "reference": lambda a: torch.nn.functional.batch_norm(a["x"], None, None, training=True),

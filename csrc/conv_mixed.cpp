@@ -20,6 +20,7 @@
 #include <torch/extension.h>
 
 #include "bindings.h"
+#include "planes.h"
 
 #include <ATen/EmptyTensor.h>
 #include <ATen/Parallel.h>
@@ -89,18 +90,10 @@ at::Tensor planes(const at::Tensor& t, const at::Tensor& like, at::IntArrayRef s
               name, " must be a tensor on ", like.device(), " of shape ", sizes, " and dtype ",
               like.scalar_type(), ", got ", t.sizes(), " ", t.scalar_type(), " on ",
               t.device());
-  int64_t dense = 1;
-  for (int64_t d = 3; d >= 1; --d) {
-    if (sizes[d] != 1 && t.stride(d) != dense) return t.contiguous();
-    dense *= sizes[d];
-  }
-  return t;
+  return fastdarts::dense_planes(t);
 }
 
-// The batch stride of a tensor from planes().
-int64_t batch_stride(const at::Tensor& t) {
-  return t.size(0) == 1 ? 0 : t.stride(0);
-}
+using fastdarts::batch_stride;
 
 void check_common(const at::Tensor& src, const at::Tensor& alpha, const at::Tensor& shift) {
   TORCH_CHECK(src.device().is_cpu(), "conv_mix (cpu kernel): src must be on the cpu, got ",

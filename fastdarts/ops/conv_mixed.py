@@ -725,9 +725,12 @@ def _bn_op(
     momentum: float,
 ) -> tuple[Tensor, Tensor, Tensor]:
     if not _cpp(x, "batch_norm_forward"):
-        args = (running_mean, running_var, True, momentum, eps)
-        return tuple(torch.native_batch_norm(x, None, None, *args))
+        return _batch_norm_torch(x, running_mean, running_var, momentum, eps)
     return tuple(extension().batch_norm_forward(x, eps, running_mean, running_var, momentum))
+
+
+def _batch_norm_torch(x, running_mean, running_var, momentum, eps):
+    return torch.native_batch_norm(x, None, None, running_mean, running_var, True, momentum, eps)
 
 
 @_bn_op.register_fake
@@ -812,8 +815,7 @@ def batch_norm(
     no affine, the running statistics (if given) updated in place. C++ kernels each way on
     the CPU; elsewhere (and without the extension) torch's op itself, no custom op around it."""
     if not _cpp(x, "batch_norm_forward"):
-        args = (running_mean, running_var, True, momentum, eps)
-        return torch.native_batch_norm(x, None, None, *args)
+        return _batch_norm_torch(x, running_mean, running_var, momentum, eps)
     return BatchNormFunction.apply(x.contiguous(), eps, running_mean, running_var, momentum)
 
 
