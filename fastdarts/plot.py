@@ -26,40 +26,70 @@ from fastdarts.genotypes import NAMED_GENOTYPES, Genotype, RecurrentGenotype, lo
 PROG = "python -m fastdarts.plot"
 
 
-def plot_alpha_history(doc: dict, path: str | os.PathLike) -> None:
-    """Plot ``alpha.json``'s history: one panel per edge, one line per op, per α matrix.
+def _limits(values: list[float]) -> tuple[float, float]:
+    """An axis range over ``values`` with a 5 % margin (a single value gets ±0.5)."""
+    lo, hi = min(values), max(values)
+    pad = 0.05 * (hi - lo) if hi > lo else 0.5
+    return lo - pad, hi + pad
 
-    ``doc`` = {"primitives": [...], "history": [{"step", "epoch", "alphas": {name: (E, K)}}]}.
-    """
+
+def alpha_history_figure(doc: dict) -> plt.Figure:
+    """``alpha.json``'s history as a figure: one panel per edge, one line per op, per α
+    matrix; ``doc`` = {"primitives": [...], "history": [{"step", "epoch", "alphas": {name:
+    (E, K)}}]}."""
     history, primitives = doc["history"], doc["primitives"]
     names = list(history[0]["alphas"]) if history else []
     steps = [h["step"] for h in history]
     n_edges = max((len(history[0]["alphas"][n]) for n in names), default=1)
     cols = min(n_edges, 7)
     rows_per = math.ceil(n_edges / cols)
-    fig, axes = plt.subplots(
-        rows_per * max(len(names), 1),
-        cols,
-        figsize=(2.2 * cols, 1.8 * rows_per * max(len(names), 1)),
-        sharex=True,
-        sharey=True,
-        squeeze=False,
-    )
+    rows = rows_per * max(len(names), 1)
+    width, height = 2.2 * cols, 1.8 * rows + 1.0
+    # One x and one y range set on every panel, tick labels on the outer panels only, fixed
+    # margins: matplotlib's shared axes and tight_layout made this picture, redrawn at every
+    # epoch's end, twice as slow (the RNN's 36 panels: 5.3 s against 2.7, the CNN's 28: 3.4
+    # against 1.4; medians of 3 calls, one thread).
+    fig, axes = plt.subplots(rows, cols, figsize=(width, height), squeeze=False)
+    marker = "." if len(history) <= 50 else None
+    values = []
     for a, name in enumerate(names):
         for e in range(len(history[0]["alphas"][name])):
             ax = axes[a * rows_per + e // cols][e % cols]
             for k, op in enumerate(primitives):
-                ax.plot(steps, [h["alphas"][name][e][k] for h in history], marker=".", label=op)
+                line = [h["alphas"][name][e][k] for h in history]
+                values += line
+                ax.plot(steps, line, marker=marker, label=op)
             ax.set_title(f"{name} edge {e}", fontsize=7)
             ax.tick_params(labelsize=6)
     for ax in axes.flat:
-        if not ax.has_data():
-            ax.set_visible(False)
+        ax.set_visible(ax.has_data())
+        if values:
+            ax.set_xlim(*_limits(steps))
+            ax.set_ylim(*_limits(values))
+    # Tick labels on the first column, and under each panel with no panel below it.
+    for r, row in enumerate(axes):
+        for c, ax in enumerate(row):
+            last = r + 1 == len(axes) or not axes[r + 1][c].get_visible()
+            ax.tick_params(labelleft=c == 0, labelbottom=last)
     handles, labels = axes[0][0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="upper center", ncol=len(primitives), fontsize=7)
     fig.supxlabel("step")
     fig.supylabel("softmax(α)")
-    fig.tight_layout(rect=(0, 0, 1, 0.95))
+    # Margins in inches: the legend above, the axis labels left and below.
+    fig.subplots_adjust(
+        left=0.85 / width,
+        right=1 - 0.1 / width,
+        bottom=0.55 / height,
+        top=1 - 0.6 / height,
+        wspace=0.12,
+        hspace=0.35,
+    )
+    return fig
+
+
+def plot_alpha_history(doc: dict, path: str | os.PathLike) -> None:
+    """Writes :func:`alpha_history_figure` to ``path`` (PNG), atomically."""
+    fig = alpha_history_figure(doc)
     tmp = f"{path}.tmp.png"
     fig.savefig(tmp, dpi=80)
     plt.close(fig)

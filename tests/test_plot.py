@@ -4,10 +4,18 @@ from __future__ import annotations
 
 import shutil
 
+import matplotlib.pyplot as plt
+import numpy as np
 import pytest
 
 from fastdarts.genotypes import NAMED_GENOTYPES, save_genotype
-from fastdarts.plot import genotype_dot, main, plot_alpha_history, plot_genotype
+from fastdarts.plot import (
+    alpha_history_figure,
+    genotype_dot,
+    main,
+    plot_alpha_history,
+    plot_genotype,
+)
 
 PNG = b"\x89PNG\r\n\x1a\n"
 ALL = [(space, name) for space, named in NAMED_GENOTYPES.items() for name in named]
@@ -75,3 +83,35 @@ def test_alpha_history_still_plots(tmp_path):
     doc = {"primitives": ["none", "tanh", "relu", "sigmoid", "identity"], "history": history}
     plot_alpha_history(doc, tmp_path / "alpha.png")
     assert (tmp_path / "alpha.png").read_bytes()[:8] == PNG
+
+
+def test_alpha_history_panels_share_ranges_and_label_the_outer_ones():
+    # Two α matrices of 9 edges (2 rows of 7 panels each, 5 of 14 unused): the panels are
+    # not matplotlib-shared, so each must be given the range that holds every line.
+    rng = np.random.default_rng(0)
+    history = [
+        {"step": s, "epoch": 0, "alphas": {m: rng.random((9, 3)).tolist() for m in ("a", "b")}}
+        for s in (0, 10, 25)
+    ]
+    doc = {"primitives": ["x", "y", "z"], "history": history}
+    values = [v for h in history for m in h["alphas"].values() for row in m for v in row]
+    fig = alpha_history_figure(doc)
+    try:
+        axes = np.array(fig.axes).reshape(4, 7)
+        used = [(r, c) for r in range(4) for c in range(7) if (r % 2) * 7 + c < 9]
+        assert [ax.get_visible() for ax in axes.flat] == [
+            (r, c) in used for r in range(4) for c in range(7)
+        ]
+        for r, c in used:
+            ax = axes[r, c]
+            lo, hi = ax.get_ylim()
+            assert lo < min(values) and max(values) < hi and hi - lo < 1.2
+            assert ax.get_xlim()[0] < 0 and 25 < ax.get_xlim()[1] < 27
+            assert [line.get_label() for line in ax.get_lines()] == ["x", "y", "z"]
+            assert ax.get_title() == f"{'ab'[r // 2]} edge {(r % 2) * 7 + c}"
+            # Tick labels on the first column, and under the panels with none below them.
+            assert ax.yaxis.get_tick_params()["labelleft"] == (c == 0)
+            assert ax.xaxis.get_tick_params()["labelbottom"] == ((r + 1, c) not in used)
+        assert all(ax.get_ylim() == axes[0, 0].get_ylim() for ax in axes.flat)
+    finally:
+        plt.close(fig)
