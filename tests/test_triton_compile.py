@@ -20,83 +20,84 @@ from conftest import REPO
 
 triton = pytest.importorskip("triton")
 
-from triton.backends.compiler import GPUTarget  # noqa: E402
-from triton.compiler import ASTSource  # noqa: E402
-
+from benchmarks import triton_resources  # noqa: E402
+from benchmarks.triton_resources import LAUNCHES, compile_launch  # noqa: E402
 from fastdarts.ops.extension import triton_kernels  # noqa: E402
 
 conv_mixed, recurrent_mixed = triton_kernels("conv_mixed"), triton_kernels("recurrent_mixed")
-TARGETS = [GPUTarget("cuda", 90, 32), GPUTarget("cuda", 80, 32)]
-DTYPES = ["fp32", "fp64"]  # the fused ops' dtypes (see _DTYPES in fastdarts.ops)
 
 
-def _signature(names: str, dtype: str) -> dict[str, str]:
-    """Triton signature from 'NAME:kind' pairs: f = *dtype, l = *i64 (index tensors built
-    as torch.long), i = a Python int (i32), c = constexpr."""
-    kinds = {"f": f"*{dtype}", "l": "*i64", "i": "i32", "c": "constexpr"}
-    return {name: kinds[kind] for name, kind in (pair.split(":") for pair in names.split())}
-
-
-# (kernel, its arguments as _signature pairs, constexpr values) for each launch the
-# launchers make; conv_mixed's forward with and without an accumulator.
-CONV_FORWARD = "SRC:f ALPHA:f SHIFT:f ACC:f ACC_B:i RSRC:l OPTR:l OUT:f S:i N:i P:i"
-CONV_FORWARD += " HAS_ACC:c BLOCK:c"
-KERNELS = {
-    "conv_forward_acc": (
-        conv_mixed._forward_kernel,
-        CONV_FORWARD,
-        {"HAS_ACC": True, "BLOCK": conv_mixed.BLOCK},
-    ),
-    "conv_forward": (
-        conv_mixed._forward_kernel,
-        CONV_FORWARD,
-        {"HAS_ACC": False, "BLOCK": conv_mixed.BLOCK},
-    ),
-    "conv_grad_src": (
-        conv_mixed._grad_src_kernel,
-        "G:f ALPHA:f ROUT:l PERM:l SPTR:l DSRC:f S:i N:i P:i BLOCK:c",
-        {"BLOCK": conv_mixed.BLOCK},
-    ),
-    "conv_grad_coef": (
-        conv_mixed._grad_coef_kernel,
-        "G:f SRC:f ALPHA:f SHIFT:f RSRC:l ROUT:l DALPHA:f DSHIFT:f B:i S:i N:i P:i BLOCK:c",
-        {"BLOCK": conv_mixed.BLOCK},
-    ),
-    "rnn_forward": (
-        recurrent_mixed._forward_kernel,
-        "S:f CH:f P:f OUT:f n:i B:i D:i BLOCK:c",
-        {"BLOCK": recurrent_mixed.BLOCK},
-    ),
-    "rnn_backward": (
-        recurrent_mixed._backward_kernel,
-        "G:f S:f CH:f P:f DS:f DCH:f DP_PART:f n:i B:i D:i BLOCK:c",
-        {"BLOCK": recurrent_mixed.BLOCK},
-    ),
-}
-
-
-@pytest.mark.parametrize("target", TARGETS, ids=lambda t: f"sm_{t.arch}")
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("name", list(KERNELS))
-def test_kernel_compiles_to_cubin(name, dtype, target):
-    kernel, names, constexprs = KERNELS[name]
-    signature = _signature(names, dtype)
-    assert list(signature) == kernel.arg_names, "the table above is out of date"
+def _compile(name: str, dtype: str, arch: int):
     try:
-        compiled = triton.compile(
-            ASTSource(fn=kernel, signature=signature, constexprs=constexprs), target=target
-        )
+        return compile_launch(name, dtype, arch)
     except RuntimeError as e:
         if "ptxas" in str(e) and "not found" in str(e).lower():
             pytest.skip(f"this Triton install has no ptxas: {e}")
         raise
+
+
+@pytest.mark.parametrize("arch", triton_resources.ARCHS, ids=lambda a: f"sm_{a}")
+@pytest.mark.parametrize("dtype", triton_resources.DTYPES)
+@pytest.mark.parametrize("name", list(LAUNCHES))
+def test_kernel_compiles_to_cubin(name, dtype, arch):
+    launch = LAUNCHES[name]
+    kernel = launch.function()
+    signature = triton_resources.signature(launch.args, dtype)
+    assert list(signature) == kernel.arg_names, "LAUNCHES is out of date"
+    compiled = _compile(name, dtype, arch)
     ptx = compiled.asm["ptx"]
-    assert f".target sm_{target.arch}" in ptx
+    assert f".target sm_{arch}" in ptx
     assert f".entry {kernel.fn.__name__}" in ptx
     # float64 kernels must do their arithmetic in float64, not silently in float32.
     if dtype == "fp64":
         assert ".f64" in ptx
     assert len(compiled.asm["cubin"]) > 1000
+
+
+@pytest.mark.parametrize("dtype", triton_resources.DTYPES)
+@pytest.mark.parametrize("name", list(LAUNCHES))
+def test_kernel_does_not_spill_on_hopper(name, dtype):
+    # A spill is a round trip to device memory per spilled value, in every thread: a kernel
+    # change that makes one spill is a performance bug this catches without a GPU.
+    tool = triton_resources.cuobjdump()
+    if tool is None:
+        pytest.skip("no cuobjdump (Triton's NVIDIA backend ships one)")
+    usage = triton_resources.resource_usage(_compile(name, dtype, 90).asm["cubin"], tool)
+    assert usage["local_bytes"] == 0 and usage["stack_bytes"] == 0, usage
+    assert 0 < usage["registers"] <= 128, usage
+
+
+def test_resource_usage_reads_spills_and_warps_per_sm():
+    tool = triton_resources.cuobjdump()
+    if tool is None:
+        pytest.skip("no cuobjdump (Triton's NVIDIA backend ships one)")
+    import triton
+    import triton.language as tl
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    @triton.jit
+    def outer(X, OUT, N: tl.constexpr):
+        # An N × N outer product live in one warp: N = 128 needs far more than the 255
+        # registers a thread may have, so ptxas spills; N = 32 fits.
+        offs = tl.arange(0, N)
+        m = tl.load(X + offs)[:, None] * tl.load(X + N + offs)[None, :]
+        tl.store(OUT + offs, tl.sum(tl.exp(m), 1) * tl.max(m, 1))
+
+    def usage(n: int) -> dict[str, int]:
+        signature = {"X": "*fp32", "OUT": "*fp32", "N": "constexpr"}
+        source = ASTSource(fn=outer, signature=signature, constexprs={"N": n})
+        target = GPUTarget("cuda", 90, 32)
+        compiled = triton.compile(source, target=target, options={"num_warps": 1})
+        return triton_resources.resource_usage(compiled.asm["cubin"], tool)
+
+    fits, spills = usage(32), usage(128)
+    assert fits["stack_bytes"] == fits["local_bytes"] == 0 and fits["registers"] < 255
+    assert spills["registers"] == 255 and spills["stack_bytes"] + spills["local_bytes"] > 0
+    # 32 registers a thread fill the SM with 64 warps; 128 leave 16 (4-warp blocks).
+    assert triton_resources.resident_warps(32, 4) == 64
+    assert triton_resources.resident_warps(55, 4) == 36  # 56 allocated: 9 blocks of 4 warps
+    assert triton_resources.resident_warps(128, 4) == 16
 
 
 def test_kernels_load_from_a_plain_checkout():

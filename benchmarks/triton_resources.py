@@ -1,0 +1,222 @@
+"""What each Triton kernel costs a GPU's multiprocessor, from its machine code: registers,
+spills, shared memory. Runs without a GPU (Triton's own ptxas and cuobjdump).
+
+    python benchmarks/triton_resources.py --json benchmarks/results/triton-resources.json
+
+Each kernel is compiled ahead of time (``triton.compile``: TTIR → … → cubin) for each target
+and each dtype its launcher sends, with the constexprs the launcher passes, and the cubin's
+resource usage is read back with ``cuobjdump --dump-resource-usage``. A kernel that spills
+registers (to its stack frame, ``STACK``, or to ``LOCAL`` memory: bytes per thread) pays
+device-memory round trips per spilled value; the register count bounds how many warps a
+multiprocessor keeps resident (an H100/H200 SM has 65,536 registers for at most 64 warps:
+32 registers per thread or fewer allow all 64).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks import harness
+from fastdarts.ops.extension import triton_kernels
+
+SCRIPT = "benchmarks/triton_resources.py"
+DTYPES = ("fp32", "fp64")  # the fused ops' dtypes (see _DTYPES in fastdarts.ops)
+ARCHS = (90, 80)  # Hopper (H100, H200), Ampere (A100)
+REGISTERS_PER_SM, MAX_WARPS_PER_SM = 65536, 64  # sm_80 and sm_90 alike
+
+
+def signature(names: str, dtype: str) -> dict[str, str]:
+    """Triton signature from 'NAME:kind' pairs: f = *dtype, l = *i64 (index tensors built
+    as torch.long), i = a Python int (i32), c = constexpr."""
+    kinds = {"f": f"*{dtype}", "l": "*i64", "i": "i32", "c": "constexpr"}
+    return {name: kinds[kind] for name, kind in (pair.split(":") for pair in names.split())}
+
+
+@dataclass(frozen=True)
+class Launch:
+    """One way a launcher calls a kernel: its module, kernel, argument kinds, constexprs."""
+
+    module: str
+    kernel: str
+    args: str
+    constexprs: dict[str, Any]
+
+    def function(self):
+        return getattr(triton_kernels(self.module), self.kernel)
+
+    def constexpr_values(self) -> dict[str, Any]:
+        """The constexprs; a str value names the module's constant (its BLOCK)."""
+        module = triton_kernels(self.module)
+        return {
+            k: getattr(module, v) if isinstance(v, str) else v for k, v in self.constexprs.items()
+        }
+
+
+_CONV_FORWARD = (
+    "SRC:f ALPHA:f SHIFT:f ACC:f ACC_B:i RSRC:l OPTR:l OUT:f S:i N:i P:i HAS_ACC:c BLOCK:c"
+)
+
+# Every launch the launchers in kernels/ make (conv_mixed's forward with and without an
+# accumulator); a test checks each argument list against the kernel's.
+LAUNCHES = {
+    "conv_forward_acc": Launch(
+        "conv_mixed", "_forward_kernel", _CONV_FORWARD, {"HAS_ACC": True, "BLOCK": "BLOCK"}
+    ),
+    "conv_forward": Launch(
+        "conv_mixed", "_forward_kernel", _CONV_FORWARD, {"HAS_ACC": False, "BLOCK": "BLOCK"}
+    ),
+    "conv_grad_src": Launch(
+        "conv_mixed",
+        "_grad_src_kernel",
+        "G:f ALPHA:f ROUT:l PERM:l SPTR:l DSRC:f S:i N:i P:i BLOCK:c",
+        {"BLOCK": "BLOCK"},
+    ),
+    "conv_grad_coef": Launch(
+        "conv_mixed",
+        "_grad_coef_kernel",
+        "G:f SRC:f ALPHA:f SHIFT:f RSRC:l ROUT:l DALPHA:f DSHIFT:f B:i S:i N:i P:i BLOCK:c",
+        {"BLOCK": "BLOCK"},
+    ),
+    "rnn_forward": Launch(
+        "recurrent_mixed",
+        "_forward_kernel",
+        "S:f CH:f P:f OUT:f n:i B:i D:i BLOCK:c",
+        {"BLOCK": "BLOCK"},
+    ),
+    "rnn_backward": Launch(
+        "recurrent_mixed",
+        "_backward_kernel",
+        "G:f S:f CH:f P:f DS:f DCH:f DP_PART:f n:i B:i D:i BLOCK:c",
+        {"BLOCK": "BLOCK"},
+    ),
+}
+
+
+def compile_launch(name: str, dtype: str, arch: int):
+    """``LAUNCHES[name]`` compiled for sm_<arch> in ``dtype``: Triton's CompiledKernel."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    launch = LAUNCHES[name]
+    source = ASTSource(
+        fn=launch.function(),
+        signature=signature(launch.args, dtype),
+        constexprs=launch.constexpr_values(),
+    )
+    return triton.compile(source, target=GPUTarget("cuda", arch, 32))
+
+
+def cuobjdump() -> str | None:
+    """The cuobjdump Triton ships (or one on PATH); None if there is none."""
+    import triton
+
+    shipped = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    if shipped.is_file() and os.access(shipped, os.X_OK):
+        return str(shipped)
+    from shutil import which
+
+    return which("cuobjdump")
+
+
+def resource_usage(cubin: bytes, tool: str) -> dict[str, int]:
+    """Registers per thread and stack, local (spill), static shared and constant-bank-0
+    bytes of a one-kernel cubin, as cuobjdump reports them."""
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        out = subprocess.run(
+            [tool, "--dump-resource-usage", f.name], capture_output=True, text=True, check=True
+        ).stdout
+    fields = dict(re.findall(r"([A-Z]+(?:\[0\])?):(\d+)", out))
+    if "REG" not in fields:
+        raise RuntimeError(f"no resource usage in cuobjdump's output:\n{out}")
+    keys = {"REG": "registers", "STACK": "stack_bytes", "LOCAL": "local_bytes"}
+    keys |= {"SHARED": "static_shared_bytes", "CONSTANT[0]": "param_bytes"}
+    return {key: int(fields.get(field, 0)) for field, key in keys.items()}
+
+
+def resident_warps(registers: int, num_warps: int) -> int:
+    """Warps of this kernel one SM holds by its register file alone (registers are allocated
+    per warp in units of 256; blocks are whole)."""
+    per_warp = -(-registers * 32 // 256) * 256
+    blocks = REGISTERS_PER_SM // (per_warp * num_warps)
+    return min(blocks * num_warps, MAX_WARPS_PER_SM // num_warps * num_warps)
+
+
+def row(name: str, dtype: str, arch: int, tool: str) -> dict[str, Any]:
+    """One table row: the launch compiled, its resources and warps per SM."""
+    compiled = compile_launch(name, dtype, arch)
+    usage = resource_usage(compiled.asm["cubin"], tool)
+    num_warps = compiled.metadata.num_warps
+    return {
+        "triton_kernel": name,
+        "dtype": dtype,
+        "arch": f"sm_{arch}",
+        "num_warps": num_warps,
+        **usage,
+        "dynamic_shared_bytes": compiled.metadata.shared,
+        "warps_per_sm": resident_warps(usage["registers"], num_warps),
+    }
+
+
+COLUMNS = [
+    ("kernel", "triton_kernel"),
+    ("dtype", "dtype"),
+    ("arch", "arch"),
+    ("warps", "num_warps"),
+    ("regs/thread", "registers"),
+    ("stack B/thread", "stack_bytes"),
+    ("local B/thread", "local_bytes"),
+    ("static shared B", "static_shared_bytes"),
+    ("dynamic shared B", "dynamic_shared_bytes"),
+    ("warps/SM (regs)", "warps_per_sm"),
+]
+
+
+def main(argv: list[str] | None = None) -> dict:
+    """Compiles every launch for each target; returns (and optionally writes) the document."""
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--archs", default=",".join(map(str, ARCHS)), help="compute capabilities ×10")
+    p.add_argument("--json", help="write the result document here")
+    args = p.parse_args(argv)
+    tool = cuobjdump()
+    if tool is None:
+        raise SystemExit(
+            "no cuobjdump here: Triton's NVIDIA backend ships one (pip install triton)"
+        )
+    archs = [int(a) for a in args.archs.split(",")]
+    rows = [row(n, d, a, tool) for a in archs for n in LAUNCHES for d in DTYPES]
+    argv = sys.argv[1:] if argv is None else argv
+    doc = {
+        "env": harness.env_info(torch.device("cpu"), [SCRIPT, *argv]),
+        "rows": rows,
+        "run": {
+            "what": "each launch compiled ahead of time (no GPU); resources from cuobjdump",
+            "stack_bytes": "stack frame per thread, where ptxas spills registers (0: none)",
+            "local_bytes": "local memory per thread (0: none)",
+            "warps_per_sm": "resident warps the register file allows (65,536 registers, "
+            "at most 64 warps per SM); shared memory and blocks per SM may lower it",
+        },
+    }
+    print(harness.markdown_table(rows, COLUMNS))
+    if args.json:
+        harness.write_json(args.json, doc)
+    return doc
+
+
+if __name__ == "__main__":
+    main()
