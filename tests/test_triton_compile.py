@@ -64,7 +64,10 @@ def test_kernel_does_not_spill_on_hopper(name, dtype):
         pytest.skip("no cuobjdump (Triton's NVIDIA backend ships one)")
     usage = triton_resources.resource_usage(_compile(name, dtype, 90).asm["cubin"], tool)
     assert usage["local_bytes"] == 0 and usage["stack_bytes"] == 0, usage
-    assert 0 < usage["registers"] <= 128, usage
+    # float32, the search's dtype: at most 64 registers a thread, so at least half of the
+    # SM's 64 warps stay resident (float64, for the tests, only must not spill).
+    if dtype == "fp32":
+        assert 0 < usage["registers"] <= 64, usage
 
 
 def test_resource_usage_reads_spills_and_warps_per_sm():
