@@ -10,6 +10,7 @@ its launcher sends, so a kernel that would fail to build on the GPU machine fail
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import textwrap
@@ -147,3 +148,16 @@ def test_launchers_refuse_tensors_past_32_bit_offsets():
     acc = big(2, 2**21, 32, 32)[:, :1]  # batch stride 2**31
     with pytest.raises(ValueError, match="index in 32 bits"):
         conv_mixed.forward(src, big(1), big(1), acc, none, none, big(2, 1, 32, 32))
+
+
+def test_resources_script_writes_every_launch(tmp_path):
+    if triton_resources.cuobjdump() is None:
+        pytest.skip("no cuobjdump (Triton's NVIDIA backend ships one)")
+    out = tmp_path / "res.json"
+    doc = triton_resources.main(["--archs", "90", "--json", str(out)])
+    assert json.loads(out.read_text()) == doc
+    got = {(r["triton_kernel"], r["dtype"]) for r in doc["rows"]}
+    assert got == {(n, d) for n in LAUNCHES for d in triton_resources.DTYPES}
+    assert {r["arch"] for r in doc["rows"]} == {"sm_90"}
+    assert all(r["num_warps"] == 4 and r["warps_per_sm"] >= 8 for r in doc["rows"])
+    assert doc["env"]["command"].endswith(f"--archs 90 --json {out}")
