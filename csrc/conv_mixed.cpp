@@ -450,22 +450,43 @@ void corr_plane(const T* src, int64_t sW, const T* w, int64_t kh, int64_t kw, in
   }
 }
 
+// max(v, 0) (NaN stays NaN, as torch's), and the input gradient's mask: the depthwise
+// convolutions can read relu(x) instead of x (the ReLU of ReLU-Conv-BN folded into their
+// input copies).
+template <typename T>
+inline T relu_of(T v) {
+  return v < T(0) ? T(0) : v;
+}
+
+// d_x[i] = 0 where x[i] ≤ 0 (the ReLU's gradient), for n elements.
+template <typename T>
+inline void relu_mask(T* d_x, const T* x, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) {
+    if (!(x[i] > T(0))) d_x[i] = T(0);
+  }
+}
+
 // Zero-padded copies of n planes (pad on every side; plane i read at src + i·src_stride),
-// one after the other, with a vector of zero slack after the last.
+// one after the other, with a vector of zero slack after the last; relu(src) if relu.
 template <typename T>
 struct Padded {
   std::vector<T> buf;
   int64_t W = 0, plane = 0;  // row stride, plane stride
 
   const T* fill(const T* src, int64_t H, int64_t Wd, int64_t pad, int64_t n = 1,
-                int64_t src_stride = 0) {
+                int64_t src_stride = 0, bool relu = false) {
     W = Wd + 2 * pad;
     plane = (H + 2 * pad) * W;
     buf.assign(n * plane + at::vec::Vectorized<T>::size(), T(0));
     for (int64_t i = 0; i < n; ++i) {
       for (int64_t y = 0; y < H; ++y) {
         const T* row = src + i * src_stride + y * Wd;
-        std::copy(row, row + Wd, buf.data() + i * plane + (y + pad) * W + pad);
+        T* dst = buf.data() + i * plane + (y + pad) * W + pad;
+        if (relu) {
+          for (int64_t x = 0; x < Wd; ++x) dst[x] = relu_of(row[x]);
+        } else {
+          std::copy(row, row + Wd, dst);
+        }
       }
     }
     return buf.data();
@@ -521,14 +542,14 @@ void dot_taps(const T* g, int64_t g_plane, const T* s, int64_t s_plane, int64_t 
 template <typename T>
 void dw1_forward(const T* x, const std::vector<const T*>& w, const std::vector<Shape>& shapes,
                  T* out, int64_t B, int64_t Cin, int64_t H, int64_t W, int64_t Cout, int64_t Ho,
-                 int64_t Wo) {
+                 int64_t Wo, bool relu) {
   at::parallel_for(0, B * Cin, 1, [&](int64_t begin, int64_t end) {
     Padded<T> pad;
     for (int64_t bc = begin; bc < end; ++bc) {
       const int64_t b = bc / Cin, ci = bc - b * Cin;
       const int64_t q = reading_pad(shapes, ci);
       if (q < 0) continue;  // no shape reads this channel
-      const T* xp = pad.fill(x + bc * H * W, H, W, q);
+      const T* xp = pad.fill(x + bc * H * W, H, W, q, 1, 0, relu);
       each_reader(shapes, ci, [&](size_t t, const Shape& s, int64_t c) {
         const T* origin = xp + (q - s.pad) * (pad.W + 1);
         corr_plane(origin, pad.W, w[t] + c * s.k * s.k, s.k, s.k, s.dil, false,
@@ -547,7 +568,7 @@ template <typename T>
 void dw1_backward(const T* g, const T* x, const std::vector<const T*>& w,
                   const std::vector<Shape>& shapes, T* d_x, const std::vector<T*>& d_w,
                   int64_t B, int64_t Cin, int64_t H, int64_t W, int64_t Cout, int64_t Ho,
-                  int64_t Wo) {
+                  int64_t Wo, bool relu) {
   at::parallel_for(0, B * Cin, 1, [&](int64_t begin, int64_t end) {
     Padded<T> pad;
     for (int64_t bc = begin; bc < end; ++bc) {
@@ -561,7 +582,11 @@ void dw1_backward(const T* g, const T* x, const std::vector<const T*>& w,
                    s.k, s.dil, true, dx, W, H, W, written);
         written = true;
       });
-      if (!written) std::fill(dx, dx + H * W, T(0));
+      if (!written) {
+        std::fill(dx, dx + H * W, T(0));
+      } else if (relu) {
+        relu_mask(dx, x + bc * H * W, H * W);
+      }
     }
   });
   if (d_w.empty()) return;  // the weights' gradient is not wanted (an α-only pass)
@@ -573,7 +598,7 @@ void dw1_backward(const T* g, const T* x, const std::vector<const T*>& w,
       while (o >= shapes[t].out_off + shapes[t].ch) ++t;
       const Shape& s = shapes[t];
       const int64_t c = o - s.out_off, k = s.k, d = s.dil;
-      const T* xp = pad.fill(x + (s.in_off + c) * H * W, H, W, s.pad, B, Cin * H * W);
+      const T* xp = pad.fill(x + (s.in_off + c) * H * W, H, W, s.pad, B, Cin * H * W, relu);
       const T* gy = g + o * Ho * Wo;
       acc.assign(k * k, 0.0);
       for (int64_t i = 0; i < k; ++i) {
@@ -641,14 +666,14 @@ inline const T* sub_kernel(const T* w, int64_t k, const PhaseTaps& ti, const Pha
 }
 
 // The four phases of n zero-padded planes: phase (a, b) of plane i at at(a, b) + i·plane,
-// rows of W elements; a vector of zero slack after the last.
+// rows of W elements; a vector of zero slack after the last; relu(src) if relu.
 template <typename T>
 struct Phases {
   std::vector<T> buf;
   int64_t H = 0, W = 0, plane = 0, n = 0;
 
   void fill(const T* src, int64_t Hs, int64_t Ws, int64_t pad, int64_t count = 1,
-            int64_t src_stride = 0) {
+            int64_t src_stride = 0, bool relu = false) {
     H = (Hs + 2 * pad + 1) / 2;
     W = (Ws + 2 * pad + 1) / 2;
     plane = H * W;
@@ -661,7 +686,7 @@ struct Phases {
         for (int64_t b = 0; b < 2; ++b) {
           const int64_t x0 = ((pad + b) % 2 == 0) ? 0 : 1;  // first x with x + pad ≡ b
           T* dst = at(Y % 2, (x0 + pad) % 2) + i * plane + (Y / 2) * W + (x0 + pad) / 2;
-          for (int64_t x = x0; x < Ws; x += 2) *dst++ = row[x];
+          for (int64_t x = x0; x < Ws; x += 2) *dst++ = relu ? relu_of(row[x]) : row[x];
         }
       }
     }
@@ -673,7 +698,7 @@ struct Phases {
 template <typename T>
 void dw2_forward(const T* x, const std::vector<const T*>& w, const std::vector<Shape>& shapes,
                  T* out, int64_t B, int64_t Cin, int64_t H, int64_t W, int64_t Cout, int64_t Ho,
-                 int64_t Wo) {
+                 int64_t Wo, bool relu) {
   at::parallel_for(0, B * Cin, 1, [&](int64_t begin, int64_t end) {
     Phases<T> ph;
     std::vector<T> sub;
@@ -681,7 +706,7 @@ void dw2_forward(const T* x, const std::vector<const T*>& w, const std::vector<S
       const int64_t b = bc / Cin, ci = bc - b * Cin;
       const int64_t q = reading_pad(shapes, ci);
       if (q < 0) continue;  // no shape reads this channel
-      ph.fill(x + bc * H * W, H, W, q);
+      ph.fill(x + bc * H * W, H, W, q, 1, 0, relu);
       each_reader(shapes, ci, [&](size_t t, const Shape& s, int64_t c) {
         const T* wk = w[t] + c * s.k * s.k;
         sub.resize(s.k * s.k);
@@ -718,7 +743,7 @@ template <typename T>
 void dw2_backward(const T* g, const T* x, const std::vector<const T*>& w,
                   const std::vector<Shape>& shapes, T* d_x, const std::vector<T*>& d_w,
                   int64_t B, int64_t Cin, int64_t H, int64_t W, int64_t Cout, int64_t Ho,
-                  int64_t Wo) {
+                  int64_t Wo, bool relu) {
   const int64_t Hh = (H + 1) / 2, Wh = (W + 1) / 2;  // the largest phase of d_x
   at::parallel_for(0, B * Cin, 1, [&](int64_t begin, int64_t end) {
     Padded<T> pad;
@@ -765,6 +790,7 @@ void dw2_backward(const T* g, const T* x, const std::vector<const T*>& w,
           for (int64_t xx = bb, v = 0; xx < W; xx += 2, ++v) row[xx] = written[ph] ? src[v] : T(0);
         }
       }
+      if (relu) relu_mask(dx, x + bc * H * W, H * W);
     }
   });
   if (d_w.empty()) return;  // the weights' gradient is not wanted (an α-only pass)
@@ -774,7 +800,7 @@ void dw2_backward(const T* g, const T* x, const std::vector<const T*>& w,
     for (int64_t ci = begin; ci < end; ++ci) {
       const int64_t q = reading_pad(shapes, ci);
       if (q < 0) continue;  // no shape reads this channel
-      ph.fill(x + ci * H * W, H, W, q, B, Cin * H * W);
+      ph.fill(x + ci * H * W, H, W, q, B, Cin * H * W, relu);
       each_reader(shapes, ci, [&](size_t t, const Shape& s, int64_t c) {
         const int64_t k = s.k, d = s.dil, r = q - s.pad;
         const T* gy = g + (s.out_off + c) * Ho * Wo;
@@ -845,11 +871,11 @@ DwGeometry dw_check(const at::Tensor& x, at::TensorList weights, int64_t stride,
   return geo;
 }
 
-// out (B, Σ Ch_t, Ho, Wo), every element written.
+// out (B, Σ Ch_t, Ho, Wo), every element written; of relu(x) if relu.
 at::Tensor depthwise_forward(const at::Tensor& x, const std::vector<at::Tensor>& weights,
                              int64_t stride, const std::vector<int64_t>& pads,
                              const std::vector<int64_t>& dils,
-                             const std::vector<int64_t>& in_offsets,
+                             const std::vector<int64_t>& in_offsets, bool relu,
                              const std::optional<at::Tensor>& out_arg) {
   const auto geo = dw_check(x, weights, stride, pads, dils, in_offsets);
   const at::Tensor out = output(out_arg, x, {geo.B, geo.Cout, geo.Ho, geo.Wo});
@@ -859,20 +885,21 @@ at::Tensor depthwise_forward(const at::Tensor& x, const std::vector<at::Tensor>&
     for (const auto& t : weights) w.push_back(t.data_ptr<scalar_t>());
     auto fn = stride == 1 ? dw1_forward<scalar_t> : dw2_forward<scalar_t>;
     fn(x.data_ptr<scalar_t>(), w, geo.shapes, out.data_ptr<scalar_t>(), geo.B, geo.Cin, geo.H,
-       geo.W, geo.Cout, geo.Ho, geo.Wo);
+       geo.W, geo.Cout, geo.Ho, geo.Wo, relu);
   });
   return out;
 }
 
 // [d_x (B, Cin, H, W), d_weights[t] (Ch_t, 1, k_t, k_t) when grad_weights], every element
 // written; input channels no shape reads get zero. Without grad_weights (an α-only pass) the
-// weights' gradient is not computed.
+// weights' gradient is not computed. With relu, the gradients of the convolutions of
+// relu(x): d_x zero where x ≤ 0 (as torch's ReLU), d_w from relu(x).
 std::vector<at::Tensor> depthwise_backward(const at::Tensor& grad, const at::Tensor& x,
                                            const std::vector<at::Tensor>& weights,
                                            int64_t stride, const std::vector<int64_t>& pads,
                                            const std::vector<int64_t>& dils,
                                            const std::vector<int64_t>& in_offsets,
-                                           bool grad_weights,
+                                           bool grad_weights, bool relu,
                                            const std::optional<std::vector<at::Tensor>>& out) {
   const auto geo = dw_check(x, weights, stride, pads, dils, in_offsets);
   check_out(grad, x, {geo.B, geo.Cout, geo.Ho, geo.Wo}, "grad");
@@ -894,7 +921,8 @@ std::vector<at::Tensor> depthwise_backward(const at::Tensor& grad, const at::Ten
     for (const auto& t : d_weights) dw.push_back(t.data_ptr<scalar_t>());
     auto fn = stride == 1 ? dw1_backward<scalar_t> : dw2_backward<scalar_t>;
     fn(grad.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(), w, geo.shapes,
-       d_x.data_ptr<scalar_t>(), dw, geo.B, geo.Cin, geo.H, geo.W, geo.Cout, geo.Ho, geo.Wo);
+       d_x.data_ptr<scalar_t>(), dw, geo.B, geo.Cin, geo.H, geo.W, geo.Cout, geo.Ho, geo.Wo,
+       relu);
   });
   return grads;
 }
@@ -1368,11 +1396,11 @@ void bind_conv_mixed(pybind11::module& m) {
         py::arg("out") = py::none());
   m.def("depthwise_forward", &depthwise_forward, "depthwise convolutions of several shapes",
         py::arg("x"), py::arg("weights"), py::arg("stride"), py::arg("pads"), py::arg("dils"),
-        py::arg("in_offsets"), py::arg("out") = py::none());
+        py::arg("in_offsets"), py::arg("relu") = false, py::arg("out") = py::none());
   m.def("depthwise_backward", &depthwise_backward, "[d_x, *d_weights] of depthwise_forward",
         py::arg("grad"), py::arg("x"), py::arg("weights"), py::arg("stride"), py::arg("pads"),
         py::arg("dils"), py::arg("in_offsets"), py::arg("grad_weights"),
-        py::arg("out") = py::none());
+        py::arg("relu") = false, py::arg("out") = py::none());
   m.def("pointwise_forward", &pointwise_forward, "a grouped 1x1 convolution", py::arg("x"),
         py::arg("weight"), py::arg("groups"), py::arg("out") = py::none());
   m.def("pointwise_backward", &pointwise_backward, "[d_x, d_weight] of pointwise_forward",

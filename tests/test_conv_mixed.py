@@ -464,29 +464,31 @@ def make_depthwise(gen, C, shapes, shared, B=2, H=7, W=9, dtype=F64):
     [(1, (7, 9)), (2, (10, 6)), (1, (1, 1)), (2, (2, 2)), (1, (9, 35)), (2, (9, 35)), (2, (1, 3))],
 )
 @pytest.mark.parametrize("shared", [True, False])
-def test_cpp_depthwise_matches_torch_and_writes_every_element(shared, stride, size, dtype):
+@pytest.mark.parametrize("relu", [False, True])
+def test_cpp_depthwise_matches_torch_and_writes_every_element(relu, shared, stride, size, dtype):
     gen = _gen(30 + stride)
     shapes = DW_SHAPES if shared else DW_SHAPES[:2]
     x, ws, pads, dils, offs = make_depthwise(gen, 5, shapes, shared, 3, *size, dtype)
     x64, ws64 = x.double().requires_grad_(), [w.double().requires_grad_() for w in ws]
-    want = depthwise_reference(x64, ws64, stride, pads, dils, offs)
+    # With relu the kernels read relu(x): torch's ReLU, then its convolutions.
+    want = depthwise_reference(torch.relu(x64) if relu else x64, ws64, stride, pads, dils, offs)
     g = torch.randn(want.shape, generator=gen, dtype=F64)
     want_grads = torch.autograd.grad(want, [x64, *ws64], g)
     out = torch.full(want.shape, math.nan, dtype=dtype)
-    _C().depthwise_forward(x, ws, stride, pads, dils, offs, out=out)
+    _C().depthwise_forward(x, ws, stride, pads, dils, offs, relu=relu, out=out)
     assert_close(out, want, dtype)
     d_x, d_ws = torch.full_like(x, math.nan), [torch.full_like(w, math.nan) for w in ws]
     args = (g.to(dtype), x, ws, stride, pads, dils, offs)
-    _C().depthwise_backward(*args, True, out=[d_x, *d_ws])
+    _C().depthwise_backward(*args, True, relu, out=[d_x, *d_ws])
     for got, w in zip([d_x, *d_ws], want_grads):
         assert_close(got, w, dtype)
     # Without the weights' gradient (an α-only pass): d_x alone, the same.
     d_x2 = torch.full_like(x, math.nan)
-    _C().depthwise_backward(*args, False, out=[d_x2])
+    _C().depthwise_backward(*args, False, relu, out=[d_x2])
     assert torch.equal(d_x2, d_x)
     # ... and the torch-op backward used under create_graph agrees.
     ref = depthwise_backward_reference(
-        g, x64.detach(), [w.detach() for w in ws64], stride, pads, dils, offs
+        g, x64.detach(), [w.detach() for w in ws64], stride, pads, dils, offs, True, relu
     )
     for got, w in zip(ref, want_grads):
         assert_close(got, w, F64)
@@ -501,19 +503,19 @@ def test_cpp_depthwise_matches_torch_and_writes_every_element(shared, stride, si
 def test_cpp_depthwise_other_kernels(shapes, stride, dtype):
     # Shapes the search does not use: padding beyond the kernel's reach (p > (k−1)·d: the
     # input gradient's correlation starts inside the output gradient), even kernels, odd
-    # dilation 3, a kernel wider than the dot-product unrolls (7 taps).
+    # dilation 3, a kernel wider than the dot-product unrolls (7 taps); through the ReLU.
     gen = _gen(33)
     x, ws, pads, dils, offs = make_depthwise(gen, 3, shapes, False, 2, 10, 11, dtype)
     x64, ws64 = x.double().requires_grad_(), [w.double().requires_grad_() for w in ws]
-    want = depthwise_reference(x64, ws64, stride, pads, dils, offs)
+    want = depthwise_reference(torch.relu(x64), ws64, stride, pads, dils, offs)
     g = torch.randn(want.shape, generator=gen, dtype=F64)
     want_grads = torch.autograd.grad(want, [x64, *ws64], g)
     out = torch.full(want.shape, math.nan, dtype=dtype)
-    _C().depthwise_forward(x, ws, stride, pads, dils, offs, out=out)
+    _C().depthwise_forward(x, ws, stride, pads, dils, offs, relu=True, out=out)
     assert_close(out, want, dtype)
     d_x, d_ws = torch.full_like(x, math.nan), [torch.full_like(w, math.nan) for w in ws]
     args = (g.to(dtype), x, ws, stride, pads, dils, offs)
-    _C().depthwise_backward(*args, True, out=[d_x, *d_ws])
+    _C().depthwise_backward(*args, True, True, out=[d_x, *d_ws])
     for got, w in zip([d_x, *d_ws], want_grads):
         assert_close(got, w, dtype)
 
@@ -528,7 +530,7 @@ def test_depthwise_weight_gradient_only_when_the_pass_uses_it(monkeypatch):
     flags, kernel = [], conv_mixed._dw_backward_op
 
     def spy(*args):
-        flags.append(args[-1])
+        flags.append(args[-2])  # grad_weights
         return kernel(*args)
 
     monkeypatch.setattr(conv_mixed, "_dw_backward_op", spy)
@@ -567,27 +569,42 @@ def test_cpp_depthwise_checks_its_inputs():
         forward(x, ws, 3, pads, dils, offs)
 
 
-def test_depthwise_gradcheck_gradgradcheck_and_vmap():
+@pytest.mark.parametrize("relu", [False, True])
+def test_depthwise_gradcheck_gradgradcheck_and_vmap(relu):
     gen = _gen(32)
     x, ws, pads, dils, offs = make_depthwise(gen, 2, DW_SHAPES[1:3], shared=False, H=4, W=5)
     inputs = [t.requires_grad_() for t in (x, *ws)]
 
     def fn(a, *b):
-        return depthwise(a, list(b), 1, pads, dils, offs)
+        return depthwise(a, list(b), 1, pads, dils, offs, relu=relu)
 
+    def want_fn(a, b):
+        return depthwise_reference(torch.relu(a) if relu else a, b, 1, pads, dils, offs)
+
+    # gradcheck's finite differences step x by 1e-6: none of these x lies that near 0.
+    assert x.abs().min() > 1e-3
     assert torch.autograd.gradcheck(fn, inputs)
     assert torch.autograd.gradgradcheck(fn, inputs)
     xs = torch.randn(3, *x.shape, generator=gen, dtype=F64)
     got = torch.vmap(fn, in_dims=(0, None, None))(xs, *ws)
-    want = torch.stack([depthwise_reference(a, ws, 1, pads, dils, offs) for a in xs])
+    want = torch.stack([want_fn(a, ws) for a in xs])
     assert_close(got, want, F64)
     wb = torch.randn(3, *ws[0].shape, generator=gen, dtype=F64)
     got = torch.vmap(fn, in_dims=(0, 0, None))(xs, wb, ws[1])
-    want = torch.stack(
-        [depthwise_reference(a, [w, ws[1]], 1, pads, dils, offs) for a, w in zip(xs, wb)]
-    )
+    want = torch.stack([want_fn(a, [w, ws[1]]) for a, w in zip(xs, wb)])
     assert_close(got, want, F64)
-    torch.library.opcheck(torch.ops.fastdarts.depthwise.default, [x, ws, 1, pads, dils, offs])
+    # ... and the input gradient under vmap with shared weights: the batch folded into B,
+    # through the kernels' backward (the ReLU's mask included).
+    xs.requires_grad_()
+    got = torch.vmap(fn, in_dims=(0, None, None))(xs, *ws)
+    (g_got,) = torch.autograd.grad(got.square().sum(), [xs])
+    want = torch.stack([want_fn(a, ws) for a in xs])
+    (g_want,) = torch.autograd.grad(want.square().sum(), [xs])
+    assert_close(g_got, g_want, F64)
+    torch.library.opcheck(torch.ops.fastdarts.depthwise.default, [x, ws, 1, pads, dils, offs, relu])
+    grad = torch.randn(want.shape[1:], generator=gen, dtype=F64)
+    detached = [x.detach(), [w.detach() for w in ws], 1, pads, dils, offs, True, relu]
+    torch.library.opcheck(torch.ops.fastdarts.depthwise_backward.default, [grad, *detached])
 
 
 # -- grouped pointwise convolutions ------------------------------------------------------

@@ -341,8 +341,11 @@ def depthwise_reference(
     pads: list[int],
     dils: list[int],
     in_offsets: list[int],
+    relu: bool = False,
 ) -> Tensor:
     """:func:`depthwise` in torch ops (one grouped convolution per shape, concatenated)."""
+    if relu:
+        x = torch.relu(x)
     outs = []
     for w, pad, dil, off in zip(weights, pads, dils, in_offsets):
         ch = w.shape[0]
@@ -360,9 +363,13 @@ def depthwise_backward_reference(
     dils: list[int],
     in_offsets: list[int],
     grad_weights: bool = True,
+    relu: bool = False,
 ) -> list[Tensor]:
     """[d_x, *d_weights] of :func:`depthwise` ([d_x] without ``grad_weights``), in
     differentiable torch ops."""
+    mask = None
+    if relu:
+        mask, x = x > 0, torch.relu(x)
     d_x, d_ws, start, cin = None, [], 0, x.shape[-3]
     for w, pad, dil, off in zip(weights, pads, dils, in_offsets):
         ch = w.shape[0]
@@ -375,6 +382,8 @@ def depthwise_backward_reference(
         d_x = gx if d_x is None else d_x + gx
         if grad_weights:
             d_ws.append(torch.nn.grad.conv2d_weight(xs, w.shape, g, stride, pad, dil, ch))
+    if mask is not None:
+        d_x = d_x * mask
     return [d_x, *d_ws]
 
 
@@ -395,10 +404,11 @@ def _dw_op(
     pads: list[int],
     dils: list[int],
     in_offsets: list[int],
+    relu: bool,
 ) -> Tensor:
     if not _cpp(x, "depthwise_forward"):
-        return depthwise_reference(x, weights, stride, pads, dils, in_offsets)
-    return extension().depthwise_forward(x, weights, stride, pads, dils, in_offsets)
+        return depthwise_reference(x, weights, stride, pads, dils, in_offsets, relu)
+    return extension().depthwise_forward(x, weights, stride, pads, dils, in_offsets, relu)
 
 
 def _dw_backward_op(
@@ -410,29 +420,31 @@ def _dw_backward_op(
     dils: list[int],
     in_offsets: list[int],
     grad_weights: bool,
+    relu: bool,
 ) -> list[Tensor]:
-    args = (grad, x, weights, stride, pads, dils, in_offsets)
+    args = (grad, x, weights, stride, pads, dils, in_offsets, grad_weights, relu)
     if not _cpp(x, "depthwise_backward"):
-        return depthwise_backward_reference(*args, grad_weights)
-    return extension().depthwise_backward(*args, grad_weights)
+        return depthwise_backward_reference(*args)
+    return extension().depthwise_backward(*args)
 
 
 def _dw_setup_context(ctx, inputs, output) -> None:
-    x, weights, stride, pads, dils, in_offsets = inputs
+    x, weights, stride, pads, dils, in_offsets, relu = inputs
     ctx.geometry = (stride, pads, dils, in_offsets)
+    ctx.relu = relu
     ctx.save_for_backward(x, *weights)
 
 
 def _dw_op_backward(ctx, grad):
     x, *weights = ctx.saved_tensors
-    grads = depthwise_backward_reference(grad, x, weights, *ctx.geometry)
-    return grads[0], grads[1:], None, None, None, None
+    grads = depthwise_backward_reference(grad, x, weights, *ctx.geometry, True, ctx.relu)
+    return grads[0], grads[1:], None, None, None, None, None
 
 
 _dw_op = _kernel_op(
     "depthwise",
     _dw_op,
-    lambda x, weights, stride, pads, dils, _: x.new_empty(
+    lambda x, weights, stride, pads, dils, *_: x.new_empty(
         _dw_out_shape(x, weights, stride, pads, dils)
     ),
     (_dw_op_backward, _dw_setup_context),
@@ -441,7 +453,7 @@ _dw_backward_op = _kernel_op(
     "depthwise_backward",
     _dw_backward_op,
     lambda grad, x, weights, *args: [
-        torch.empty_like(t) for t in (x, *(weights if args[-1] else []))
+        torch.empty_like(t) for t in (x, *(weights if args[-2] else []))
     ],
 )
 
@@ -469,13 +481,14 @@ class DepthwiseFunction(torch.autograd.Function):
     batch into B."""
 
     @staticmethod
-    def forward(x, stride, pads, dils, in_offsets, *weights):
-        return _dw_op(x, list(weights), stride, pads, dils, in_offsets)
+    def forward(x, stride, pads, dils, in_offsets, relu, *weights):
+        return _dw_op(x, list(weights), stride, pads, dils, in_offsets, relu)
 
     @staticmethod
     def setup_context(ctx, inputs, output) -> None:
-        x, stride, pads, dils, in_offsets, *weights = inputs
+        x, stride, pads, dils, in_offsets, relu, *weights = inputs
         ctx.geometry = (stride, pads, dils, in_offsets)
+        ctx.relu = relu
         ctx.save_for_backward(x, *weights)
 
     @staticmethod
@@ -485,26 +498,32 @@ class DepthwiseFunction(torch.autograd.Function):
         # asks autograd.grad for α alone (the reference's convolution nodes skip it there
         # too). It was half of this kernel's time in a first-order step (small CNN, one
         # thread: 0.93 of 1.8 s, both passes).
-        want_w = any(_engine_wants(ctx, 5 + t, 1 + t) for t in range(len(weights)))
+        want_w = any(_engine_wants(ctx, 6 + t, 1 + t) for t in range(len(weights)))
+        args = (grad, x, weights, *ctx.geometry, want_w, ctx.relu)
         if torch.is_grad_enabled():
-            grads = depthwise_backward_reference(grad, x, weights, *ctx.geometry, want_w)
+            grads = depthwise_backward_reference(*args)
         else:
-            grads = _dw_backward_op(grad.contiguous(), x, weights, *ctx.geometry, want_w)
-        return grads[0], None, None, None, None, *(grads[1:] or [None] * len(weights))
+            grads = _dw_backward_op(grad.contiguous(), *args[1:])
+        return grads[0], None, None, None, None, None, *(grads[1:] or [None] * len(weights))
 
     @staticmethod
-    def vmap(info, in_dims, x, stride, pads, dils, in_offsets, *weights):
+    def vmap(info, in_dims, x, stride, pads, dils, in_offsets, relu, *weights):
         if any(d is not None for d in in_dims[1:]):
             # Per-sample weights: torch's convolutions under vmap.
             x = _leading(x, in_dims[0], info.batch_size)
-            ws = [_leading(w, d, info.batch_size) for w, d in zip(weights, in_dims[5:])]
+            ws = [_leading(w, d, info.batch_size) for w, d in zip(weights, in_dims[6:])]
             fn = functools.partial(
-                depthwise_reference, stride=stride, pads=pads, dils=dils, in_offsets=in_offsets
+                depthwise_reference,
+                stride=stride,
+                pads=pads,
+                dils=dils,
+                in_offsets=in_offsets,
+                relu=relu,
             )
             return torch.vmap(lambda a, *b: fn(a, list(b)))(x, *ws), 0
         size = info.batch_size
         out = DepthwiseFunction.apply(
-            _fold(x, in_dims[0], size), stride, pads, dils, in_offsets, *weights
+            _fold(x, in_dims[0], size), stride, pads, dils, in_offsets, relu, *weights
         )
         return out.view(size, -1, *out.shape[1:]), 0
 
@@ -516,11 +535,14 @@ def depthwise(
     pads: list[int],
     dils: list[int],
     in_offsets: list[int],
+    relu: bool = False,
 ) -> Tensor:
     """Depthwise convolutions of several shapes at once: x (B, Cin, H, W); shape t has
     weight (Ch_t, 1, k_t, k_t), padding, dilation and the first input channel it reads;
-    one stride; every shape gives the same H', W' → (B, Σ Ch_t, H', W'), shapes in order."""
-    return DepthwiseFunction.apply(x.contiguous(), stride, pads, dils, in_offsets, *weights)
+    one stride; every shape gives the same H', W' → (B, Σ Ch_t, H', W'), shapes in order.
+    With ``relu`` they read relu(x) (fused: no ReLU output, and its gradient's mask applied
+    in the backward kernel)."""
+    return DepthwiseFunction.apply(x.contiguous(), stride, pads, dils, in_offsets, relu, *weights)
 
 
 # -- grouped pointwise (1×1) convolutions -------------------------------------------------
@@ -1002,9 +1024,11 @@ class FusedEdges(nn.Module):
         grp, get = self._groups[g], functools.partial(self._get, g=g)
         C, E, s = self.C, grp.E, grp.stride
         x = inputs[0] if len(inputs) == 1 else torch.cat(inputs, 1)
-        r = torch.relu(x)
         rep = get("rep")
-        rr = r if rep is None else r.index_select(1, rep)
+        xr = x if rep is None else x.index_select(1, rep)
+        # The convolutions' ReLU runs inside the depthwise kernels (relu=True), except where
+        # the FactorizedReduce convolutions read relu(x) too.
+        rr = torch.relu(xr) if grp.fr else xr
         first = depthwise(
             rr,
             [get(f"dw1_{k}") for k, _, _, _ in _STAGE1],
@@ -1012,6 +1036,7 @@ class FusedEdges(nn.Module):
             [pad for _, _, pad, _ in _STAGE1],
             [dil for _, _, _, dil in _STAGE1],
             [0] * len(_STAGE1),
+            relu=not grp.fr,
         )
         y = pointwise(first, get("pw1"), 4 * E)
         training, track = self.training, self.track_running_stats
@@ -1023,15 +1048,16 @@ class FusedEdges(nn.Module):
         else:
             args = (get("run1_mean"), get("run1_var"), False, BN_MOMENTUM, BN_EPS)
             y = torch.native_batch_norm(y, None, None, *args)[0]
-        # The sep convs' second stage reads its channels of the whole block (relu'd whole:
-        # a slice would cost a slice and a slice_backward per pass).
+        # The sep convs' second stage reads its channels of the whole block (a slice would
+        # cost a slice and a slice_backward per pass), through the kernel's ReLU.
         second = depthwise(
-            torch.relu(y),
+            y,
             [get(f"dw2_{k}") for k, _, _ in _STAGE2],
             1,
             [pad for _, _, pad in _STAGE2],
             [1] * len(_STAGE2),
             [t * E * C for t in range(len(_STAGE2))],
+            relu=True,
         )
         z = pointwise(second, get("pw2"), 2 * E)
         if grp.fr:
