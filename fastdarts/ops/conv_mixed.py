@@ -2,12 +2,13 @@
 
 A group is a set of E edges (one stride) reading n_in input states X_i (B, C, H, W); a search
 cell runs as 4 groups (the 8 edges from its two inputs, then each node's outgoing edges).
-All the convolutional ops of all the group's edges run together: one ReLU of the inputs;
-the first depthwise stage of sep_conv_3x3, sep_conv_5x5, dil_conv_3x3 and dil_conv_5x5 as
-one call of :func:`depthwise` (a kernel that runs several kernel sizes and dilations at
-once, E·C channels each); their pointwise convolutions as one grouped 1×1 (4E groups,
-:func:`pointwise`); one BatchNorm over those 4EC channels; the sep convs' second stage
-likewise (one depthwise call, one grouped 1×1). max_pool and avg_pool run once per input
+All the convolutional ops of all the group's edges run together: the first depthwise stage
+of sep_conv_3x3, sep_conv_5x5, dil_conv_3x3 and dil_conv_5x5 as one call of
+:func:`depthwise` (a kernel that runs several kernel sizes and dilations at once, E·C
+channels each, and their shared ReLU of the inputs on the way in); their pointwise
+convolutions as one grouped 1×1 (4E groups, :func:`pointwise`); one BatchNorm over those
+4EC channels; the sep convs' second stage likewise (one depthwise call with its ReLU, one
+grouped 1×1). max_pool and avg_pool run once per input
 state, both in one call of :func:`pools`; skip_connect is the input (or FactorizedReduce,
 two grouped 1×1, at stride 2).
 
