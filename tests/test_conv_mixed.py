@@ -1048,20 +1048,20 @@ def test_search_steps_fused_equal_reference(order, hvp, one_thread):
         torch.testing.assert_close(fused_sd[key], w, rtol=1e-9, atol=1e-12, msg=key)
 
 
-def test_missing_extension_falls_back_to_torch_ops(monkeypatch):
-    def fail(name):
-        raise ImportError(f"No module named {name!r}")
-
-    monkeypatch.setattr(extension.importlib, "import_module", fail)
+@pytest.mark.parametrize("stride", [1, 2])  # the ReLU inside depthwise at 1, before it at 2
+def test_missing_extension_falls_back_to_torch_ops(monkeypatch, stride):
+    # None in sys.modules makes importing the extension raise ModuleNotFoundError (patching
+    # importlib.import_module instead also broke torch's own lazy imports).
+    monkeypatch.setitem(sys.modules, "fastdarts._C", None)
     extension._load.cache_clear()
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             assert kernel_name(torch.device("cpu")) == "reference"
             gen = _gen(22)
-            ref, fused = make_edge(4, 2, F64, seed=6, train=True)
+            ref, fused = make_edge(4, stride, F64, seed=6, train=True)
             x = torch.randn(2, 4, 6, 6, generator=gen, dtype=F64)
-            loss_w = torch.randn(2, 4, 3, 3, generator=gen, dtype=F64)
+            loss_w = torch.randn(2, 4, 6 // stride, 6 // stride, generator=gen, dtype=F64)
             compare_modules(ref, fused, [x, _probs(gen)], F64, loss_w)
     finally:
         monkeypatch.undo()
