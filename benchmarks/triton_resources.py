@@ -17,10 +17,11 @@ from __future__ import annotations
 import argparse
 import os
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -47,22 +48,19 @@ def signature(names: str, dtype: str) -> dict[str, str]:
 
 @dataclass(frozen=True)
 class Launch:
-    """One way a launcher calls a kernel: its module, kernel, argument kinds, constexprs."""
+    """One way a launcher calls a kernel: its module, kernel, argument kinds and the
+    constexprs besides BLOCK (every launcher passes its module's BLOCK)."""
 
     module: str
     kernel: str
     args: str
-    constexprs: dict[str, Any]
+    constexprs: dict[str, Any] = field(default_factory=dict)
 
     def function(self):
         return getattr(triton_kernels(self.module), self.kernel)
 
     def constexpr_values(self) -> dict[str, Any]:
-        """The constexprs; a str value names the module's constant (its BLOCK)."""
-        module = triton_kernels(self.module)
-        return {
-            k: getattr(module, v) if isinstance(v, str) else v for k, v in self.constexprs.items()
-        }
+        return {**self.constexprs, "BLOCK": triton_kernels(self.module).BLOCK}
 
 
 _CONV_FORWARD = (
@@ -72,35 +70,27 @@ _CONV_FORWARD = (
 # Every launch the launchers in kernels/ make (conv_mixed's forward with and without an
 # accumulator); a test checks each argument list against the kernel's.
 LAUNCHES = {
-    "conv_forward_acc": Launch(
-        "conv_mixed", "_forward_kernel", _CONV_FORWARD, {"HAS_ACC": True, "BLOCK": "BLOCK"}
-    ),
-    "conv_forward": Launch(
-        "conv_mixed", "_forward_kernel", _CONV_FORWARD, {"HAS_ACC": False, "BLOCK": "BLOCK"}
-    ),
+    "conv_forward_acc": Launch("conv_mixed", "_forward_kernel", _CONV_FORWARD, {"HAS_ACC": True}),
+    "conv_forward": Launch("conv_mixed", "_forward_kernel", _CONV_FORWARD, {"HAS_ACC": False}),
     "conv_grad_src": Launch(
         "conv_mixed",
         "_grad_src_kernel",
         "G:f ALPHA:f ROUT:l PERM:l SPTR:l DSRC:f S:i N:i P:i BLOCK:c",
-        {"BLOCK": "BLOCK"},
     ),
     "conv_grad_coef": Launch(
         "conv_mixed",
         "_grad_coef_kernel",
         "G:f SRC:f ALPHA:f SHIFT:f RSRC:l ROUT:l DALPHA:f DSHIFT:f B:i S:i N:i P:i BLOCK:c",
-        {"BLOCK": "BLOCK"},
     ),
     "rnn_forward": Launch(
         "recurrent_mixed",
         "_forward_kernel",
         "S:f CH:f P:f OUT:f n:i B:i D:i BLOCK:c",
-        {"BLOCK": "BLOCK"},
     ),
     "rnn_backward": Launch(
         "recurrent_mixed",
         "_backward_kernel",
         "G:f S:f CH:f P:f DS:f DCH:f DP_PART:f n:i B:i D:i BLOCK:c",
-        {"BLOCK": "BLOCK"},
     ),
 }
 
@@ -127,9 +117,7 @@ def cuobjdump() -> str | None:
     shipped = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
     if shipped.is_file() and os.access(shipped, os.X_OK):
         return str(shipped)
-    from shutil import which
-
-    return which("cuobjdump")
+    return shutil.which("cuobjdump")
 
 
 def resource_usage(cubin: bytes, tool: str) -> dict[str, int]:

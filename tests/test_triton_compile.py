@@ -28,6 +28,15 @@ from fastdarts.ops.extension import triton_kernels  # noqa: E402
 conv_mixed, recurrent_mixed = triton_kernels("conv_mixed"), triton_kernels("recurrent_mixed")
 
 
+@pytest.fixture(scope="module")
+def cuobjdump() -> str:
+    """The cuobjdump path; the test skips without one."""
+    tool = triton_resources.cuobjdump()
+    if tool is None:
+        pytest.skip("no cuobjdump (Triton's NVIDIA backend ships one)")
+    return tool
+
+
 def _compile(name: str, dtype: str, arch: int):
     try:
         return compile_launch(name, dtype, arch)
@@ -57,13 +66,10 @@ def test_kernel_compiles_to_cubin(name, dtype, arch):
 
 @pytest.mark.parametrize("dtype", triton_resources.DTYPES)
 @pytest.mark.parametrize("name", list(LAUNCHES))
-def test_kernel_does_not_spill_on_hopper(name, dtype):
+def test_kernel_does_not_spill_on_hopper(name, dtype, cuobjdump):
     # A spill is a round trip to device memory per spilled value, in every thread: a kernel
     # change that makes one spill is a performance bug this catches without a GPU.
-    tool = triton_resources.cuobjdump()
-    if tool is None:
-        pytest.skip("no cuobjdump (Triton's NVIDIA backend ships one)")
-    usage = triton_resources.resource_usage(_compile(name, dtype, 90).asm["cubin"], tool)
+    usage = triton_resources.resource_usage(_compile(name, dtype, 90).asm["cubin"], cuobjdump)
     assert usage["local_bytes"] == 0 and usage["stack_bytes"] == 0, usage
     # float32, the search's dtype: at most 64 registers a thread, so at least half of the
     # SM's 64 warps stay resident (float64, for the tests, only must not spill).
@@ -71,10 +77,7 @@ def test_kernel_does_not_spill_on_hopper(name, dtype):
         assert 0 < usage["registers"] <= 64, usage
 
 
-def test_resource_usage_reads_spills_and_warps_per_sm():
-    tool = triton_resources.cuobjdump()
-    if tool is None:
-        pytest.skip("no cuobjdump (Triton's NVIDIA backend ships one)")
+def test_resource_usage_reads_spills_and_warps_per_sm(cuobjdump):
     import triton
     import triton.language as tl
     from triton.backends.compiler import GPUTarget
@@ -93,7 +96,7 @@ def test_resource_usage_reads_spills_and_warps_per_sm():
         source = ASTSource(fn=outer, signature=signature, constexprs={"N": n})
         target = GPUTarget("cuda", 90, 32)
         compiled = triton.compile(source, target=target, options={"num_warps": 1})
-        return triton_resources.resource_usage(compiled.asm["cubin"], tool)
+        return triton_resources.resource_usage(compiled.asm["cubin"], cuobjdump)
 
     fits, spills = usage(32), usage(128)
     assert fits["stack_bytes"] == fits["local_bytes"] == 0 and fits["registers"] < 255
@@ -150,9 +153,7 @@ def test_launchers_refuse_tensors_past_32_bit_offsets():
         conv_mixed.forward(src, big(1), big(1), acc, none, none, big(2, 1, 32, 32))
 
 
-def test_resources_script_writes_every_launch(tmp_path):
-    if triton_resources.cuobjdump() is None:
-        pytest.skip("no cuobjdump (Triton's NVIDIA backend ships one)")
+def test_resources_script_writes_every_launch(tmp_path, cuobjdump):
     out = tmp_path / "res.json"
     doc = triton_resources.main(["--archs", "90", "--json", str(out)])
     assert json.loads(out.read_text()) == doc
