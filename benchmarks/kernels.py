@@ -36,6 +36,7 @@ from fastdarts.ops.conv_mixed import (
     depthwise,
     depthwise_reference,
     fused_cell_ops,
+    pointwise,
     pools,
     pools_reference,
 )
@@ -287,6 +288,52 @@ DEPTHWISE = Kernel(
 )
 
 
+# -- the grouped 1×1 convolutions of a group (fastdarts.ops.conv_mixed.pointwise) --------
+
+
+def _make_pointwise(shape: dict[str, int], device: torch.device, dtype: torch.dtype) -> Inputs:
+    g = torch.Generator().manual_seed(0)
+    b, groups, c, h = shape["B"], shape["G"], shape["C"], shape["H"]
+    x = torch.randn(b, groups * c, h, h, generator=g, dtype=dtype)
+    w = torch.randn(groups * c, c, 1, 1, generator=g, dtype=dtype) / c**0.5
+    leaves = [t.to(device).requires_grad_() for t in (x, w)]
+    return Inputs({"x": leaves[0], "w": leaves[1], "groups": groups}, leaves)
+
+
+def _pointwise_bytes(shape: dict[str, int], pass_: str, size: int) -> int:
+    x = shape["B"] * shape["G"] * shape["C"] * shape["H"] ** 2
+    w = shape["G"] * shape["C"] ** 2
+    fwd = 2 * x + w  # x read, out (as large as x) written
+    return size * (fwd if pass_ == "fwd" else fwd + 3 * x + 2 * w)
+
+
+POINTWISE = Kernel(
+    name="cnn_pointwise",
+    shapes={
+        # The first stage's 1x1 convolutions of a normal cell's first group (E = 8 edges, 4
+        # conv ops: 32 groups of C channels) at each of the search network's three
+        # resolutions (C 16 at 32x32, 32 at 16x16, 64 at 8x8), batch 64.
+        "paper": [
+            {"B": 64, "G": 32, "C": 16, "H": 32},
+            {"B": 64, "G": 32, "C": 32, "H": 16},
+            {"B": 64, "G": 32, "C": 64, "H": 8},
+        ],
+        "large": [{"B": 256, "G": 32, "C": 32, "H": 16}],
+        "tiny": [{"B": 2, "G": 3, "C": 5, "H": 7}],
+    },
+    make=_make_pointwise,
+    impls={
+        # One grouped convolution (oneDNN or THNN on the CPU).
+        "reference": lambda a: torch.nn.functional.conv2d(a["x"], a["w"], groups=a["groups"]),
+        # The C++ kernel each way (cuDNN's convolution on CUDA).
+        "fused": lambda a: pointwise(a["x"], a["w"], a["groups"]),
+    },
+    bytes_moved=_pointwise_bytes,
+    formula="x = B·G·C·H·W (out the same), w = G·C²; fwd: (2x + w)·size; fwd+bwd: fwd + "
+    "(3x + 2w)·size (grad_out and x read, grad_x written; w read, grad_w written)",
+)
+
+
 # -- both 3x3 pools of a group's input (fastdarts.ops.conv_mixed.pools) --------------------
 
 
@@ -364,6 +411,7 @@ KERNELS: list[Kernel] = [
     MIXED_OP_FUSED,
     CELL_FUSED,
     DEPTHWISE,
+    POINTWISE,
     POOLS,
     BATCH_NORM,
 ]

@@ -353,3 +353,21 @@ def test_gpu_suite_rehearsal_runs_every_command(tmp_path):
 
 def _rows(path: Path) -> list[dict]:
     return json.loads(path.read_text())["rows"]
+
+
+@pytest.mark.parametrize("kernel", kernels.KERNELS, ids=lambda k: k.name)
+def test_kernel_impls_compute_the_same(kernel):
+    """Every implementation of a benchmark entry computes the reference's output and input
+    gradients (float64, the tiny shapes): the timings compare like with like."""
+    device = torch.device("cpu")
+    for shape in kernel.shapes["tiny"]:
+        inputs = kernel.make(shape, device, torch.float64)
+        ref = kernel.impls["reference"](inputs.args)
+        grad_out = torch.randn_like(ref)
+        ref_grads = torch.autograd.grad(ref, inputs.leaves, grad_out)
+        for name, impl in kernel.impls.items():
+            out = impl(inputs.args)
+            torch.testing.assert_close(out, ref, msg=f"{kernel.name} {name}")
+            grads = torch.autograd.grad(out, inputs.leaves, grad_out)
+            for leaf, (got, want) in enumerate(zip(grads, ref_grads)):
+                torch.testing.assert_close(got, want, msg=f"{kernel.name} {name} leaf {leaf}")
