@@ -620,8 +620,16 @@ def make_pointwise(gen, B, G, Ci, Co, H, W, dtype=F64):
 @pytest.mark.parametrize(
     "B, G, Ci, Co, H, W",
     # odd sizes and channel counts (rows and columns left after the 4-row / 2-vector
-    # blocks), one pixel, and the search's shapes (columns in whole vectors).
-    [(3, 3, 5, 7, 7, 9), (2, 1, 6, 6, 1, 1), (2, 4, 16, 16, 8, 8), (1, 2, 3, 9, 5, 33)],
+    # blocks), one pixel, the search's shapes (columns in whole vectors), and planes of
+    # several copied column chunks (256 float32 or 128 float64 columns) with a partial last.
+    [
+        (3, 3, 5, 7, 7, 9),
+        (2, 1, 6, 6, 1, 1),
+        (2, 4, 16, 16, 8, 8),
+        (1, 2, 3, 9, 5, 33),
+        (2, 2, 5, 3, 17, 19),
+        (1, 1, 4, 4, 32, 32),
+    ],
 )
 def test_cpp_pointwise_matches_torch_and_writes_every_element(B, G, Ci, Co, H, W, dtype):
     gen = _gen(40 + Ci)
