@@ -132,7 +132,7 @@ def main(argv: list[str] | None = None) -> dict:
     harness.add_threads_argument(p)
     p.add_argument("--json", default=None, help="write the results here")
     args = p.parse_args(argv)
-    device = harness.setup(args.device, args.threads, args.system_malloc)
+    device = harness.setup(args.device, args.threads)
     rows = alpha_grad_errors(args.space, args.config, device)
     doc = {
         "env": harness.env_info(device, [SCRIPT, *(sys.argv[1:] if argv is None else argv)]),

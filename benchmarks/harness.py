@@ -38,8 +38,6 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-from fastdarts.utils import keep_freed_memory
-
 REPO = Path(__file__).resolve().parents[1]
 
 # -- environment --------------------------------------------------------------------------
@@ -92,7 +90,7 @@ def git_commit() -> str | None:
 
 
 def add_threads_argument(parser: argparse.ArgumentParser) -> None:
-    """``--threads`` and ``--system-malloc``, shared by the benchmark scripts."""
+    """``--threads``, shared by the benchmark scripts."""
     parser.add_argument(
         "--threads",
         type=int,
@@ -100,21 +98,12 @@ def add_threads_argument(parser: argparse.ArgumentParser) -> None:
         help="torch threads (default: torch's); on a shared CPU use 1: busy cores make\n"
         "OpenMP threads wait for each other at every op, up to 70x slower",
     )
-    parser.add_argument(
-        "--system-malloc",
-        action="store_true",
-        help="on the CPU, leave glibc's malloc as it is (by default the benchmark keeps freed\n"
-        "memory for reuse, as the search and training commands do on the CPU)",
-    )
 
 
-def setup(device: str, threads: int | None, system_malloc: bool = False) -> torch.device:
-    """Apply ``--threads`` and ``--system-malloc`` and check ``--device``; the benchmark
-    scripts' common start."""
+def setup(device: str, threads: int | None) -> torch.device:
+    """Apply ``--threads`` and check ``--device``; the benchmark scripts' common start."""
     if threads:
         torch.set_num_threads(threads)
-    if device == "cpu" and not system_malloc:
-        keep_freed_memory()
     if device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: no CUDA device is available here")
     return torch.device(device)

@@ -530,7 +530,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> dict:
     """Runs the kernel benchmarks; returns (and optionally writes) the result document."""
     args = parse_args(argv)
-    device = harness.setup(args.device, args.threads, args.system_malloc)
+    device = harness.setup(args.device, args.threads)
     cuda = device.type == "cuda"
     repeats = args.repeats or (20 if cuda else 5)
     warmup = args.warmup if args.warmup is not None else (3 if cuda else 1)

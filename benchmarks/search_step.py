@@ -320,7 +320,6 @@ def _memory_cmd(args: argparse.Namespace, config: BenchConfig) -> list[str]:
     cmd = [sys.executable, str(Path(__file__).resolve()), "--memory-child"]
     cmd += ["--space", args.space, "--order", str(args.order), "--config", args.config]
     cmd += ["--backends", config.spec, "--device", args.device, "--dtype", args.dtype]
-    cmd += ["--system-malloc"] if args.system_malloc else []
     return cmd + (["--threads", str(args.threads)] if args.threads else [])
 
 
@@ -344,7 +343,7 @@ COLUMNS = [
 def main(argv: list[str] | None = None) -> dict:
     """Runs the benchmark; returns (and optionally writes) the result document."""
     args = parse_args(argv)
-    device = harness.setup(args.device, args.threads, args.system_malloc)
+    device = harness.setup(args.device, args.threads)
     if args.memory_child:
         _memory_child(args, device)
         return {}

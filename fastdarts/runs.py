@@ -25,7 +25,7 @@ from tqdm import tqdm
 
 from fastdarts import distributed
 from fastdarts.errors import ConfigError, DivergedError
-from fastdarts.utils import atomic_torch_save, atomic_write_text, keep_freed_memory
+from fastdarts.utils import atomic_torch_save, atomic_write_text
 
 CHECKPOINT_FORMAT = 1
 SPACES = {"rnn": "ptb", "cnn": "cifar10"}  # space -> its dataset
@@ -167,8 +167,6 @@ class EpochRun:
         if threads:
             torch.set_num_threads(threads)
         device = resolve_device(self.cfg.device)
-        if device.type == "cpu":
-            keep_freed_memory()
         seed_everything(self.cfg.seed)
         return device
 

@@ -2,35 +2,13 @@
 
 from __future__ import annotations
 
-import ctypes
 import math
 import os
-import sys
 import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
-
-# glibc's mallopt parameters (malloc.h).
-_M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4
-
-
-def keep_freed_memory() -> bool:
-    """Make glibc's malloc keep what is freed for reuse (no mmap per large block, no heap
-    trimming), for CPU runs; True if it applied (Linux with glibc), else nothing changes.
-
-    Why: by default a block above glibc's mmap threshold (adaptive, at most 32 MiB) is a
-    fresh mapping each time, and every first touch of its 4 KiB pages faults; a search step
-    allocates and frees such tensors by the hundred (94,000 page faults per small second-order
-    CNN step, against 11,000 with this). The heap then stays at the run's peak.
-    """
-    if not sys.platform.startswith("linux"):
-        return False
-    libc = ctypes.CDLL(None)
-    if not hasattr(libc, "gnu_get_libc_version"):  # another C library (musl)
-        return False
-    return bool(libc.mallopt(_M_MMAP_MAX, 0)) and bool(libc.mallopt(_M_TRIM_THRESHOLD, 2**31 - 1))
 
 
 def _atomic_replace(path: str | os.PathLike, write) -> None:
