@@ -940,12 +940,11 @@ std::vector<at::Tensor> depthwise_backward(const at::Tensor& grad, const at::Ten
 // the forward and d_x run one task per (b, g), d_w one per group with the batch summed in a
 // fixed order.
 
-// c[m][p0 + q] = Σ_k a[m·a_rs + k·a_cs] · x[k·ldx + q] for MB rows m and the columns
-// q in [0, n), n in ((NV−1)·lanes, NV·lanes] (the last vector loads and stores only its
-// columns); c's rows are P apart.
+// c[m][p] = Σ_k a[m·a_rs + k·a_cs] · x[k·P + p] for MB rows m and the columns [p0, p0 + n),
+// n in ((NV−1)·lanes, NV·lanes] (the last vector loads and stores only its columns).
 template <typename T, int MB, int NV>
-inline void mm_block(const T* a, int64_t a_rs, int64_t a_cs, const T* x, int64_t ldx, int64_t K,
-                     T* c, int64_t P, int64_t p0, int64_t n) {
+inline void mm_block(const T* a, int64_t a_rs, int64_t a_cs, const T* x, int64_t K, int64_t P,
+                     T* c, int64_t p0, int64_t n) {
   using Vec = at::vec::Vectorized<T>;
   constexpr int64_t L = Vec::size();
   const int64_t last = n - (NV - 1) * L;
@@ -956,7 +955,7 @@ inline void mm_block(const T* a, int64_t a_rs, int64_t a_cs, const T* x, int64_t
   for (int64_t k = 0; k < K; ++k) {
     Vec xv[NV];
     for (int v = 0; v < NV; ++v) {
-      const T* src = x + k * ldx + v * L;
+      const T* src = x + k * P + p0 + v * L;
       xv[v] = v == NV - 1 ? Vec::loadu(src, last) : Vec::loadu(src);
     }
     for (int r = 0; r < MB; ++r) {
@@ -971,42 +970,30 @@ inline void mm_block(const T* a, int64_t a_rs, int64_t a_cs, const T* x, int64_t
   }
 }
 
-// c[:, p0 + q] for the n ≤ 2·lanes columns q of a strip of the packed x (K rows ldx apart):
-// blocks of 4 rows (8 accumulators), then each remaining row.
+// c (M × P) = A · x, A (M × K) read at a[m·a_rs + k·a_cs], x (K × P): column strips of 2
+// vectors (the last one narrower) in the outer loop, so that the strip of x (K × 2 vectors,
+// ≤ 4 KiB) is read from L1 by every block of 4 rows (8 accumulators), then each remaining
+// row; with the rows outer, each row block would stream all of x (64 KiB at C = 16, 32×32).
 template <typename T, int NV>
-void mm_strip(const T* a, int64_t a_rs, int64_t a_cs, const T* x, int64_t ldx, int64_t M,
-              int64_t K, T* c, int64_t P, int64_t p0, int64_t n) {
+void mm_strip(const T* a, int64_t a_rs, int64_t a_cs, const T* x, int64_t M, int64_t K,
+              int64_t P, T* c, int64_t p, int64_t n) {
   int64_t m = 0;
   for (; m + 4 <= M; m += 4) {
-    mm_block<T, 4, NV>(a + m * a_rs, a_rs, a_cs, x, ldx, K, c + m * P, P, p0, n);
+    mm_block<T, 4, NV>(a + m * a_rs, a_rs, a_cs, x, K, P, c + m * P, p, n);
   }
-  for (; m < M; ++m) mm_block<T, 1, NV>(a + m * a_rs, a_rs, a_cs, x, ldx, K, c + m * P, P, p0, n);
+  for (; m < M; ++m) mm_block<T, 1, NV>(a + m * a_rs, a_rs, a_cs, x, K, P, c + m * P, p, n);
 }
 
-// Columns per packed chunk of mm: 32 vectors (1 KiB of each row of x).
-template <typename T>
-constexpr int64_t kMmChunk = 32 * at::vec::Vectorized<T>::size();
-
-// c (M × P) = A · x, A (M × K) read at a[m·a_rs + k·a_cs], x (K × P); buf holds K ·
-// kMmChunk<T> elements. x is copied a chunk of columns at a time into buf, whose rows are
-// then read from L1/L2 by every block of rows in strips of 2 vectors. Why: x's K rows are P
-// apart (4 KiB at 32x32), and read in place 64 bytes of each at a time they streamed poorly;
-// the forward at 32x32, batch 64, took 0.178 s before and 0.155 s after
-// (benchmarks/results/cpu-kernels-pointwise-*.json; 16x16 and 8x8 unchanged within noise).
 template <typename T>
 void mm(const T* a, int64_t a_rs, int64_t a_cs, const T* x, int64_t M, int64_t K, int64_t P,
-        T* c, T* buf) {
-  constexpr int64_t L = at::vec::Vectorized<T>::size(), W = kMmChunk<T>;
-  for (int64_t p0 = 0; p0 < P; p0 += W) {
-    const int64_t w = std::min(W, P - p0);
-    for (int64_t k = 0; k < K; ++k) std::copy_n(x + k * P + p0, w, buf + k * W);
-    for (int64_t q = 0; q < w; q += 2 * L) {
-      const int64_t n = std::min(2 * L, w - q);
-      if (n > L) {
-        mm_strip<T, 2>(a, a_rs, a_cs, buf + q, W, M, K, c, P, p0 + q, n);
-      } else {
-        mm_strip<T, 1>(a, a_rs, a_cs, buf + q, W, M, K, c, P, p0 + q, n);
-      }
+        T* c) {
+  constexpr int64_t L = at::vec::Vectorized<T>::size();
+  for (int64_t p = 0; p < P; p += 2 * L) {
+    const int64_t n = std::min<int64_t>(2 * L, P - p);
+    if (n > L) {
+      mm_strip<T, 2>(a, a_rs, a_cs, x, M, K, P, c, p, n);
+    } else {
+      mm_strip<T, 1>(a, a_rs, a_cs, x, M, K, P, c, p, n);
     }
   }
 }
@@ -1087,11 +1074,10 @@ at::Tensor pointwise_forward(const at::Tensor& x, const at::Tensor& weight, int6
     const scalar_t* wp = weight.data_ptr<scalar_t>();
     scalar_t* op = out.data_ptr<scalar_t>();
     at::parallel_for(0, s.B * s.G, 1, [&](int64_t begin, int64_t end) {
-      std::vector<scalar_t> buf(s.Ci * kMmChunk<scalar_t>);
       for (int64_t bg = begin; bg < end; ++bg) {
         const int64_t g = bg % s.G;
         mm(wp + g * s.Co * s.Ci, s.Ci, 1, xp + bg * s.Ci * s.P, s.Co, s.Ci, s.P,
-           op + bg * s.Co * s.P, buf.data());
+           op + bg * s.Co * s.P);
       }
     });
   });
@@ -1119,12 +1105,11 @@ std::vector<at::Tensor> pointwise_backward(const at::Tensor& grad_arg, const at:
     const scalar_t* wp = weight.data_ptr<scalar_t>();
     scalar_t* dxp = d_x.data_ptr<scalar_t>();
     at::parallel_for(0, s.B * s.G, 1, [&](int64_t begin, int64_t end) {
-      std::vector<scalar_t> buf(s.Co * kMmChunk<scalar_t>);
       for (int64_t bg = begin; bg < end; ++bg) {
         const int64_t b = bg / s.G, g = bg % s.G;
         // d_x_bg (Ci × P) = W_gᵀ · grad_bg: W_g read transposed (row stride 1, column Ci).
         mm(wp + g * s.Co * s.Ci, 1, s.Ci, gp + b * g_batch + g * s.Co * s.P, s.Ci, s.Co, s.P,
-           dxp + bg * s.Ci * s.P, buf.data());
+           dxp + bg * s.Ci * s.P);
       }
     });
     if (d_weight.empty()) return;  // the weight's gradient is not wanted (an α-only pass)

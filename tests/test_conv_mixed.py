@@ -620,8 +620,8 @@ def make_pointwise(gen, B, G, Ci, Co, H, W, dtype=F64):
 @pytest.mark.parametrize(
     "B, G, Ci, Co, H, W",
     # odd sizes and channel counts (rows and columns left after the 4-row / 2-vector
-    # blocks), one pixel, the search's shapes (columns in whole vectors), and planes of
-    # several copied column chunks (256 float32 or 128 float64 columns) with a partial last.
+    # blocks), one pixel, the search's shapes (columns in whole vectors), and larger planes
+    # (P of 323, a partial last vector, and 1,024).
     [
         (3, 3, 5, 7, 7, 9),
         (2, 1, 6, 6, 1, 1),
