@@ -5,7 +5,7 @@ On one search step's batches (synthetic data of the real shapes, the step's own 
 (double backward); the error is ‖g − g₆₄‖ / ‖g₆₄‖ over all α. Modes: float32 and
 bfloat16 autocast (``--amp bf16``), each with the finite-difference HVP (w± in float32) and
 the exact one; float64 with the finite difference shows the difference quotient's own
-truncation error.
+truncation error, at the paper's radius r = 0.01 and at each of ``--radii`` (ε = r / ‖v‖).
 
     python benchmarks/alpha_grad_error.py --space rnn --config small --json out.json
 """
@@ -76,8 +76,11 @@ def _cast(batch: Batch, dtype: torch.dtype) -> Batch:
     return Batch(inputs, batch.targets, state)
 
 
-def alpha_grad_errors(space: str, preset: str, device: torch.device) -> list[dict]:
-    """One row per mode: its α-gradient's relative error against float64 + exact HVP."""
+def alpha_grad_errors(
+    space: str, preset: str, device: torch.device, radii: tuple[float, ...] = ()
+) -> list[dict]:
+    """One row per mode, then per extra finite-difference radius (float64): its α-gradient's
+    relative error against float64 + exact HVP."""
     base = search_config(space, 2, preset, {})
     lr = base.lr
     ref_task = build_task(dataclasses.replace(base, hvp="exact"), device, torch.float64, 2)
@@ -88,10 +91,14 @@ def alpha_grad_errors(space: str, preset: str, device: torch.device) -> list[dic
     _, want = ref_task.architect.alpha_grads(train, val, lr, ref_task.weight_optimizer)
     want = torch.cat([g.reshape(-1) for g in want])
     rows = []
-    for dtype_name, amp, hvp in MODES:
+    modes = [(*mode, None) for mode in MODES] + [("float64", "off", "fd", r) for r in radii]
+    for dtype_name, amp, hvp, radius in modes:
         dtype = DTYPES[dtype_name]
         cfg = dataclasses.replace(base, hvp=hvp, amp=amp, dtype=dtype_name)
         task = build_task(cfg, device, dtype, 2)
+        if radius is not None:
+            task.architect.fd_radius = radius
+        radius = task.architect.fd_radius if hvp == "fd" else None
         task.model.load_state_dict(state)
         replay.rewind()
         task.architect.sampler = replay
@@ -106,6 +113,7 @@ def alpha_grad_errors(space: str, preset: str, device: torch.device) -> list[dic
                 "dtype": dtype_name,
                 "amp": amp,
                 "hvp": hvp,
+                "radius": radius,
                 "rel_error": ((got - want).norm() / want.norm()).item(),
                 "cosine": torch.nn.functional.cosine_similarity(got, want, dim=0).item(),
             }
@@ -119,6 +127,7 @@ COLUMNS = [
     ("dtype", "dtype"),
     ("amp", "amp"),
     ("hvp", "hvp"),
+    ("radius r", "radius"),
     ("‖g − g64‖/‖g64‖", "rel_error"),
     ("cosine", "cosine"),
 ]
@@ -129,11 +138,17 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--space", choices=("rnn", "cnn"), required=True)
     p.add_argument("--config", choices=tuple(PRESETS["rnn"]), default="small")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    p.add_argument(
+        "--radii",
+        type=lambda text: tuple(float(r) for r in text.split(",")),
+        default=(),
+        help="more finite-difference radii r, comma-separated, each a float64 row",
+    )
     harness.add_threads_argument(p)
     p.add_argument("--json", default=None, help="write the results here")
     args = p.parse_args(argv)
     device = harness.setup(args.device, args.threads)
-    rows = alpha_grad_errors(args.space, args.config, device)
+    rows = alpha_grad_errors(args.space, args.config, device, args.radii)
     doc = {
         "env": harness.env_info(device, [SCRIPT, *(sys.argv[1:] if argv is None else argv)]),
         "rows": rows,
