@@ -12,7 +12,7 @@ from pathlib import Path
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks import harness, kernels
+from benchmarks import alpha_grad_error, harness, kernels, triton_resources
 
 SEARCH_COLUMNS = [
     ("file", "file"),
@@ -31,11 +31,19 @@ SEARCH_COLUMNS = [
 KERNEL_COLUMNS = [
     c for c in kernels.COLUMNS if c[1] not in {"ops_per_step", "kernel_launches_per_step", "mb"}
 ]
+# The other tools' tables, after the search steps': (a key only their rows have, columns).
+TABLES = [
+    ("kernel", KERNEL_COLUMNS),
+    ("rel_error", [("file", "file"), *alpha_grad_error.COLUMNS]),
+    ("triton_kernel", [("file", "file"), *triton_resources.COLUMNS]),
+]
 
 
 def summarize(folder: str | Path) -> str:
-    """Markdown tables: search-step rows of all files, then kernel rows."""
-    search, kernel, notes = [], [], []
+    """Markdown tables: the search-step rows of all files, then the kernel, α-gradient-error
+    and Triton-resource rows, each kind in its own table."""
+    search, notes = [], []
+    other: dict[str, list[dict]] = {key: [] for key, _ in TABLES}
     for path in sorted(Path(folder).glob("*.json")):
         try:
             doc = json.loads(path.read_text())
@@ -43,7 +51,8 @@ def summarize(folder: str | Path) -> str:
             notes.append(f"{path.name}: unreadable ({e})")
             continue
         for row in doc.get("rows", []):
-            (kernel if "kernel" in row else search).append({**row, "file": path.stem})
+            kind = next((key for key, _ in TABLES if key in row), None)
+            (search if kind is None else other[kind]).append({**row, "file": path.stem})
         for s in doc.get("skipped", []):
             notes.append(f"{path.name}: skipped {s['backend']}: {s['reason']}")
     parts = []
@@ -51,8 +60,7 @@ def summarize(folder: str | Path) -> str:
         parts.append(harness.markdown_table(search, SEARCH_COLUMNS))
         paper = ", ".join(f"{k.upper()} {v:g} h" for k, v in harness.PAPER_GPU_HOURS.items())
         parts.append(f"paper, one second-order search on a GTX 1080 Ti: {paper}")
-    if kernel:
-        parts.append(harness.markdown_table(kernel, KERNEL_COLUMNS))
+    parts += [harness.markdown_table(other[key], cols) for key, cols in TABLES if other[key]]
     if notes:
         parts.append("\n".join(notes))
     return "\n\n".join(parts) or "no results"

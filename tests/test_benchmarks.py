@@ -16,7 +16,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))  # ``benchmarks`` is a folder of the repository, not installed
 
-from benchmarks import harness, kernels, search_step  # noqa: E402
+from benchmarks import harness, kernels, search_step, summary  # noqa: E402
 from fastdarts.ops import backends  # noqa: E402
 
 
@@ -371,3 +371,25 @@ def test_kernel_impls_compute_the_same(kernel):
             grads = torch.autograd.grad(out, inputs.leaves, grad_out)
             for leaf, (got, want) in enumerate(zip(grads, ref_grads)):
                 torch.testing.assert_close(got, want, msg=f"{kernel.name} {name} leaf {leaf}")
+
+
+def test_summary_gives_each_kind_of_result_its_own_table(tmp_path):
+    rows = {
+        "step": {"space": "rnn", "backend": "fast", "median_s": 1.5},
+        "kern": {"kernel": "cnn_pools", "shape": "B=2", "pass": "fwd", "backend": "fused"},
+        "alpha": {"space": "cnn", "dtype": "float64", "hvp": "fd", "radius": 1e-8, "rel_error": 0},
+        "triton": {"triton_kernel": "conv_forward", "arch": "sm_90", "registers": 32},
+    }
+    for name, row in rows.items():
+        (tmp_path / f"{name}.json").write_text(json.dumps({"rows": [row]}))
+    tables = [t for t in summary.summarize(tmp_path).split("\n\n") if t.startswith("|")]
+    expected = [
+        ("s/step", "| step |"),
+        ("pass", "| cnn_pools |"),
+        ("radius r", "| alpha |"),
+        ("regs/thread", "| triton |"),
+    ]
+    assert len(tables) == len(expected)
+    for table, (column, cell) in zip(tables, expected):
+        assert f"| {column} |" in table.splitlines()[0], table
+        assert sum(cell in t for t in tables) == 1 and cell in table, (cell, table)
