@@ -98,7 +98,6 @@ def alpha_grad_errors(
         task = build_task(cfg, device, dtype, 2)
         if radius is not None:
             task.architect.fd_radius = radius
-        radius = task.architect.fd_radius if hvp == "fd" else None
         task.model.load_state_dict(state)
         replay.rewind()
         task.architect.sampler = replay
@@ -113,7 +112,7 @@ def alpha_grad_errors(
                 "dtype": dtype_name,
                 "amp": amp,
                 "hvp": hvp,
-                "radius": radius,
+                "radius": task.architect.fd_radius if hvp == "fd" else None,
                 "rel_error": ((got - want).norm() / want.norm()).item(),
                 "cosine": torch.nn.functional.cosine_similarity(got, want, dim=0).item(),
             }

@@ -366,6 +366,8 @@ def test_kernel_impls_compute_the_same(kernel):
         grad_out = torch.randn_like(ref)
         ref_grads = torch.autograd.grad(ref, inputs.leaves, grad_out)
         for name, impl in kernel.impls.items():
+            if name == "reference":
+                continue
             out = impl(inputs.args)
             torch.testing.assert_close(out, ref, msg=f"{kernel.name} {name}")
             grads = torch.autograd.grad(out, inputs.leaves, grad_out)
