@@ -49,7 +49,7 @@ class RunSettings:
         return {k: v for k, v in defaults.items() if getattr(self, k) is None}
 
 
-def check_settings(cfg, verb: str, more: list[tuple[bool, str]]) -> None:
+def check_settings(cfg: RunSettings, verb: str, more: list[tuple[bool, str]]) -> None:
     """ConfigError with the message of the first failed check: those every run's settings
     share (``verb``: what the rnn space does on ptb, "searches" or "trains"), then ``more``."""
     checks = [

@@ -292,7 +292,9 @@ def _csr(sorted_keys: Tensor, n: int) -> Tensor:
     return torch.cat([counts.new_zeros(1), counts.cumsum(0)])
 
 
-def check_mix_inputs(src: Tensor, alpha: Tensor, shift: Tensor, acc: Tensor | None, routes):
+def check_mix_inputs(
+    src: Tensor, alpha: Tensor, shift: Tensor, acc: Tensor | None, routes: Routes
+) -> None:
     """Raise ValueError / TypeError naming the offending argument."""
     for name, t in (("src", src), ("alpha", alpha), ("shift", shift)):
         if not isinstance(t, Tensor):

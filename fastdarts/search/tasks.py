@@ -114,7 +114,7 @@ class SearchTask:
         val_out = self.architect.step(train, val, lr, self.weight_optimizer)
         return val_out, self.weight_step(train, lr)
 
-    def weight_step(self, batch: Batch, lr: float | torch.Tensor):
+    def weight_step(self, batch: Batch, lr: float | torch.Tensor) -> SearchOutput:
         """One SGD step on the weights with the training loss (+ penalty); returns the output."""
         for group in self.weight_optimizer.param_groups:
             group["lr"] = lr
