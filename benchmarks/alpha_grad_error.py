@@ -6,6 +6,9 @@ On one search step's batches (synthetic data of the real shapes, the step's own 
 bfloat16 autocast (``--amp bf16``), each with the finite-difference HVP (w± in float32) and
 the exact one; float64 with the finite difference shows the difference quotient's own
 truncation error, at the paper's radius r = 0.01 and at each of ``--radii`` (ε = r / ‖v‖).
+Each float64 finite-difference row also counts the switches between its w⁺ and w⁻ passes:
+ReLU outputs whose sign differs and max-pool windows whose argmax differs. The difference
+quotient divides each such jump in the gradient by 2ε, so they explain its error.
 
     python benchmarks/alpha_grad_error.py --space rnn --config small --json out.json
 """
@@ -18,6 +21,7 @@ import sys
 from pathlib import Path
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -56,6 +60,54 @@ class Replay:
 
     def rewind(self) -> None:
         self.i = 0
+
+
+class SwitchCounter(TorchDispatchMode):
+    """Records each ReLU's sign pattern and each max-pool's argmax in the forward passes it
+    sees; :meth:`counts` compares the first half of them (w⁺) with the second (w⁻)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: list[tuple[str, torch.Tensor]] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if func is torch.ops.aten.relu.default:
+            self.seen.append(("relu", out > 0))
+        elif func is torch.ops.aten.max_pool2d_with_indices.default:
+            self.seen.append(("max_pool", out[1].clone()))
+        elif func in (torch.ops.aten.relu_.default, torch.ops.aten.max_pool2d.default):
+            raise NotImplementedError(f"{func} is not counted: the switch count would be short")
+        return out
+
+    def counts(self) -> dict[str, int]:
+        """Per kind, the elements that switched and the elements compared."""
+        half = len(self.seen) // 2
+        plus, minus = self.seen[:half], self.seen[half:]
+        if len(plus) != len(minus) or any(
+            (k1, a.shape) != (k2, b.shape) for (k1, a), (k2, b) in zip(plus, minus)
+        ):
+            raise RuntimeError("the w+ and w- passes ran different ops: cannot pair them")
+        counts = {"relu_flips": 0, "relu_outputs": 0, "pool_changes": 0, "pool_windows": 0}
+        for (kind, a), (_, b) in zip(plus, minus):
+            changed, total = "relu_flips", "relu_outputs"
+            if kind == "max_pool":
+                changed, total = "pool_changes", "pool_windows"
+            counts[changed] += int((a != b).sum())
+            counts[total] += a.numel()
+        return counts
+
+
+def counting_switches(architect) -> SwitchCounter:
+    """Makes ``architect``'s (unbatched) finite-difference HVP run under a new counter."""
+    counter, hvp_fd = SwitchCounter(), architect._hvp_fd
+
+    def counted(*args):
+        with counter:
+            return hvp_fd(*args)
+
+    architect._hvp_fd = counted
+    return counter
 
 
 def first_batches(task: SearchTask) -> tuple[Batch, Batch]:
@@ -98,6 +150,9 @@ def alpha_grad_errors(
         task = build_task(cfg, device, dtype, 2)
         if radius is not None:
             task.architect.fd_radius = radius
+        counter = None
+        if dtype == torch.float64 and hvp == "fd" and not task.architect.batched_fd:
+            counter = counting_switches(task.architect)
         task.model.load_state_dict(state)
         replay.rewind()
         task.architect.sampler = replay
@@ -115,6 +170,7 @@ def alpha_grad_errors(
                 "radius": task.architect.fd_radius if hvp == "fd" else None,
                 "rel_error": ((got - want).norm() / want.norm()).item(),
                 "cosine": torch.nn.functional.cosine_similarity(got, want, dim=0).item(),
+                **(counter.counts() if counter is not None else {}),
             }
         )
     return rows
@@ -129,6 +185,8 @@ COLUMNS = [
     ("radius r", "radius"),
     ("‖g − g64‖/‖g64‖", "rel_error"),
     ("cosine", "cosine"),
+    ("ReLU flips", "relu_flips"),
+    ("max-pool changes", "pool_changes"),
 ]
 
 

@@ -17,7 +17,7 @@ import pytest
 import torch
 from test_recurrent_mixed import _synthetic_corpus
 
-from benchmarks.alpha_grad_error import alpha_grad_errors
+from benchmarks.alpha_grad_error import SwitchCounter, alpha_grad_errors
 from fastdarts.data import ptb
 from fastdarts.data.cifar import CIFAR10Split
 from fastdarts.errors import DivergedError
@@ -138,9 +138,39 @@ def test_amp_alpha_gradient_error_is_bounded():
     # At r = 1e-5 the tiny RNN's float64 difference quotient is the exact HVP (measured:
     # 6e-13, against 2e-5 at the paper's 0.01, where ReLU switches between w⁻ and w⁺ add to
     # the O(r²) truncation): the extra radius is the one applied.
-    fd64 = {r["radius"]: r["rel_error"] for r in rows if r["dtype"] == "float64"}
+    fd64 = {r["radius"]: r for r in rows if r["dtype"] == "float64"}
     assert fd64.keys() == {0.01, 1e-5}
-    assert fd64[1e-5] < 1e-9
+    assert fd64[1e-5]["rel_error"] < 1e-9
+    # ...and no ReLU switches there; at 0.01 some (measured: 17 of 800).
+    assert fd64[1e-5]["relu_flips"] == 0 and fd64[0.01]["relu_flips"] > 0
+    assert fd64[0.01]["relu_outputs"] > 0 and fd64[0.01]["pool_windows"] == 0
+
+
+def test_switch_counter_pairs_the_two_passes():
+    gen = torch.Generator().manual_seed(0)
+    a1 = torch.randn(3, 5, 7, dtype=torch.float64, generator=gen)
+    a2 = a1.clone()
+    a2.view(-1)[[0, 9, 40, 104]] *= -1
+    # Every 2×2 window's maximum at its top-left, then 3 windows' bottom-right above it.
+    b1 = torch.rand(2, 3, 8, 8, dtype=torch.float64, generator=gen)
+    b1[..., ::2, ::2] += 1
+    b2 = b1.clone()
+    b2[0, 1, 1, 1] = b2[1, 2, 5, 7] = b2[1, 0, 7, 3] = 2
+    counter = SwitchCounter()
+    with counter:
+        for a, b in ((a1, b1), (a2, b2)):
+            torch.relu(a)
+            torch.nn.functional.max_pool2d(b.requires_grad_(), 2)
+    assert counter.counts() == {
+        "relu_flips": 4,
+        "relu_outputs": 105,
+        "pool_changes": 3,
+        "pool_windows": 96,
+    }
+    with counter:
+        torch.relu(a1)
+    with pytest.raises(RuntimeError, match="different ops"):
+        counter.counts()
 
 
 @pytest.mark.cuda
