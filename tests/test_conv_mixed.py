@@ -14,7 +14,6 @@ import copy
 import math
 import os
 import re
-import subprocess
 import sys
 import textwrap
 import warnings
@@ -104,30 +103,31 @@ def assert_close(got, want, dtype, msg=""):
     torch.testing.assert_close(got, want.to(got.dtype), rtol=rtol, atol=atol, msg=msg)
 
 
-def compare_modules(ref, fused, inputs, dtype, loss_weights):
-    """Forward, every gradient and the state (running statistics) of ref (float64) and fused
-    (``dtype``) on the same inputs; inputs[-1] are the op weights."""
+def compare_modules(ref, fused, inputs, dtype, loss_weights, device="cpu"):
+    """Forward, every gradient and the state (running statistics) of ref (float64, on the
+    CPU) and fused (``dtype``, on ``device``) on the same inputs; inputs[-1] are the op
+    weights."""
     ref_in = [t.detach().to(F64).requires_grad_() for t in inputs]
-    fused_in = [t.detach().to(dtype).requires_grad_() for t in inputs]
+    fused_in = [t.detach().to(device, dtype).requires_grad_() for t in inputs]
     want = ref(*ref_in)
     got = fused(*fused_in)
-    assert_close(got, want, dtype, "forward")
+    assert_close(got.cpu(), want, dtype, "forward")
     want_grads = torch.autograd.grad((want * loss_weights).sum(), ref_in, retain_graph=True)
-    (got * loss_weights.to(dtype)).sum().backward()
+    (got * loss_weights.to(device, dtype)).sum().backward()
     for i, (g, w) in enumerate(zip(fused_in, want_grads)):
-        assert_close(g.grad, w, dtype, f"grad of input {i}")
+        assert_close(g.grad.cpu(), w, dtype, f"grad of input {i}")
     (want * loss_weights).sum().backward()
     ref_g, fused_g = reference_grads(ref), fused_grads(fused)
     assert sorted(ref_g) == sorted(fused_g)
     for key, w in ref_g.items():
-        assert_close(fused_g[key], w, dtype, key)
+        assert_close(fused_g[key].cpu(), w, dtype, key)
     ref_sd, fused_sd = ref.state_dict(), fused.state_dict()
     assert list(ref_sd) == list(fused_sd)
     for key, w in ref_sd.items():
         if w.is_floating_point():
-            assert_close(fused_sd[key], w, dtype, key)
+            assert_close(fused_sd[key].cpu(), w, dtype, key)
         else:
-            assert torch.equal(fused_sd[key], w), key
+            assert torch.equal(fused_sd[key].cpu(), w), key
 
 
 def make_edge(C, stride, dtype, seed, train):
@@ -161,14 +161,17 @@ def test_edge_forward_grads_and_stats_match_reference(stride, size, train, dtype
     compare_modules(ref, fused, [x, w], dtype, loss_w)
 
 
-def test_edge_weights_with_exact_zeros_and_single_ops():
+@pytest.mark.parametrize("dtype", [F64, torch.float32])
+def test_edge_weights_with_exact_zeros_and_single_ops(dtype):
+    """One op at a time (the others' weights exactly 0): forward, every gradient, state."""
     gen = _gen(3)
-    ref, fused = make_edge(4, 1, F64, seed=3, train=True)
     x = torch.randn(2, 4, 5, 5, generator=gen, dtype=F64)
+    loss_w = torch.randn(2, 4, 5, 5, generator=gen, dtype=F64)
     for k in range(K_OPS):
+        ref, fused = make_edge(4, 1, dtype, seed=3, train=True)
         w = torch.zeros(K_OPS, dtype=F64)
         w[k] = 1.0
-        assert_close(fused(x, w), ref(x, w), F64, f"op {fastdarts.CNN_PRIMITIVES[k]}")
+        compare_modules(ref, fused, [x, w], dtype, loss_w)
 
 
 def make_cell(C, reduction, reduction_prev, dtype, seed, train):
@@ -379,15 +382,18 @@ def test_vmap_folds_batch_and_handles_batched_coefficients():
     def loss(s, a):
         return (conv_mix(s, a, shift, routes, acc) ** 2).sum()
 
-    per_sample = torch.func.vmap(torch.func.grad(loss, argnums=(0, 1)), in_dims=(0, None))(
-        srcs, alpha
-    )
-    for v in range(V):
-        s, a = srcs[v].clone().requires_grad_(), alpha.clone().requires_grad_()
-        out = mix_reference(s, a, shift, acc, rs, ro, n)
-        want = torch.autograd.grad((out**2).sum(), [s, a])
-        for g, w in zip(per_sample, want):
-            assert_close(g[v], w, F64)
+    # α shared by the samples, then α of each sample.
+    for a_dim, a_in in ((None, alpha), (0, alphas)):
+        per_sample = torch.func.vmap(torch.func.grad(loss, argnums=(0, 1)), in_dims=(0, a_dim))(
+            srcs, a_in
+        )
+        for v in range(V):
+            a_v = alpha if a_dim is None else alphas[v]
+            s, a = srcs[v].clone().requires_grad_(), a_v.clone().requires_grad_()
+            out = mix_reference(s, a, shift, acc, rs, ro, n)
+            want = torch.autograd.grad((out**2).sum(), [s, a])
+            for g, w in zip(per_sample, want):
+                assert_close(g[v], w, F64)
 
 
 def test_edge_under_vmap_in_eval_mode():
@@ -1034,9 +1040,8 @@ def _run_search(backend, order, hvp="fd", steps=3):
     return task.model, losses
 
 
-@pytest.mark.parametrize(
-    "order, hvp", [(1, "fd"), (2, "fd"), pytest.param(2, "exact", marks=pytest.mark.slow)]
-)
+# The exact HVP differentiates the fused cells' weight gradient (double backward): 10 s.
+@pytest.mark.parametrize("order, hvp", [(1, "fd"), (2, "fd"), (2, "exact")])
 def test_search_steps_fused_equal_reference(order, hvp, one_thread):
     ref_model, ref_losses = _run_search("reference", order, hvp)
     fused_model, fused_losses = _run_search("fused", order, hvp)
@@ -1074,15 +1079,6 @@ def test_missing_extension_falls_back_to_torch_ops(monkeypatch, stride):
     finally:
         monkeypatch.undo()
         extension._load.cache_clear()
-
-
-def test_import_loads_no_kernel_module():
-    code = (
-        "import sys, fastdarts; "
-        "bad = {'triton', 'fastdarts._C', 'fastdarts.kernels.conv_mixed'} & set(sys.modules); "
-        "assert not bad, bad"
-    )
-    subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO, timeout=120)
 
 
 TRITON_SCRIPT = textwrap.dedent(
@@ -1159,15 +1155,30 @@ def test_triton_dispatch_under_interpreter():
     run_triton_interpreted(TRITON_DISPATCH_SCRIPT)
 
 
-@pytest.mark.cuda
-@pytest.mark.parametrize("dtype", [F64, torch.float32])
-def test_cuda_edge_and_cell_match_reference(dtype):
-    assert kernel_name(torch.device("cuda")) == "triton"
+def check_edges_and_cells(dtype: torch.dtype, device: str) -> None:
+    """compare_modules on ``device`` for an edge of each stride and each kind of cell."""
     gen = _gen(24)
     for stride in (1, 2):
         ref, fused = make_edge(16, stride, dtype, seed=stride, train=True)
-        fused.cuda()
         x = torch.randn(8, 16, 16, 16, generator=gen, dtype=F64)
-        w = _probs(gen)
-        got = fused(x.to("cuda", dtype), w.to("cuda", dtype))
-        assert_close(got.cpu(), ref(x, w), dtype)
+        loss_w = torch.randn(8, 16, 16 // stride, 16 // stride, generator=gen, dtype=F64)
+        compare_modules(ref, fused.to(device), [x, _probs(gen)], dtype, loss_w, device)
+    C, H = 8, 8
+    for reduction, reduction_prev in ((False, False), (True, False), (False, True)):
+        ref, fused, c_pp = make_cell(C, reduction, reduction_prev, dtype, seed=7, train=True)
+        h_pp = 2 * H if reduction_prev else H
+        s0 = torch.randn(4, c_pp, h_pp, h_pp, generator=gen, dtype=F64)
+        s1 = torch.randn(4, C, H, H, generator=gen, dtype=F64)
+        h_out = H // 2 if reduction else H
+        loss_w = torch.randn(4, 4 * C, h_out, h_out, generator=gen, dtype=F64)
+        compare_modules(ref, fused.to(device), [s0, s1, _probs(gen, 14)], dtype, loss_w, device)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [F64, torch.float32])
+def test_cuda_edge_and_cell_match_reference(dtype, monkeypatch):
+    """The Triton path on the GPU: forward, every gradient and the running statistics."""
+    assert kernel_name(torch.device("cuda")) == "triton"
+    # cuDNN's float32 convolutions default to TF32 (10-bit mantissa) on Ampere and later.
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    check_edges_and_cells(dtype, "cuda")

@@ -120,14 +120,17 @@ def test_frozen_statistics_are_not_updated():
     assert int(got_bn[2]) == 0
 
 
-def test_kernel_writes_every_output():
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_kernel_writes_every_output(dtype):
+    """Into NaN-filled outputs (each dtype has its own vector width; nhid = 19 gives whole
+    vectors and a tail in both)."""
     gen = torch.Generator().manual_seed(5)
-    T, B, ninp, nhid, steps = 2, 3, 5, 7, 3
-    _, cell = make_cell(gen, ninp, nhid, steps, torch.float64)
-    x, h, probs, xm, hm = make_inputs(gen, T, B, ninp, nhid, steps, torch.float64, "xh")
+    T, B, ninp, nhid, steps = 2, 3, 5, 19, 3
+    _, cell = make_cell(gen, ninp, nhid, steps, dtype)
+    x, h, probs, xm, hm = make_inputs(gen, T, B, ninp, nhid, steps, dtype, "xh")
     bn = cell.bn
     ws = [w.detach() for w in cell._Ws]
-    outs = [torch.full(s, math.nan, dtype=torch.float64) for s in rc._shapes(x, h, steps)]
+    outs = [torch.full(s, math.nan, dtype=dtype) for s in rc._shapes(x, h, steps)]
     EXT.recurrent_cell_forward(
         x, h, probs, xm, hm, cell._W0.detach(), ws, bn.running_mean, bn.running_var,
         bn.num_batches_tracked, True, False, 0.1, 1e-5, *outs,
@@ -135,7 +138,7 @@ def test_kernel_writes_every_output():
     assert all(not o.isnan().any() for o in outs)
     grads = [torch.full_like(t, math.nan) for t in (x, h, probs, cell._W0, *ws)]
     EXT.recurrent_cell_backward(
-        torch.randn(T, B, nhid, dtype=torch.float64), x, h, probs, xm, hm, cell._W0.detach(),
+        torch.randn(T, B, nhid, dtype=dtype), x, h, probs, xm, hm, cell._W0.detach(),
         ws, *outs[:5], True, *grads[:4], grads[4:],
     )  # fmt: skip
     assert all(not g.isnan().any() for g in grads)

@@ -118,17 +118,21 @@ def test_cpp_relu_kink_gradient_is_zero_like_torch():
 
 
 @needs_ext
-def test_cpp_kernel_writes_every_element():
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_cpp_kernel_writes_every_element(dtype):
+    """Into NaN-filled outputs (each dtype has its own vector width and tail)."""
     gen = torch.Generator().manual_seed(11)
     for n, B, D in [(1, 1, 1), (3, 3, 37), (5, 7, 1031)]:
-        states, ch, probs = make_inputs(gen, n, B, D)
-        grad = torch.randn(B, D, generator=gen, dtype=torch.float64)
-        out = torch.full((B, D), math.nan, dtype=torch.float64)
+        states, ch, probs = make_inputs(gen, n, B, D, dtype=dtype)
+        grad = torch.randn(B, D, generator=gen, dtype=dtype)
+        out = torch.full((B, D), math.nan, dtype=dtype)
         EXT.recurrent_mixed_forward(states, ch, probs, out)
         grads = [torch.full_like(t, math.nan) for t in (states, ch, probs)]
         EXT.recurrent_mixed_backward(grad, states, ch, probs, *grads)
-        want = value_and_grads(recurrent_mixed_reference, states, ch, probs, grad)
-        assert_matches([out, *grads], want, torch.float64)
+        want = value_and_grads(
+            recurrent_mixed_reference, *(t.double() for t in (states, ch, probs)), grad.double()
+        )
+        assert_matches([out, *grads], [w.to(dtype) for w in want], dtype)
 
 
 @needs_ext
@@ -238,15 +242,18 @@ def test_vmap_of_grad_gives_per_sample_gradients():
     def loss(fn):
         return lambda s, c, p: (fn(s, c, p) ** 2).sum()
 
-    per_sample = torch.func.vmap(
-        torch.func.grad(loss(recurrent_mixed), argnums=(0, 1, 2)), in_dims=(0, 0, None)
-    )(states, ch, probs)
-    for v in range(V):
-        want = torch.func.grad(loss(recurrent_mixed_reference), argnums=(0, 1, 2))(
-            states[v], ch[v], probs
-        )
-        for g, w in zip(per_sample, want):
-            torch.testing.assert_close(g[v], w, rtol=1e-12, atol=1e-13)
+    # probs shared by the samples, then probs of each sample.
+    per_probs = torch.softmax(torch.randn(V, n, 5, generator=gen, dtype=torch.float64), -1)
+    for p_dim, p_in in ((None, probs), (0, per_probs)):
+        per_sample = torch.func.vmap(
+            torch.func.grad(loss(recurrent_mixed), argnums=(0, 1, 2)), in_dims=(0, 0, p_dim)
+        )(states, ch, p_in)
+        for v in range(V):
+            want = torch.func.grad(loss(recurrent_mixed_reference), argnums=(0, 1, 2))(
+                states[v], ch[v], probs if p_dim is None else per_probs[v]
+            )
+            for g, w in zip(per_sample, want):
+                torch.testing.assert_close(g[v], w, rtol=1e-12, atol=1e-13)
 
 
 def test_custom_op_registration_passes_opcheck():
@@ -305,15 +312,6 @@ def test_missing_extension_warns_once_and_falls_back(monkeypatch):
     finally:
         monkeypatch.undo()
         extension._load.cache_clear()
-
-
-def test_import_compiles_and_loads_nothing():
-    code = (
-        "import sys, fastdarts; "
-        "bad = {'triton', 'fastdarts._C', 'fastdarts.kernels.recurrent_mixed'} & set(sys.modules); "
-        "assert not bad, bad"
-    )
-    subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO, timeout=120)
 
 
 def _synthetic_corpus(vocab=50, seed=0):
@@ -521,17 +519,26 @@ def test_cuda_extension_builds_links_and_loads_without_a_gpu(tmp_path):
 
 
 @pytest.mark.cuda
-def test_cuda_extension_kernel_matches_reference():
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_cuda_extension_kernel_matches_reference(dtype):
     if not hasattr(EXT, "recurrent_mixed_forward_cuda"):
         pytest.skip("fastdarts._C was built without CUDA")
     gen = torch.Generator().manual_seed(23)
     for n, B, D in [(1, 3, 37), (8, 33, 301), (3, 64, 1031)]:
-        states, ch, probs = make_inputs(gen, n, B, D)
-        grad = torch.randn(B, D, generator=gen, dtype=torch.float64)
-        want = value_and_grads(recurrent_mixed_reference, states, ch, probs, grad)
+        states, ch, probs = make_inputs(gen, n, B, D, dtype=dtype)
+        grad = torch.randn(B, D, generator=gen, dtype=dtype)
+        want = value_and_grads(
+            recurrent_mixed_reference, *(t.double() for t in (states, ch, probs)), grad.double()
+        )
         s, c, p, g = (t.cuda() for t in (states, ch, probs, grad))
-        out = torch.full((B, D), math.nan, dtype=torch.float64, device="cuda")
+        out = torch.full((B, D), math.nan, dtype=dtype, device="cuda")
         EXT.recurrent_mixed_forward_cuda(s, c, p, out)
         grads = [torch.full_like(t, math.nan) for t in (s, c, p)]
         EXT.recurrent_mixed_backward_cuda(g, s, c, p, *grads)
-        assert_matches([t.cpu() for t in (out, *grads)], want, torch.float64)
+        got = [t.cpu() for t in (out, *grads)]
+        rtol, atol = TOL[dtype]
+        for i, (u, w) in enumerate(zip(got, want)):
+            # dP sums B·D products: float32 rounding grows with the count.
+            a = 1e-6 * B * D if dtype == torch.float32 and i == 3 else atol
+            assert not u.isnan().any()
+            torch.testing.assert_close(u, w.to(dtype), rtol=rtol, atol=a)

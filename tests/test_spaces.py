@@ -601,12 +601,17 @@ def test_cnn_alpha_gradient_matches_finite_difference():
 # Import without CUDA
 
 
-def test_import_does_not_initialise_cuda():
+def test_import_does_not_initialise_cuda_or_load_kernels():
+    """``import fastdarts`` touches no GPU and loads neither Triton, nor the compiled
+    extension, nor any kernel module: each is loaded on first use."""
     root = Path(__file__).resolve().parents[1]
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "PYTHONPATH": str(root)}
     code = (
-        "import torch, fastdarts\n"
+        "import sys, torch, fastdarts\n"
         "assert fastdarts.RNNSearchModel and fastdarts.ConvSearchModel\n"
+        "bad = [m for m in sys.modules if m in ('triton', 'fastdarts._C')\n"
+        "       or m.startswith('fastdarts.kernels')]\n"
+        "assert not bad, bad\n"
         "print('cuda_initialized', torch.cuda.is_initialized())\n"
     )
     res = subprocess.run(
