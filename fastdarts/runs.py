@@ -78,15 +78,26 @@ def trajectory_mismatch(saved: dict, current: dict) -> list[str]:
 
 
 def resolve_device(name: str | None) -> torch.device:
-    """``name`` as a device (default: cuda if available); ConfigError if it cannot be used."""
+    """``name`` as a device (default: cuda if available); ConfigError if it cannot be used.
+    A numbered CUDA device becomes the current one: Triton kernels, cuBLAS handles and CUDA
+    graph captures go to the current device, not to their tensors'."""
     if name is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
         device = torch.device(name)
     except RuntimeError:
         raise ConfigError(f"--device: '{name}' is not a device (cpu, cuda, cuda:1, ...)") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"--device {name}: no CUDA device is available here")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError(f"--device {name}: no CUDA device is available here")
+        count = torch.cuda.device_count()
+        if device.index is not None and device.index >= count:
+            raise ConfigError(
+                f"--device {name}: this machine has {count} CUDA device(s), cuda:0 to "
+                f"cuda:{count - 1}"
+            )
+        if device.index is not None:
+            torch.cuda.set_device(device)
     return device
 
 

@@ -1,5 +1,9 @@
 """Triton kernels, installed as ``fastdarts.kernels``; imported only by the fast ops."""
 
+import contextlib
+
+import torch
+
 # The kernels compute offsets in int32 (program ids and integer arguments are 32-bit).
 MAX_EXTENT = 2**31 - 1
 
@@ -12,3 +16,9 @@ def check_extent(*extents: int) -> None:
             f"fastdarts' Triton kernels index in 32 bits: {max(extents)} elements from one "
             f"pointer is over {MAX_EXTENT}; use a smaller batch"
         )
+
+
+def on_device(t: torch.Tensor) -> contextlib.AbstractContextManager:
+    """Triton launches on the current CUDA device and its current stream, not the arguments'
+    device: within this block they are ``t``'s (a no-op for CPU tensors, interpreted)."""
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()

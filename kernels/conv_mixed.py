@@ -14,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import check_extent
+from . import check_extent, on_device
 
 BLOCK = 256
 
@@ -115,21 +115,22 @@ def forward(
     acc_b = acc.stride(0) if has_acc else 0
     check_extent(src.numel(), out.numel(), (b - 1) * acc_b + n * p)
     grid = (b * n, triton.cdiv(p, BLOCK))
-    _forward_kernel[grid](
-        src,
-        alpha,
-        shift,
-        acc if has_acc else out,
-        acc_b,
-        route_src,
-        out_ptr,
-        out,
-        s,
-        n,
-        p,
-        HAS_ACC=has_acc,
-        BLOCK=BLOCK,
-    )
+    with on_device(src):
+        _forward_kernel[grid](
+            src,
+            alpha,
+            shift,
+            acc if has_acc else out,
+            acc_b,
+            route_src,
+            out_ptr,
+            out,
+            s,
+            n,
+            p,
+            HAS_ACC=has_acc,
+            BLOCK=BLOCK,
+        )
     return out
 
 
@@ -164,11 +165,24 @@ def backward(
     if out is None:
         out = [torch.empty_like(src), torch.empty_like(alpha), torch.empty_like(shift)]
     d_src, d_alpha, d_shift = out
-    _grad_src_kernel[(b * s, triton.cdiv(p, BLOCK))](
-        grad, alpha, route_out, src_perm, src_ptr, d_src, s, n, p, BLOCK=BLOCK
-    )
-    if alpha.numel():
-        _grad_coef_kernel[(alpha.numel(),)](
-            grad, src, alpha, shift, route_src, route_out, d_alpha, d_shift, b, s, n, p, BLOCK=BLOCK
+    with on_device(src):
+        _grad_src_kernel[(b * s, triton.cdiv(p, BLOCK))](
+            grad, alpha, route_out, src_perm, src_ptr, d_src, s, n, p, BLOCK=BLOCK
         )
+        if alpha.numel():
+            _grad_coef_kernel[(alpha.numel(),)](
+                grad,
+                src,
+                alpha,
+                shift,
+                route_src,
+                route_out,
+                d_alpha,
+                d_shift,
+                b,
+                s,
+                n,
+                p,
+                BLOCK=BLOCK,
+            )
     return d_src, d_alpha, d_shift

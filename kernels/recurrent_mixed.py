@@ -13,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import check_extent
+from . import check_extent, on_device
 
 K = 5
 BLOCK = 512
@@ -103,7 +103,8 @@ def forward(
     n, b, d = states.shape
     check_extent(ch.numel())  # the largest: n·B·2D
     out = states.new_empty(b, d) if out is None else out
-    _forward_kernel[(triton.cdiv(b * d, BLOCK),)](states, ch, probs, out, n, b, d, BLOCK=BLOCK)
+    with on_device(states):
+        _forward_kernel[(triton.cdiv(b * d, BLOCK),)](states, ch, probs, out, n, b, d, BLOCK=BLOCK)
     return out
 
 
@@ -123,8 +124,9 @@ def backward(
     blocks = triton.cdiv(b * d, BLOCK)
     d_states, d_ch = (torch.empty_like(states), torch.empty_like(ch)) if out is None else out
     parts = states.new_empty(blocks, n, K - 1)
-    _backward_kernel[(blocks,)](
-        grad, states, ch, probs, d_states, d_ch, parts, n, b, d, BLOCK=BLOCK
-    )
+    with on_device(states):
+        _backward_kernel[(blocks,)](
+            grad, states, ch, probs, d_states, d_ch, parts, n, b, d, BLOCK=BLOCK
+        )
     d_probs = torch.cat([parts.new_zeros(n, 1), parts.sum(0)], dim=1)
     return d_states, d_ch, d_probs

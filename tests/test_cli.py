@@ -100,6 +100,24 @@ def test_bad_flags(tmp_path, args, fragments, cli):
     assert not (tmp_path / "x").exists()
 
 
+def test_device_numbers_are_checked_and_made_current(monkeypatch):
+    """A numbered CUDA device must exist, and becomes the current one (Triton launches there)."""
+    from fastdarts.errors import ConfigError
+    from fastdarts.runs import resolve_device
+
+    current = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "set_device", current.append)
+    with pytest.raises(ConfigError, match=r"has 2 CUDA device\(s\), cuda:0 to cuda:1"):
+        resolve_device("cuda:2")
+    assert current == []
+    assert resolve_device("cuda:1") == torch.device("cuda", 1)
+    assert current == [torch.device("cuda", 1)]
+    assert resolve_device("cuda") == torch.device("cuda")  # the current one, unchanged
+    assert resolve_device("cpu") == torch.device("cpu") and len(current) == 1
+
+
 def test_missing_data(tmp_path, cli):
     missing = tmp_path / "nowhere"
     proc = cli(SEARCH, *RNN_TINY, "--data", str(missing), "--out", str(tmp_path / "x"))

@@ -1151,6 +1151,16 @@ TRITON_DISPATCH_SCRIPT = textwrap.dedent(
 )
 
 
+@pytest.mark.cuda
+def test_cuda_edge_and_cell_on_a_second_device(monkeypatch):
+    """Triton launches on the current device; the launchers switch to the inputs' one."""
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs two CUDA devices")
+    assert torch.cuda.current_device() == 0
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    check_edges_and_cells(F64, "cuda:1")
+
+
 def test_triton_dispatch_under_interpreter():
     run_triton_interpreted(TRITON_DISPATCH_SCRIPT)
 

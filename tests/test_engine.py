@@ -322,28 +322,33 @@ def test_loop_names_the_first_bad_step_when_it_reads_later(tmp_path):
     assert not (tmp_path / "checkpoint.pt").exists()
 
 
-def _equal_runs(a, b, steps: int) -> None:
+def _same_runs(a, b, steps: int) -> None:
+    """Equal losses, weights and buffers, to the last bit but for the weights' rounding: the
+    CPU's fused SGD (under --cuda-graphs) and foreach SGD round some elements of a step one
+    unit apart, depending on the CPU's vector width (seen with AVX-512 in the classifier's
+    10-element bias: 5e-17 relative)."""
     for _ in range(steps):
         ma, mb = a.step(), b.step()
-        assert torch.equal(ma["loss"], mb["loss"]) and torch.equal(ma["val_loss"], mb["val_loss"])
+        torch.testing.assert_close(ma["loss"], mb["loss"], rtol=1e-13, atol=0)
+        torch.testing.assert_close(ma["val_loss"], mb["val_loss"], rtol=1e-13, atol=0)
     for (name, p), q in zip(a.model.named_parameters(), b.model.parameters()):
-        assert torch.equal(p, q), name
+        torch.testing.assert_close(p, q, rtol=1e-13, atol=1e-16, msg=name)
     for x, y in zip(a.model.buffers(), b.model.buffers()):
-        assert torch.equal(x, y)
+        torch.testing.assert_close(x, y, rtol=1e-13, atol=1e-16)
 
 
 @pytest.mark.parametrize(("space", "order"), [("rnn", 1), ("rnn", 2), ("cnn", 2)])
 def test_cuda_graph_step_path_equals_the_plain_step(space, order):
     """--cuda-graphs' code path (static buffers, ξ as a device tensor, fused SGD), run eagerly
-    on the CPU, takes exactly the plain step's steps."""
+    on the CPU, takes the plain step's steps (to rounding)."""
     plain = make_task(space, 3, order=order)
     graphed = make_task(space, 3, order=order, cuda_graphs=True)
     assert graphed.graphed is not None and not graphed.graphed.capture
     assert graphed.weight_optimizer.defaults["fused"]
-    _equal_runs(plain, graphed, 3)
+    _same_runs(plain, graphed, 3)
     if space == "rnn":
-        assert torch.equal(plain.hidden, graphed.hidden)
-        assert torch.equal(plain.hidden_valid, graphed.hidden_valid)
+        torch.testing.assert_close(plain.hidden, graphed.hidden, rtol=1e-13, atol=1e-16)
+        torch.testing.assert_close(plain.hidden_valid, graphed.hidden_valid, rtol=1e-13, atol=1e-16)
     # The optimiser's state keeps a plain learning rate (checkpoints, the CNN's scheduler).
     assert all(isinstance(g["lr"], float) for g in graphed.weight_optimizer.param_groups)
 
@@ -367,7 +372,12 @@ def test_cuda_graphs_need_a_cuda_device(tmp_path, cli):
 @pytest.mark.parametrize(("space", "order"), [("rnn", 2), ("cnn", 2)])
 def test_cuda_graph_replays_follow_the_eager_step(space, order):
     """Captured and replayed (after 2 eager warm-up steps per shape), the step follows the
-    eager one: same masks (the sampler's generator advances under replay), same α."""
+    eager one: same masks (the sampler's generator advances under replay), same α and w.
+
+    Not bit for bit in float64: under graphs, capturable Adam's step count and bias
+    corrections and fused SGD's tensor ξ are float32 (~6e-8 relative), so α's displacement
+    and the weights are compared at 1e-5 — a wrong mask or a stale buffer moves them by far
+    more (each α step moves α by about arch_lr)."""
     cuda = torch.device("cuda")
     tasks = []
     for graphs in (False, True):
@@ -380,12 +390,16 @@ def test_cuda_graph_replays_follow_the_eager_step(space, order):
         task.begin_epoch(0)
         tasks.append(task)
     eager, graphed = tasks
+    alpha0 = [a.detach().clone() for a in eager.model.arch_parameters()]
     for _ in range(6):
         eager.step()
         graphed.step()
     assert graphed.graphed.replays >= 3
-    for a, b in zip(graphed.model.arch_parameters(), eager.model.arch_parameters()):
-        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
+    for a, b, a0 in zip(graphed.model.arch_parameters(), eager.model.arch_parameters(), alpha0):
+        assert not torch.equal(b, a0)
+        torch.testing.assert_close(a - a0, b - a0, rtol=1e-5, atol=1e-9)
+    for (name, p), q in zip(graphed.model.named_parameters(), eager.model.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-9, msg=name)
 
 
 @pytest.mark.cuda

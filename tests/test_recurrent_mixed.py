@@ -454,6 +454,23 @@ def test_cuda_triton_matches_reference(dtype):
             )
 
 
+@pytest.mark.cuda
+def test_cuda_triton_launches_on_the_inputs_device():
+    """Triton launches on the current device; the launchers switch to the inputs' one."""
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs two CUDA devices")
+    device = torch.device("cuda", 1)
+    assert torch.cuda.current_device() == 0 and kernel_name(device) == "triton"
+    gen = torch.Generator().manual_seed(23)
+    states, ch, probs = make_inputs(gen, 4, B=5, D=67, dtype=torch.float64)
+    grad = torch.randn(5, 67, generator=gen, dtype=torch.float64)
+    want = value_and_grads(recurrent_mixed_reference, states, ch, probs, grad)
+    got = value_and_grads(recurrent_mixed, *(t.to(device) for t in (states, ch, probs, grad)))
+    for g, w in zip(got, want):
+        assert g.device == device
+        torch.testing.assert_close(g.cpu(), w, rtol=1e-10, atol=1e-11)
+
+
 def test_cuda_kernel_compiles_with_nvcc(tmp_path):
     nvcc = shutil.which("nvcc")
     if nvcc is None:

@@ -65,7 +65,9 @@ def mix_reference(
     n_out: int,
 ) -> Tensor:
     """:func:`conv_mix` in torch ops, over any leading batch dims: src (…, B, S, H, W),
-    alpha and shift (…, R) → (…, B, n_out, H, W)."""
+    alpha and shift (…, R) → (…, B, n_out, H, W). On CUDA ``index_add`` (here and in the
+    backward formulas) sums with atomics, in no fixed order, unless
+    ``torch.use_deterministic_algorithms(True)``."""
     terms = alpha[..., None, :, None, None] * (
         src.index_select(-3, route_src) - shift[..., None, :, None, None]
     )

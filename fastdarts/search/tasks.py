@@ -39,6 +39,16 @@ from fastdarts.spaces.rnn import DROPOUTS
 from fastdarts.utils import perplexity
 
 
+def _optimizer_lr(lr: float | torch.Tensor) -> float | torch.Tensor:
+    """The learning rate as the weight optimiser takes it: CUDA's fused SGD reads a tensor
+    learning rate as float32 whatever the weights' dtype (the CPU's reads it on the host as a
+    double), so a float64 run under --cuda-graphs hands it a float32 copy of ξ (a cast the
+    graph records, so each replay casts the value filled before it)."""
+    if isinstance(lr, torch.Tensor) and lr.is_cuda:
+        return lr.float()
+    return lr
+
+
 class SearchTask:
     """What both spaces share: the optimisers, the architect and the weight step."""
 
@@ -52,9 +62,9 @@ class SearchTask:
         self.dtype = next(iter(model.parameters())).dtype
         self.sampler = MaskSampler(cfg.seed + 1, device)
         on_gpu = device.type == "cuda"
-        # Under CUDA graphs: fused SGD takes ξ as a device tensor without reading it (equal,
-        # bit for bit, to the foreach SGD on the CPU) and capturable Adam keeps its step count
-        # on the GPU.
+        # Under CUDA graphs: fused SGD takes ξ as a device tensor without reading it (on the
+        # CPU it rounds a few elements a unit apart from foreach SGD, by the vector width) and
+        # capturable Adam keeps its step count on the GPU.
         self.weight_optimizer = torch.optim.SGD(
             model.weights(),
             lr=cfg.lr,
@@ -117,7 +127,7 @@ class SearchTask:
     def weight_step(self, batch: Batch, lr: float | torch.Tensor) -> SearchOutput:
         """One SGD step on the weights with the training loss (+ penalty); returns the output."""
         for group in self.weight_optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = _optimizer_lr(lr)
         weights = self.model.weights()
         masks = self.sampler.draw(self.model.mask_specs(batch), self.dtype)
         with autocast(self.model, self.cfg.amp):
