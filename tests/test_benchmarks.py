@@ -395,3 +395,56 @@ def test_summary_gives_each_kind_of_result_its_own_table(tmp_path):
     for table, (column, cell) in zip(tables, expected):
         assert f"| {column} |" in table.splitlines()[0], table
         assert sum(cell in t for t in tables) == 1 and cell in table, (cell, table)
+
+
+# -- before/after timing of two versions ------------------------------------------------------
+
+
+def test_ab_times_each_version_from_its_own_tree(tmp_path):
+    """benchmarks/ab.py in a clone with one more commit, which adds an op to the weight step:
+    head runs the new code and base (a worktree of HEAD~1) the old, so head counts more ops
+    per step, with the same α (the op multiplies by one)."""
+    clone = tmp_path / "clone"
+    subprocess.run(["git", "clone", "-q", str(REPO), str(clone)], check=True)
+    for so in (REPO / "fastdarts").glob("_C.*"):
+        (clone / "fastdarts" / so.name).write_bytes(so.read_bytes())
+    git = ["git", "-C", str(clone), "-c", "user.name=t", "-c", "user.email=t@t"]
+    # This checkout's ab.py (committed or not) is the one under test.
+    (clone / "benchmarks" / "ab.py").write_bytes((REPO / "benchmarks" / "ab.py").read_bytes())
+    subprocess.run([*git, "add", "benchmarks/ab.py"], check=True)
+    subprocess.run([*git, "commit", "-qm", "ab.py as checked out", "--allow-empty"], check=True)
+    tasks = clone / "fastdarts" / "search" / "tasks.py"
+    source = tasks.read_text()
+    step = "        loss = distributed.scale(out.loss + out.penalty, batch.share)\n"
+    assert step in source
+    tasks.write_text(source.replace(step, step + "        loss = loss * 1.0\n"))
+    subprocess.run([*git, "commit", "-qam", "one more op"], check=True)
+    out = tmp_path / "ab.json"
+    cmd = [sys.executable, str(clone / "benchmarks" / "ab.py"), "--base", "HEAD~1"]
+    cmd += ["--space", "rnn", "--config", "tiny", "--backend", "reference", "--order", "1"]
+    cmd += ["--rounds", "2", "--warmup", "0", "--threads", "1", "--json", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    doc = json.loads(out.read_text())
+    base, head = doc["rows"]
+    assert (base["version"], head["version"]) == ("base", "head")
+    assert head["ops_per_step"] == base["ops_per_step"] + 2  # the mul and its backward
+    assert head["alpha_max_abs_diff"] == 0
+    assert len(doc["samples_s"]["base"]) == len(doc["samples_s"]["head"]) == 2
+    assert head["paired_ratio_min"] <= head["paired_ratio_median"] <= head["paired_ratio_max"]
+    assert not list(tmp_path.glob("fastdarts-ab-*"))
+    worktrees = subprocess.run([*git, "worktree", "list"], capture_output=True, text=True).stdout
+    assert len(worktrees.strip().splitlines()) == 1  # the base worktree was removed
+    assert "| head |" in summary.summarize(tmp_path)
+
+
+def test_ab_reports_a_bad_revision_in_one_line():
+    proc = subprocess.run(
+        [sys.executable, "benchmarks/ab.py", "--base", "no-such-rev", "--space", "rnn"],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=120,
+    )
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == f"ab.py: --base no-such-rev: not a revision of {REPO}"

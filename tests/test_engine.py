@@ -337,6 +337,108 @@ def _same_runs(a, b, steps: int) -> None:
         torch.testing.assert_close(x, y, rtol=1e-13, atol=1e-16)
 
 
+def test_graphed_step_warms_up_captures_and_replays_each_shape(monkeypatch):
+    """GraphedStep's bookkeeping, with torch.cuda's graph API faked on the CPU: each batch
+    shape runs eagerly ``warmup`` times, is captured once (into the one shared pool, with the
+    generators registered), then replays with the new batch and ξ in its static buffers;
+    what a call returns is a copy that later replays leave alone."""
+    from fastdarts.search.graphs import GraphedStep
+    from fastdarts.spaces.base import SearchOutput
+
+    capturing, pools, events = [], [], []
+
+    class Graph:
+        def __init__(self):
+            self.generators, self.run, self.outputs = [], None, None
+
+        def register_generator_state(self, generator):
+            self.generators.append(generator)
+
+        def replay(self):
+            for placeholder, value in zip(self.outputs, self.run()):
+                placeholder.loss.copy_(value.loss)
+                placeholder.penalty.copy_(value.penalty)
+
+    @contextlib.contextmanager
+    def graph(g, pool=None):
+        pools.append(pool)
+        capturing.append(g)
+        try:
+            yield
+        finally:
+            capturing.pop()
+
+    class Stream:
+        def wait_stream(self, other):
+            pass
+
+    for name, value in {
+        "CUDAGraph": Graph,
+        "graph": graph,
+        "Stream": Stream,
+        "current_stream": Stream,
+        "stream": lambda s: contextlib.nullcontext(),
+        "synchronize": lambda: None,
+    }.items():
+        monkeypatch.setattr(torch.cuda, name, value)
+
+    total = torch.zeros((), dtype=torch.float64)  # state each real run changes, like w and α
+
+    def step(train, val, lr):
+        def run():
+            total.add_(lr * train.inputs.sum())
+            return (
+                SearchOutput(total + val.inputs.sum(), lr.clone(), None, None),
+                SearchOutput(total.clone(), train.targets.sum().double(), None, None),
+            )
+
+        if not capturing:
+            events.append(("eager", train.inputs.shape[0]))
+            return run()
+        # Capture records the step without running it; the replay runs it.
+        events.append(("capture", train.inputs.shape[0]))
+        capturing[-1].run = run
+        nan = torch.tensor(math.nan, dtype=torch.float64)
+        capturing[-1].outputs = tuple(
+            SearchOutput(nan.clone(), nan.clone(), None, None) for _ in "vt"
+        )
+        return capturing[-1].outputs
+
+    generator = torch.Generator()
+    graphed = GraphedStep(
+        step, torch.zeros((), dtype=torch.float64), capture=False, generators=(generator,)
+    )
+    graphed.capture, graphed.pool = True, "pool"  # what capture=True sets up on a GPU
+
+    def batch(n, value):
+        inputs = torch.full((n, 3), float(value), dtype=torch.float64)
+        return Batch(inputs, torch.full((n,), value))
+
+    expected_total = 0.0
+    returned = []
+    for i, n in enumerate([4, 4, 4, 4, 2, 2, 2, 4, 2]):
+        lr = 0.5 + i
+        val_out, train_out = graphed(batch(n, i + 1), batch(n, 10 * i), lr)
+        expected_total += lr * (i + 1) * 3 * n
+        assert val_out.loss.item() == expected_total + 10 * i * 3 * n, i
+        assert val_out.penalty.item() == lr and train_out.loss.item() == expected_total
+        assert train_out.penalty.item() == (i + 1) * n
+        returned.append((i, val_out.loss.item(), val_out.loss))
+    assert events == [
+        ("eager", 4),
+        ("eager", 4),
+        ("capture", 4),
+        ("eager", 2),
+        ("eager", 2),
+        ("capture", 2),
+    ]
+    assert graphed.replays == 5 and set(graphed.graphs) == {k for k in graphed.seen}
+    assert pools == ["pool", "pool"]
+    assert all(g.graph.generators == [generator] for g in graphed.graphs.values())
+    for i, value, tensor in returned:  # copies, not the graphs' outputs
+        assert tensor.item() == value, i
+
+
 @pytest.mark.parametrize(("space", "order"), [("rnn", 1), ("rnn", 2), ("cnn", 2)])
 def test_cuda_graph_step_path_equals_the_plain_step(space, order):
     """--cuda-graphs' code path (static buffers, ξ as a device tensor, fused SGD), run eagerly
