@@ -523,3 +523,63 @@ def test_search_step_does_not_synchronise_on_cuda(space):
         task.step()
     finally:
         torch.cuda.set_sync_debug_mode("default")
+
+
+@pytest.mark.parametrize("space", ["rnn", "cnn"])
+@pytest.mark.parametrize(
+    "options",
+    [
+        {},
+        {"order": 1},
+        {"fast": True},
+        {"fast": True, "hvp": "exact", "batched_fd": True},
+        {"backend": "fused", "batched_fd": True},
+    ],
+    ids=["reference", "first-order", "fast", "fast-exact-batched", "fused-batched-fd"],
+)
+def test_search_step_keeps_every_tensor_on_the_models_device(space, options, monkeypatch):
+    """A whole step on the meta device, where an operation mixing in a CPU tensor (not a
+    0-d scalar, which CUDA accepts too) raises as it would on a GPU: what the CPU tests
+    cannot see. The fused ops run their fake implementations. Patched for meta only: the
+    backends' device lists, the mask sampler (drawn on the CPU, then moved), autocast and
+    foreach (no meta kernels); so AMP and --cuda-graphs (fused SGD) are not covered here."""
+    from fastdarts.search import architect, masks, tasks
+
+    meta = torch.device("meta")
+    for name, backend in list(backends.BACKENDS.items()):
+        devices = backend.device_types | {"meta"}
+        patched = dataclasses.replace(backend, device_types=devices, unavailable=lambda d: None)
+        monkeypatch.setitem(backends.BACKENDS, name, patched)
+    draw = masks.MaskSampler.draw
+
+    def draw_on_cpu(self, specs, dtype):
+        cpu = masks.MaskSampler(0)
+        cpu.generator = self.generator
+        return {k: v.to(meta) for k, v in draw(cpu, specs, dtype).items()}
+
+    monkeypatch.setattr(masks.MaskSampler, "__init__", _cpu_generator(masks.MaskSampler.__init__))
+    monkeypatch.setattr(masks.MaskSampler, "draw", draw_on_cpu)
+    for module in (architect, tasks):
+        monkeypatch.setattr(module, "autocast", lambda model, amp: contextlib.nullcontext())
+    enabled = torch.is_autocast_enabled
+    monkeypatch.setattr(torch, "is_autocast_enabled", lambda *a: a[:1] != ("meta",) and enabled(*a))
+    cfg = SearchConfig(space=space, dtype="float32", seed=3, **TINY[space], **options)
+    cfg = dataclasses.replace(cfg.resolved(), foreach=False)
+    if space == "rnn":
+        task = RNNTask(cfg, meta, torch.float32, corpus=_synthetic_corpus())
+    else:
+        task = CNNTask(cfg, meta, torch.float32, images=small_images(16))
+    task.begin_epoch(0)
+    metrics = task.step()
+    assert metrics["val_loss"].device == meta
+    assert all(p.device == meta for p in task.model.parameters())
+
+
+def _cpu_generator(init):
+    """MaskSampler.__init__ with its generator on the CPU (there are no meta generators)."""
+
+    def patched(self, seed, device="cpu"):
+        init(self, seed, "cpu")
+        self.device = torch.device(device)
+
+    return patched
