@@ -67,8 +67,33 @@ _CONV_FORWARD = (
     "SRC:f ALPHA:f SHIFT:f ACC:f ACC_B:i RSRC:l OPTR:l OUT:f S:i N:i P:i HAS_ACC:c BLOCK:c"
 )
 
+_DW_SHAPES = "E1:i E2:i E3:i OFF0:i OFF1:i OFF2:i OFF3:i P0:i P1:i P2:i P3:i"
+_DW_CONSTS = "K0:c K1:c K2:c K3:c D0:c D1:c D2:c D3:c STRIDE:c RELU:c BLOCK:c"
+_DW_ARGS = {
+    "forward": f"X:f W0:f W1:f W2:f W3:f OUT:f CIN:i H:i W:i COUT:i HO:i WO:i {_DW_SHAPES}",
+    "grad_x": f"G:f X:f W0:f W1:f W2:f W3:f DX:f CIN:i H:i W:i COUT:i HO:i WO:i {_DW_SHAPES}",
+    "grad_w": f"G:f X:f DW0:f DW1:f DW2:f DW3:f B:i CIN:i H:i W:i COUT:i HO:i WO:i {_DW_SHAPES}",
+}
+# A group's two depthwise stages: the four first-stage shapes (3×3 and 5×5 at dilations 1
+# and 2) at stride 1 or 2 through the ReLU, and the sep convs' second stage (3×3, 5×5).
+_DW_STAGES = {
+    "stage1": {"K0": 3, "K1": 5, "K2": 3, "K3": 5, "D0": 1, "D1": 1, "D2": 2, "D3": 2},
+    "stage2": {"K0": 3, "K1": 5, "K2": 1, "K3": 1, "D0": 1, "D1": 1, "D2": 1, "D3": 1},
+}
+_DW_LAUNCHES = {
+    f"dw_{kernel}_{stage}_s{stride}": Launch(
+        "depthwise",
+        f"_{kernel}_kernel",
+        f"{_DW_ARGS[kernel]} {_DW_CONSTS}",
+        {**_DW_STAGES[stage], "STRIDE": stride, "RELU": True},
+    )
+    for kernel in _DW_ARGS
+    for stage, stride in (("stage1", 1), ("stage1", 2), ("stage2", 1))
+}
+
 # Every launch the launchers in kernels/ make (conv_mixed's forward with and without an
-# accumulator); a test checks each argument list against the kernel's.
+# accumulator, the depthwise kernels per stage); a test checks each argument list against
+# the kernel's.
 LAUNCHES = {
     "conv_forward_acc": Launch("conv_mixed", "_forward_kernel", _CONV_FORWARD, {"HAS_ACC": True}),
     "conv_forward": Launch("conv_mixed", "_forward_kernel", _CONV_FORWARD, {"HAS_ACC": False}),
@@ -92,6 +117,7 @@ LAUNCHES = {
         "_backward_kernel",
         "G:f S:f CH:f P:f DS:f DCH:f DP_PART:f n:i B:i D:i BLOCK:c",
     ),
+    **_DW_LAUNCHES,
 }
 
 

@@ -1165,6 +1165,51 @@ def test_triton_dispatch_under_interpreter():
     run_triton_interpreted(TRITON_DISPATCH_SCRIPT)
 
 
+TRITON_DEPTHWISE_SCRIPT = textwrap.dedent(
+    """
+    import fastdarts.ops.conv_mixed as cm
+    from fastdarts.ops.extension import triton_kernels
+    dw = triton_kernels("depthwise")
+    # Every output the kernels write starts as NaN: an element left unwritten shows.
+    torch.empty_like = lambda t: torch.full_like(t, math.nan)
+    gen = torch.Generator().manual_seed(26)
+    STAGE1 = [(3, 1, 1), (5, 2, 1), (3, 2, 2), (5, 4, 2)]  # (k, pad, dilation), offset 0
+    cases = [
+        # (B, Cin, H, W, [(channels, k, pad, dilation, first input channel)], stride, relu)
+        *[(2, 6, 7, 9, [(6, *s, 0) for s in STAGE1], st, r) for st in (1, 2) for r in (0, 1)],
+        (3, 4, 20, 13, [(4, *s, 0) for s in STAGE1], 2, True),  # planes of several blocks
+        (3, 10, 5, 5, [(5, 3, 1, 1, 0), (5, 5, 2, 1, 5)], 1, True),  # the second stage
+        (2, 10, 12, 11, [(3, 3, 1, 1, 2)], 1, False),  # channels no shape reads: d_x = 0
+        (2, 6, 9, 9, [(6, 5, 2, 1, 0), (6, 3, 1, 1, 0)], 2, False),
+    ]
+    tol = {torch.float64: (1e-12, 1e-12), torch.float32: (1e-5, 1e-4)}
+    for dtype, (rtol, atol) in tol.items():
+        for b, cin, h, w, shapes, stride, relu in cases:
+            x = torch.randn(b, cin, h, w, generator=gen, dtype=torch.float64)
+            ws = [torch.randn(c, 1, k, k, generator=gen, dtype=torch.float64)
+                  for c, k, _, _, _ in shapes]
+            geo = ([s[2] for s in shapes], [s[3] for s in shapes], [s[4] for s in shapes])
+            want = cm.depthwise_reference(x, ws, stride, *geo, bool(relu))
+            g = torch.randn(want.shape, generator=gen, dtype=torch.float64)
+            want = [want, *cm.depthwise_backward_reference(g, x, ws, stride, *geo, True, relu)]
+            x, g, ws = x.to(dtype), g.to(dtype), [t.to(dtype) for t in ws]
+            out = torch.full(want[0].shape, math.nan, dtype=dtype)
+            got = [dw.forward(x, ws, stride, *geo, bool(relu), out)]
+            got += dw.backward(g, x, ws, stride, *geo, True, bool(relu))
+            assert len(dw.backward(g, x, ws, stride, *geo, False, bool(relu))) == 1
+            for name, u, v in zip(["out", "d_x", *["d_w"] * len(ws)], got, want):
+                torch.testing.assert_close(u, v.to(dtype), rtol=rtol, atol=atol, msg=name)
+    """
+)
+
+
+def test_triton_depthwise_matches_reference_under_interpreter():
+    """The Triton depthwise kernels (CUDA's) against torch's convolutions: forward, d_x and
+    every d_w; both strides, with and without the ReLU, first- and second-stage shapes, an
+    offset shape leaving channels unread; float64 and float32 against float64."""
+    run_triton_interpreted(TRITON_DEPTHWISE_SCRIPT)
+
+
 def check_edges_and_cells(dtype: torch.dtype, device: str) -> None:
     """compare_modules on ``device`` for an edge of each stride and each kind of cell."""
     gen = _gen(24)

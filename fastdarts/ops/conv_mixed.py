@@ -23,7 +23,8 @@ with one route per (edge, op, channel): alpha = α-weight (· 1/√(running var 
 eval), shift = 0 (the running mean in eval). The kernels are custom ops
 (``torch.ops.fastdarts.conv_mix`` / ``depthwise`` / ``pointwise`` / ``pools`` and their
 ``_backward``): C++ on the CPU (functions of ``fastdarts._C`` that allocate their outputs),
-Triton on CUDA for the mixture (cuDNN's and torch's ops for the others), else torch ops.
+Triton on CUDA for the mixture and the depthwise convolutions (cuDNN's and torch's ops for
+the others), else torch ops.
 An autograd Function ties each pair; under create_graph its backward takes torch-op
 formulas (differentiable), and a vmap rule folds a batch dimension into B.
 
@@ -400,6 +401,17 @@ def _dw_out_shape(x: Tensor, weights: list[Tensor], stride: int, pads, dils) -> 
 
 # On the CPU the C++ kernel runs both strides (stride 2 on the input planes' phases); against
 # torch's (oneDNN) grouped convolutions see benchmarks/results/cpu-kernels-depthwise-pools.json.
+# On CUDA the Triton kernels: one launch each way where torch's ops take one convolution per
+# shape and a concatenation (forward), and per shape an input-gradient convolution, a padding
+# and a sum, and a weight-gradient convolution (backward). Not yet timed on a GPU against
+# cuDNN (benchmarks/kernels.py's cnn_depthwise entry does it).
+
+
+def _dw_kernel(x: Tensor) -> str:
+    """Which depthwise implementation runs for x: 'triton', 'cpp' or 'reference'."""
+    if kernel_name(x.device) == "triton":
+        return "triton"
+    return "cpp" if _cpp(x, "depthwise_forward") else "reference"
 
 
 def _dw_op(
@@ -411,9 +423,15 @@ def _dw_op(
     in_offsets: list[int],
     relu: bool,
 ) -> Tensor:
-    if not _cpp(x, "depthwise_forward"):
+    kind = _dw_kernel(x)
+    if kind == "reference":
         return depthwise_reference(x, weights, stride, pads, dils, in_offsets, relu)
-    return extension().depthwise_forward(x, weights, stride, pads, dils, in_offsets, relu)
+    if kind == "cpp":
+        return extension().depthwise_forward(x, weights, stride, pads, dils, in_offsets, relu)
+    weights = [w.contiguous() for w in weights]
+    out = x.new_empty(_dw_out_shape(x, weights, stride, pads, dils))
+    kernels = triton_kernels("depthwise")
+    return kernels.forward(x, weights, stride, pads, dils, in_offsets, relu, out)
 
 
 def _dw_backward_op(
@@ -428,9 +446,14 @@ def _dw_backward_op(
     relu: bool,
 ) -> list[Tensor]:
     args = (grad, x, weights, stride, pads, dils, in_offsets, grad_weights, relu)
-    if not _cpp(x, "depthwise_backward"):
+    kind = _dw_kernel(x)
+    if kind == "reference":
         return depthwise_backward_reference(*args)
-    return extension().depthwise_backward(*args)
+    if kind == "cpp":
+        return extension().depthwise_backward(*args)
+    weights = [w.contiguous() for w in weights]
+    kernels = triton_kernels("depthwise")
+    return kernels.backward(grad, x, weights, stride, pads, dils, in_offsets, grad_weights, relu)
 
 
 def _dw_setup_context(ctx, inputs, output) -> None:
