@@ -12,7 +12,7 @@ from pathlib import Path
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks import ab, alpha_grad_error, harness, kernels, triton_resources
+from benchmarks import ab, alpha_grad_error, cuda_path_ops, harness, kernels, triton_resources
 
 SEARCH_COLUMNS = [
     ("file", "file"),
@@ -37,12 +37,14 @@ TABLES = [
     ("rel_error", [("file", "file"), *alpha_grad_error.COLUMNS]),
     ("triton_kernel", [("file", "file"), *triton_resources.COLUMNS]),
     ("version", [("file", "file"), *ab.COLUMNS]),
+    ("launches_floor_per_step", [("file", "file"), *cuda_path_ops.COLUMNS]),
 ]
 
 
 def summarize(folder: str | Path) -> str:
     """Markdown tables: the search-step rows of all files, then the kernel, α-gradient-error,
-    Triton-resource and before/after (ab.py) rows, each kind in its own table."""
+    Triton-resource, before/after (ab.py) and CUDA-path op-count rows, each kind in its own
+    table."""
     search, notes = [], []
     other: dict[str, list[dict]] = {key: [] for key, _ in TABLES}
     for path in sorted(Path(folder).glob("*.json")):

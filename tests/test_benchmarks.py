@@ -448,3 +448,28 @@ def test_ab_reports_a_bad_revision_in_one_line():
     )
     assert proc.returncode == 2
     assert proc.stderr.strip() == f"ab.py: --base no-such-rev: not a revision of {REPO}"
+
+
+# -- ops on the CUDA code path, counted on the CPU ----------------------------------------
+
+
+def test_cuda_path_ops_count_triton_launches_and_restore_the_dispatch():
+    from benchmarks import cuda_path_ops
+    from fastdarts.ops import conv_mixed
+
+    pytest.importorskip("triton")
+    kernel_name = conv_mixed.kernel_name
+    args = ["--space", "cnn", "--config", "tiny", "--backends", "reference,fast"]
+    fused = {}
+    for depthwise in ("triton", "torch"):
+        reference, fast = cuda_path_ops.main([*args, "--depthwise", depthwise])["rows"]
+        assert reference["triton_launches_per_step"] == 0
+        assert 0 < fast["launching_ops_per_step"] < fast["ops_per_step"]
+        # Each conv_mix call launches the mixture's forward kernel once.
+        launches, calls = fast["triton_launches"], fast["ops_by_name"]
+        assert launches["conv_mixed._forward_kernel"] == calls["fastdarts.conv_mix.default"]
+        assert ("depthwise._forward_kernel" in launches) == (depthwise == "triton")
+        fused[depthwise] = fast
+    assert fused["triton"]["launches_floor_per_step"] < fused["torch"]["launches_floor_per_step"]
+    assert conv_mixed.kernel_name is kernel_name  # the dispatch is as it was
+    assert conv_mixed.kernel_name(torch.device("cpu")) != "triton"

@@ -1,0 +1,194 @@
+"""Ops and kernel launches per search step on the CUDA code path, counted on this CPU.
+
+    python benchmarks/cuda_path_ops.py --space cnn --order 2 --config small \\
+        --backends reference,fast --json out.json
+
+Without a GPU, the dispatch is made to take its CUDA branches: the Triton kernels are
+launched as on CUDA but not run (each launch is counted; their outputs stay uninitialised,
+which a step with no host reads and no value-dependent branch does not notice), the CPU's
+C++ kernels are off, and the rest runs as torch ops on CPU tensors, as it would on the GPU.
+Counted in one step after a first (lazily created state): every ATen op dispatched, the
+"launching" ones among them (leaving out views and allocations, which launch nothing on a
+GPU), and the Triton launches. A cuDNN or cuBLAS call can launch more than one kernel, so
+launching ops + Triton launches is a floor on a step's kernel launches, not a count.
+
+``--depthwise torch`` runs torch's convolutions for the CNN's depthwise stages on this path
+(what fastdarts did before its Triton depthwise kernels, and does on CUDA without Triton).
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks import harness
+from benchmarks.search_step import (
+    DTYPES,
+    build_task,
+    parse_backends,
+    search_config,
+    step_fn,
+)
+from fastdarts.ops import conv_mixed, recurrent_cell, recurrent_mixed
+
+# ATen ops that launch no kernel on a GPU (views, aliases, allocations), by base name; the
+# fastdarts custom ops count through the ATen ops and Triton launches inside them.
+NO_LAUNCH = frozenset(
+    {
+        "_reshape_alias",
+        "_unsafe_view",
+        "alias",
+        "as_strided",
+        "detach",
+        "empty",
+        "empty_like",
+        "empty_strided",
+        "expand",
+        "lift_fresh",
+        "narrow",
+        "new_empty",
+        "new_empty_strided",
+        "permute",
+        "select",
+        "slice",
+        "split",
+        "split_with_sizes",
+        "squeeze",
+        "t",
+        "transpose",
+        "unbind",
+        "unsqueeze",
+        "view",
+    }
+)
+
+
+def launches_kernel(op: str) -> bool:
+    """Whether the op named ``op`` ('aten.add.Tensor') launches a kernel on a GPU."""
+    namespace, base = op.split(".")[:2]
+    return namespace != "fastdarts" and base not in NO_LAUNCH
+
+
+COLUMNS = [
+    ("backend", "backend"),
+    ("depthwise", "depthwise"),
+    ("space", "space"),
+    ("order", "order"),
+    ("config", "config"),
+    ("ops/step", "ops_per_step"),
+    ("launching ops/step", "launching_ops_per_step"),
+    ("Triton launches/step", "triton_launches_per_step"),
+    ("launches/step (floor)", "launches_floor_per_step"),
+]
+
+
+@contextmanager
+def cuda_dispatch(depthwise: str) -> Iterator[collections.Counter[str]]:
+    """Within the block the ops take their CUDA branches on CPU tensors; yields the counter
+    of Triton launches (by kernel), which are counted and not run."""
+    import triton.runtime.jit as jit
+
+    launches: collections.Counter[str] = collections.Counter()
+
+    def getitem(fn, grid):
+        def launch(*args, **kwargs):
+            launches[f"{fn.fn.__module__.rsplit('.', 1)[-1]}.{fn.fn.__name__}"] += 1
+
+        return launch
+
+    saved = [
+        (jit.JITFunction, "__getitem__", getitem),
+        (conv_mixed, "kernel_name", lambda device: "triton"),
+        (conv_mixed, "_cpp", lambda x, name="": False),
+        (recurrent_mixed, "_triton_ready", lambda device: True),
+        (recurrent_cell, "cell_kernel_ready", lambda device: False),
+    ]
+    if depthwise == "torch":
+        saved.append((conv_mixed, "_dw_kernel", lambda x: "reference"))
+    originals = [(owner, name, getattr(owner, name)) for owner, name, _ in saved]
+    try:
+        for owner, name, value in saved:
+            setattr(owner, name, value)
+        yield launches
+    finally:
+        for owner, name, value in originals:
+            setattr(owner, name, value)
+
+
+def count(args: argparse.Namespace, config) -> dict:
+    cfg = search_config(args.space, args.order, args.config, config.overrides())
+    with cuda_dispatch(args.depthwise) as launches:
+        step = step_fn(build_task(cfg, torch.device("cpu"), DTYPES[args.dtype], 4))
+        step()  # optimiser state and the like, created lazily
+        launches.clear()
+        ops = harness.count_ops(step)
+    launching = sum(n for op, n in ops.items() if launches_kernel(op))
+    triton_launches = sum(launches.values())
+    return {
+        "backend": config.name,
+        "flags": list(config.flags),
+        "depthwise": args.depthwise,
+        "space": args.space,
+        "order": cfg.order,
+        "config": args.config,
+        "ops_per_step": sum(ops.values()),
+        "launching_ops_per_step": launching,
+        "triton_launches_per_step": triton_launches,
+        "launches_floor_per_step": launching + triton_launches,
+        "triton_launches": dict(launches.most_common()),
+        "ops_by_name": dict(ops.most_common()),
+    }
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--space", choices=("rnn", "cnn"), required=True)
+    p.add_argument("--order", type=int, choices=(1, 2), default=2)
+    p.add_argument("--config", choices=("paper", "small", "tiny"), default="small")
+    p.add_argument("--backends", default="reference,fast", help="configurations, comma-separated")
+    p.add_argument("--depthwise", choices=("triton", "torch"), default="triton")
+    p.add_argument("--dtype", choices=tuple(DTYPES), default="float32")
+    harness.add_threads_argument(p)
+    p.add_argument("--json", default=None, help="write the results here")
+    args = p.parse_args(argv)
+    try:
+        parse_backends(args.backends)
+    except ValueError as e:
+        p.error(str(e))
+    return args
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    harness.setup("cpu", args.threads)
+    rows = [count(args, config) for config in parse_backends(args.backends)]
+    argv = sys.argv if argv is None else ["benchmarks/cuda_path_ops.py", *argv]
+    doc = {
+        "env": harness.env_info(torch.device("cpu"), argv),
+        "rows": rows,
+        "units": {
+            "ops_per_step": "ATen ops dispatched in one step on the CUDA code path",
+            "launching_ops_per_step": "those that launch a kernel on a GPU (not views, "
+            "aliases or allocations)",
+            "triton_launches_per_step": "Triton kernel launches in that step",
+            "launches_floor_per_step": "launching ops + Triton launches: a floor on kernel "
+            "launches (a cuDNN or cuBLAS call may launch several)",
+        },
+    }
+    print(harness.markdown_table(rows, COLUMNS))
+    if args.json:
+        harness.write_json(args.json, doc)
+    return doc
+
+
+if __name__ == "__main__":
+    main()
