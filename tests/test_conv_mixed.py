@@ -1237,3 +1237,40 @@ def test_cuda_edge_and_cell_match_reference(dtype, monkeypatch):
     # cuDNN's float32 convolutions default to TF32 (10-bit mantissa) on Ampere and later.
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
     check_edges_and_cells(dtype, "cuda")
+
+
+def test_node_split_gradients_equal_slicing():
+    """FusedCellOps splits each group's output into its node and the rest with one Function
+    whose backward concatenates: gradients (first and second order, and under vmap) equal
+    those of plain slicing."""
+    from fastdarts.ops.conv_mixed import _SplitNode
+
+    gen = _gen(27)
+    out = torch.randn(3, 12, 4, 5, generator=gen, dtype=F64, requires_grad=True)
+    w_node = torch.randn(3, 4, 4, 5, generator=gen, dtype=F64)
+    w_rest = torch.randn(3, 8, 4, 5, generator=gen, dtype=F64)
+
+    def loss(split, t):
+        node, rest = split(t)
+        return (node.sin() * w_node).sum() + (rest.pow(2) * w_rest).sum()
+
+    def plain(t):
+        return t[:, :4], t[:, 4:]
+
+    def fused(t):
+        return _SplitNode.apply(t, 4)
+
+    node, rest = fused(out)
+    assert node.data_ptr() == out.data_ptr() and tuple(rest.shape) == (3, 8, 4, 5)  # views
+    # The gradient, and the gradient of its sum (second order through the backward's cat).
+    grads = {}
+    for name, split in (("plain", plain), ("fused", fused)):
+        (g,) = torch.autograd.grad(loss(split, out), out, create_graph=True)
+        grads[name] = (g, *torch.autograd.grad(g.sum(), out))
+    for got, want in zip(grads["fused"], grads["plain"]):
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    per_sample = torch.randn(2, 3, 12, 4, 5, generator=gen, dtype=F64)
+    want = torch.func.vmap(torch.func.grad(lambda t: loss(plain, t)))(per_sample)
+    got = torch.func.vmap(torch.func.grad(lambda t: loss(fused, t)))(per_sample)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    assert torch.autograd.gradcheck(lambda t: fused(t)[1].sum() + fused(t)[0].prod(), (out,))

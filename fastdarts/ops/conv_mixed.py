@@ -1205,6 +1205,29 @@ class MixedOp(FusedEdges):
         return self.run_group(0, [x], weights)
 
 
+class _SplitNode(torch.autograd.Function):
+    """A group's output (B, n_out·C, H, W) → (its node's block [:, :C], the rest [:, C:]), both
+    views. The backward concatenates the two gradients: autograd's own slices would give each
+    a zero-filled gradient of the whole output (a slice_backward each) and add the two."""
+
+    @staticmethod
+    def forward(out: Tensor, c: int) -> tuple[Tensor, Tensor]:
+        return out[:, :c], out[:, c:]
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        pass
+
+    @staticmethod
+    def backward(ctx, g_node: Tensor, g_rest: Tensor):
+        return torch.cat([g_node, g_rest], 1), None
+
+    @staticmethod
+    def vmap(info, in_dims, out, c):
+        out = _leading(out, in_dims[0], info.batch_size)
+        return (out[:, :, :c], out[:, :, c:]), (0, 0)
+
+
 class FusedCellOps(FusedEdges):
     """All edges of a search cell: the edges from the two cell inputs as one group, then
     each node's outgoing edges as one. Keys are the reference cell's ``_ops.<edge>.…``.
@@ -1232,10 +1255,13 @@ class FusedCellOps(FusedEdges):
         states = list(states)
         for g in range(self.steps):
             out = self.run_group(g, states[:2] if g == 0 else states[-1:], flat, acc)
+            if g == self.steps - 1:
+                states.append(out)
+                break
             # Channel blocks of out, read in place (the next group's ReLU writes a new tensor,
             # the pools and the mixture's acc take a batch stride, the concatenations copy).
-            states.append(out[:, :C])
-            acc = out[:, C:]
+            node, acc = _SplitNode.apply(out, C)
+            states.append(node)
         return torch.cat(states[-self.multiplier :], dim=1)
 
 
