@@ -92,8 +92,8 @@ _DW_LAUNCHES = {
 }
 
 # Every launch the launchers in kernels/ make (conv_mixed's forward with and without an
-# accumulator, the depthwise kernels per stage); a test checks each argument list against
-# the kernel's.
+# accumulator, the depthwise kernels per stage, the pools per stride); a test checks each
+# argument list against the kernel's.
 LAUNCHES = {
     "conv_forward_acc": Launch("conv_mixed", "_forward_kernel", _CONV_FORWARD, {"HAS_ACC": True}),
     "conv_forward": Launch("conv_mixed", "_forward_kernel", _CONV_FORWARD, {"HAS_ACC": False}),
@@ -118,6 +118,14 @@ LAUNCHES = {
         "G:f S:f CH:f P:f DS:f DCH:f DP_PART:f n:i B:i D:i BLOCK:c",
     ),
     **_DW_LAUNCHES,
+    **{
+        f"pools_{kernel}_s{stride}": Launch("pools", f"_{kernel}_kernel", args, {"STRIDE": stride})
+        for kernel, args in (
+            ("forward", "X:f X_B:i OUT:f C:i H:i W:i HO:i WO:i STRIDE:c BLOCK:c"),
+            ("backward", "G:f G_B:i X:f X_B:i DX:f C:i H:i W:i HO:i WO:i STRIDE:c BLOCK:c"),
+        )
+        for stride in (1, 2)
+    },
 }
 
 

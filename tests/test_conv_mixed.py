@@ -1203,6 +1203,50 @@ TRITON_DEPTHWISE_SCRIPT = textwrap.dedent(
 )
 
 
+TRITON_POOLS_SCRIPT = textwrap.dedent(
+    """
+    import fastdarts.ops.conv_mixed as cm
+    from fastdarts.ops.extension import triton_kernels
+    pools = triton_kernels("pools")
+    # Every output the kernels write starts as NaN: an element left unwritten shows.
+    empty = torch.empty
+    torch.empty = lambda *a, **k: empty(*a, **k).fill_(math.nan)
+    torch.Tensor.new_empty = lambda self, *size, **k: torch.full(
+        size, math.nan, dtype=self.dtype, device=self.device)
+    gen = torch.Generator().manual_seed(28)
+    tol = {torch.float64: (1e-12, 1e-12), torch.float32: (1e-5, 1e-5)}
+    shapes = [(2, 3, 7, 9), (1, 2, 12, 11), (2, 2, 1, 1), (1, 1, 2, 3), (2, 1, 20, 13)]
+    for dtype, (rtol, atol) in tol.items():
+        for b, c, h, w in shapes:
+            for stride in (1, 2):
+                for ties in (False, True):
+                    big = torch.randn(b, 2 * c + 1, h, w, generator=gen, dtype=torch.float64)
+                    if ties:  # many equal values, and a NaN: the max's rules show
+                        big = big.round()
+                        big[0, 1, 0, 0] = math.nan
+                    x = big[:, 1 : c + 1]  # a channel block of a larger tensor, read in place
+                    want = cm.pools_reference(x, stride)
+                    n = want.shape[1]  # the gradient, a channel block of a larger tensor too
+                    g = torch.randn(b, n + 3, *want.shape[2:], generator=gen, dtype=torch.float64)
+                    g = g[:, 2 : 2 + n]
+                    want_dx = cm.pools_backward_reference(g, x, stride)
+                    got = pools.forward(x.to(dtype), stride)
+                    got_dx = pools.backward(g.to(dtype), x.to(dtype), stride)
+                    for name, u, v in (("out", got, want), ("d_x", got_dx, want_dx)):
+                        torch.testing.assert_close(
+                            u, v.to(dtype), rtol=rtol, atol=atol, equal_nan=ties, msg=name)
+    """
+)
+
+
+def test_triton_pools_match_reference_under_interpreter():
+    """The Triton pools kernels (CUDA's) against torch's pooling: both pools forward and d_x,
+    both strides, odd and 1×1 planes, input and gradient as channel blocks read in place,
+    ties and a NaN (the first maximum wins, a NaN over any number); float64 and float32
+    against float64."""
+    run_triton_interpreted(TRITON_POOLS_SCRIPT)
+
+
 def test_triton_depthwise_matches_reference_under_interpreter():
     """The Triton depthwise kernels (CUDA's) against torch's convolutions: forward, d_x and
     every d_w; both strides, with and without the ReLU, first- and second-stage shapes, an

@@ -23,8 +23,8 @@ with one route per (edge, op, channel): alpha = α-weight (· 1/√(running var 
 eval), shift = 0 (the running mean in eval). The kernels are custom ops
 (``torch.ops.fastdarts.conv_mix`` / ``depthwise`` / ``pointwise`` / ``pools`` and their
 ``_backward``): C++ on the CPU (functions of ``fastdarts._C`` that allocate their outputs),
-Triton on CUDA for the mixture and the depthwise convolutions (cuDNN's and torch's ops for
-the others), else torch ops.
+Triton on CUDA for the mixture, the depthwise convolutions and the pools (cuDNN's and
+torch's ops for the others), else torch ops.
 An autograd Function ties each pair; under create_graph its backward takes torch-op
 formulas (differentiable), and a vmap rule folds a batch dimension into B.
 
@@ -689,16 +689,29 @@ def pools_backward_reference(grad: Tensor, x: Tensor, stride: int) -> Tensor:
     return d_x + torch.ops.aten.avg_pool2d_backward(g_avg, x, size, step, pad, False, False, None)
 
 
+def _pools_kernel(x: Tensor) -> str:
+    """Which pools implementation runs for x: 'triton' (CUDA), 'cpp' or 'reference'."""
+    if kernel_name(x.device) == "triton":
+        return "triton"
+    return "cpp" if _cpp(x, "pools_forward") else "reference"
+
+
 def _pools_op(x: Tensor, stride: int) -> Tensor:
-    if not _cpp(x, "pools_forward"):
+    kind = _pools_kernel(x)
+    if kind == "reference":
         return pools_reference(x, stride)
-    return extension().pools_forward(x, stride)
+    if kind == "cpp":
+        return extension().pools_forward(x, stride)
+    return triton_kernels("pools").forward(x, stride)
 
 
 def _pools_backward_op(grad: Tensor, x: Tensor, stride: int) -> Tensor:
-    if not _cpp(x, "pools_backward"):
+    kind = _pools_kernel(x)
+    if kind == "reference":
         return pools_backward_reference(grad, x, stride)
-    return extension().pools_backward(grad, x, stride)
+    if kind == "cpp":
+        return extension().pools_backward(grad, x, stride)
+    return triton_kernels("pools").backward(grad, x, stride)
 
 
 def _pools_setup_context(ctx, inputs, output) -> None:
@@ -758,9 +771,11 @@ def pools(x: Tensor, stride: int) -> Tensor:
 
 def _pooled(x: Tensor, stride: int) -> list[Tensor]:
     """The [max | avg] pool block of x as a group's BatchNorm reads it: one :func:`pools`
-    call with the C++ kernel, else torch's two pooling ops (whose autograd keeps the max's
-    indices, where :func:`pools`' torch-op backward would pool again)."""
-    return [pools(x, stride)] if _cpp(x, "pools_forward") else _torch_pools(x, stride)
+    call with the C++ or Triton kernels, else torch's two pooling ops (whose autograd keeps
+    the max's indices, where :func:`pools`' torch-op backward would pool again)."""
+    if _pools_kernel(x) == "reference":
+        return _torch_pools(x, stride)
+    return [pools(x, stride)]
 
 
 # -- BatchNorm's training forward (batch statistics, no affine) ---------------------------
