@@ -332,10 +332,7 @@ def main(argv: list[str] | None = None) -> dict:
             "alpha_max_abs_diff": "largest |α_head − α_base| after the last step",
         },
     }
-    print(harness.markdown_table(doc["rows"], COLUMNS))
-    if args.json:
-        harness.write_json(args.json, doc)
-    return doc
+    return harness.report(doc, COLUMNS, args.json)
 
 
 if __name__ == "__main__":

@@ -215,10 +215,7 @@ def main(argv: list[str] | None = None) -> dict:
             "data": "synthetic, seed 0 (see benchmarks/search_step.py)",
         },
     }
-    print(harness.markdown_table(rows, COLUMNS))
-    if args.json:
-        harness.write_json(args.json, doc)
-    return doc
+    return harness.report(doc, COLUMNS, args.json)
 
 
 if __name__ == "__main__":

@@ -184,10 +184,7 @@ def main(argv: list[str] | None = None) -> dict:
             "launches (a cuDNN or cuBLAS call may launch several)",
         },
     }
-    print(harness.markdown_table(rows, COLUMNS))
-    if args.json:
-        harness.write_json(args.json, doc)
-    return doc
+    return harness.report(doc, COLUMNS, args.json)
 
 
 if __name__ == "__main__":

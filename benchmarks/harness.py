@@ -440,6 +440,20 @@ def write_json(path: str | os.PathLike, doc: Mapping[str, Any]) -> None:
     path.write_text(json.dumps(doc, indent=2) + "\n")
 
 
+def report(
+    doc: dict[str, Any],
+    columns: Sequence[tuple[str, str]],
+    path: str | os.PathLike | None,
+    rows: Sequence[Mapping[str, Any]] | None = None,
+) -> dict[str, Any]:
+    """A tool's ending: ``rows`` (default: the document's) printed as a table, the document
+    written to ``path`` when given; returns the document."""
+    print(markdown_table(doc["rows"] if rows is None else rows, columns))
+    if path:
+        write_json(path, doc)
+    return doc
+
+
 def _cell(value: Any) -> str:
     if value is None:
         return "—"

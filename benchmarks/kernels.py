@@ -566,10 +566,8 @@ def main(argv: list[str] | None = None) -> dict:
         },
     }
     print(f"copy bandwidth: {copy_gb_s:.1f} GB/s ({copy_mib} MiB, read + write)")
-    print(harness.markdown_table([{**r, "mb": r["bytes"] / 1e6} for r in rows], COLUMNS))
-    if args.json:
-        harness.write_json(args.json, doc)
-    return doc
+    table = [{**r, "mb": r["bytes"] / 1e6} for r in rows]
+    return harness.report(doc, COLUMNS, args.json, table)
 
 
 if __name__ == "__main__":

@@ -234,10 +234,7 @@ def main(argv: list[str] | None = None) -> dict:
             "at most 64 warps per SM); shared memory and blocks per SM may lower it",
         },
     }
-    print(harness.markdown_table(rows, COLUMNS))
-    if args.json:
-        harness.write_json(args.json, doc)
-    return doc
+    return harness.report(doc, COLUMNS, args.json)
 
 
 if __name__ == "__main__":

@@ -24,6 +24,7 @@ import triton
 import triton.language as tl
 
 from . import check_extent, on_device
+from .tiles import plane_block
 
 BLOCK = 128
 MAX_SHAPES = 4
@@ -52,13 +53,7 @@ def _forward_kernel(
     D0: tl.constexpr, D1: tl.constexpr, D2: tl.constexpr, D3: tl.constexpr,
     STRIDE: tl.constexpr, RELU: tl.constexpr, BLOCK: tl.constexpr,
 ):  # fmt: skip
-    bo = tl.program_id(0)
-    b = bo // COUT
-    o = bo - b * COUT
-    p = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-    mask = p < HO * WO
-    oy = p // WO
-    ox = p - oy * WO
+    b, o, p, mask, oy, ox = plane_block(COUT, WO, HO * WO, BLOCK)
     acc = tl.zeros([BLOCK], dtype=OUT.dtype.element_ty)
     plane = H * W
     if o < E1:
@@ -76,7 +71,7 @@ def _forward_kernel(
         c = o - E3
         xb = (b * CIN + OFF3 + c) * plane
         acc = _forward_taps(X, W3, xb, c, oy, ox, mask, H, W, P3, acc, K3, D3, STRIDE, RELU)
-    tl.store(OUT + bo * (HO * WO) + p, acc, mask=mask)
+    tl.store(OUT + (b * COUT + o) * (HO * WO) + p, acc, mask=mask)
 
 
 @triton.jit
@@ -106,13 +101,7 @@ def _grad_x_kernel(
     D0: tl.constexpr, D1: tl.constexpr, D2: tl.constexpr, D3: tl.constexpr,
     STRIDE: tl.constexpr, RELU: tl.constexpr, BLOCK: tl.constexpr,
 ):  # fmt: skip
-    bc = tl.program_id(0)
-    b = bc // CIN
-    ci = bc - b * CIN
-    p = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-    mask = p < H * W
-    y = p // W
-    x = p - y * W
+    b, ci, p, mask, y, x = plane_block(CIN, W, H * W, BLOCK)
     acc = tl.zeros([BLOCK], dtype=DX.dtype.element_ty)
     out_plane = HO * WO
     c = ci - OFF0
@@ -132,9 +121,9 @@ def _grad_x_kernel(
         gb = (b * COUT + E3 + c) * out_plane
         acc = _gather_taps(G, W3, gb, c, y, x, mask, HO, WO, P3, acc, K3, D3, STRIDE)
     if RELU:
-        v = tl.load(X + bc * (H * W) + p, mask=mask, other=0)
+        v = tl.load(X + (b * CIN + ci) * (H * W) + p, mask=mask, other=0)
         acc = tl.where(v > 0, acc, 0)
-    tl.store(DX + bc * (H * W) + p, acc, mask=mask)
+    tl.store(DX + (b * CIN + ci) * (H * W) + p, acc, mask=mask)
 
 
 @triton.jit

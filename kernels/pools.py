@@ -22,6 +22,7 @@ import triton.language as tl
 
 from . import check_extent, on_device
 from .conv_mixed import planes_dense
+from .tiles import plane_block
 
 BLOCK = 128
 
@@ -51,13 +52,7 @@ def _window(X, xbase, oy, ox, mask, H, W, STRIDE: tl.constexpr, BLOCK: tl.conste
 
 @triton.jit
 def _forward_kernel(X, X_B, OUT, C, H, W, HO, WO, STRIDE: tl.constexpr, BLOCK: tl.constexpr):
-    bc = tl.program_id(0)
-    b = bc // C
-    c = bc - b * C
-    p = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-    mask = p < HO * WO
-    oy = p // WO
-    ox = p - oy * WO
+    b, c, p, mask, oy, ox = plane_block(C, WO, HO * WO, BLOCK)
     m, _, total, count = _window(X, b * X_B + c * (H * W), oy, ox, mask, H, W, STRIDE, BLOCK)
     out = OUT + (b * 2 * C + c) * (HO * WO) + p
     tl.store(out, m, mask=mask)
@@ -68,13 +63,7 @@ def _forward_kernel(X, X_B, OUT, C, H, W, HO, WO, STRIDE: tl.constexpr, BLOCK: t
 def _backward_kernel(
     G, G_B, X, X_B, DX, C, H, W, HO, WO, STRIDE: tl.constexpr, BLOCK: tl.constexpr
 ):  # fmt: skip
-    bc = tl.program_id(0)
-    b = bc // C
-    c = bc - b * C
-    p = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-    mask = p < H * W
-    y = p // W
-    x = p - y * W
+    b, c, p, mask, y, x = plane_block(C, W, H * W, BLOCK)
     xbase = b * X_B + c * (H * W)
     g_max = G + b * G_B + c * (HO * WO)
     g_avg = g_max + C * (HO * WO)
@@ -97,7 +86,7 @@ def _backward_kernel(
         o = oy * WO + ox
         avg = tl.load(g_avg + o, mask=held, other=0) / tl.maximum(count, 1).to(acc.dtype)
         acc += avg + tl.load(g_max + o, mask=held & (arg == k), other=0)
-    tl.store(DX + bc * (H * W) + p, acc, mask=mask)
+    tl.store(DX + (b * C + c) * (H * W) + p, acc, mask=mask)
 
 
 def _planes(x: torch.Tensor) -> torch.Tensor:
