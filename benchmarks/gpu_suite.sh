@@ -76,7 +76,7 @@ fi
 
 # CUDA-marked tests; exit 5 means none were collected, which is fine.
 # A fresh machine has no Triton cache: the first tests compile every kernel variant in both
-# dtypes (about 1.5 s each on this project's CPU machine; about 40 variants with the CNN's
+# dtypes (about 1.5 s each on this project's CPU machine; dozens of them with the CNN's
 # depthwise and pools kernels), and the benchmarks reuse the cache. -v names each test as it
 # ends, so a timeout still shows which ran.
 run tests 150 "$PY" -m pytest -m cuda -v -rfEs --durations=0 -p no:cacheprovider
