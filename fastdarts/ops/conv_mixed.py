@@ -1019,6 +1019,8 @@ class FusedEdges(nn.Module):
     def __init__(self, C: int, groups: list[_Group]):
         super().__init__()
         self.C, self._groups, self.track_running_stats = C, groups, True
+        w_idx: list[int] = []  # every group's routes' α-weight, as flat indices, in order
+        self._route_counts: list[int] = []
         for g, grp in enumerate(groups):
             for name, shape in grp.shapes().items():
                 weight = torch.empty(shape)
@@ -1037,8 +1039,8 @@ class FusedEdges(nn.Module):
             )
             self.add_module(f"routes_g{g}", table)
             ordered = [routes[r] for r in table.order]
-            w_idx = torch.tensor([r[2] for r in ordered])
-            self.register_buffer(f"w_g{g}", w_idx, persistent=False)
+            w_idx += [r[2] for r in ordered]
+            self._route_counts.append(len(ordered))
             # Eval: index n_run is the (mean 0, invstd 1) slot of ops without a folded BN.
             stat = torch.tensor([grp.n_run if r[3] < 0 else r[3] for r in ordered])
             self.register_buffer(f"st_eval_g{g}", stat, persistent=False)
@@ -1048,22 +1050,28 @@ class FusedEdges(nn.Module):
             rep = grp.replicate()
             rep = None if rep is None else torch.tensor(rep)
             self.register_buffer(f"rep_g{g}", rep, persistent=False)
+        self.register_buffer("w_idx", torch.tensor(w_idx), persistent=False)
 
     def _get(self, name: str, g: int) -> Tensor:
         return getattr(self, f"{name}_g{g}")
 
+    def route_alphas(self, weights: Tensor) -> list[Tensor]:
+        """Each group's α-weight per route, from the op weights (edges, 8): one gather for all
+        the groups (and one scatter back in the backward) instead of one per group."""
+        return list(weights.reshape(-1)[self.w_idx].split(self._route_counts))
+
     def run_group(
-        self, g: int, inputs: list[Tensor], weights: Tensor, acc: Tensor | None = None
+        self, g: int, inputs: list[Tensor], alpha: Tensor, acc: Tensor | None = None
     ) -> Tensor:
-        """Group g on its inputs (n_in × (B, C, H, W)); weights: the flat op weights its
-        routes index; acc (B, n_out·C, H', W') or None → (B, n_out·C, H', W')."""
+        """Group g on its inputs (n_in × (B, C, H, W)); alpha: its routes' α-weights (see
+        :meth:`route_alphas`); acc (B, n_out·C, H', W') or None → (B, n_out·C, H', W')."""
         device = inputs[0].device.type
         if torch.is_autocast_enabled(device):
             # The kernels are float32/float64: the group runs in the weights' dtype.
             dtype = self._get("pw1", g).dtype
             with torch.autocast(device, enabled=False):
                 inputs = [t.to(dtype) for t in inputs]
-                return self.run_group(g, inputs, weights.to(dtype), _to(acc, dtype))
+                return self.run_group(g, inputs, alpha.to(dtype), _to(acc, dtype))
         grp, get = self._groups[g], functools.partial(self._get, g=g)
         C, E, s = self.C, grp.E, grp.stride
         x = inputs[0] if len(inputs) == 1 else torch.cat(inputs, 1)
@@ -1109,7 +1117,6 @@ class FusedEdges(nn.Module):
         else:
             skip = x
         final = [z, *_pooled(x, s), *([skip] if grp.fr else [])]  # the BNs folded in eval
-        alpha = weights[get("w")]
         if training:
             # One BatchNorm over all of them (batch statistics), then the mixture.
             normed, mean, invstd = batch_norm(torch.cat(final, 1))
@@ -1217,7 +1224,7 @@ class MixedOp(FusedEdges):
 
     def forward(self, x: Tensor, weights: Tensor) -> Tensor:
         _check_edge_input(x, weights, self.C, self.stride)
-        return self.run_group(0, [x], weights)
+        return self.run_group(0, [x], self.route_alphas(weights)[0])
 
 
 class _SplitNode(torch.autograd.Function):
@@ -1266,10 +1273,10 @@ class FusedCellOps(FusedEdges):
         self.steps, self.multiplier = steps, multiplier
 
     def forward(self, states: list[Tensor], weights: Tensor) -> Tensor:
-        flat, acc, C = weights.reshape(-1), None, self.C
+        alphas, acc, C = self.route_alphas(weights), None, self.C
         states = list(states)
         for g in range(self.steps):
-            out = self.run_group(g, states[:2] if g == 0 else states[-1:], flat, acc)
+            out = self.run_group(g, states[:2] if g == 0 else states[-1:], alphas[g], acc)
             if g == self.steps - 1:
                 states.append(out)
                 break
