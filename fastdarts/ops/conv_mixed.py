@@ -1238,7 +1238,7 @@ class _SplitNode(torch.autograd.Function):
 
     @staticmethod
     def setup_context(ctx, inputs, output) -> None:
-        pass
+        """Nothing to keep: the backward only concatenates."""
 
     @staticmethod
     def backward(ctx, g_node: Tensor, g_rest: Tensor):
