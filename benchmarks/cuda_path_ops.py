@@ -33,6 +33,7 @@ if __package__ in (None, ""):
 from benchmarks import harness
 from benchmarks.search_step import (
     DTYPES,
+    add_step_arguments,
     build_task,
     parse_backends,
     search_config,
@@ -113,7 +114,12 @@ def cuda_dispatch(depthwise: str) -> Iterator[collections.Counter[str]]:
         (recurrent_cell, "cell_kernel_ready", lambda device: False),
     ]
     if depthwise == "torch":
-        saved.append((conv_mixed, "_dw_kernel", lambda x: "reference"))
+        impl = conv_mixed._impl
+
+        def torch_depthwise(x, op):
+            return "reference" if op.startswith("depthwise") else impl(x, op)
+
+        saved.append((conv_mixed, "_impl", torch_depthwise))
     originals = [(owner, name, getattr(owner, name)) for owner, name, _ in saved]
     try:
         for owner, name, value in saved:
@@ -151,13 +157,8 @@ def count(args: argparse.Namespace, config) -> dict:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--space", choices=("rnn", "cnn"), required=True)
-    p.add_argument("--order", type=int, choices=(1, 2), default=2)
-    p.add_argument("--config", choices=("paper", "small", "tiny"), default="small")
-    p.add_argument("--backends", default="reference,fast", help="configurations, comma-separated")
+    add_step_arguments(p, backends="reference,fast")
     p.add_argument("--depthwise", choices=("triton", "torch"), default="triton")
-    p.add_argument("--dtype", choices=tuple(DTYPES), default="float32")
-    harness.add_threads_argument(p)
     p.add_argument("--json", default=None, help="write the results here")
     args = p.parse_args(argv)
     try:

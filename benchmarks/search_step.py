@@ -271,17 +271,23 @@ def step_fn(task: SearchTask):
 # -- CLI ----------------------------------------------------------------------------------
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+def add_step_arguments(p: argparse.ArgumentParser, backends: str) -> None:
+    """The options that choose the steps to measure: --space, --order, --config, --backends
+    (default ``backends``), --dtype and --threads (shared with cuda_path_ops.py)."""
     p.add_argument("--space", choices=("rnn", "cnn"), required=True)
     p.add_argument("--order", type=int, choices=(1, 2), default=2)
     p.add_argument("--config", choices=("paper", "small", "tiny"), default="small")
-    p.add_argument("--backends", default="reference", help="configurations, comma-separated")
+    p.add_argument("--backends", default=backends, help="configurations, comma-separated")
+    p.add_argument("--dtype", choices=tuple(DTYPES), default="float32")
+    harness.add_threads_argument(p)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    add_step_arguments(p, backends="reference")
     p.add_argument("--steps", type=int, default=5, help="timed steps per configuration")
     p.add_argument("--warmup", type=int, default=1, help="untimed steps first, interleaved")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
-    p.add_argument("--dtype", choices=tuple(DTYPES), default="float32")
-    harness.add_threads_argument(p)
     p.add_argument("--json", default=None, help="write the results here")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
     p.add_argument(

@@ -90,13 +90,13 @@ def resolve_device(name: str | None) -> torch.device:
     if device.type == "cuda":
         if not torch.cuda.is_available():
             raise ConfigError(f"--device {name}: no CUDA device is available here")
-        count = torch.cuda.device_count()
-        if device.index is not None and device.index >= count:
-            raise ConfigError(
-                f"--device {name}: this machine has {count} CUDA device(s), cuda:0 to "
-                f"cuda:{count - 1}"
-            )
         if device.index is not None:
+            count = torch.cuda.device_count()
+            if device.index >= count:
+                raise ConfigError(
+                    f"--device {name}: this machine has {count} CUDA device(s), cuda:0 to "
+                    f"cuda:{count - 1}"
+                )
             torch.cuda.set_device(device)
     return device
 

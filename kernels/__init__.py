@@ -22,3 +22,14 @@ def on_device(t: torch.Tensor) -> contextlib.AbstractContextManager:
     """Triton launches on the current CUDA device and its current stream, not the arguments'
     device: within this block they are ``t``'s (a no-op for CPU tensors, interpreted)."""
     return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+
+
+def planes_dense(t: torch.Tensor) -> bool:
+    """Whether each (b, c) plane of the 4-D ``t`` is laid out contiguously, the channels one
+    plane apart (any batch stride: a channel block of a larger tensor qualifies)."""
+    dense = 1
+    for size, stride in zip(reversed(t.shape[1:]), reversed(t.stride()[1:])):
+        if size != 1 and stride != dense:
+            return False
+        dense *= size
+    return True

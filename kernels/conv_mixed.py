@@ -14,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import check_extent, on_device
+from . import check_extent, on_device, planes_dense
 
 BLOCK = 256
 
@@ -132,17 +132,6 @@ def forward(
             BLOCK=BLOCK,
         )
     return out
-
-
-def planes_dense(t: torch.Tensor) -> bool:
-    """Whether each (b, c) plane of the 4-D ``t`` is laid out contiguously, the channels one
-    plane apart (any batch stride: a channel block of a larger tensor qualifies)."""
-    dense = 1
-    for size, stride in zip(reversed(t.shape[1:]), reversed(t.stride()[1:])):
-        if size != 1 and stride != dense:
-            return False
-        dense *= size
-    return True
 
 
 def backward(

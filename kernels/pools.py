@@ -20,8 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import check_extent, on_device
-from .conv_mixed import planes_dense
+from . import check_extent, on_device, planes_dense
 from .tiles import plane_block
 
 BLOCK = 128

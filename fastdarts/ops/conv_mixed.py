@@ -407,11 +407,12 @@ def _dw_out_shape(x: Tensor, weights: list[Tensor], stride: int, pads, dils) -> 
 # cuDNN (benchmarks/kernels.py's cnn_depthwise entry does it).
 
 
-def _dw_kernel(x: Tensor) -> str:
-    """Which depthwise implementation runs for x: 'triton', 'cpp' or 'reference'."""
+def _impl(x: Tensor, cpp_op: str) -> str:
+    """Which implementation of a kernel with Triton and C++ versions runs for x: 'triton'
+    (CUDA), 'cpp' (the CPU, with the extension's ``cpp_op``) or 'reference'."""
     if kernel_name(x.device) == "triton":
         return "triton"
-    return "cpp" if _cpp(x, "depthwise_forward") else "reference"
+    return "cpp" if _cpp(x, cpp_op) else "reference"
 
 
 def _dw_op(
@@ -423,7 +424,7 @@ def _dw_op(
     in_offsets: list[int],
     relu: bool,
 ) -> Tensor:
-    kind = _dw_kernel(x)
+    kind = _impl(x, "depthwise_forward")
     if kind == "reference":
         return depthwise_reference(x, weights, stride, pads, dils, in_offsets, relu)
     if kind == "cpp":
@@ -446,7 +447,7 @@ def _dw_backward_op(
     relu: bool,
 ) -> list[Tensor]:
     args = (grad, x, weights, stride, pads, dils, in_offsets, grad_weights, relu)
-    kind = _dw_kernel(x)
+    kind = _impl(x, "depthwise_backward")
     if kind == "reference":
         return depthwise_backward_reference(*args)
     if kind == "cpp":
@@ -689,15 +690,8 @@ def pools_backward_reference(grad: Tensor, x: Tensor, stride: int) -> Tensor:
     return d_x + torch.ops.aten.avg_pool2d_backward(g_avg, x, size, step, pad, False, False, None)
 
 
-def _pools_kernel(x: Tensor) -> str:
-    """Which pools implementation runs for x: 'triton' (CUDA), 'cpp' or 'reference'."""
-    if kernel_name(x.device) == "triton":
-        return "triton"
-    return "cpp" if _cpp(x, "pools_forward") else "reference"
-
-
 def _pools_op(x: Tensor, stride: int) -> Tensor:
-    kind = _pools_kernel(x)
+    kind = _impl(x, "pools_forward")
     if kind == "reference":
         return pools_reference(x, stride)
     if kind == "cpp":
@@ -706,7 +700,7 @@ def _pools_op(x: Tensor, stride: int) -> Tensor:
 
 
 def _pools_backward_op(grad: Tensor, x: Tensor, stride: int) -> Tensor:
-    kind = _pools_kernel(x)
+    kind = _impl(x, "pools_backward")
     if kind == "reference":
         return pools_backward_reference(grad, x, stride)
     if kind == "cpp":
@@ -773,7 +767,7 @@ def _pooled(x: Tensor, stride: int) -> list[Tensor]:
     """The [max | avg] pool block of x as a group's BatchNorm reads it: one :func:`pools`
     call with the C++ or Triton kernels, else torch's two pooling ops (whose autograd keeps
     the max's indices, where :func:`pools`' torch-op backward would pool again)."""
-    if _pools_kernel(x) == "reference":
+    if _impl(x, "pools_forward") == "reference":
         return _torch_pools(x, stride)
     return [pools(x, stride)]
 
