@@ -84,11 +84,13 @@ def _backward_kernel(G, S, CH, P, DS, DCH, DP_PART, n, B, D, BLOCK: tl.constexpr
         tl.store(DCH + co + D, g * sg * df, mask=mask)
         gs = g * s
         gsg = g * sg
-        part = DP_PART + (pid * n + i) * 4
-        tl.store(part + 0, tl.sum(gs + gsg * (th - s), axis=0))
-        tl.store(part + 1, tl.sum(gs + gsg * (rl - s), axis=0))
-        tl.store(part + 2, tl.sum(gs + gsg * (sh - s), axis=0))
-        tl.store(part + 3, tl.sum(gs + gsg * (h - s), axis=0))
+        # Column 0 ('none') is zero, so the launcher's one sum over blocks is the whole dP.
+        part = DP_PART + (pid * n + i) * 5
+        tl.store(part + 0, 0.0)
+        tl.store(part + 1, tl.sum(gs + gsg * (th - s), axis=0))
+        tl.store(part + 2, tl.sum(gs + gsg * (rl - s), axis=0))
+        tl.store(part + 3, tl.sum(gs + gsg * (sh - s), axis=0))
+        tl.store(part + 4, tl.sum(gs + gsg * (h - s), axis=0))
 
 
 def forward(
@@ -123,10 +125,9 @@ def backward(
     check_extent(ch.numel())
     blocks = triton.cdiv(b * d, BLOCK)
     d_states, d_ch = (torch.empty_like(states), torch.empty_like(ch)) if out is None else out
-    parts = states.new_empty(blocks, n, K - 1)
+    parts = states.new_empty(blocks, n, K)
     with on_device(states):
         _backward_kernel[(blocks,)](
             grad, states, ch, probs, d_states, d_ch, parts, n, b, d, BLOCK=BLOCK
         )
-    d_probs = torch.cat([parts.new_zeros(n, 1), parts.sum(0)], dim=1)
-    return d_states, d_ch, d_probs
+    return d_states, d_ch, parts.sum(0)
