@@ -117,6 +117,26 @@ def test_fast_follows_reference_for_20_steps(space, order, steps):
     assert max((a - s).abs().max() for a, s in zip(ref.model.arch_parameters(), start)) > 1e-4
 
 
+@pytest.mark.parametrize("batched", [False, True], ids=["separate", "batched"])
+def test_finite_difference_passes_run_in_full_float32(monkeypatch, batched):
+    """TF32 (torch's default for cuDNN convolutions) is off in the w± passes only: at its
+    2⁻¹¹ resolution most of w⁺ − w⁻ (ε·v, about 1e-5 of a weight) would vanish on a GPU."""
+    precisions = (torch.backends.cudnn.conv, torch.backends.cuda.matmul)
+    for backend in precisions:
+        monkeypatch.setattr(backend, "fp32_precision", "tf32")
+    task = make_task("cnn", 1, order=2, batched_fd=batched)
+    seen = []
+    task.model.register_forward_pre_hook(
+        lambda *_: seen.append(tuple(b.fp32_precision for b in precisions))
+    )
+    task.step()
+    tf32, ieee = ("tf32", "tf32"), ("ieee", "ieee")
+    # Train at w, validation at w', the w± passes (one under vmap when batched), weight step.
+    fd = [ieee] if batched else [ieee, ieee]
+    assert seen == [tf32, tf32, *fd, tf32]
+    assert tuple(b.fp32_precision for b in precisions) == tf32
+
+
 # The α-gradient error of each precision mode against float64 with the exact HVP (measured:
 # benchmarks/results/cpu-alpha-grad-error-*.json). On the tiny RNN, bf16 autocast is held to
 # 10 % (measured: 2 %); at the small configuration it reaches ~70 % (README), so the bound

@@ -25,7 +25,9 @@ differentiates one function; they update no BatchNorm running statistics.
 ``amp="bf16"`` runs the passes at w and w' (and the first-order pass) under bfloat16
 autocast; the w± passes stay in float32, because ε·v is below bfloat16's resolution for
 most weights (w⁺ and w⁻ would round to the same value). ``hvp="exact"`` differentiates the
-autocast graph instead.
+autocast graph instead. For the same reason the w± passes run in full float32 on every
+device (:func:`ieee_fp32`): no TF32, which torch allows by default in cuDNN convolutions and
+whose 2⁻¹¹ resolution is far coarser than a typical |εv|/|w| of 1e-5.
 
 ``foreach=True`` computes the per-weight arithmetic (the virtual step, the norms, v's clip,
 w±) as multi-tensor ``torch._foreach_*`` ops: a few dispatches instead of several per
@@ -47,6 +49,8 @@ the global g and v and every rank takes the same α step.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -66,6 +70,25 @@ def autocast(model: torch.nn.Module, amp: str) -> torch.autocast:
     convolutions in bfloat16; softmax, losses and reductions stay float32), else a no-op."""
     device_type = next(model.parameters()).device.type
     return torch.autocast(device_type, dtype=torch.bfloat16, enabled=amp == "bf16")
+
+
+# The settings TF32 goes by for matmuls and convolutions, in torch's fp32_precision API (set
+# through it, the legacy allow_tf32 flags are unreadable until the settings are restored).
+_PRECISIONS = (torch.backends.cuda.matmul, torch.backends.cudnn.conv)
+
+
+@contextmanager
+def ieee_fp32() -> Iterator[None]:
+    """Within the block float32 matmuls and convolutions compute in full float32 (no TF32);
+    the previous settings are restored after it."""
+    saved = [backend.fp32_precision for backend in _PRECISIONS]
+    try:
+        for backend in _PRECISIONS:
+            backend.fp32_precision = "ieee"
+        yield
+    finally:
+        for backend, precision in zip(_PRECISIONS, saved):
+            backend.fp32_precision = precision
 
 
 @dataclass(frozen=True)
@@ -197,12 +220,14 @@ class Architect:
 
         if self.hvp == "exact":
             hvp = torch.autograd.grad(g_local, alphas, grad_outputs=v)
-        elif self.compat:
-            hvp = self._hvp_fd_in_place(v, train)
-        elif self.batched_fd:
-            hvp = self._hvp_fd_batched(names, weights, v, train, train_masks)
         else:
-            hvp = self._hvp_fd(names, weights, v, train, train_masks)
+            with ieee_fp32():
+                if self.compat:
+                    hvp = self._hvp_fd_in_place(v, train)
+                elif self.batched_fd:
+                    hvp = self._hvp_fd_batched(names, weights, v, train, train_masks)
+                else:
+                    hvp = self._hvp_fd(names, weights, v, train, train_masks)
         # The HVP is linear in the ranks' losses: one all-reduce for both w± passes.
         hvp = distributed.all_sum(hvp)
         return out_val, [d - lr * c_hvp * h for d, h in zip(dalpha, hvp)]
