@@ -120,7 +120,7 @@ def test_fast_follows_reference_for_20_steps(space, order, steps):
 @pytest.mark.parametrize("batched", [False, True], ids=["separate", "batched"])
 def test_finite_difference_passes_run_in_full_float32(monkeypatch, batched):
     """TF32 (torch's default for cuDNN convolutions) is off in the w± passes only: at its
-    2⁻¹¹ resolution most of w⁺ − w⁻ (ε·v, about 1e-5 of a weight) would vanish on a GPU."""
+    2⁻¹¹ relative steps most of w⁺ − w⁻ (2εv, norm 0.02 over all weights) would vanish."""
     precisions = (torch.backends.cudnn.conv, torch.backends.cuda.matmul)
     for backend in precisions:
         monkeypatch.setattr(backend, "fp32_precision", "tf32")
