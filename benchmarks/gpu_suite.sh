@@ -33,6 +33,18 @@ cd "$REPO"
 # The checkout is what runs (see the build below).
 export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"
 PY=${PYTHON:-$(command -v python3 || command -v python)}
+# The CPU machine rehearsing has few cores: threads would mostly wait for each other.
+[[ $REHEARSE -eq 1 ]] && export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
+# What everything below imports besides torch: a missing one would fail every command.
+if ! missing=$("$PY" -c 'import importlib.util as u
+print(" ".join(m for m in ("torch", "numpy", "PIL", "tqdm", "pytest", "triton") if not u.find_spec(m)))'); then
+    echo "gpu_suite: $PY cannot run Python with torch's packages" >&2
+    exit 2
+fi
+if [[ -n $missing ]]; then
+    echo "gpu_suite: $PY lacks these modules: $missing (no internet: carry wheels)" >&2
+    exit 2
+fi
 START=$SECONDS
 BUDGET=330
 FAILED=()
@@ -71,7 +83,9 @@ if [[ $REHEARSE -eq 1 ]]; then
     STEP_ARGS=(--steps 1 --warmup 0) # after each bench's own: the last one counts
 else
     DEVICE=cuda STEP_CONFIG=paper ALPHA_CONFIG=small
-    KERNEL_ARGS=() STEP_ARGS=()
+    # The paper's shapes only (the large ones double the rows); each sample averages 10
+    # back-to-back calls (the default on CUDA).
+    KERNEL_ARGS=(--configs paper --repeats 10) STEP_ARGS=()
 fi
 
 # CUDA-marked tests; exit 5 means none were collected, which is fine.
@@ -85,6 +99,9 @@ tail -n 1 "$OUT/tests.log"
 [[ $rc -ne 0 && $rc -ne 5 ]] && FAILED+=(tests)
 
 # Search steps at the paper configuration. Backends that can't run are listed as skipped.
+# Each writes its JSON after its timings and again after each later stage, so a timeout
+# keeps what was measured. The peak-memory subprocesses (a fresh process and model per
+# configuration) run once, last, if time is left.
 BACKENDS=reference,fused,fast,graphs,amp=--fast,--amp,bf16
 bench() { # bench NAME LIMIT_S ARGS...
     local name=$1 limit=$2
@@ -93,17 +110,22 @@ bench() { # bench NAME LIMIT_S ARGS...
         --backends "$BACKENDS" --json "$OUT/$name.json" --memory-timeout 30 "$@" \
         "${STEP_ARGS[@]}" || FAILED+=("$name")
 }
-bench gpu-rnn-paper-o2 100 --space rnn --order 2 --steps 3 --warmup 3
-# A rehearsal runs the peak-memory subprocesses (a few seconds each on the CPU) once.
-[[ $REHEARSE -eq 1 ]] && STEP_ARGS+=(--no-memory)
-bench gpu-cnn-paper-o2 70 --space cnn --order 2 --steps 3 --warmup 3
-run gpu-kernels 30 "$PY" benchmarks/kernels.py --device "$DEVICE" "${KERNEL_ARGS[@]}" \
+alpha() { # alpha SPACE CONFIG: the α-gradient error of each precision mode
+    run "gpu-alpha-grad-error-$1" 30 "$PY" benchmarks/alpha_grad_error.py --space "$1" \
+        --config "$2" --device "$DEVICE" --json "$OUT/gpu-alpha-grad-error-$1.json" ||
+        FAILED+=("gpu-alpha-grad-error-$1")
+}
+bench gpu-rnn-paper-o2 100 --space rnn --order 2 --steps 3 --warmup 3 --no-memory
+bench gpu-cnn-paper-o2 90 --space cnn --order 2 --steps 3 --warmup 3 --no-memory
+run gpu-kernels 45 "$PY" benchmarks/kernels.py --device "$DEVICE" "${KERNEL_ARGS[@]}" \
     --json "$OUT/gpu-kernels.json" ||
     FAILED+=(gpu-kernels)
-bench gpu-rnn-paper-o1 45 --space rnn --order 1 --steps 3 --warmup 3
-run gpu-alpha-grad-error 30 "$PY" benchmarks/alpha_grad_error.py --space rnn \
-    --config "$ALPHA_CONFIG" --device "$DEVICE" --json "$OUT/gpu-alpha-grad-error-rnn.json" ||
-    FAILED+=(gpu-alpha-grad-error)
+alpha rnn "$ALPHA_CONFIG"
+# The tiny CNN (the small one takes minutes in float64): TF32 in the float32 rows.
+alpha cnn tiny
+bench gpu-rnn-paper-o1 45 --space rnn --order 1 --steps 3 --warmup 3 --no-memory
+bench gpu-rnn-paper-o2-memory 60 --space rnn --order 2 --steps 1 --warmup 1 \
+    --backends reference,fast,graphs
 
 # Build last: on a GPU the fast ops run Triton, and the extension is their fallback where
 # Triton is missing, so its compile (up to 150 s) would only delay every figure above.

@@ -140,8 +140,11 @@ def interleaved(
     warmup: int = 0,
     sync: Callable[[], None] = lambda: None,
     clock: Callable[[], float] = time.perf_counter,
+    number: int = 1,
 ) -> dict[str, list[float]]:
-    """Seconds per call of each function, run A B A B …: ``warmup`` untimed rounds first."""
+    """Seconds per call of each function, run A B A B …: ``warmup`` untimed rounds first.
+    Each sample times ``number`` back-to-back calls between two syncs and divides: for
+    calls of tens of microseconds, which one sync pair would otherwise inflate."""
     for _ in range(warmup):
         for fn in fns.values():
             fn()
@@ -151,9 +154,10 @@ def interleaved(
         for name, fn in fns.items():
             sync()
             start = clock()
-            fn()
+            for _ in range(number):
+                fn()
             sync()
-            times[name].append(clock() - start)
+            times[name].append((clock() - start) / number)
     return times
 
 

@@ -455,6 +455,7 @@ def bench_kernel(
     repeats: int,
     warmup: int,
     copy_gb_s: float | None,
+    number: int = 1,
 ) -> list[dict]:
     """Rows for every shape of ``config``, both passes, every implementation."""
     rows = []
@@ -466,7 +467,8 @@ def bench_kernel(
             fns = {
                 name: _pass_fn(impl, inputs, pass_, grad_out) for name, impl in kernel.impls.items()
             }
-            times = harness.interleaved(fns, repeats, warmup, sync=harness.synchronizer(device))
+            sync = harness.synchronizer(device)
+            times = harness.interleaved(fns, repeats, warmup, sync=sync, number=number)
             ref = harness.Summary.of(times["reference"]).median
             moved = kernel.bytes_moved(shape, pass_, size)
             for name, fn in fns.items():
@@ -521,6 +523,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--kernels", default=None, help="kernel names, comma-separated (default all)")
     p.add_argument("--repeats", type=int, default=None, help="timed calls (cuda 20, cpu 5)")
     p.add_argument("--warmup", type=int, default=None, help="untimed calls (cuda 3, cpu 1)")
+    p.add_argument(
+        "--number",
+        type=int,
+        default=None,
+        help="back-to-back calls per timed sample, averaged (cuda 10, cpu 1)",
+    )
     p.add_argument("--copy-mib", type=int, default=None, help="copy size (cuda 1024, cpu 256)")
     harness.add_threads_argument(p)
     p.add_argument("--json", default=None, help="write the results here")
@@ -534,6 +542,7 @@ def main(argv: list[str] | None = None) -> dict:
     cuda = device.type == "cuda"
     repeats = args.repeats or (20 if cuda else 5)
     warmup = args.warmup if args.warmup is not None else (3 if cuda else 1)
+    number = args.number or (10 if cuda else 1)
     dtype = {"float32": torch.float32, "float64": torch.float64}[args.dtype]
     wanted = args.kernels.split(",") if args.kernels else [k.name for k in KERNELS]
     unknown = set(wanted) - {k.name for k in KERNELS}
@@ -547,7 +556,9 @@ def main(argv: list[str] | None = None) -> dict:
     for kernel in KERNELS:
         if kernel.name in wanted:
             for config in configs:
-                rows += bench_kernel(kernel, config, device, dtype, repeats, warmup, copy_gb_s)
+                rows += bench_kernel(
+                    kernel, config, device, dtype, repeats, warmup, copy_gb_s, number
+                )
 
     doc = {
         "env": harness.env_info(device, [SCRIPT, *(sys.argv[1:] if argv is None else argv)]),
@@ -555,6 +566,9 @@ def main(argv: list[str] | None = None) -> dict:
         "run": {
             "repeats": repeats,
             "warmup": warmup,
+            "number": number,
+            "median_s": "median over the repeats of one sample's seconds per call, a sample "
+            "being `number` back-to-back calls between two device syncs",
             "dtype": args.dtype,
             "copy_mib": copy_mib,
             "copy_gb_s": copy_gb_s,

@@ -370,17 +370,9 @@ def main(argv: list[str] | None = None) -> dict:
     total = args.warmup + args.steps + 3
     steps = {c.name: step_fn(build_task(cfgs[c.name], device, dtype, total)) for c in configs}
     times = harness.interleaved(steps, args.steps, args.warmup, sync=harness.synchronizer(device))
-    # Counted after the timed steps, so lazily created optimiser state is not in the count.
-    ops = {name: harness.count_ops(fn) for name, fn in steps.items()}
-    launches = {name: harness.count_kernel_launches(fn, device) for name, fn in steps.items()}
-    splits = {name: harness.time_split(fn) for name, fn in steps.items()} if args.time_split else {}
-
     rows = []
     for c in configs:
         s = harness.Summary.of(times[c.name])
-        peak = None
-        if not args.no_memory:
-            peak = harness.peak_memory_in_subprocess(_memory_cmd(args, c), args.memory_timeout)
         hours = None
         if device.type == "cuda" and args.config == "paper":
             hours = harness.projected_gpu_hours(args.space, s.median)
@@ -396,48 +388,46 @@ def main(argv: list[str] | None = None) -> dict:
                 "min_s": s.min,
                 "max_s": s.max,
                 "ratio_vs_reference": None,
-                "ops_per_step": sum(ops[c.name].values()),
-                "kernel_launches_per_step": launches[c.name],
-                "peak_mem_mb": peak,
+                "ops_per_step": None,
+                "kernel_launches_per_step": None,
+                "peak_mem_mb": None,
                 "projected_gpu_hours": hours,
             }
         )
     ref = next((r for r in rows if r["backend"] == "reference"), None)
     for r in rows:
         r["ratio_vs_reference"] = r["median_s"] / ref["median_s"] if ref else None
-
     doc = {
         "env": harness.env_info(device, [SCRIPT, *(sys.argv[1:] if argv is None else argv)]),
         "rows": rows,
-        "run": {
-            "steps": args.steps,
-            "warmup": args.warmup,
-            "dtype": args.dtype,
-            "preset": PRESETS[args.space][args.config],
-            "data": "synthetic, seed 0: PTB-sized vocabulary (10,000) / CIFAR-10 3x32x32 uint8",
-            "seq_len": (
-                f"fixed at bptt = {PRESETS['rnn'][args.config]['bptt']} (the random halving "
-                "is disabled so every timed step has the same length)"
-                if args.space == "rnn"
-                else None
-            ),
-            "ratio_vs_reference": "median_s / reference median_s (below 1 is faster)",
-            "ops_per_step": "ATen ops dispatched in one untimed step (custom ops count once "
-            "plus the ATen ops inside them)",
-            "time_split_s": "one more step under torch.profiler (CPU): inclusive seconds in "
-            + ", ".join(f"{g} ({', '.join(n)})" for g, n in harness.TIME_GROUPS.items())
-            + "; rest = the remainder (inflated by the profiler's per-op cost)",
-            "peak_mem_mb": "per configuration in its own process, two steps (four under "
-            "CUDA graphs: captured and replayed): "
-            + ("max allocated (CUDA)" if device.type == "cuda" else "peak RSS (CPU)"),
-            "projection": harness.PROJECTION_FORMULA[args.space]
-            + " (paper configuration on CUDA only)",
-            "paper_gpu_hours_second_order": harness.PAPER_GPU_HOURS[args.space],
-        },
+        "run": _run_info(args, device),
         "skipped": skipped,
-        "ops_by_name": {name: dict(ops[name].most_common()) for name in ops},
-        "time_split_s": splits or None,
+        "ops_by_name": None,
+        "time_split_s": None,
     }
+    # The document is rewritten after each stage, so a run stopped by a time limit keeps
+    # what it measured (the timings first).
+    save = (lambda: harness.write_json(args.json, doc)) if args.json else (lambda: None)
+    save()
+    # Counted after the timed steps, so lazily created optimiser state is not in the count.
+    ops = {name: harness.count_ops(fn) for name, fn in steps.items()}
+    doc["ops_by_name"] = {name: dict(ops[name].most_common()) for name in ops}
+    for r in rows:
+        r["ops_per_step"] = sum(ops[r["backend"]].values())
+    save()
+    for r in rows:
+        r["kernel_launches_per_step"] = harness.count_kernel_launches(steps[r["backend"]], device)
+    save()
+    splits = {name: harness.time_split(fn) for name, fn in steps.items()} if args.time_split else {}
+    doc["time_split_s"] = splits or None
+    save()
+    if not args.no_memory:
+        for c, r in zip(configs, rows):
+            r["peak_mem_mb"] = harness.peak_memory_in_subprocess(
+                _memory_cmd(args, c), args.memory_timeout
+            )
+            save()
+
     print(harness.markdown_table(rows, COLUMNS))
     if splits:
         print("\nwhere the time goes (seconds in one profiled step):\n")
@@ -451,9 +441,36 @@ def main(argv: list[str] | None = None) -> dict:
             f"paper: one second-order {args.space.upper()} search takes about "
             f"{harness.PAPER_GPU_HOURS[args.space]:g} GPU-hours on one GTX 1080 Ti"
         )
-    if args.json:
-        harness.write_json(args.json, doc)
     return doc
+
+
+def _run_info(args: argparse.Namespace, device: torch.device) -> dict:
+    """The result document's "run" block: settings and what each column means."""
+    return {
+        "steps": args.steps,
+        "warmup": args.warmup,
+        "dtype": args.dtype,
+        "preset": PRESETS[args.space][args.config],
+        "data": "synthetic, seed 0: PTB-sized vocabulary (10,000) / CIFAR-10 3x32x32 uint8",
+        "seq_len": (
+            f"fixed at bptt = {PRESETS['rnn'][args.config]['bptt']} (the random halving "
+            "is disabled so every timed step has the same length)"
+            if args.space == "rnn"
+            else None
+        ),
+        "ratio_vs_reference": "median_s / reference median_s (below 1 is faster)",
+        "ops_per_step": "ATen ops dispatched in one untimed step (custom ops count once "
+        "plus the ATen ops inside them)",
+        "time_split_s": "one more step under torch.profiler (CPU): inclusive seconds in "
+        + ", ".join(f"{g} ({', '.join(n)})" for g, n in harness.TIME_GROUPS.items())
+        + "; rest = the remainder (inflated by the profiler's per-op cost)",
+        "peak_mem_mb": "per configuration in its own process, two steps (four under "
+        "CUDA graphs: captured and replayed): "
+        + ("max allocated (CUDA)" if device.type == "cuda" else "peak RSS (CPU)"),
+        "projection": harness.PROJECTION_FORMULA[args.space]
+        + " (paper configuration on CUDA only)",
+        "paper_gpu_hours_second_order": harness.PAPER_GPU_HOURS[args.space],
+    }
 
 
 if __name__ == "__main__":

@@ -93,6 +93,17 @@ def test_interleaved_runs_a_b_a_b_after_warmup():
     assert (s.median, s.min, s.max) == (2.0, 1.0, 3.0)
 
 
+def test_interleaved_averages_back_to_back_calls_between_syncs():
+    events: list[str] = []
+    clock = iter([0.0, 8.0, 8.0, 12.0])
+    fns = {"A": lambda: events.append("A"), "B": lambda: events.append("B")}
+    times = harness.interleaved(
+        fns, repeats=1, sync=lambda: events.append("sync"), clock=lambda: next(clock), number=4
+    )
+    assert events == ["sync", *["sync", *"AAAA", "sync", "sync", *"BBBB", "sync"]]
+    assert times == {"A": [2.0], "B": [1.0]}
+
+
 def test_projection_counts_paper_steps():
     assert harness.RNN_STEPS_PER_EPOCH == math.ceil((929_589 // 256 - 2) / 35) == 104
     assert harness.CNN_STEPS_PER_EPOCH == 391
@@ -269,6 +280,26 @@ def test_search_step_cnn_with_memory_child(tmp_path, restore_threads):
     assert json.loads(out.read_text())["rows"] == doc["rows"]
 
 
+def test_search_step_writes_its_timings_before_the_memory_children(
+    tmp_path, restore_threads, monkeypatch
+):
+    """A run stopped by a time limit during its (slow) memory subprocesses keeps its timings
+    and counts: the JSON is rewritten after each stage."""
+    out = tmp_path / "rnn.json"
+    seen = []
+
+    def child(cmd, timeout=None):
+        seen.append(json.loads(out.read_text())["rows"])
+        return 123.0
+
+    monkeypatch.setattr(harness, "peak_memory_in_subprocess", child)
+    argv = ["--space", "rnn", "--order", "1", "--config", "tiny", "--steps", "1", "--warmup", "0"]
+    search_step.main([*argv, "--threads", "1", "--json", str(out)])
+    ((row,),) = seen
+    assert row["median_s"] > 0 and row["ops_per_step"] > 0 and row["peak_mem_mb"] is None
+    assert _rows(out)[0]["peak_mem_mb"] == 123.0
+
+
 def test_kernels_json_schema(tmp_path, restore_threads):
     out = tmp_path / "kernels.json"
     argv = ["--configs", "tiny", "--repeats", "2", "--warmup", "0", "--copy-mib", "8"]
@@ -345,10 +376,15 @@ def test_gpu_suite_rehearsal_runs_every_command(tmp_path):
             ("graphs", "--cuda-graphs needs a CUDA device, not cpu")
         ]
         assert f"| {name} |" in summary
-    assert all(row["peak_mem_mb"] for row in _rows(tmp_path / "gpu-rnn-paper-o2.json"))
+    memory = _rows(tmp_path / "gpu-rnn-paper-o2-memory.json")
+    assert [r["backend"] for r in memory] == ["reference", "fast"]  # graphs: no CUDA
+    assert all(r["peak_mem_mb"] for r in memory)
     kernels_run = {row["kernel"] for row in _rows(tmp_path / "gpu-kernels.json")}
     assert {"rnn_node_mixture", "cnn_cell_fused", "cnn_pools", "cnn_batch_norm"} <= kernels_run
-    assert _rows(tmp_path / "gpu-alpha-grad-error-rnn.json")
+    for space in ("rnn", "cnn"):
+        assert {r["space"] for r in _rows(tmp_path / f"gpu-alpha-grad-error-{space}.json")} == {
+            space
+        }
 
 
 def _rows(path: Path) -> list[dict]:
