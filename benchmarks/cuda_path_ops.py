@@ -93,21 +93,27 @@ COLUMNS = [
 
 
 @contextmanager
-def cuda_dispatch(depthwise: str) -> Iterator[collections.Counter[str]]:
+def cuda_dispatch(
+    depthwise: str = "triton", run: bool = False
+) -> Iterator[collections.Counter[str]]:
     """Within the block the ops take their CUDA branches on CPU tensors; yields the counter
-    of Triton launches (by kernel), which are counted and not run."""
+    of Triton launches (by kernel), which are counted and, with ``run`` (under
+    TRITON_INTERPRET=1, set before triton is imported), also run."""
     import triton.runtime.jit as jit
 
     launches: collections.Counter[str] = collections.Counter()
+    launcher = jit.KernelInterface.__getitem__
 
     def getitem(fn, grid):
         def launch(*args, **kwargs):
             launches[f"{fn.fn.__module__.rsplit('.', 1)[-1]}.{fn.fn.__name__}"] += 1
+            if run:
+                launcher(fn, grid)(*args, **kwargs)
 
         return launch
 
     saved = [
-        (jit.JITFunction, "__getitem__", getitem),
+        (jit.KernelInterface, "__getitem__", getitem),
         (conv_mixed, "kernel_name", lambda device: "triton"),
         (conv_mixed, "_cpp", lambda x, name="": False),
         (recurrent_mixed, "_triton_ready", lambda device: True),

@@ -15,6 +15,7 @@ import math
 
 import pytest
 import torch
+from conftest import run_triton_interpreted
 from test_recurrent_mixed import _synthetic_corpus
 
 from benchmarks.alpha_grad_error import SwitchCounter, alpha_grad_errors
@@ -135,6 +136,38 @@ def test_finite_difference_passes_run_in_full_float32(monkeypatch, batched):
     fd = [ieee] if batched else [ieee, ieee]
     assert seen == [tf32, tf32, *fd, tf32]
     assert tuple(b.fp32_precision for b in precisions) == tf32
+
+
+# The RNN's whole --fast step as it runs on CUDA (cell node by node, the Triton node kernel
+# forward and backward, batched w± under vmap), run on the CPU with the kernels interpreted:
+# α and the weights follow the reference's. The CNN's step takes over ten minutes this way
+# (its kernels run thousands of programs); its edges and cells are checked on the same path
+# in test_conv_mixed.py.
+CUDA_PATH_STEP_SCRIPT = """
+sys.path.insert(0, "tests")
+torch.set_num_threads(1)
+from benchmarks.cuda_path_ops import cuda_dispatch
+from test_engine import make_task
+
+steps = 2
+ref = make_task("rnn", steps, order=2)
+for _ in range(steps):
+    ref.step()
+with cuda_dispatch(run=True) as launches:
+    fast = make_task("rnn", steps, order=2, fast=True, batched_fd=True)
+    for _ in range(steps):
+        fast.step()
+assert set(launches) == {"recurrent_mixed._forward_kernel", "recurrent_mixed._backward_kernel"}
+start = make_task("rnn", 1).model.arch_parameters()
+for a, b, s in zip(fast.model.arch_parameters(), ref.model.arch_parameters(), start):
+    assert (a - b).abs().max() < 1e-9 < (b - s).abs().max()
+for (name, p), q in zip(fast.model.named_parameters(), ref.model.parameters()):
+    assert (p - q).abs().max() < 1e-9, name
+"""
+
+
+def test_rnn_step_on_the_cuda_code_path_follows_the_reference():
+    run_triton_interpreted(CUDA_PATH_STEP_SCRIPT)
 
 
 # The α-gradient error of each precision mode against float64 with the exact HVP (measured:
@@ -491,10 +524,13 @@ def test_cuda_graphs_need_a_cuda_device(tmp_path, cli):
 
 
 @pytest.mark.cuda
+@pytest.mark.parametrize("fast", [False, True], ids=["reference", "fast"])
 @pytest.mark.parametrize(("space", "order"), [("rnn", 2), ("cnn", 2)])
-def test_cuda_graph_replays_follow_the_eager_step(space, order):
+def test_cuda_graph_replays_follow_the_eager_step(space, order, fast):
     """Captured and replayed (after 2 eager warm-up steps per shape), the step follows the
-    eager one: same masks (the sampler's generator advances under replay), same α and w.
+    eager one: same masks (the sampler's generator advances under replay), same α and w;
+    with the reference's ops, and with --fast's (Triton kernels, batched w± under vmap,
+    multi-tensor arithmetic) inside the graph.
 
     Not bit for bit in float64: under graphs, capturable Adam's step count and bias
     corrections and fused SGD's tensor ξ are float32 (~6e-8 relative), so α's displacement
@@ -504,7 +540,8 @@ def test_cuda_graph_replays_follow_the_eager_step(space, order):
     tasks = []
     for graphs in (False, True):
         cfg = SearchConfig(space=space, dtype="float64", seed=3, order=order, **TINY[space])
-        cfg = dataclasses.replace(cfg, cuda_graphs=graphs).resolved()
+        cfg = dataclasses.replace(cfg, cuda_graphs=graphs, fast=fast, device="cuda").resolved()
+        assert cfg.batched_fd == fast
         if space == "rnn":
             task = RNNTask(cfg, cuda, torch.float64, corpus=_synthetic_corpus())
         else:
