@@ -222,8 +222,9 @@ def count_ops(fn: Callable[[], object]) -> collections.Counter[str]:
 
 def profiled_events(
     fn: Callable[[], object], activities: Sequence[Any]
-) -> list[tuple[torch.autograd.DeviceType, str]]:
-    """(device type, name) of every event torch.profiler records during one call of ``fn``.
+) -> list[tuple[torch.autograd.DeviceType, str, int, int]]:
+    """(device type, name, start ns, duration ns) of every event torch.profiler records
+    during one call of ``fn``.
 
     Read from the raw Kineto results: building the profiler's FunctionEvents for the ~10⁵
     kernels of a reference step takes longer than the step.
@@ -234,8 +235,11 @@ def profiled_events(
         fn()
     results = getattr(getattr(prof, "profiler", None), "kineto_results", None)
     if results is None:  # a torch without the raw results: the slower public route
-        return [(e.device_type, e.name) for e in prof.events()]
-    return [(e.device_type(), e.name()) for e in results.events()]
+        return [
+            (e.device_type, e.name, 1000 * e.time_range.start, 1000 * e.time_range.elapsed_us())
+            for e in prof.events()
+        ]
+    return [(e.device_type(), e.name(), e.start_ns(), e.duration_ns()) for e in results.events()]
 
 
 # The ops whose time ``time_split`` reports on its own: dense matmuls and convolutions
@@ -297,8 +301,44 @@ def time_split(
     return {"total": total, **out}
 
 
-def count_kernel_launches(fn: Callable[[], object], device: torch.device) -> int | None:
-    """Device kernels one call of ``fn`` launches (CUDA, from torch.profiler); None elsewhere.
+@dataclass(frozen=True)
+class DeviceProfile:
+    """The kernels of one call: how many, the seconds at least one of them ran (their
+    intervals' union, so kernels overlapping on several streams count once), and per kernel
+    name its launches and summed seconds, longest first."""
+
+    launches: int
+    busy_s: float
+    by_kernel: dict[str, tuple[int, float]]
+
+    @classmethod
+    def of(cls, spans: Sequence[tuple[str, int, int]]) -> DeviceProfile:
+        """From (name, start ns, duration ns) per kernel."""
+        busy_ns, reached = 0, None
+        by_name: dict[str, list[int]] = {}
+        for name, start, duration in sorted(spans, key=lambda s: s[1]):
+            end = start + duration
+            if reached is None or start >= reached:
+                busy_ns += duration
+            elif end > reached:
+                busy_ns += end - reached
+            reached = end if reached is None else max(reached, end)
+            entry = by_name.setdefault(name, [0, 0])
+            entry[0] += 1
+            entry[1] += duration
+        ranked = sorted(by_name.items(), key=lambda kv: -kv[1][1])
+        return cls(len(spans), busy_ns / 1e9, {k: (n, ns / 1e9) for k, (n, ns) in ranked})
+
+    def top(self, n: int, width: int = 120) -> list[dict[str, Any]]:
+        """The ``n`` kernels with the most seconds; names cut to ``width`` characters."""
+        return [
+            {"kernel": name[:width], "launches": count, "seconds": seconds}
+            for name, (count, seconds) in list(self.by_kernel.items())[:n]
+        ]
+
+
+def device_profile(fn: Callable[[], object], device: torch.device) -> DeviceProfile | None:
+    """The device kernels of one call of ``fn`` (CUDA, from torch.profiler); None elsewhere.
 
     Copies and memsets are left out: they are not kernels the code chose to launch.
     """
@@ -312,11 +352,20 @@ def count_kernel_launches(fn: Callable[[], object], device: torch.device) -> int
 
     torch.cuda.synchronize(device)
     events = profiled_events(synced, [ProfilerActivity.CUDA])
-    return sum(
-        1
-        for kind, name in events
-        if kind == torch.autograd.DeviceType.CUDA and not name.startswith(("Memcpy", "Memset"))
+    return DeviceProfile.of(
+        [
+            (name, start, duration)
+            for kind, name, start, duration in events
+            if kind == torch.autograd.DeviceType.CUDA and not name.startswith(("Memcpy", "Memset"))
+        ]
     )
+
+
+def count_kernel_launches(fn: Callable[[], object], device: torch.device) -> int | None:
+    """Device kernels one call of ``fn`` launches (CUDA); None elsewhere (see
+    :func:`device_profile`)."""
+    profile = device_profile(fn, device)
+    return None if profile is None else profile.launches
 
 
 # -- memory -------------------------------------------------------------------------------

@@ -397,6 +397,7 @@ def main(argv: list[str] | None = None) -> dict:
     ref = next((r for r in rows if r["backend"] == "reference"), None)
     for r in rows:
         r["ratio_vs_reference"] = r["median_s"] / ref["median_s"] if ref else None
+    times_median = {r["backend"]: r["median_s"] for r in rows}
     doc = {
         "env": harness.env_info(device, [SCRIPT, *(sys.argv[1:] if argv is None else argv)]),
         "rows": rows,
@@ -415,8 +416,19 @@ def main(argv: list[str] | None = None) -> dict:
     for r in rows:
         r["ops_per_step"] = sum(ops[r["backend"]].values())
     save()
+    profiles = {r["backend"]: harness.device_profile(steps[r["backend"]], device) for r in rows}
     for r in rows:
-        r["kernel_launches_per_step"] = harness.count_kernel_launches(steps[r["backend"]], device)
+        profile = profiles[r["backend"]]
+        r["kernel_launches_per_step"] = None if profile is None else profile.launches
+    if any(p is not None for p in profiles.values()):  # on CUDA
+        doc["device_profile"] = {
+            name: {
+                "busy_s": p.busy_s,
+                "busy_fraction": p.busy_s / times_median[name],
+                "top_kernels": p.top(12),
+            }
+            for name, p in profiles.items()
+        }
     save()
     splits = {name: harness.time_split(fn) for name, fn in steps.items()} if args.time_split else {}
     doc["time_split_s"] = splits or None
@@ -429,6 +441,9 @@ def main(argv: list[str] | None = None) -> dict:
             save()
 
     print(harness.markdown_table(rows, COLUMNS))
+    if "device_profile" in doc:
+        print("\nthe device's share of a step, and its longest kernels:\n")
+        print(harness.markdown_table(_profile_rows(doc["device_profile"]), PROFILE_COLUMNS))
     if splits:
         print("\nwhere the time goes (seconds in one profiled step):\n")
         split_rows = [{"backend": name, **split} for name, split in splits.items()]
@@ -442,6 +457,29 @@ def main(argv: list[str] | None = None) -> dict:
             f"{harness.PAPER_GPU_HOURS[args.space]:g} GPU-hours on one GTX 1080 Ti"
         )
     return doc
+
+
+PROFILE_COLUMNS = [
+    ("backend", "backend"),
+    ("device busy s", "busy_s"),
+    ("of the step", "busy_fraction"),
+    ("top kernels (launches, s)", "top"),
+]
+
+
+def _profile_rows(profiles: dict[str, dict]) -> list[dict]:
+    return [
+        {
+            "backend": name,
+            "busy_s": p["busy_s"],
+            "busy_fraction": p["busy_fraction"],
+            "top": "; ".join(
+                f"{k['kernel'][:40]} ({k['launches']}, {k['seconds']:.3g})"
+                for k in p["top_kernels"][:3]
+            ),
+        }
+        for name, p in profiles.items()
+    ]
 
 
 def _run_info(args: argparse.Namespace, device: torch.device) -> dict:
@@ -470,6 +508,10 @@ def _run_info(args: argparse.Namespace, device: torch.device) -> dict:
         "projection": harness.PROJECTION_FORMULA[args.space]
         + " (paper configuration on CUDA only)",
         "paper_gpu_hours_second_order": harness.PAPER_GPU_HOURS[args.space],
+        "device_profile": "CUDA only, one more step under torch.profiler: busy_s, the "
+        "seconds at least one kernel ran (copies and memsets left out); busy_fraction, "
+        "busy_s / median_s (well below 1: the host, launching, is what limits the step); "
+        "top_kernels, by summed seconds",
     }
 
 

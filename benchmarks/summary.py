@@ -24,6 +24,7 @@ SEARCH_COLUMNS = [
     ("× ref", "ratio_vs_reference"),
     ("ops/step", "ops_per_step"),
     ("launches/step", "kernel_launches_per_step"),
+    ("device busy", "busy_fraction"),
     ("peak MiB", "peak_mem_mb"),
     ("GPU-h", "projected_gpu_hours"),
 ]
@@ -53,9 +54,14 @@ def summarize(folder: str | Path) -> str:
         except (OSError, json.JSONDecodeError) as e:
             notes.append(f"{path.name}: unreadable ({e})")
             continue
+        profiles = doc.get("device_profile") or {}
         for row in doc.get("rows", []):
             kind = next((key for key, _ in TABLES if key in row), None)
-            (search if kind is None else other[kind]).append({**row, "file": path.stem})
+            if kind is None:
+                busy = profiles.get(row.get("backend"), {}).get("busy_fraction")
+                search.append({**row, "file": path.stem, "busy_fraction": busy})
+            else:
+                other[kind].append({**row, "file": path.stem})
         for s in doc.get("skipped", []):
             notes.append(f"{path.name}: skipped {s['backend']}: {s['reason']}")
     parts = []

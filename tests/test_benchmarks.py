@@ -73,9 +73,25 @@ def test_profiled_events_and_launch_counts():
 
     a = torch.randn(3)
     events = harness.profiled_events(lambda: a + a, [ProfilerActivity.CPU])
-    assert (torch.autograd.DeviceType.CPU, "aten::add") in events
+    adds = [e for e in events if e[:2] == (torch.autograd.DeviceType.CPU, "aten::add")]
+    assert len(adds) == 1 and adds[0][2] > 0 and adds[0][3] >= 0
     # Kernel launches are a CUDA figure.
     assert harness.count_kernel_launches(lambda: a + a, torch.device("cpu")) is None
+    assert harness.device_profile(lambda: a + a, torch.device("cpu")) is None
+
+
+def test_device_profile_counts_overlapping_kernels_once():
+    # b overlaps a (another stream), c lies inside a, then a gap, then a again.
+    spans = [("a", 100, 50), ("b", 140, 30), ("c", 110, 10), ("a", 300, 20)]
+    profile = harness.DeviceProfile.of(spans)
+    assert profile.launches == 4
+    assert profile.busy_s == pytest.approx((170 - 100 + 20) / 1e9)
+    assert profile.by_kernel == {"a": (2, 70e-9), "b": (1, 30e-9), "c": (1, 10e-9)}
+    assert profile.top(2, width=1) == [
+        {"kernel": "a", "launches": 2, "seconds": 70e-9},
+        {"kernel": "b", "launches": 1, "seconds": 30e-9},
+    ]
+    assert harness.DeviceProfile.of([]) == harness.DeviceProfile(0, 0.0, {})
 
 
 # -- timing -------------------------------------------------------------------------------
@@ -300,6 +316,23 @@ def test_search_step_writes_its_timings_before_the_memory_children(
     assert _rows(out)[0]["peak_mem_mb"] == 123.0
 
 
+def test_search_step_reports_the_device_profile(tmp_path, restore_threads, monkeypatch, capsys):
+    """On CUDA each configuration's kernels are profiled in one more step: launches, busy
+    seconds and their share of the step, the longest kernels (a fake profile here)."""
+    profile = harness.DeviceProfile(3, 0.002, {"gemm": (2, 0.0015), "add": (1, 0.0005)})
+    monkeypatch.setattr(harness, "device_profile", lambda fn, device: profile)
+    out = tmp_path / "rnn.json"
+    argv = ["--space", "rnn", "--order", "1", "--config", "tiny", "--steps", "1", "--warmup", "0"]
+    doc = search_step.main([*argv, "--threads", "1", "--no-memory", "--json", str(out)])
+    (row,) = doc["rows"]
+    assert row["kernel_launches_per_step"] == 3
+    (entry,) = doc["device_profile"].values()
+    assert entry["busy_fraction"] == pytest.approx(0.002 / row["median_s"])
+    assert entry["top_kernels"][0] == {"kernel": "gemm", "launches": 2, "seconds": 0.0015}
+    assert json.loads(out.read_text())["device_profile"] == doc["device_profile"]
+    assert "gemm (2, 0.0015); add (1, 0.0005)" in capsys.readouterr().out
+
+
 def test_kernels_json_schema(tmp_path, restore_threads):
     out = tmp_path / "kernels.json"
     argv = ["--configs", "tiny", "--repeats", "2", "--warmup", "0", "--copy-mib", "8"]
@@ -420,7 +453,10 @@ def test_summary_gives_each_kind_of_result_its_own_table(tmp_path):
     }
     for name, row in rows.items():
         (tmp_path / f"{name}.json").write_text(json.dumps({"rows": [row]}))
+    profile = {"device_profile": {"fast": {"busy_fraction": 0.25}}}
+    (tmp_path / "step.json").write_text(json.dumps({"rows": [rows["step"]], **profile}))
     tables = [t for t in summary.summarize(tmp_path).split("\n\n") if t.startswith("|")]
+    assert "| device busy |" in tables[0] and "| 0.25 |" in tables[0]
     expected = [
         ("s/step", "| step |"),
         ("pass", "| cnn_pools |"),
