@@ -92,8 +92,8 @@ _DW_LAUNCHES = {
 }
 
 # Every launch the launchers in kernels/ make (conv_mixed's forward with and without an
-# accumulator, the depthwise kernels per stage, the pools per stride); a test checks each
-# argument list against the kernel's.
+# accumulator, the depthwise kernels per stage, the pools per stride, the running BatchNorm
+# statistics); a test checks each argument list against the kernel's.
 LAUNCHES = {
     "conv_forward_acc": Launch("conv_mixed", "_forward_kernel", _CONV_FORWARD, {"HAS_ACC": True}),
     "conv_forward": Launch("conv_mixed", "_forward_kernel", _CONV_FORWARD, {"HAS_ACC": False}),
@@ -118,6 +118,11 @@ LAUNCHES = {
         "G:f S:f CH:f P:f DS:f DCH:f DP_PART:f n:i B:i D:i BLOCK:c",
     ),
     **_DW_LAUNCHES,
+    "bn_running_stats": Launch(
+        "running_stats",
+        "_update_kernel",
+        "MEAN:f INVSTD:f STAT:l RM:f RV:f NBT:l CONSTS:f R:i K:i n:i BLOCK:c",
+    ),
     **{
         f"pools_{kernel}_s{stride}": Launch("pools", f"_{kernel}_kernel", args, {"STRIDE": stride})
         for kernel, args in (

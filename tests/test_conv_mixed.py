@@ -1239,6 +1239,59 @@ TRITON_POOLS_SCRIPT = textwrap.dedent(
 )
 
 
+TRITON_RUNNING_STATS_SCRIPT = textwrap.dedent(
+    """
+    import copy
+    import fastdarts.ops.conv_mixed as cm
+    from fastdarts.ops.extension import triton_kernels
+    rs = triton_kernels("running_stats")
+    gen = torch.Generator().manual_seed(29)
+    # An edge's group: the kernel against FusedEdges' torch ops, from the same state.
+    for dtype in (torch.float64, torch.float32):
+        for C, stride in ((3, 1), (6, 2)):
+            edge = cm.MixedOp(C, stride).to(dtype)
+            for name, buf in edge.named_buffers():
+                if name.startswith("run2"):
+                    buf.uniform_(0.5, 1.5, generator=gen)
+            channels = int(edge.runstat_g0.max()) + 3
+            mean = torch.randn(channels, generator=gen, dtype=dtype)
+            invstd = torch.rand(channels, generator=gen, dtype=dtype) + 0.5
+            normed = torch.empty(2, channels, 5, 3, dtype=dtype)
+            fused = copy.deepcopy(edge)
+            cm.kernel_name = lambda device: "triton"
+            fused._update_running(0, mean, invstd, normed)
+            cm.kernel_name = lambda device: "reference"
+            edge._update_running(0, mean, invstd, normed)
+            tol = 1e-15 if dtype == torch.float64 else 1e-7
+            for (name, got), want in zip(fused.named_buffers(), edge.buffers()):
+                torch.testing.assert_close(got, want, rtol=tol, atol=tol, msg=name)
+            assert int(fused.nbt_g0.min()) == 1
+    # Past one block, repeated channels, n = 1 (unbias n / max(n − 1, 1) = 1).
+    for dtype in (torch.float64, torch.float32):
+        for r, n in ((rs.BLOCK + 477, 30), (5, 1)):
+            stat = torch.randint(0, 40, (r,), generator=gen)
+            mean = torch.randn(40, generator=gen, dtype=dtype)
+            invstd = torch.rand(40, generator=gen, dtype=dtype) + 0.5
+            rm, rv = torch.randn(r, generator=gen, dtype=dtype), torch.rand(r, dtype=dtype)
+            nbt = torch.arange(7).view(1, 7)
+            want_m = rm * 0.9 + mean[stat] * 0.1
+            want_v = rv * 0.9 + (invstd[stat].pow(-2) - 1e-5) * (n / max(n - 1, 1)) * 0.1
+            rs.update(mean, invstd, stat, rm, rv, nbt, torch.tensor([0.1, 1e-5], dtype=dtype), n)
+            tol = 1e-15 if dtype == torch.float64 else 1e-6
+            torch.testing.assert_close(rm, want_m, rtol=tol, atol=tol)
+            torch.testing.assert_close(rv, want_v, rtol=tol, atol=tol)
+            assert nbt.tolist() == [list(range(1, 8))]
+    """
+)
+
+
+def test_triton_running_statistics_match_the_torch_ops_under_interpreter():
+    """The Triton kernel updating a group's running BatchNorm statistics (CUDA's) against
+    FusedEdges' torch ops on an edge of each stride, and against the formula past one block
+    with repeated channels and at n = 1; float64 and float32."""
+    run_triton_interpreted(TRITON_RUNNING_STATS_SCRIPT)
+
+
 def test_triton_pools_match_reference_under_interpreter():
     """The Triton pools kernels (CUDA's) against torch's pooling: both pools forward and d_x,
     both strides, odd and 1×1 planes, input and gradient as channel blocks read in place,

@@ -1001,6 +1001,14 @@ class _Group:
         return None if idx == list(range(self.n_in * self.C)) else idx
 
 
+@functools.cache
+def _bn_consts(device: torch.device, dtype: torch.dtype) -> Tensor:
+    """(momentum, eps) for the Triton running-statistics kernel, made once per device and
+    dtype (not per call: a host-to-device copy; not a buffer: built in float32, a module
+    moved to float64 would hold 0.1 rounded to float32)."""
+    return torch.tensor([BN_MOMENTUM, BN_EPS], dtype=dtype, device=device)
+
+
 class FusedEdges(nn.Module):
     """MixedOps of one channel count C in groups (each group's edges run as one batched
     computation; see the module docstring). Parameters and statistics live in the batched
@@ -1132,10 +1140,17 @@ class FusedEdges(nn.Module):
         num_batches_tracked."""
         stat = self._get("runstat", g)
         n = normed.numel() // normed.shape[1]
-        self._get("run2_mean", g).mul_(1 - BN_MOMENTUM).add_(mean[stat], alpha=BN_MOMENTUM)
+        running = [self._get(name, g) for name in ("run2_mean", "run2_var", "nbt")]
+        if kernel_name(mean.device) == "triton":
+            # One launch for the ten ops below (64 calls in a small search step).
+            consts = _bn_consts(mean.device, mean.dtype)
+            triton_kernels("running_stats").update(mean, invstd, stat, *running, consts, n)
+            return
+        run_mean, run_var, nbt = running
+        run_mean.mul_(1 - BN_MOMENTUM).add_(mean[stat], alpha=BN_MOMENTUM)
         unbiased = (invstd[stat].pow(-2) - BN_EPS) * (n / max(n - 1, 1))
-        self._get("run2_var", g).mul_(1 - BN_MOMENTUM).add_(unbiased, alpha=BN_MOMENTUM)
-        self._get("nbt", g).add_(1)
+        run_var.mul_(1 - BN_MOMENTUM).add_(unbiased, alpha=BN_MOMENTUM)
+        nbt.add_(1)
 
     def _state_entries(self):
         entries = []

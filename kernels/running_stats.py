@@ -1,0 +1,64 @@
+"""Triton kernel for the fused CNN edges' running BatchNorm statistics (see
+fastdarts.ops.conv_mixed.FusedEdges._update_running): one launch where torch takes ten ops
+(two gathers, each moving average's scale and add, the variance from invstd in three, the
+count's increment).
+
+For each running channel r of a group, c = stat[r] the channel of the normalised block it
+follows, m the momentum and n the values per channel:
+
+    running_mean[r] = (1 − m)·running_mean[r] + m·mean[c]
+    running_var[r]  = (1 − m)·running_var[r] + m·(invstd[c]⁻² − eps)·n / max(n − 1, 1)
+
+and every num_batches_tracked entry grows by one. m and eps come from a tensor in the
+statistics' dtype: Triton passes Python floats as float32.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from . import on_device
+
+BLOCK = 1024
+
+
+@triton.jit
+def _update_kernel(MEAN, INVSTD, STAT, RM, RV, NBT, CONSTS, R, K, n, BLOCK: tl.constexpr):
+    r = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = r < R
+    m = tl.load(CONSTS)
+    eps = tl.load(CONSTS + 1)
+    c = tl.load(STAT + r, mask=mask, other=0)
+    mean = tl.load(MEAN + c, mask=mask, other=0)
+    invstd = tl.load(INVSTD + c, mask=mask, other=1)
+    unbias = n.to(m.dtype) / tl.maximum(n - 1, 1).to(m.dtype)
+    var = (1 / (invstd * invstd) - eps) * unbias
+    rm = tl.load(RM + r, mask=mask, other=0)
+    rv = tl.load(RV + r, mask=mask, other=0)
+    tl.store(RM + r, rm * (1 - m) + mean * m, mask=mask)
+    tl.store(RV + r, rv * (1 - m) + var * m, mask=mask)
+    counted = r < K
+    tl.store(NBT + r, tl.load(NBT + r, mask=counted, other=0) + 1, mask=counted)
+
+
+def update(
+    mean: torch.Tensor,
+    invstd: torch.Tensor,
+    stat: torch.Tensor,
+    running_mean: torch.Tensor,
+    running_var: torch.Tensor,
+    num_batches_tracked: torch.Tensor,
+    consts: torch.Tensor,
+    n: int,
+) -> None:
+    """Updates running_mean and running_var (R,) from the batch's mean and invstd (channels,)
+    at channels ``stat`` (R,), and num_batches_tracked (any shape, contiguous), in place;
+    consts = (momentum, eps) in the statistics' dtype."""
+    r, k = running_mean.numel(), num_batches_tracked.numel()
+    with on_device(mean):
+        _update_kernel[(triton.cdiv(max(r, k), BLOCK),)](
+            mean.contiguous(), invstd.contiguous(), stat, running_mean, running_var,
+            num_batches_tracked, consts, r, k, n, BLOCK=BLOCK,
+        )  # fmt: skip
