@@ -62,6 +62,10 @@ def _backward_kernel(G, S, CH, P, DS, DCH, DP_PART, n, B, D, BLOCK: tl.constexpr
     b = j // D
     d = j - b * D
     g = tl.load(G + j, mask=mask, other=0)  # zero past the end: adds nothing to dP
+    # Column 0 ('none') of the block's dP is zero, so the launcher's one sum over blocks is
+    # the whole dP. (Stored in the loop below, triton 3.6 spilled the float64 kernel on sm_90.)
+    for i in range(n):
+        tl.store(DP_PART + (pid * n + i) * 5, 0.0)
     for i in range(n):
         p1 = tl.load(P + i * 5 + 1)
         p2 = tl.load(P + i * 5 + 2)
@@ -84,9 +88,7 @@ def _backward_kernel(G, S, CH, P, DS, DCH, DP_PART, n, B, D, BLOCK: tl.constexpr
         tl.store(DCH + co + D, g * sg * df, mask=mask)
         gs = g * s
         gsg = g * sg
-        # Column 0 ('none') is zero, so the launcher's one sum over blocks is the whole dP.
         part = DP_PART + (pid * n + i) * 5
-        tl.store(part + 0, 0.0)
         tl.store(part + 1, tl.sum(gs + gsg * (th - s), axis=0))
         tl.store(part + 2, tl.sum(gs + gsg * (rl - s), axis=0))
         tl.store(part + 3, tl.sum(gs + gsg * (sh - s), axis=0))

@@ -21,7 +21,7 @@ import triton.language as tl
 
 from . import on_device
 
-BLOCK = 1024
+BLOCK = 256
 
 
 @triton.jit
