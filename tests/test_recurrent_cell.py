@@ -83,10 +83,14 @@ def test_forward_every_gradient_and_bn_statistics(dtype, masks, train):
         cell.train(train)
     inputs = make_inputs(gen, T, B, ninp, nhid, steps, dtype, masks)
     grad = torch.randn(T, B, nhid, generator=gen, dtype=dtype)
-    want, want_bn = run(ref, *inputs, grad)
+    # Against the reference in float64 on the same inputs: in float32 the reference's own
+    # error (measured: up to 2.4e-4 of a d_probs entry here, single-threaded) is ten times
+    # the kernel's, and would decide the test.
+    ref = ref.double()
+    want, want_bn = run(ref, *(None if t is None else t.double() for t in inputs), grad.double())
     got, got_bn = run(fused, *inputs, grad)
-    assert_close(got, want, dtype)
-    assert_close(got_bn, want_bn, dtype)
+    assert_close(got, [w.to(dtype) for w in want], dtype)
+    assert_close(got_bn, [w.to(dtype) if w.is_floating_point() else w for w in want_bn], dtype)
     if train:
         assert int(got_bn[2]) == T * (steps + 1)  # one BatchNorm call per node and s0
 
