@@ -36,14 +36,14 @@ TINY = {
 }
 
 
-def make_task(space: str, steps: int, **overrides):
-    cfg = SearchConfig(space=space, dtype="float64", seed=3, **TINY[space])
+def make_task(space: str, steps: int, device: str = "cpu", **overrides):
+    cfg = SearchConfig(space=space, dtype="float64", seed=3, device=device, **TINY[space])
     cfg = dataclasses.replace(cfg, **overrides).resolved()
-    cpu = torch.device("cpu")
+    dev = torch.device(device)
     if space == "rnn":
-        task = RNNTask(cfg, cpu, torch.float64, corpus=_synthetic_corpus())
+        task = RNNTask(cfg, dev, torch.float64, corpus=_synthetic_corpus())
     else:
-        task = CNNTask(cfg, cpu, torch.float64, images=small_images(2 * 2 * (steps + 1)))
+        task = CNNTask(cfg, dev, torch.float64, images=small_images(2 * 2 * (steps + 1)))
     task.begin_epoch(0)
     return task
 
@@ -561,6 +561,38 @@ def test_cuda_graph_replays_follow_the_eager_step(space, order, fast):
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-9, msg=name)
 
 
+def _fast_follows_the_cpu_reference(space: str, device: str, steps: int) -> None:
+    """``steps`` second-order --fast steps on ``device`` against the reference's on the CPU,
+    float64, the same masks: α and every weight within 1e-9."""
+    ref = make_task(space, steps, order=2)
+    fast = make_task(space, steps, device, order=2, fast=True)
+    assert fast.cfg.batched_fd == (device != "cpu")
+    start = [a.detach().clone() for a in ref.model.arch_parameters()]
+    for _ in range(steps):
+        ref.step()
+        fast.step()
+    for a, b, s in zip(fast.model.arch_parameters(), ref.model.arch_parameters(), start):
+        assert (a.cpu() - b).abs().max() < 1e-9 < (b - s).abs().max()
+    for (name, p), q in zip(fast.model.named_parameters(), ref.model.parameters()):
+        assert (p.cpu() - q).abs().max() < 1e-9, name
+
+
+def test_fast_follows_the_reference_with_masks_drawn_on_the_cpu(monkeypatch):
+    """The CUDA test below, on the CPU: its mask patch leaves the steps unchanged."""
+    _masks_drawn_on_the_cpu(monkeypatch)
+    _fast_follows_the_cpu_reference("rnn", "cpu", 2)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("space", ["rnn", "cnn"])
+def test_fast_steps_on_cuda_follow_the_cpu_reference(space, monkeypatch):
+    """The whole GPU path (Triton kernels, batched w± under vmap, cuDNN, foreach) against
+    the reference on the CPU, as the 20-step test does for the CPU's path; float64, and the
+    masks drawn on the CPU for both (CUDA's generator draws other ones)."""
+    _masks_drawn_on_the_cpu(monkeypatch)
+    _fast_follows_the_cpu_reference(space, "cuda", 3)
+
+
 @pytest.mark.cuda
 @pytest.mark.parametrize("space", ["rnn", "cnn"])
 def test_search_step_does_not_synchronise_on_cuda(space):
@@ -600,22 +632,14 @@ def test_search_step_keeps_every_tensor_on_the_models_device(space, options, mon
     cannot see. The fused ops run their fake implementations. Patched for meta only: the
     backends' device lists, the mask sampler (drawn on the CPU, then moved), autocast and
     foreach (no meta kernels); so AMP and --cuda-graphs (fused SGD) are not covered here."""
-    from fastdarts.search import architect, masks, tasks
+    from fastdarts.search import architect, tasks
 
     meta = torch.device("meta")
     for name, backend in list(backends.BACKENDS.items()):
         devices = backend.device_types | {"meta"}
         patched = dataclasses.replace(backend, device_types=devices, unavailable=lambda d: None)
         monkeypatch.setitem(backends.BACKENDS, name, patched)
-    draw = masks.MaskSampler.draw
-
-    def draw_on_cpu(self, specs, dtype):
-        cpu = masks.MaskSampler(0)
-        cpu.generator = self.generator
-        return {k: v.to(meta) for k, v in draw(cpu, specs, dtype).items()}
-
-    monkeypatch.setattr(masks.MaskSampler, "__init__", _cpu_generator(masks.MaskSampler.__init__))
-    monkeypatch.setattr(masks.MaskSampler, "draw", draw_on_cpu)
+    _masks_drawn_on_the_cpu(monkeypatch)
     for module in (architect, tasks):
         monkeypatch.setattr(module, "autocast", lambda model, amp: contextlib.nullcontext())
     enabled = torch.is_autocast_enabled
@@ -632,11 +656,21 @@ def test_search_step_keeps_every_tensor_on_the_models_device(space, options, mon
     assert all(p.device == meta for p in task.model.parameters())
 
 
-def _cpu_generator(init):
-    """MaskSampler.__init__ with its generator on the CPU (there are no meta generators)."""
+def _masks_drawn_on_the_cpu(monkeypatch) -> None:
+    """Mask samplers draw from a CPU generator and move the masks to their device: the same
+    masks on every device (and meta has no generators)."""
+    from fastdarts.search import masks
 
-    def patched(self, seed, device="cpu"):
+    init, draw = masks.MaskSampler.__init__, masks.MaskSampler.draw
+
+    def cpu_init(self, seed, device="cpu"):
         init(self, seed, "cpu")
         self.device = torch.device(device)
 
-    return patched
+    def draw_on_cpu(self, specs, dtype):
+        cpu = masks.MaskSampler(0)
+        cpu.generator = self.generator
+        return {k: v.to(self.device) for k, v in draw(cpu, specs, dtype).items()}
+
+    monkeypatch.setattr(masks.MaskSampler, "__init__", cpu_init)
+    monkeypatch.setattr(masks.MaskSampler, "draw", draw_on_cpu)
