@@ -561,15 +561,18 @@ def test_cuda_graph_replays_follow_the_eager_step(space, order, fast):
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-9, msg=name)
 
 
-def _fast_follows_the_cpu_reference(space: str, device: str, steps: int) -> None:
-    """``steps`` second-order --fast steps on ``device`` against the reference's on the CPU,
-    float64, the same masks: α and every weight within 1e-9."""
+def _fast_follows_the_cpu_reference(space: str, device: str, steps: int, monkeypatch) -> None:
+    """``steps`` second-order --fast steps on ``device``, its masks drawn on the CPU, against
+    the reference's on the CPU (run first, unpatched), float64: α and every weight within
+    1e-9."""
     ref = make_task(space, steps, order=2)
-    fast = make_task(space, steps, device, order=2, fast=True)
-    assert fast.cfg.batched_fd == (device != "cpu")
     start = [a.detach().clone() for a in ref.model.arch_parameters()]
     for _ in range(steps):
         ref.step()
+    _masks_drawn_on_the_cpu(monkeypatch)
+    fast = make_task(space, steps, device, order=2, fast=True)
+    assert fast.cfg.batched_fd == (device != "cpu")
+    for _ in range(steps):
         fast.step()
     for a, b, s in zip(fast.model.arch_parameters(), ref.model.arch_parameters(), start):
         assert (a.cpu() - b).abs().max() < 1e-9 < (b - s).abs().max()
@@ -577,20 +580,19 @@ def _fast_follows_the_cpu_reference(space: str, device: str, steps: int) -> None
         assert (p.cpu() - q).abs().max() < 1e-9, name
 
 
-def test_fast_follows_the_reference_with_masks_drawn_on_the_cpu(monkeypatch):
-    """The CUDA test below, on the CPU: its mask patch leaves the steps unchanged."""
-    _masks_drawn_on_the_cpu(monkeypatch)
-    _fast_follows_the_cpu_reference("rnn", "cpu", 2)
+def test_masks_drawn_on_the_cpu_are_the_samplers_own(monkeypatch):
+    """The CUDA test below on the CPU: with the patch the samplers draw the masks they draw
+    without it (the reference ran unpatched), so only the device differs there."""
+    _fast_follows_the_cpu_reference("rnn", "cpu", 2, monkeypatch)
 
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("space", ["rnn", "cnn"])
 def test_fast_steps_on_cuda_follow_the_cpu_reference(space, monkeypatch):
     """The whole GPU path (Triton kernels, batched w± under vmap, cuDNN, foreach) against
-    the reference on the CPU, as the 20-step test does for the CPU's path; float64, and the
+    the reference on the CPU, as the 20-step test does for the CPU's path; float64, the
     masks drawn on the CPU for both (CUDA's generator draws other ones)."""
-    _masks_drawn_on_the_cpu(monkeypatch)
-    _fast_follows_the_cpu_reference(space, "cuda", 3)
+    _fast_follows_the_cpu_reference(space, "cuda", 3, monkeypatch)
 
 
 @pytest.mark.cuda
