@@ -35,9 +35,11 @@ export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"
 PY=${PYTHON:-$(command -v python3 || command -v python)}
 # The CPU machine rehearsing has few cores: threads would mostly wait for each other.
 [[ $REHEARSE -eq 1 ]] && export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
-# What everything below imports besides torch: a missing one would fail every command.
+# What everything below imports: a missing one would fail every command. (Without triton
+# the fast ops fall back to the extension or torch: said, not fatal.)
 if ! missing=$("$PY" -c 'import importlib.util as u
-print(" ".join(m for m in ("torch", "numpy", "PIL", "tqdm", "pytest", "triton") if not u.find_spec(m)))'); then
+print(" ".join(m for m in ("torch", "numpy", "PIL", "tqdm", "pytest") if not u.find_spec(m)))
+if not u.find_spec("triton"): print("no triton: the fast ops run without their Triton kernels", file=__import__("sys").stderr)'); then
     echo "gpu_suite: $PY cannot run Python with torch's packages" >&2
     exit 2
 fi
@@ -121,10 +123,14 @@ run gpu-kernels 45 "$PY" benchmarks/kernels.py --device "$DEVICE" "${KERNEL_ARGS
     --json "$OUT/gpu-kernels.json" ||
     FAILED+=(gpu-kernels)
 alpha rnn "$ALPHA_CONFIG"
-# The tiny CNN (the small one takes minutes in float64): TF32 in the float32 rows.
+# The tiny CNN (the small one takes minutes in float64). TF32 (cuDNN's default) shows in
+# its float32 exact-HVP rows only: its finite differences are dominated by ReLU and
+# max-pool switches at r = 0.01 (error 0.95 in float64 on the CPU).
 alpha cnn tiny
 bench gpu-rnn-paper-o1 45 --space rnn --order 1 --steps 3 --warmup 3 --no-memory
 bench gpu-rnn-paper-o2-memory 60 --space rnn --order 2 --steps 1 --warmup 1 \
+    --backends reference,fast,graphs
+bench gpu-cnn-paper-o2-memory 60 --space cnn --order 2 --steps 1 --warmup 1 \
     --backends reference,fast,graphs
 
 # Build last: on a GPU the fast ops run Triton, and the extension is their fallback where

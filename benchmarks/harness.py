@@ -224,7 +224,8 @@ def profiled_events(
     fn: Callable[[], object], activities: Sequence[Any]
 ) -> list[tuple[torch.autograd.DeviceType, str, int, int]]:
     """(device type, name, start ns, duration ns) of every event torch.profiler records
-    during one call of ``fn``.
+    during one call of ``fn``, less user annotations (record_function ranges, which Kineto
+    can mirror on the device's timeline: not kernels).
 
     Read from the raw Kineto results: building the profiler's FunctionEvents for the ~10⁵
     kernels of a reference step takes longer than the step.
@@ -238,8 +239,13 @@ def profiled_events(
         return [
             (e.device_type, e.name, 1000 * e.time_range.start, 1000 * e.time_range.elapsed_us())
             for e in prof.events()
+            if not getattr(e, "is_user_annotation", False)
         ]
-    return [(e.device_type(), e.name(), e.start_ns(), e.duration_ns()) for e in results.events()]
+    return [
+        (e.device_type(), e.name(), e.start_ns(), e.duration_ns())
+        for e in results.events()
+        if not e.is_user_annotation()
+    ]
 
 
 # The ops whose time ``time_split`` reports on its own: dense matmuls and convolutions
@@ -487,10 +493,13 @@ KERNEL_ROW_KEYS = (
 
 
 def write_json(path: str | os.PathLike, doc: Mapping[str, Any]) -> None:
-    """Writes ``doc`` as indented JSON, creating the folder."""
+    """Writes ``doc`` as indented JSON, creating the folder; through a temporary file and a
+    rename, so a process stopped mid-write (a time limit) leaves the previous version."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(doc, indent=2) + "\n")
+    partial = path.with_name(path.name + ".partial")
+    partial.write_text(json.dumps(doc, indent=2) + "\n")
+    os.replace(partial, path)
 
 
 def report(

@@ -67,6 +67,8 @@ _CONV_FORWARD = (
     "SRC:f ALPHA:f SHIFT:f ACC:f ACC_B:i RSRC:l OPTR:l OUT:f S:i N:i P:i HAS_ACC:c BLOCK:c"
 )
 
+_RUNNING_STATS = "MEAN:f INVSTD:f STAT:l RM:f RV:f NBT:l CONSTS:f R:i K:i n:i BLOCK:c"
+
 _DW_SHAPES = "E1:i E2:i E3:i OFF0:i OFF1:i OFF2:i OFF3:i P0:i P1:i P2:i P3:i"
 _DW_CONSTS = "K0:c K1:c K2:c K3:c D0:c D1:c D2:c D3:c STRIDE:c RELU:c BLOCK:c"
 _DW_ARGS = {
@@ -118,10 +120,10 @@ LAUNCHES = {
         "G:f S:f CH:f P:f DS:f DCH:f DP_PART:f n:i B:i D:i BLOCK:c",
     ),
     **_DW_LAUNCHES,
-    "bn_running_stats": Launch(
-        "running_stats",
-        "_update_kernel",
-        "MEAN:f INVSTD:f STAT:l RM:f RV:f NBT:l CONSTS:f R:i K:i n:i BLOCK:c",
+    "bn_running_stats": Launch("running_stats", "_update_kernel", _RUNNING_STATS),
+    # Triton makes an integer argument equal to 1 a constant: n = 1 (a batch of one 1×1 map).
+    "bn_running_stats_n1": Launch(
+        "running_stats", "_update_kernel", _RUNNING_STATS.replace("n:i", "n:c"), {"n": 1}
     ),
     **{
         f"pools_{kernel}_s{stride}": Launch("pools", f"_{kernel}_kernel", args, {"STRIDE": stride})

@@ -33,7 +33,9 @@ def _update_kernel(MEAN, INVSTD, STAT, RM, RV, NBT, CONSTS, R, K, n, BLOCK: tl.c
     c = tl.load(STAT + r, mask=mask, other=0)
     mean = tl.load(MEAN + c, mask=mask, other=0)
     invstd = tl.load(INVSTD + c, mask=mask, other=1)
-    unbias = n.to(m.dtype) / tl.maximum(n - 1, 1).to(m.dtype)
+    # tl.cast, not n.to: Triton makes an integer argument equal to 1 a constant (a plain int).
+    nf = tl.cast(n, m.dtype)
+    unbias = nf / tl.maximum(nf - 1, 1)
     var = (1 / (invstd * invstd) - eps) * unbias
     rm = tl.load(RM + r, mask=mask, other=0)
     rv = tl.load(RV + r, mask=mask, other=0)
@@ -56,6 +58,21 @@ def update(
     """Updates running_mean and running_var (R,) from the batch's mean and invstd (channels,)
     at channels ``stat`` (R,), and num_batches_tracked (any shape, contiguous), in place;
     consts = (momentum, eps) in the statistics' dtype."""
+    floats = (mean, invstd, running_mean, running_var, consts)
+    if any(t.dtype != mean.dtype for t in floats) or mean.dtype not in (
+        torch.float32,
+        torch.float64,
+    ):
+        raise TypeError(
+            "running_stats.update: mean, invstd, the running statistics and consts must share "
+            f"one dtype, float32 or float64; got {[str(t.dtype) for t in floats]}"
+        )
+    written = (running_mean, running_var, num_batches_tracked)
+    if not all(t.is_contiguous() for t in written) or running_var.shape != running_mean.shape:
+        raise ValueError(
+            "running_stats.update: running_mean, running_var (of one shape) and "
+            "num_batches_tracked must be contiguous (they are updated in place)"
+        )
     r, k = running_mean.numel(), num_batches_tracked.numel()
     with on_device(mean):
         _update_kernel[(triton.cdiv(max(r, k), BLOCK),)](

@@ -72,9 +72,15 @@ def test_profiled_events_and_launch_counts():
     from torch.profiler import ProfilerActivity
 
     a = torch.randn(3)
-    events = harness.profiled_events(lambda: a + a, [ProfilerActivity.CPU])
+
+    def annotated():
+        with torch.profiler.record_function("a range"):
+            a + a
+
+    events = harness.profiled_events(annotated, [ProfilerActivity.CPU])
     adds = [e for e in events if e[:2] == (torch.autograd.DeviceType.CPU, "aten::add")]
     assert len(adds) == 1 and adds[0][2] > 0 and adds[0][3] >= 0
+    assert not any(e[1] == "a range" for e in events)  # a user annotation, not an op
     # Kernel launches are a CUDA figure.
     assert harness.count_kernel_launches(lambda: a + a, torch.device("cpu")) is None
     assert harness.device_profile(lambda: a + a, torch.device("cpu")) is None
@@ -409,9 +415,10 @@ def test_gpu_suite_rehearsal_runs_every_command(tmp_path):
             ("graphs", "--cuda-graphs needs a CUDA device, not cpu")
         ]
         assert f"| {name} |" in summary
-    memory = _rows(tmp_path / "gpu-rnn-paper-o2-memory.json")
-    assert [r["backend"] for r in memory] == ["reference", "fast"]  # graphs: no CUDA
-    assert all(r["peak_mem_mb"] for r in memory)
+    for space in ("rnn", "cnn"):
+        memory = _rows(tmp_path / f"gpu-{space}-paper-o2-memory.json")
+        assert [r["backend"] for r in memory] == ["reference", "fast"]  # graphs: no CUDA
+        assert all(r["peak_mem_mb"] for r in memory)
     kernels_run = {row["kernel"] for row in _rows(tmp_path / "gpu-kernels.json")}
     assert {"rnn_node_mixture", "cnn_cell_fused", "cnn_pools", "cnn_batch_norm"} <= kernels_run
     for space in ("rnn", "cnn"):

@@ -1292,6 +1292,23 @@ def test_triton_running_statistics_match_the_torch_ops_under_interpreter():
     run_triton_interpreted(TRITON_RUNNING_STATS_SCRIPT)
 
 
+def test_running_statistics_launcher_refuses_what_the_kernel_cannot_update():
+    """It updates the running buffers in place through flat offsets, in the statistics'
+    dtype: a strided buffer or a mixed dtype raises instead of writing the wrong elements."""
+    pytest.importorskip("triton")
+    update = extension.triton_kernels("running_stats").update
+    mean, invstd, rm, rv = torch.zeros(4), torch.ones(4), torch.zeros(3), torch.ones(3)
+    stat, nbt, consts = torch.arange(3), torch.zeros(2, dtype=torch.long), torch.tensor([0.1, 1e-5])
+    with pytest.raises(ValueError, match="contiguous"):
+        update(mean, invstd, stat, torch.zeros(6)[::2], rv, nbt, consts, 5)
+    with pytest.raises(ValueError, match="contiguous"):
+        update(mean, invstd, stat, rm, torch.ones(2), nbt, consts, 5)
+    with pytest.raises(TypeError, match="one dtype"):
+        update(mean, invstd, stat, rm.double(), rv, nbt, consts, 5)
+    with pytest.raises(TypeError, match="one dtype"):
+        update(*(t.bfloat16() for t in (mean, invstd)), stat, rm, rv, nbt, consts, 5)
+
+
 def test_triton_pools_match_reference_under_interpreter():
     """The Triton pools kernels (CUDA's) against torch's pooling: both pools forward and d_x,
     both strides, odd and 1×1 planes, input and gradient as channel blocks read in place,
