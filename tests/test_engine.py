@@ -119,23 +119,31 @@ def test_fast_follows_reference_for_20_steps(space, order, steps):
 
 
 @pytest.mark.parametrize("batched", [False, True], ids=["separate", "batched"])
-def test_finite_difference_passes_run_in_full_float32(monkeypatch, batched):
+def test_finite_difference_passes_run_in_full_float32(batched):
     """TF32 (torch's default for cuDNN convolutions) is off in the w± passes only: at its
     2⁻¹¹ relative steps most of w⁺ − w⁻ (2εv, norm 0.02 over all weights) would vanish."""
     precisions = (torch.backends.cudnn.conv, torch.backends.cuda.matmul)
-    for backend in precisions:
-        monkeypatch.setattr(backend, "fp32_precision", "tf32")
-    task = make_task("cnn", 1, order=2, batched_fd=batched)
-    seen = []
-    task.model.register_forward_pre_hook(
-        lambda *_: seen.append(tuple(b.fp32_precision for b in precisions))
-    )
-    task.step()
+    # Set and restored by hand: torch 2.11's matmul settings object has no attribute that
+    # monkeypatch could delete again.
+    saved = [b.fp32_precision for b in precisions]
+    try:
+        for backend in precisions:
+            backend.fp32_precision = "tf32"
+        task = make_task("cnn", 1, order=2, batched_fd=batched)
+        seen = []
+        task.model.register_forward_pre_hook(
+            lambda *_: seen.append(tuple(b.fp32_precision for b in precisions))
+        )
+        task.step()
+        after = tuple(b.fp32_precision for b in precisions)
+    finally:
+        for backend, precision in zip(precisions, saved):
+            backend.fp32_precision = precision
     tf32, ieee = ("tf32", "tf32"), ("ieee", "ieee")
     # Train at w, validation at w', the w± passes (one under vmap when batched), weight step.
     fd = [ieee] if batched else [ieee, ieee]
     assert seen == [tf32, tf32, *fd, tf32]
-    assert tuple(b.fp32_precision for b in precisions) == tf32
+    assert after == tf32
 
 
 # The RNN's whole --fast step as it runs on CUDA (cell node by node, the Triton node kernel
