@@ -37,9 +37,10 @@ PY=${PYTHON:-$(command -v python3 || command -v python)}
 [[ $REHEARSE -eq 1 ]] && export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 # What everything below imports: a missing one would fail every command. (Without triton
 # the fast ops fall back to the extension or torch: said, not fatal.)
-if ! missing=$("$PY" -c 'import importlib.util as u
+if ! missing=$("$PY" -c 'import importlib.util as u, sys
 print(" ".join(m for m in ("torch", "numpy", "PIL", "tqdm", "pytest") if not u.find_spec(m)))
-if not u.find_spec("triton"): print("no triton: the fast ops run without their Triton kernels", file=__import__("sys").stderr)'); then
+if not u.find_spec("triton"):
+    print("no triton: the fast ops run without their Triton kernels", file=sys.stderr)'); then
     echo "gpu_suite: $PY cannot run Python with torch's packages" >&2
     exit 2
 fi

@@ -397,7 +397,6 @@ def main(argv: list[str] | None = None) -> dict:
     ref = next((r for r in rows if r["backend"] == "reference"), None)
     for r in rows:
         r["ratio_vs_reference"] = r["median_s"] / ref["median_s"] if ref else None
-    times_median = {r["backend"]: r["median_s"] for r in rows}
     doc = {
         "env": harness.env_info(device, [SCRIPT, *(sys.argv[1:] if argv is None else argv)]),
         "rows": rows,
@@ -422,17 +421,18 @@ def main(argv: list[str] | None = None) -> dict:
         r["kernel_launches_per_step"] = None if profile is None else profile.launches
     if any(p is not None for p in profiles.values()):  # on CUDA
         doc["device_profile"] = {
-            name: {
-                "busy_s": p.busy_s,
-                "busy_fraction": p.busy_s / times_median[name],
-                "top_kernels": p.top(12),
+            r["backend"]: {
+                "busy_s": profiles[r["backend"]].busy_s,
+                "busy_fraction": profiles[r["backend"]].busy_s / r["median_s"],
+                "top_kernels": profiles[r["backend"]].top(12),
             }
-            for name, p in profiles.items()
+            for r in rows
         }
     save()
     splits = {name: harness.time_split(fn) for name, fn in steps.items()} if args.time_split else {}
-    doc["time_split_s"] = splits or None
-    save()
+    if splits:
+        doc["time_split_s"] = splits
+        save()
     if not args.no_memory:
         for c, r in zip(configs, rows):
             r["peak_mem_mb"] = harness.peak_memory_in_subprocess(
