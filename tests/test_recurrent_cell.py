@@ -1,4 +1,7 @@
-"""The whole-cell C++ op against the reference cell, on fresh random inputs.
+"""The whole-cell op against the reference cell, on fresh random inputs, in both of its
+implementations: the C++ kernel (``cpp``, the CPU's) and the torch-op one (``torch``, CUDA's,
+here on CPU tensors; the interpreter runs it with the Triton node kernels in
+test_recurrent_mixed.py).
 
 Tolerances: float64 rtol 1e-10 / atol 1e-12 (a sequence of 8 BatchNorms per step: ~1e-14
 observed); float32 atol = rtol = 2e-4 (float32 rounding through the same chain: ~1e-6
@@ -24,9 +27,32 @@ needs_cell = pytest.mark.skipif(
     EXT is None or not hasattr(EXT, "recurrent_cell_forward"),
     reason=f"no whole-cell kernel ({extension.unavailable_reason()})",
 )
-pytestmark = needs_cell
+IMPLS = [pytest.param("cpp", marks=needs_cell), "torch"]
+# The C++ kernel's RuntimeError, the torch implementation's ValueError or TypeError.
+INPUT_ERRORS = (RuntimeError, ValueError, TypeError)
+
+
+@pytest.fixture(params=IMPLS)
+def impl(request, monkeypatch) -> str:
+    """Which implementation the op runs: the C++ kernel, or the torch ops off it."""
+    if request.param == "torch":
+        monkeypatch.setattr(rc, "cell_kernel_ready", lambda device: False)
+    return request.param
+
+
+def functions(impl: str):
+    """The implementation's (forward, backward), called as the op calls them."""
+    if impl == "cpp":
+        return EXT.recurrent_cell_forward, EXT.recurrent_cell_backward
+    return rc._forward_torch, rc._backward_torch
+
 
 TOL = {torch.float64: (1e-10, 1e-12), torch.float32: (2e-4, 2e-4)}
+# The torch implementation in float32 accumulates BatchNorm's sums in float32 (the C++ kernel
+# in double), and an edge that is all `none` makes a node's input exactly 0: its BatchNorm
+# then multiplies float32 rounding by 1/√eps = 316. Measured: 3.1e-4 of a d_probs entry
+# (the float32 reference cell's own error there: 1.0e-4).
+TORCH_FLOAT32_TOL = (1e-3, 1e-3)
 
 
 def make_cell(gen, ninp, nhid, steps, dtype):
@@ -65,8 +91,8 @@ def run(cell, x, h, probs, x_mask, h_mask, grad):
     return [out, *grads], [bn.running_mean, bn.running_var, bn.num_batches_tracked]
 
 
-def assert_close(got, want, dtype):
-    rtol, atol = TOL[dtype]
+def assert_close(got, want, dtype, tol=None):
+    rtol, atol = tol or TOL[dtype]
     for i, (g, w) in enumerate(zip(got, want)):
         assert not g.isnan().any(), i
         torch.testing.assert_close(g, w, rtol=rtol, atol=atol, msg=lambda m, i=i: f"#{i}: {m}")
@@ -75,7 +101,7 @@ def assert_close(got, want, dtype):
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("masks", ["xh", "h", ""])
 @pytest.mark.parametrize("train", [True, False])
-def test_forward_every_gradient_and_bn_statistics(dtype, masks, train):
+def test_forward_every_gradient_and_bn_statistics(impl, dtype, masks, train):
     gen = torch.Generator().manual_seed(7 + len(masks) + 10 * train)
     T, B, ninp, nhid, steps = 3, 5, 7, 11, 8
     ref, fused = make_cell(gen, ninp, nhid, steps, dtype)
@@ -89,14 +115,15 @@ def test_forward_every_gradient_and_bn_statistics(dtype, masks, train):
     ref = ref.double()
     want, want_bn = run(ref, *(None if t is None else t.double() for t in inputs), grad.double())
     got, got_bn = run(fused, *inputs, grad)
-    assert_close(got, [w.to(dtype) for w in want], dtype)
+    tol = TORCH_FLOAT32_TOL if (impl, dtype) == ("torch", torch.float32) else None
+    assert_close(got, [w.to(dtype) for w in want], dtype, tol)
     assert_close(got_bn, [w.to(dtype) if w.is_floating_point() else w for w in want_bn], dtype)
     if train:
         assert int(got_bn[2]) == T * (steps + 1)  # one BatchNorm call per node and s0
 
 
 @pytest.mark.parametrize("steps", [1, 3])
-def test_small_cells_and_cumulative_momentum(steps):
+def test_small_cells_and_cumulative_momentum(impl, steps):
     gen = torch.Generator().manual_seed(steps)
     ref, fused = make_cell(gen, 4, 6, steps, torch.float64)
     for cell in (ref, fused):
@@ -109,7 +136,7 @@ def test_small_cells_and_cumulative_momentum(steps):
         assert_close(got + got_bn, want + want_bn, torch.float64)
 
 
-def test_frozen_statistics_are_not_updated():
+def test_frozen_statistics_are_not_updated(impl):
     gen = torch.Generator().manual_seed(3)
     ref, fused = make_cell(gen, 5, 6, 4, torch.float64)
     inputs = make_inputs(gen, 2, 4, 5, 6, 4, torch.float64, "h")
@@ -125,9 +152,10 @@ def test_frozen_statistics_are_not_updated():
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-def test_kernel_writes_every_output(dtype):
-    """Into NaN-filled outputs (each dtype has its own vector width; nhid = 19 gives whole
-    vectors and a tail in both)."""
+def test_kernel_writes_every_output(impl, dtype):
+    """Into NaN-filled outputs (each dtype has its own vector width in C++; nhid = 19 gives
+    whole vectors and a tail in both)."""
+    forward, backward = functions(impl)
     gen = torch.Generator().manual_seed(5)
     T, B, ninp, nhid, steps = 2, 3, 5, 19, 3
     _, cell = make_cell(gen, ninp, nhid, steps, dtype)
@@ -135,13 +163,13 @@ def test_kernel_writes_every_output(dtype):
     bn = cell.bn
     ws = [w.detach() for w in cell._Ws]
     outs = [torch.full(s, math.nan, dtype=dtype) for s in rc._shapes(x, h, steps)]
-    EXT.recurrent_cell_forward(
+    forward(
         x, h, probs, xm, hm, cell._W0.detach(), ws, bn.running_mean, bn.running_var,
         bn.num_batches_tracked, True, False, 0.1, 1e-5, *outs,
     )  # fmt: skip
     assert all(not o.isnan().any() for o in outs)
     grads = [torch.full_like(t, math.nan) for t in (x, h, probs, cell._W0, *ws)]
-    EXT.recurrent_cell_backward(
+    backward(
         torch.randn(T, B, nhid, dtype=dtype), x, h, probs, xm, hm, cell._W0.detach(),
         ws, *outs[:5], True, *grads[:4], grads[4:],
     )  # fmt: skip
@@ -158,7 +186,7 @@ def _function(cell):
     return fn
 
 
-def test_gradcheck_and_gradgradcheck():
+def test_gradcheck_and_gradgradcheck(impl):
     gen = torch.Generator().manual_seed(11)
     _, cell = make_cell(gen, 3, 4, 2, torch.float64)
     x, h, probs, _, _ = make_inputs(gen, 2, 3, 3, 4, 2, torch.float64, "")
@@ -169,7 +197,7 @@ def test_gradcheck_and_gradgradcheck():
     assert torch.autograd.gradgradcheck(fn, args)
 
 
-def test_double_backward_matches_reference():
+def test_double_backward_matches_reference(impl):
     """The exact HVP differentiates the backward: same values as the reference cell's."""
     gen = torch.Generator().manual_seed(13)
     ref, fused = make_cell(gen, 5, 6, 4, torch.float64)
@@ -185,7 +213,7 @@ def test_double_backward_matches_reference():
     assert results[1][0].abs().max() > 1e-3  # not silently zero
 
 
-def test_non_contiguous_inputs():
+def test_non_contiguous_inputs(impl):
     gen = torch.Generator().manual_seed(17)
     ref, fused = make_cell(gen, 5, 6, 3, torch.float64)
     x, h, probs, xm, hm = make_inputs(gen, 3, 4, 5, 6, 3, torch.float64, "xh")
@@ -198,32 +226,38 @@ def test_non_contiguous_inputs():
     assert_close(got, want, torch.float64)
 
 
-def test_falls_back_node_by_node_off_the_kernel(monkeypatch):
+def test_autocast_runs_node_by_node():
+    """Under autocast the projections must be cast: the cell runs node by node, as
+    forward_nodes does, and the whole-cell op is not called."""
     gen = torch.Generator().manual_seed(19)
-    ref, fused = make_cell(gen, 5, 6, 3, torch.float64)
-    inputs = make_inputs(gen, 2, 4, 5, 6, 3, torch.float64, "h")
-    monkeypatch.setattr(rc, "cell_kernel_ready", lambda device: False)
-    grad = torch.randn(2, 4, 6, generator=gen, dtype=torch.float64)
-    got, _ = run(fused, *inputs, grad)
-    want, _ = run(ref, *inputs, grad)
-    assert_close(got, want, torch.float64)
+    _, fused = make_cell(gen, 5, 6, 3, torch.float32)
+    inputs = make_inputs(gen, 2, 4, 5, 6, 3, torch.float32, "h")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        counts = count_ops(lambda: fused(*inputs))
+        got = fused(*inputs)
+        want = fused.forward_nodes(*inputs)
+    assert "fastdarts.recurrent_cell.default" not in counts
+    assert torch.equal(got, want)
 
 
-def test_bad_inputs_give_clear_errors():
+def test_bad_inputs_give_clear_errors(impl):
     gen = torch.Generator().manual_seed(23)
     _, cell = make_cell(gen, 5, 6, 3, torch.float64)
     x, h, probs, _, _ = make_inputs(gen, 2, 4, 5, 6, 3, torch.float64, "h")
     with pytest.raises(ValueError, match="batch of 2 or more"):
         cell(x[:, :1], h[:1], probs)
-    with pytest.raises(RuntimeError, match="recurrent_cell: dtype must be float32 or float64"):
+    with pytest.raises(INPUT_ERRORS, match="recurrent_cell: dtype must be float32 or float64"):
         cell.half()(x.half(), h.half(), probs.half())
     cell.double()
-    with pytest.raises(RuntimeError, match=r"recurrent_cell: probs must be .*shape \[6, 5\]"):
+    with pytest.raises(INPUT_ERRORS, match=r"recurrent_cell: probs must be .*shape \[6, 5\]"):
         cell(x, h, probs[:5])
-    with pytest.raises(RuntimeError, match=r"recurrent_cell: hidden must be \(4, D\)"):
+    with pytest.raises(INPUT_ERRORS, match=r"recurrent_cell: hidden must be \(4, D\)"):
         cell(x, h[:3], probs)
+    with pytest.raises(INPUT_ERRORS, match=r"recurrent_cell: h_mask must be .*shape \[4, 6\]"):
+        cell(x, h, probs, None, torch.ones(4, 5, dtype=torch.float64))
 
 
+@needs_cell
 def test_one_call_dispatches_only_the_matmuls():
     """Forward and backward over T steps: 9 matmuls per step forward, 18 backward, and the
     x-side projection (1 forward, 2 backward) for all steps at once."""
@@ -241,3 +275,47 @@ def test_one_call_dispatches_only_the_matmuls():
     matmuls = counts["aten.mm.out"] + counts["aten.addmm_.default"]
     assert matmuls == 3 * T * (steps + 1) + 3
     assert sum(counts.values()) - matmuls < 40, counts
+
+
+def test_torch_implementation_launches_per_node(monkeypatch):
+    """The torch-op implementation (CUDA's): per node 3 launching ATen ops forward and 6
+    backward besides the node op's two kernels, and 27 per time step (s0, masks, mean);
+    counted here 9·T·S + 27·T + 14 on the CPU. The bound allows one more per node and three more per
+    step; the node-by-node cell takes about 20 per node."""
+    from benchmarks.cuda_path_ops import launches_kernel
+
+    monkeypatch.setattr(rc, "cell_kernel_ready", lambda device: False)
+    gen = torch.Generator().manual_seed(31)
+    T, steps = 6, 8
+    _, cell = make_cell(gen, 5, 6, steps, torch.float64)
+    x, h, probs, xm, hm = make_inputs(gen, T, 4, 5, 6, steps, torch.float64, "xh")
+    probs.requires_grad_()
+
+    def step():
+        out = cell(x, h, probs, xm, hm)
+        torch.autograd.grad(out.sum(), [probs, cell._W0, *cell._Ws])
+
+    counts = count_ops(step)
+    launching = sum(n for op, n in counts.items() if launches_kernel(op))
+    assert counts["fastdarts.recurrent_mixed.default"] == T * steps
+    assert counts["fastdarts.recurrent_mixed_backward.default"] == T * steps
+    assert launching <= 10 * T * steps + 30 * T + 20, counts
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_cuda_cell_matches_reference(dtype):
+    """The op on CUDA (torch ops around the Triton node kernels) against the float64
+    reference cell on the CPU: output, every gradient and the running statistics."""
+    gen = torch.Generator().manual_seed(37)
+    T, B, ninp, nhid, steps = 5, 33, 7, 37, 8
+    ref, fused = make_cell(gen, ninp, nhid, steps, dtype)
+    inputs = make_inputs(gen, T, B, ninp, nhid, steps, dtype, "xh")
+    grad = torch.randn(T, B, nhid, generator=gen, dtype=dtype)
+    want, want_bn = run(ref.double(), *(t.double() for t in inputs), grad.double())
+    cuda = [t.cuda() for t in inputs]
+    got, got_bn = run(fused.cuda(), *cuda, grad.cuda())
+    tol = TORCH_FLOAT32_TOL if dtype == torch.float32 else None
+    assert_close([g.cpu() for g in got], [w.to(dtype) for w in want], dtype, tol)
+    got_bn = [t.cpu() for t in got_bn]
+    assert_close(got_bn, [w.to(dtype) if w.is_floating_point() else w for w in want_bn], dtype)

@@ -391,8 +391,8 @@ def test_triton_kernels_under_interpreter():
 
 
 # The launch glue the CUDA path takes (fastdarts.ops.recurrent_mixed's 'triton' branch), run
-# on the CPU by the interpreter: the public op and a whole cell node by node (the whole-cell
-# kernel is CPU-only, so on CUDA the cell runs the node op), forward and every gradient.
+# on the CPU by the interpreter: the public op, and the whole-cell op's torch implementation
+# (the C++ cell kernel is CPU-only) around the node kernels, forward and every gradient.
 TRITON_DISPATCH_SCRIPT = textwrap.dedent(
     """
     import fastdarts.ops.recurrent_mixed as rm
