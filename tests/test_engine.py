@@ -146,8 +146,9 @@ def test_finite_difference_passes_run_in_full_float32(batched):
     assert after == tf32
 
 
-# The RNN's whole --fast step as it runs on CUDA (cell node by node, the Triton node kernel
-# forward and backward, batched w± under vmap), run on the CPU with the kernels interpreted:
+# The RNN's whole --fast step as it runs on CUDA (the whole-cell op in torch ops around the
+# Triton node kernels, the batched w± passes' two samples in one), run on the CPU with the
+# kernels interpreted:
 # α and the weights follow the reference's. The CNN's step takes over ten minutes this way
 # (its kernels run thousands of programs); its edges and cells are checked on the same path
 # in test_conv_mixed.py.

@@ -11,8 +11,9 @@ same tensors:
   one at::mm per projection (9 forward, 18 backward) and no other dispatched op;
 - elsewhere (CUDA), :func:`_forward_torch` / :func:`_backward_torch`: the same algorithm in
   torch ops around the node op's kernels, into preallocated buffers, without autograd
-  recording each op: per node 4 launches forward and 8 backward, where the node-by-node
-  cell takes about 21 (counted by ``benchmarks/cuda_path_ops.py``).
+  recording each op: per node 4 launches forward and 8 backward (the node-by-node cell
+  took about 17). Under vmap over weight samples (the batched w± passes) one call runs
+  every sample, each node's kernels once for all (:class:`_BatchedCellFunction`).
 
 Both reproduce the shared BatchNorm exactly, including the order and formula of its
 running-statistic updates, so a search gives the same result as the reference. Under
@@ -79,22 +80,57 @@ def _check_cell(inputs, hidden, probs, x_mask, h_mask, w0, ws) -> None:
             )
 
 
+def _rows(x: Tensor) -> Tensor:
+    """(…, B, N, F) → (N, rows, F), a view: sample k's rows, as bmm's operand or output."""
+    return x.view(-1, x.shape[-2], x.shape[-1]).transpose(0, 1)
+
+
+def _samples(x: Tensor, n: int, b: int) -> Tensor:
+    """bmm's (N, n·B, F) → the states' layout (n, B, N, F), a view."""
+    return x.transpose(0, 1).view(n, b, x.shape[0], x.shape[-1])
+
+
 def _forward_torch(
     inputs, hidden, probs, x_mask, h_mask, w0, ws, running_mean, running_var,
     num_batches_tracked, training, update, momentum, eps, hiddens, states, ch, c0h0, invstd,
 ) -> None:  # fmt: skip
-    """The C++ kernel's forward in torch ops (any device), into the same outputs.
-
-    Per node: the projection (one mm into ``ch``), the mixture (the node op's kernel), the
-    BatchNorm (one native_batch_norm into ``states`` and ``invstd``, updating the running
-    statistics) and the masked state for the next projections (one mul).
-    """
+    """The C++ kernel's forward in torch ops (any device), into the same outputs."""
     _check_cell(inputs, hidden, probs, x_mask, h_mask, w0, ws)
-    (t_len, b, i), d, s = inputs.shape, hidden.shape[1], len(ws)
-    if training and b < 2:
+    if training and inputs.shape[1] < 2:
         raise ValueError(
-            f"recurrent_cell: BatchNorm in training needs a batch of more than one, got {b}"
+            "recurrent_cell: BatchNorm in training needs a batch of more than one, got "
+            f"{inputs.shape[1]}"
         )
+    _cell_forward(
+        inputs.unsqueeze(0), hidden.unsqueeze(1), probs, x_mask, h_mask, w0.unsqueeze(0),
+        [w.unsqueeze(0) for w in ws], (running_mean, running_var, num_batches_tracked,
+        training, update, momentum, eps), *_with_samples(hiddens, states, ch, c0h0, invstd),
+    )  # fmt: skip
+
+
+def _with_samples(hiddens, states, ch, c0h0, invstd) -> list[Tensor]:
+    """The op's outputs (or saved tensors) as views with a sample dim of 1 (see
+    :func:`_cell_forward`)."""
+    return [hiddens.unsqueeze(2), states.unsqueeze(3), ch.unsqueeze(3), c0h0.unsqueeze(2),
+            invstd.unsqueeze(2)]  # fmt: skip
+
+
+def _cell_forward(inputs, hidden, probs, x_mask, h_mask, w0, ws, bn, hiddens, states, ch,
+                  c0h0, invstd) -> None:  # fmt: skip
+    """The cell over a sequence for N weight samples at once (N = 1: the op; N = 2: the w±
+    passes under vmap), in torch ops into preallocated outputs.
+
+    inputs (N, T, B, I), hidden (B, N, D), w0 (N, I + D, 2D), ws (N, D, 2D) each; probs and
+    the masks shared. Writes hiddens (T, B, N, D), states (T, S+1, B, N, D), ch
+    (T, E, B, N, 2D), c0h0 (T, B, N, 2D) and invstd (T, S+1, N, D): sample k's slices are
+    the op's outputs, and the samples interleave so that each node's mixture is one kernel
+    over N·B rows and each BatchNorm one over N·D features (its statistics per sample).
+    Per node: one bmm (the projection), the mixture's kernel, one native_batch_norm and one
+    mul (the masked state for the next projections).
+    """
+    running_mean, running_var, num_batches_tracked, training, update, momentum, eps = bn
+    n_samples, t_len, b, i = inputs.shape
+    d, s = hidden.shape[-1], len(ws)
     update = training and update
     # A cumulative average (momentum < 0) updates the k-th BatchNorm call of the sequence
     # with factor 1 / (count before + k): one host read per sequence, where torch's
@@ -104,31 +140,33 @@ def _forward_torch(
         num_batches_tracked.add_(t_len * (s + 1))
     calls = itertools.count(count + 1)
     stats = (running_mean, running_var) if update else (None, None)
-    mean = running_mean.new_empty(d)
+    mean = hidden.new_empty(n_samples * d)
     if not training:
         invstd.copy_((running_var + eps).rsqrt().expand_as(invstd))
 
     def batch_norm(x: Tensor, out: Tensor, out_invstd: Tensor) -> None:
+        """x, out (B, N, D); out_invstd (N, D)."""
         if not training:
             torch.mul(x - running_mean, out_invstd, out=out)
             return
         factor = 1.0 / next(calls) if momentum < 0 else momentum
         aten.native_batch_norm.out(
-            x, None, None, *stats, True, factor, eps,
-            out=out, save_mean=mean, save_invstd=out_invstd,
+            x.view(b, -1), None, None, *stats, True, factor, eps,
+            out=out.view(b, -1), save_mean=mean, save_invstd=out_invstd.view(-1),
         )  # fmt: skip
 
     node = torch.ops.fastdarts.recurrent_mixed
+    h_mask = None if h_mask is None else h_mask.unsqueeze(1)  # (B, 1, D)
     xm = inputs if x_mask is None else inputs * x_mask
-    torch.mm(xm.view(t_len * b, i), w0[:i], out=c0h0.view(t_len * b, 2 * d))
-    w0h = w0[i:]
+    torch.bmm(xm.view(n_samples, t_len * b, i), w0[:, :i], out=_rows(c0h0))
+    w0h = w0[:, i:]
     # The masked states (s_0..S ⊙ mh), the projections' left operand.
-    masked = states.new_empty(s + 1, b, d) if h_mask is not None else None
+    masked = states.new_empty(states.shape[1:]) if h_mask is not None else None
     previous = hidden
     for t in range(t_len):
         st, c0 = states[t], c0h0[t]
-        c0.addmm_(previous if h_mask is None else previous * h_mask, w0h)
-        u = torch.lerp(previous, torch.tanh(c0[:, d:]), torch.sigmoid(c0[:, :d]))
+        _rows(c0).baddbmm_(_rows(previous if h_mask is None else previous * h_mask), w0h)
+        u = torch.lerp(previous, torch.tanh(c0[..., d:]), torch.sigmoid(c0[..., :d]))
         batch_norm(u, st[0], invstd[t, 0])
         if masked is not None:
             torch.mul(st[0], h_mask, out=masked[0])
@@ -137,8 +175,9 @@ def _forward_torch(
         for j, w in enumerate(ws):
             n = j + 1
             chj = ch[t, offset : offset + n]
-            torch.mm(m[:n].view(n * b, d), w, out=chj.view(n * b, 2 * d))
-            batch_norm(node(st[:n], chj, probs[offset : offset + n]), st[n], invstd[t, n])
+            torch.bmm(_rows(m[:n]), w, out=_rows(chj))
+            x = node(st[:n].view(n, -1, d), chj.view(n, -1, 2 * d), probs[offset : offset + n])
+            batch_norm(x.view(b, n_samples, d), st[n], invstd[t, n])
             if masked is not None:
                 torch.mul(st[n], h_mask, out=masked[n])
             offset += n
@@ -150,36 +189,53 @@ def _backward_torch(
     grad, inputs, hidden, probs, x_mask, h_mask, w0, ws, hiddens, states, ch, c0h0, invstd,
     training, d_inputs, d_hidden, d_probs, d_w0, d_ws,
 ) -> None:  # fmt: skip
-    """The C++ kernel's backward in torch ops (any device), into the same gradients.
+    """The C++ kernel's backward in torch ops (any device), into the same gradients."""
+    _cell_backward(
+        grad.unsqueeze(2), inputs.unsqueeze(0), hidden.unsqueeze(1), probs, x_mask, h_mask,
+        w0.unsqueeze(0), [w.unsqueeze(0) for w in ws],
+        *_with_samples(hiddens, states, ch, c0h0, invstd), training, d_inputs.unsqueeze(0),
+        d_hidden.unsqueeze(1), d_probs, d_w0.unsqueeze(0), [g.unsqueeze(0) for g in d_ws],
+    )  # fmt: skip
+
+
+def _cell_backward(grad, inputs, hidden, probs, x_mask, h_mask, w0, ws, hiddens, states, ch,
+                   c0h0, invstd, training, d_inputs, d_hidden, d_probs, d_w0,
+                   d_ws) -> None:  # fmt: skip
+    """:func:`_cell_forward`'s backward, in its layout: grad (T, B, N, D) → d_inputs, d_hidden,
+    d_probs, d_w0 and d_ws, written (d_probs summed over the samples).
 
     Per node: the BatchNorm's backward (one native_batch_norm_backward, from the normalised
-    output), the mixture's (the node op's kernel), and the projection's (two matmuls), with
-    the gradients accumulated in place.
+    output), the mixture's (the node op's kernel), the projection's (two bmms), and the
+    gradients accumulated in place.
     """
-    (t_len, b, i), d, s = inputs.shape, hidden.shape[1], len(ws)
+    n_samples, t_len, b, i = inputs.shape
+    d, s = hidden.shape[-1], len(ws)
     node_backward = torch.ops.fastdarts.recurrent_mixed_backward
     # BatchNorm's gradient from its output y = x̂: native_batch_norm_backward with input y,
     # mean 0, invstd 1 and the real invstd as the weight gives invstd·(g − ḡ − y·mean(g·y)).
-    zeros, ones = hidden.new_zeros(d), hidden.new_ones(d)
+    zeros, ones = hidden.new_zeros(n_samples * d), hidden.new_ones(n_samples * d)
 
     def batch_norm_backward(g: Tensor, y: Tensor, istd: Tensor) -> Tensor:
+        """g, y (B, N, D), istd (N, D) → (B, N, D)."""
         if not training:
             return g * istd
         return aten.native_batch_norm_backward(
-            g, y, istd, None, None, zeros, ones, True, 0.0, [True, False, False]
-        )[0]
+            g.view(b, -1), y.view(b, -1), istd.view(-1), None, None, zeros, ones, True, 0.0,
+            [True, False, False],
+        )[0].view(g.shape)  # fmt: skip
 
-    w0h, d_w0h = w0[i:], d_w0[i:]
-    carry = torch.zeros_like(hidden)  # ∂L/∂h_{t} from the later steps
-    gs = states.new_empty(s + 1, b, d)  # ∂L/∂s_k of the current step
-    gxp = c0h0.new_empty(t_len, b, 2 * d)  # ∂L/∂[c0, h0] of every step
+    h_mask = None if h_mask is None else h_mask.unsqueeze(1)  # (B, 1, D)
+    w0h, d_w0h = w0[:, i:], d_w0[:, i:]
+    carry = torch.zeros_like(hiddens[0])  # ∂L/∂h_t from the later steps (B, N, D)
+    gs = states.new_empty(states.shape[1:])  # ∂L/∂s_k of the current step
+    gxp = c0h0.new_empty(c0h0.shape)  # ∂L/∂[c0, h0] of every step
     for t in reversed(range(t_len)):
         last = t == t_len - 1
         previous = hidden if t == 0 else hiddens[t - 1]
         st, c0 = states[t], c0h0[t]
         gs[0].zero_()
         torch.div(grad[t] + carry, s, out=gs[1])
-        gs[2:].copy_(gs[1].expand(s - 1, b, d))
+        gs[2:].copy_(gs[1].expand(s - 1, *gs.shape[1:]))
         m = st if h_mask is None else st * h_mask
         offset = ch.shape[1]
         for j in reversed(range(s)):
@@ -187,39 +243,41 @@ def _backward_torch(
             offset -= n
             chj = ch[t, offset : offset + n]
             gx = batch_norm_backward(gs[n], st[n], invstd[t, n])
-            d_s, d_ch, d_p = node_backward(gx, st[:n], chj, probs[offset : offset + n])
-            d_ch = d_ch.view(n * b, 2 * d)
+            d_s, d_ch, d_p = node_backward(
+                gx.view(-1, d), st[:n].view(n, -1, d), chj.view(n, -1, 2 * d),
+                probs[offset : offset + n],
+            )  # fmt: skip
+            d_ch = _rows(d_ch.view(n, b, n_samples, 2 * d))
             if last:  # the gradients' first terms: written, not added to zeros
                 d_probs[offset : offset + n].copy_(d_p)
-                torch.mm(m[:n].view(n * b, d).t(), d_ch, out=d_ws[j])
+                torch.bmm(_rows(m[:n]).transpose(1, 2), d_ch, out=d_ws[j])
             else:
                 d_probs[offset : offset + n].add_(d_p)
-                d_ws[j].addmm_(m[:n].view(n * b, d).t(), d_ch)
-            gs[:n].add_(d_s)
+                d_ws[j].baddbmm_(_rows(m[:n]).transpose(1, 2), d_ch)
+            gs[:n].add_(d_s.view(gs[:n].shape))
             if h_mask is None:
-                gs[:n].view(n * b, d).addmm_(d_ch, ws[j].t())
+                _rows(gs[:n]).baddbmm_(d_ch, ws[j].transpose(1, 2))
             else:
-                gs[:n].addcmul_((d_ch @ ws[j].t()).view(n, b, d), h_mask)
+                gs[:n].addcmul_(_samples(torch.bmm(d_ch, ws[j].transpose(1, 2)), n, b), h_mask)
         # s0 = BN(u), u = h + σ(c0) (tanh(h0) − h)
         gu = batch_norm_backward(gs[0], st[0], invstd[t, 0])
-        sg, th = torch.sigmoid(c0[:, :d]), torch.tanh(c0[:, d:])
+        sg, th = torch.sigmoid(c0[..., :d]), torch.tanh(c0[..., d:])
         torch.mul(gu, 1 - sg, out=carry)
-        aten.sigmoid_backward.grad_input(gu * (th - previous), sg, grad_input=gxp[t, :, :d])
-        aten.tanh_backward.grad_input(gu * sg, th, grad_input=gxp[t, :, d:])
-        hm = previous if h_mask is None else previous * h_mask
+        aten.sigmoid_backward.grad_input(gu * (th - previous), sg, grad_input=gxp[t, ..., :d])
+        aten.tanh_backward.grad_input(gu * sg, th, grad_input=gxp[t, ..., d:])
+        hm = _rows(previous if h_mask is None else previous * h_mask)
         if last:
-            torch.mm(hm.t(), gxp[t], out=d_w0h)
+            torch.bmm(hm.transpose(1, 2), _rows(gxp[t]), out=d_w0h)
         else:
-            d_w0h.addmm_(hm.t(), gxp[t])
+            d_w0h.baddbmm_(hm.transpose(1, 2), _rows(gxp[t]))
         if h_mask is None:
-            carry.addmm_(gxp[t], w0h.t())
+            _rows(carry).baddbmm_(_rows(gxp[t]), w0h.transpose(1, 2))
         else:
-            carry.addcmul_(gxp[t] @ w0h.t(), h_mask)
+            carry.addcmul_(_samples(torch.bmm(_rows(gxp[t]), w0h.transpose(1, 2)), 1, b)[0], h_mask)
     d_hidden.copy_(carry)
-    gxp = gxp.view(t_len * b, 2 * d)
     xm = inputs if x_mask is None else inputs * x_mask
-    torch.mm(xm.view(t_len * b, i).t(), gxp, out=d_w0[:i])
-    torch.mm(gxp, w0[:i].t(), out=d_inputs.view(t_len * b, i))
+    torch.bmm(xm.view(n_samples, t_len * b, i).transpose(1, 2), _rows(gxp), out=d_w0[:, :i])
+    torch.bmm(_rows(gxp), w0[:, :i].transpose(1, 2), out=d_inputs.view(n_samples, t_len * b, i))
     if x_mask is not None:
         d_inputs.mul_(x_mask)
 
@@ -297,8 +355,10 @@ class RecurrentCellFunction(torch.autograd.Function):
     (running_mean, running_var, num_batches_tracked, training, update, momentum, eps).
 
     Returns the forward op's five outputs; only the first (hiddens) is differentiable.
-    Under vmap (the batched w± passes, weights stacked on a leading dim) it runs the kernel
-    once per sample: each sample has its own weights, so its matmuls are separate anyway.
+    Under vmap (the batched w± passes, weights stacked on a leading dim): off the C++
+    kernel, with probs and masks shared and no running statistics to update, all samples
+    in one :class:`_BatchedCellFunction`; else the op once per sample (the C++ kernel's
+    matmuls are per sample anyway).
     """
 
     @staticmethod
@@ -336,6 +396,10 @@ class RecurrentCellFunction(torch.autograd.Function):
 
     @staticmethod
     def vmap(info, in_dims, bn, *tensors):
+        shared = all(d is None for d in in_dims[3:6])  # probs, x_mask, h_mask
+        updates = bn[3] and bn[4]
+        if shared and not updates and not cell_kernel_ready(tensors[0].device):
+            return _vmap_batched(info.batch_size, in_dims[1:], bn, tensors)
         per_sample = [
             RecurrentCellFunction.apply(
                 bn,
@@ -349,7 +413,67 @@ class RecurrentCellFunction(torch.autograd.Function):
         return tuple(torch.stack(o) for o in zip(*per_sample)), (0,) * 5
 
 
-def _differentiable_backward(ctx, grad: Tensor, running_mean: Tensor, running_var: Tensor):
+def _vmap_batched(size: int, dims, bn, tensors):
+    """RecurrentCellFunction's vmap rule as one :class:`_BatchedCellFunction`: the batched
+    tensors moved to its layout (differentiably), its outputs' sample dims returned."""
+    inputs, hidden, probs, x_mask, h_mask, w0, *ws = tensors
+    in_inputs, in_hidden, _, _, _, in_w0, *in_ws = dims
+
+    def leading(x: Tensor, dim: int | None) -> Tensor:
+        return (x.expand(size, *x.shape) if dim is None else x.movedim(dim, 0)).contiguous()
+
+    outs = _BatchedCellFunction.apply(
+        bn, leading(inputs, in_inputs), leading(hidden, in_hidden).transpose(0, 1).contiguous(),
+        probs, x_mask, h_mask, leading(w0, in_w0), *map(leading, ws, in_ws),
+    )  # fmt: skip
+    return outs, (2, 3, 3, 2, 2)
+
+
+class _BatchedCellFunction(torch.autograd.Function):
+    """The cell for N weight samples in :func:`_cell_forward`'s layout: inputs (N, T, B, I),
+    hidden (B, N, D), w0 and ws with N leading, probs and masks shared; returns hiddens
+    (T, B, N, D) and the tensors backward needs. Frozen or evaluation BatchNorm only (the
+    samples would update one set of running statistics)."""
+
+    @staticmethod
+    def forward(bn, inputs, hidden, probs, x_mask, h_mask, w0, *ws):
+        n, t, b, _ = inputs.shape
+        d, s = hidden.shape[-1], len(ws)
+        e = s * (s + 1) // 2
+        shapes = [(t, b, n, d), (t, s + 1, b, n, d), (t, e, b, n, 2 * d), (t, b, n, 2 * d),
+                  (t, s + 1, n, d)]  # fmt: skip
+        outs = [inputs.new_empty(shape) for shape in shapes]
+        _cell_forward(inputs, hidden, probs, x_mask, h_mask, w0, list(ws), bn, *outs)
+        return tuple(outs)
+
+    setup_context = RecurrentCellFunction.setup_context
+
+    @staticmethod
+    def backward(ctx, grad: Tensor | None, *_):
+        saved = ctx.saved_tensors
+        if grad is None:
+            return (None,) * (7 + ctx.n_nodes)
+        running_mean, running_var, _, training, *_ = ctx.bn
+        if torch.is_grad_enabled():
+            return (
+                None,
+                *_differentiable_backward(ctx, grad, running_mean, running_var, batched=True),
+            )
+        inputs, hidden, probs, x_mask, h_mask, w0, *ws = saved[: 6 + ctx.n_nodes]
+        grads = [torch.empty_like(t) for t in (inputs, hidden, probs, w0, *ws)]
+        _cell_backward(
+            grad.contiguous(), inputs, hidden, probs, x_mask, h_mask, w0, ws,
+            *saved[6 + ctx.n_nodes :], training, *grads[:4], grads[4:],
+        )  # fmt: skip
+        d_inputs, d_hidden, d_probs, d_w0, *d_ws = grads
+        return (None, d_inputs, d_hidden, d_probs, None, None, d_w0, *d_ws)
+
+
+def _differentiable_backward(
+    ctx, grad: Tensor, running_mean: Tensor, running_var: Tensor, batched: bool = False
+):
+    """The cell's backward as differentiable ops, recomputing it node by node (``batched``:
+    for :class:`_BatchedCellFunction`'s samples, under vmap)."""
     saved = ctx.saved_tensors
     inputs, hidden, probs, x_mask, h_mask, w0 = saved[:6]
     ws = list(saved[6 : 6 + ctx.n_nodes])
@@ -362,8 +486,16 @@ def _differentiable_backward(ctx, grad: Tensor, running_mean: Tensor, running_va
 
     diff = [inputs, hidden, probs, None, None, w0, *ws]
     wanted = [t for t, need in zip(diff, ctx.needs_input_grad[1:]) if need]
+
+    def cell(inputs: Tensor, hidden: Tensor, w0: Tensor, *ws: Tensor) -> Tensor:
+        return cell_forward_nodes(
+            inputs, hidden, probs, x_mask, h_mask, w0, ws, bn, recurrent_mixed
+        )
+
+    if batched:
+        cell = torch.vmap(cell, in_dims=(0, 1, 0, *[0] * len(ws)), out_dims=2)
     with torch.enable_grad():
-        out = cell_forward_nodes(inputs, hidden, probs, x_mask, h_mask, w0, ws, bn, recurrent_mixed)
+        out = cell(inputs, hidden, w0, *ws)
         grads = iter(torch.autograd.grad(out, wanted, grad, create_graph=True, allow_unused=True))
     return [next(grads) if need else None for need in ctx.needs_input_grad[1:]]
 
