@@ -114,11 +114,27 @@ LAUNCHES = {
         "_forward_kernel",
         "S:f CH:f P:f OUT:f n:i B:i D:i BLOCK:c",
     ),
-    "rnn_backward": Launch(
-        "recurrent_mixed",
-        "_backward_kernel",
-        "G:f S:f CH:f P:f DS:f DCH:f DP_PART:f n:i B:i D:i BLOCK:c",
+    **{
+        f"rnn_backward{suffix}": Launch(
+            "recurrent_mixed",
+            "_backward_kernel",
+            "G:f S:f CH:f P:f DS:f DCH:f DP_PART:f n:i B:i D:i ACCUMULATE:c BLOCK:c",
+            {"ACCUMULATE": accumulate},
+        )
+        for suffix, accumulate in (("", False), ("_acc", True))
+    },
+    "rnn_s0_forward": Launch(
+        "recurrent_cell", "_s0_forward_kernel", "C0H0:f H:f U:f total:i D:i BLOCK:c"
     ),
+    **{
+        f"rnn_s0_backward{suffix}": Launch(
+            "recurrent_cell",
+            "_s0_backward_kernel",
+            "GU:f C0H0:f H:f MASK:f CARRY:f GXP:f HM:f total:i N:i D:i HAS_MASK:c BLOCK:c",
+            {"HAS_MASK": has_mask},
+        )
+        for suffix, has_mask in (("", False), ("_masked", True))
+    },
     **_DW_LAUNCHES,
     "bn_running_stats": Launch("running_stats", "_update_kernel", _RUNNING_STATS),
     # Triton makes an integer argument equal to 1 a constant: n = 1 (a batch of one 1×1 map).

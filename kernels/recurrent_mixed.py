@@ -55,7 +55,9 @@ def _forward_kernel(S, CH, P, OUT, n, B, D, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def _backward_kernel(G, S, CH, P, DS, DCH, DP_PART, n, B, D, BLOCK: tl.constexpr):
+def _backward_kernel(
+    G, S, CH, P, DS, DCH, DP_PART, n, B, D, ACCUMULATE: tl.constexpr, BLOCK: tl.constexpr
+):
     pid = tl.program_id(0)
     j = pid * BLOCK + tl.arange(0, BLOCK)
     mask = j < B * D
@@ -82,7 +84,10 @@ def _backward_kernel(G, S, CH, P, DS, DCH, DP_PART, n, B, D, BLOCK: tl.constexpr
         th = _tanh(h)
         rl = tl.maximum(h, 0)
         f = p1 * th + p2 * rl + p3 * sh + p4 * h
-        tl.store(DS + so, g * t * (1 - sg), mask=mask)
+        ds = g * t * (1 - sg)
+        if ACCUMULATE:  # the whole cell's state gradients, added to in place
+            ds += tl.load(DS + so, mask=mask, other=0)
+        tl.store(DS + so, ds, mask=mask)
         tl.store(DCH + co, g * sg * (1 - sg) * (f - t * s), mask=mask)
         df = p1 * (1 - th * th) + p2 * (h > 0).to(h.dtype) + p3 * sh * (1 - sh) + p4
         tl.store(DCH + co + D, g * sg * df, mask=mask)
@@ -118,18 +123,25 @@ def backward(
     ch: torch.Tensor,
     probs: torch.Tensor,
     out: tuple[torch.Tensor, torch.Tensor] | None = None,
+    accumulate: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dstates (n, B, D), dch (n, B, 2D), dprobs (n, 5)) for grad (B, D); ``out`` if given
-    (contiguous dstates, dch) receives the first two, every element written."""
+    (contiguous dstates, dch) receives the first two, every element written, and with
+    ``accumulate`` dstates is added to instead (one launch for the cell's ``+=``)."""
     grad, states, ch = grad.contiguous(), states.contiguous(), ch.contiguous()
     probs = probs.contiguous()
     n, b, d = states.shape
     check_extent(ch.numel())
     blocks = triton.cdiv(b * d, BLOCK)
+    if accumulate and out is None:
+        raise ValueError("recurrent_mixed.backward: accumulate needs out=(d_states, d_ch)")
     d_states, d_ch = (torch.empty_like(states), torch.empty_like(ch)) if out is None else out
+    if not (d_states.is_contiguous() and d_ch.is_contiguous()):
+        raise ValueError("recurrent_mixed.backward: out must be contiguous")
     parts = states.new_empty(blocks, n, K)
     with on_device(states):
         _backward_kernel[(blocks,)](
-            grad, states, ch, probs, d_states, d_ch, parts, n, b, d, BLOCK=BLOCK
-        )
+            grad, states, ch, probs, d_states, d_ch, parts, n, b, d,
+            ACCUMULATE=accumulate, BLOCK=BLOCK,
+        )  # fmt: skip
     return d_states, d_ch, parts.sum(0)

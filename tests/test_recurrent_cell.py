@@ -12,9 +12,11 @@ from __future__ import annotations
 
 import copy
 import math
+import textwrap
 
 import pytest
 import torch
+from conftest import run_triton_interpreted
 
 from benchmarks.harness import count_ops
 from fastdarts.ops import extension
@@ -393,3 +395,51 @@ def test_vmap_double_backward(impl):
         results.append(torch.autograd.grad(gw.pow(2).sum(), [probs, stacked["_Ws.1"]]))
     assert_close(results[1], results[0], torch.float64)
     assert results[1][0].abs().max() > 1e-3
+
+
+# The s0 kernels and the node backward's accumulating launch (the CUDA path's), run by the
+# interpreter against the torch formulas, into NaN-filled outputs; rows = B·N with a tail
+# past the last full block, the mask shared by each batch index's N samples.
+TRITON_SCRIPT = textwrap.dedent(
+    """
+    from kernels import recurrent_cell as k, recurrent_mixed as km
+    from fastdarts.ops.recurrent_mixed import backward_reference
+    gen = torch.Generator().manual_seed(47)
+    for dtype, tol in [(torch.float64, 1e-13), (torch.float32, 1e-5)]:
+        for B, N, D in [(3, 1, 37), (5, 2, 211)]:
+            def rand(*shape, scale=1.0):
+                return (torch.randn(*shape, generator=gen, dtype=torch.float64) * scale).to(dtype)
+            c0h0, h, gu = rand(B, N, 2 * D, scale=3), rand(B, N, D), rand(B, N, D)
+            c0h0[0, 0, :3] = torch.tensor([40.0, -40.0, 0.0])
+            mask = torch.bernoulli(torch.full((B, D), 0.6, dtype=dtype), generator=gen)
+            c, h0 = c0h0[..., :D], c0h0[..., D:]
+            sg, th = torch.sigmoid(c), torch.tanh(h0)
+            u = k.s0_forward(c0h0, h, torch.full_like(h, math.nan))
+            torch.testing.assert_close(u, h + sg * (th - h), rtol=tol, atol=tol)
+            want = [gu * (1 - sg), torch.cat([gu * (th - h) * sg * (1 - sg),
+                                              gu * sg * (1 - th * th)], -1)]
+            for m in (mask, None):
+                got = [torch.full_like(h, math.nan), torch.full_like(c0h0, math.nan)]
+                hm = None if m is None else torch.full_like(h, math.nan)
+                k.s0_backward(gu, c0h0, h, m, *got, hm)
+                for a, b in zip(got, want):
+                    torch.testing.assert_close(a, b, rtol=tol, atol=tol)
+                if m is not None:
+                    torch.testing.assert_close(hm, h * m.unsqueeze(1), rtol=0, atol=0)
+            n = 3
+            s, ch, g = rand(n, B, D), rand(n, B, 2 * D, scale=3), rand(B, D)
+            p = torch.softmax(rand(n, 5), -1)
+            before = rand(n, B, D)
+            d_s = before.clone()
+            d_ch = torch.full_like(ch, math.nan)
+            _, _, d_p = km.backward(g, s, ch, p, out=(d_s, d_ch), accumulate=True)
+            want = backward_reference(g, s, ch, p)
+            torch.testing.assert_close(d_s, before + want[0], rtol=tol, atol=tol)
+            torch.testing.assert_close(d_ch, want[1], rtol=tol, atol=tol)
+            torch.testing.assert_close(d_p, want[2], rtol=tol, atol=100 * tol)
+    """
+)
+
+
+def test_triton_kernels_under_interpreter():
+    run_triton_interpreted(TRITON_SCRIPT)

@@ -30,7 +30,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from fastdarts.ops.extension import extension
+from fastdarts.ops import recurrent_mixed as recurrent_mixed_ops
+from fastdarts.ops.extension import extension, triton_kernels
 from fastdarts.ops.recurrent_mixed import K, recurrent_mixed
 from fastdarts.spaces.rnn import RecurrentSearchCell, cell_forward_nodes
 
@@ -78,6 +79,14 @@ def _check_cell(inputs, hidden, probs, x_mask, h_mask, w0, ws) -> None:
                 f"{list(shape)} on {inputs.device}, got {list(x.shape)} {x.dtype} on {x.device}"
                 f"{'' if x.is_contiguous() else ' (not contiguous)'}"
             )
+
+
+def _cell_kernels(device: torch.device):
+    """The Triton kernels for s0 (``kernels/recurrent_cell.py``) where the node op runs
+    Triton's, else None (torch ops)."""
+    if recurrent_mixed_ops.kernel_name(device) != "triton":
+        return None
+    return triton_kernels("recurrent_cell")
 
 
 def _rows(x: Tensor) -> Tensor:
@@ -156,6 +165,7 @@ def _cell_forward(inputs, hidden, probs, x_mask, h_mask, w0, ws, bn, hiddens, st
         )  # fmt: skip
 
     node = torch.ops.fastdarts.recurrent_mixed
+    kernels = _cell_kernels(inputs.device)
     h_mask = None if h_mask is None else h_mask.unsqueeze(1)  # (B, 1, D)
     xm = inputs if x_mask is None else inputs * x_mask
     torch.bmm(xm.view(n_samples, t_len * b, i), w0[:, :i], out=_rows(c0h0))
@@ -166,7 +176,10 @@ def _cell_forward(inputs, hidden, probs, x_mask, h_mask, w0, ws, bn, hiddens, st
     for t in range(t_len):
         st, c0 = states[t], c0h0[t]
         _rows(c0).baddbmm_(_rows(previous if h_mask is None else previous * h_mask), w0h)
-        u = torch.lerp(previous, torch.tanh(c0[..., d:]), torch.sigmoid(c0[..., :d]))
+        if kernels is None:
+            u = torch.lerp(previous, torch.tanh(c0[..., d:]), torch.sigmoid(c0[..., :d]))
+        else:
+            u = kernels.s0_forward(c0, previous, torch.empty_like(previous))
         batch_norm(u, st[0], invstd[t, 0])
         if masked is not None:
             torch.mul(st[0], h_mask, out=masked[0])
@@ -211,6 +224,7 @@ def _cell_backward(grad, inputs, hidden, probs, x_mask, h_mask, w0, ws, hiddens,
     n_samples, t_len, b, i = inputs.shape
     d, s = hidden.shape[-1], len(ws)
     node_backward = torch.ops.fastdarts.recurrent_mixed_backward
+    kernels = _cell_kernels(inputs.device)
     # BatchNorm's gradient from its output y = x̂: native_batch_norm_backward with input y,
     # mean 0, invstd 1 and the real invstd as the weight gives invstd·(g − ḡ − y·mean(g·y)).
     zeros, ones = hidden.new_zeros(n_samples * d), hidden.new_ones(n_samples * d)
@@ -243,10 +257,16 @@ def _cell_backward(grad, inputs, hidden, probs, x_mask, h_mask, w0, ws, hiddens,
             offset -= n
             chj = ch[t, offset : offset + n]
             gx = batch_norm_backward(gs[n], st[n], invstd[t, n])
-            d_s, d_ch, d_p = node_backward(
-                gx.view(-1, d), st[:n].view(n, -1, d), chj.view(n, -1, 2 * d),
-                probs[offset : offset + n],
-            )  # fmt: skip
+            args = (gx.view(-1, d), st[:n].view(n, -1, d), chj.view(n, -1, 2 * d),
+                    probs[offset : offset + n])  # fmt: skip
+            if kernels is None:
+                d_s, d_ch, d_p = node_backward(*args)
+                gs[:n].add_(d_s.view(gs[:n].shape))
+            else:  # the node kernel adds dS to gs itself
+                d_ch = torch.empty_like(args[2])
+                d_p = triton_kernels("recurrent_mixed").backward(
+                    *args, out=(gs[:n].view(n, -1, d), d_ch), accumulate=True
+                )[2]
             d_ch = _rows(d_ch.view(n, b, n_samples, 2 * d))
             if last:  # the gradients' first terms: written, not added to zeros
                 d_probs[offset : offset + n].copy_(d_p)
@@ -254,18 +274,23 @@ def _cell_backward(grad, inputs, hidden, probs, x_mask, h_mask, w0, ws, hiddens,
             else:
                 d_probs[offset : offset + n].add_(d_p)
                 d_ws[j].baddbmm_(_rows(m[:n]).transpose(1, 2), d_ch)
-            gs[:n].add_(d_s.view(gs[:n].shape))
             if h_mask is None:
                 _rows(gs[:n]).baddbmm_(d_ch, ws[j].transpose(1, 2))
             else:
                 gs[:n].addcmul_(_samples(torch.bmm(d_ch, ws[j].transpose(1, 2)), n, b), h_mask)
         # s0 = BN(u), u = h + σ(c0) (tanh(h0) − h)
         gu = batch_norm_backward(gs[0], st[0], invstd[t, 0])
-        sg, th = torch.sigmoid(c0[..., :d]), torch.tanh(c0[..., d:])
-        torch.mul(gu, 1 - sg, out=carry)
-        aten.sigmoid_backward.grad_input(gu * (th - previous), sg, grad_input=gxp[t, ..., :d])
-        aten.tanh_backward.grad_input(gu * sg, th, grad_input=gxp[t, ..., d:])
-        hm = _rows(previous if h_mask is None else previous * h_mask)
+        if kernels is None:
+            sg, th = torch.sigmoid(c0[..., :d]), torch.tanh(c0[..., d:])
+            torch.mul(gu, 1 - sg, out=carry)
+            aten.sigmoid_backward.grad_input(gu * (th - previous), sg, grad_input=gxp[t, ..., :d])
+            aten.tanh_backward.grad_input(gu * sg, th, grad_input=gxp[t, ..., d:])
+            hm = previous if h_mask is None else previous * h_mask
+        else:
+            hm = previous if h_mask is None else torch.empty_like(previous)
+            mask = None if h_mask is None else h_mask.squeeze(1)
+            kernels.s0_backward(gu, c0, previous, mask, carry, gxp[t], None if mask is None else hm)
+        hm = _rows(hm)
         if last:
             torch.bmm(hm.transpose(1, 2), _rows(gxp[t]), out=d_w0h)
         else:
