@@ -50,10 +50,10 @@ def functions(impl: str):
 
 
 TOL = {torch.float64: (1e-10, 1e-12), torch.float32: (2e-4, 2e-4)}
-# The torch implementation in float32 accumulates BatchNorm's sums in float32 (the C++ kernel
-# in double), and an edge that is all `none` makes a node's input exactly 0: its BatchNorm
-# then multiplies float32 rounding by 1/√eps = 316. Measured: 3.1e-4 of a d_probs entry
-# (the float32 reference cell's own error there: 1.0e-4).
+# The torch implementation in float32 rounds in its own order (the C++ kernel sums in
+# double), and an edge that is all `none` makes a node's input exactly 0: its BatchNorm
+# then multiplies float32 rounding by 1/√eps = 316. Measured: 3.1e-4 of a d_probs entry,
+# where the float32 reference cell is off by 1.0e-4.
 TORCH_FLOAT32_TOL = (1e-3, 1e-3)
 
 
@@ -228,18 +228,22 @@ def test_non_contiguous_inputs(impl):
     assert_close(got, want, torch.float64)
 
 
-def test_autocast_runs_node_by_node():
-    """Under autocast the projections must be cast: the cell runs node by node, as
-    forward_nodes does, and the whole-cell op is not called."""
+def test_autocast(impl):
+    """Off the C++ kernel the projections must be cast: under autocast the cell runs node by
+    node, as forward_nodes does, without the whole-cell op. The C++ kernel runs in float32
+    (as without autocast)."""
     gen = torch.Generator().manual_seed(19)
     _, fused = make_cell(gen, 5, 6, 3, torch.float32)
     inputs = make_inputs(gen, 2, 4, 5, 6, 3, torch.float32, "h")
+    plain = fused(*inputs)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         counts = count_ops(lambda: fused(*inputs))
         got = fused(*inputs)
-        want = fused.forward_nodes(*inputs)
-    assert "fastdarts.recurrent_cell.default" not in counts
-    assert torch.equal(got, want)
+        nodes = fused.forward_nodes(*inputs)
+    ran_op = counts["fastdarts.recurrent_cell.default"] == 1
+    assert ran_op == (impl == "cpp")
+    assert torch.equal(got, plain if impl == "cpp" else nodes)
+    assert not torch.equal(plain, nodes)  # autocast changed something
 
 
 def test_bad_inputs_give_clear_errors(impl):
@@ -257,6 +261,9 @@ def test_bad_inputs_give_clear_errors(impl):
         cell(x, h[:3], probs)
     with pytest.raises(INPUT_ERRORS, match=r"recurrent_cell: h_mask must be .*shape \[4, 6\]"):
         cell(x, h, probs, None, torch.ones(4, 5, dtype=torch.float64))
+    if impl == "torch":  # the C++ kernel returns zero gradients for an empty sequence
+        with pytest.raises(ValueError, match="at least one time step"):
+            cell(x[:0], h, probs)
 
 
 @needs_cell
@@ -279,11 +286,13 @@ def test_one_call_dispatches_only_the_matmuls():
     assert sum(counts.values()) - matmuls < 40, counts
 
 
+@needs_cell
 def test_torch_implementation_launches_per_node(monkeypatch):
-    """The torch-op implementation (CUDA's): per node 3 launching ATen ops forward and 6
-    backward besides the node op's two kernels, and 27 per time step (s0, masks, mean);
-    counted here 9·T·S + 27·T + 14 on the CPU. The bound allows one more per node and three more per
-    step; the node-by-node cell takes about 20 per node."""
+    """The torch-op implementation (CUDA's; here around the C++ node kernels, each one
+    counted op): per node 3 launching ATen ops forward and 6 backward besides the node op's
+    two kernels, and 27 per time step (s0, masks, mean), counted here 9·T·S + 27·T + 14.
+    The bound allows one more per node and three more per step; the node-by-node cell took
+    about 17 per node."""
     from benchmarks.cuda_path_ops import launches_kernel
 
     monkeypatch.setattr(rc, "cell_kernel_ready", lambda device: False)
@@ -443,3 +452,45 @@ TRITON_SCRIPT = textwrap.dedent(
 
 def test_triton_kernels_under_interpreter():
     run_triton_interpreted(TRITON_SCRIPT)
+
+
+def test_nested_vmap(impl):
+    """vmap over vmap (the inner level batched, the outer looped over) gives the reference's
+    values and gradients."""
+    gen = torch.Generator().manual_seed(53)
+    ref, fused = make_cell(gen, 5, 6, 3, torch.float64)
+    x, h, probs, xm, hm = make_inputs(gen, 2, 4, 5, 6, 3, torch.float64, "xh")
+    x = torch.stack([torch.stack([x, 2 * x]), torch.stack([-x, x.flip(0)])])
+    results = []
+    for cell in (ref, fused):
+        cell.bn.track_running_stats = False
+        stacked = {
+            n: torch.stack([torch.stack([p.detach(), 2 * p.detach()]),
+                            torch.stack([-p.detach(), 0.5 * p.detach()])]).requires_grad_()
+            for n, p in cell.named_parameters()
+        }  # fmt: skip
+
+        def one(weights, x, cell=cell):
+            return torch.func.functional_call(cell, weights, (x, h, probs, xm, hm))
+
+        out = torch.vmap(torch.vmap(one))(stacked, x)
+        results.append([out, *torch.autograd.grad(out.pow(2).sum(), list(stacked.values()))])
+    assert_close(results[1], results[0], torch.float64)
+
+
+@pytest.mark.cuda
+def test_cuda_vmap_over_weight_samples():
+    """The batched w± samples on CUDA (one call, the Triton kernels) against the float64
+    reference under vmap on the CPU."""
+    gen = torch.Generator().manual_seed(59)
+    T, B, ninp, nhid, steps = 4, 33, 7, 37, 8
+    ref, fused = make_cell(gen, ninp, nhid, steps, torch.float64)
+    for cell in (ref, fused):
+        cell.bn.track_running_stats = False
+    x, h, probs, xm, hm = make_inputs(gen, T, B, ninp, nhid, steps, torch.float64, "xh")
+    x = torch.stack([x, x.flip(0)])
+    grad = torch.randn(2, T, B, nhid, generator=gen, dtype=torch.float64)
+    want = _stacked_run(ref, x, h, probs, xm, hm, grad)
+    cuda = [None if t is None else t.cuda() for t in (x, h, probs, xm, hm, grad)]
+    got = _stacked_run(fused.cuda(), *cuda)
+    assert_close([g.cpu() for g in got], want, torch.float64)

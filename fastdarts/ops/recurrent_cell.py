@@ -58,7 +58,9 @@ def _check_cell(inputs, hidden, probs, x_mask, h_mask, w0, ws) -> None:
         raise TypeError(f"recurrent_cell: dtype must be float32 or float64, got {inputs.dtype}")
     if inputs.dim() != 3:
         raise ValueError(f"recurrent_cell: inputs must be (T, B, I), got {list(inputs.shape)}")
-    _, b, i = inputs.shape
+    t, b, i = inputs.shape
+    if t < 1:
+        raise ValueError("recurrent_cell: inputs must hold at least one time step, got T = 0")
     if hidden.dim() != 2 or hidden.shape[0] != b:
         raise ValueError(f"recurrent_cell: hidden must be ({b}, D), got {list(hidden.shape)}")
     d, s = hidden.shape[1], len(ws)
@@ -427,17 +429,7 @@ class RecurrentCellFunction(torch.autograd.Function):
         updates = bn[3] and bn[4]
         if shared and not updates and not cell_kernel_ready(tensors[0].device):
             return _vmap_batched(info.batch_size, in_dims[1:], bn, tensors)
-        per_sample = [
-            RecurrentCellFunction.apply(
-                bn,
-                *(
-                    t if t is None or d is None else t.select(d, i)
-                    for t, d in zip(tensors, in_dims[1:])
-                ),
-            )
-            for i in range(info.batch_size)
-        ]
-        return tuple(torch.stack(o) for o in zip(*per_sample)), (0,) * 5
+        return _vmap_per_sample(RecurrentCellFunction, info.batch_size, in_dims[1:], bn, tensors)
 
 
 def _vmap_batched(size: int, dims, bn, tensors):
@@ -449,11 +441,25 @@ def _vmap_batched(size: int, dims, bn, tensors):
     def leading(x: Tensor, dim: int | None) -> Tensor:
         return (x.expand(size, *x.shape) if dim is None else x.movedim(dim, 0)).contiguous()
 
+    inputs, hidden, w0 = leading(inputs, in_inputs), leading(hidden, in_hidden), leading(w0, in_w0)
+    ws = list(map(leading, ws, in_ws))
+    _check_cell(inputs[0], hidden[0], probs, x_mask, h_mask, w0[0], [w[0] for w in ws])
     outs = _BatchedCellFunction.apply(
-        bn, leading(inputs, in_inputs), leading(hidden, in_hidden).transpose(0, 1).contiguous(),
-        probs, x_mask, h_mask, leading(w0, in_w0), *map(leading, ws, in_ws),
-    )  # fmt: skip
+        bn, inputs, hidden.transpose(0, 1).contiguous(), probs, x_mask, h_mask, w0, *ws
+    )
     return outs, (2, 3, 3, 2, 2)
+
+
+def _vmap_per_sample(function, size: int, in_dims, bn, tensors):
+    """A vmap rule for ``function`` (an autograd Function taking (bn, *tensors)): one call
+    per sample, the outputs stacked on dim 0."""
+    per_sample = [
+        function.apply(
+            bn, *(t if t is None or d is None else t.select(d, i) for t, d in zip(tensors, in_dims))
+        )
+        for i in range(size)
+    ]
+    return tuple(torch.stack(o) for o in zip(*per_sample)), (0,) * len(per_sample[0])
 
 
 class _BatchedCellFunction(torch.autograd.Function):
@@ -474,6 +480,11 @@ class _BatchedCellFunction(torch.autograd.Function):
         return tuple(outs)
 
     setup_context = RecurrentCellFunction.setup_context
+
+    @staticmethod
+    def vmap(info, in_dims, bn, *tensors):
+        # Nested vmap (an outer level over the samples' batch): once per outer sample.
+        return _vmap_per_sample(_BatchedCellFunction, info.batch_size, in_dims[1:], bn, tensors)
 
     @staticmethod
     def backward(ctx, grad: Tensor | None, *_):
@@ -537,9 +548,11 @@ def recurrent_cell(
 ) -> Tensor:
     """``cell`` over the sequence in one op: inputs (T, B, ninp), hidden (B, nhid),
     probs (E, 5) → hidden states (T, B, nhid), updating ``cell.bn``'s running statistics as
-    the reference would. Under autocast: node by node with the cell's ``node_op``, where
-    the projections run in the autocast dtype. A ``RecurrentSearchCell.cell_op``."""
-    if torch.is_autocast_enabled(inputs.device.type):
+    the reference would. Under autocast off the C++ kernel: node by node with the cell's
+    ``node_op``, where the projections run in the autocast dtype (the C++ kernel runs in
+    float32). A ``RecurrentSearchCell.cell_op``."""
+    device = inputs.device
+    if torch.is_autocast_enabled(device.type) and not cell_kernel_ready(device):
         return cell.forward_nodes(inputs, hidden, probs, x_mask, h_mask)
     bn = cell.bn
     if bn.training and inputs.shape[1] < 2:
