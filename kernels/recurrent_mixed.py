@@ -68,6 +68,16 @@ def _backward_kernel(
     # the whole dP. (Stored in the loop below, triton 3.6 spilled the float64 kernel on sm_90.)
     for i in range(n):
         tl.store(DP_PART + (pid * n + i) * 5, 0.0)
+    if ACCUMULATE:
+        # dS added to the whole cell's state gradients in place, in a loop of its own: in the
+        # main loop the extra load gave the float32 kernel a stack frame on sm_90 (triton 3.6).
+        for i in range(n):
+            t = tl.load(P + i * 5 + 1) + tl.load(P + i * 5 + 2) + tl.load(P + i * 5 + 3)
+            t += tl.load(P + i * 5 + 4)
+            so = i * B * D + j
+            c = tl.load(CH + (i * B + b) * 2 * D + d, mask=mask, other=0)
+            ds = tl.load(DS + so, mask=mask, other=0) + g * t * (1 - _sigmoid(c))
+            tl.store(DS + so, ds, mask=mask)
     for i in range(n):
         p1 = tl.load(P + i * 5 + 1)
         p2 = tl.load(P + i * 5 + 2)
@@ -84,10 +94,8 @@ def _backward_kernel(
         th = _tanh(h)
         rl = tl.maximum(h, 0)
         f = p1 * th + p2 * rl + p3 * sh + p4 * h
-        ds = g * t * (1 - sg)
-        if ACCUMULATE:  # the whole cell's state gradients, added to in place
-            ds += tl.load(DS + so, mask=mask, other=0)
-        tl.store(DS + so, ds, mask=mask)
+        if not ACCUMULATE:
+            tl.store(DS + so, g * t * (1 - sg), mask=mask)
         tl.store(DCH + co, g * sg * (1 - sg) * (f - t * s), mask=mask)
         df = p1 * (1 - th * th) + p2 * (h > 0).to(h.dtype) + p3 * sh * (1 - sh) + p4
         tl.store(DCH + co + D, g * sg * df, mask=mask)
