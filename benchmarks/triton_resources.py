@@ -118,8 +118,9 @@ LAUNCHES = {
         f"rnn_backward{suffix}": Launch(
             "recurrent_mixed",
             "_backward_kernel",
-            "G:f S:f CH:f P:f DS:f DCH:f DP_PART:f n:i B:i D:i ACCUMULATE:c BLOCK:c",
-            {"ACCUMULATE": accumulate},
+            "G:f S:f CH:f P:f DS:f DCH:f DP_PART:f n:i B:i D:i DP_STRIDE:c ACCUMULATE:c BLOCK:c",
+            # The op's launch: contiguous dP sums; the cell's: the paper cell's E·5 apart.
+            {"ACCUMULATE": accumulate, "DP_STRIDE": 36 * 5 if accumulate else 0},
         )
         for suffix, accumulate in (("", False), ("_acc", True))
     },

@@ -55,9 +55,21 @@ def _forward_kernel(S, CH, P, OUT, n, B, D, BLOCK: tl.constexpr):
 
 
 @triton.jit
+def _part(DP_PART, pid, i, n, DP_STRIDE: tl.constexpr):
+    """Where program pid's partial dP sums for predecessor i start: DP_STRIDE apart in the
+    whole cell's buffer (E·5 for every node), or contiguous (DP_STRIDE 0). Computed where
+    used: a pointer kept live over the loops gave the float64 kernel an 8-byte stack frame
+    on sm_90 (triton 3.6)."""
+    if DP_STRIDE > 0:
+        return DP_PART + pid * DP_STRIDE + i * 5
+    return DP_PART + (pid * n + i) * 5
+
+
+@triton.jit
 def _backward_kernel(
-    G, S, CH, P, DS, DCH, DP_PART, n, B, D, ACCUMULATE: tl.constexpr, BLOCK: tl.constexpr
-):
+    G, S, CH, P, DS, DCH, DP_PART, n, B, D, DP_STRIDE: tl.constexpr, ACCUMULATE: tl.constexpr,
+    BLOCK: tl.constexpr,
+):  # fmt: skip
     pid = tl.program_id(0)
     j = pid * BLOCK + tl.arange(0, BLOCK)
     mask = j < B * D
@@ -67,7 +79,7 @@ def _backward_kernel(
     # Column 0 ('none') of the block's dP is zero, so the launcher's one sum over blocks is
     # the whole dP. (Stored in the loop below, triton 3.6 spilled the float64 kernel on sm_90.)
     for i in range(n):
-        tl.store(DP_PART + (pid * n + i) * 5, 0.0)
+        tl.store(_part(DP_PART, pid, i, n, DP_STRIDE), 0.0)
     if ACCUMULATE:
         # dS added to the whole cell's state gradients in place, in a loop of its own: in the
         # main loop the extra load gave the float32 kernel a stack frame on sm_90 (triton 3.6).
@@ -101,7 +113,7 @@ def _backward_kernel(
         tl.store(DCH + co + D, g * sg * df, mask=mask)
         gs = g * s
         gsg = g * sg
-        part = DP_PART + (pid * n + i) * 5
+        part = _part(DP_PART, pid, i, n, DP_STRIDE)
         tl.store(part + 1, tl.sum(gs + gsg * (th - s), axis=0))
         tl.store(part + 2, tl.sum(gs + gsg * (rl - s), axis=0))
         tl.store(part + 3, tl.sum(gs + gsg * (sh - s), axis=0))
@@ -125,31 +137,55 @@ def forward(
     return out
 
 
+def blocks(b: int, d: int) -> int:
+    """Programs per launch for a (B, D) output: the partial dP sums' first dim."""
+    return triton.cdiv(b * d, BLOCK)
+
+
 def backward(
     grad: torch.Tensor,
     states: torch.Tensor,
     ch: torch.Tensor,
     probs: torch.Tensor,
     out: tuple[torch.Tensor, torch.Tensor] | None = None,
-    accumulate: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dstates (n, B, D), dch (n, B, 2D), dprobs (n, 5)) for grad (B, D); ``out`` if given
-    (contiguous dstates, dch) receives the first two, every element written, and with
-    ``accumulate`` dstates is added to instead (one launch for the cell's ``+=``)."""
+    (contiguous dstates, dch) receives the first two, every element written."""
+    n, b, d = states.shape
+    d_states, d_ch = (torch.empty_like(states), torch.empty_like(ch)) if out is None else out
+    parts = states.new_empty(blocks(b, d), n, K)
+    backward_into(grad, states, ch, probs, d_states, d_ch, parts)
+    return d_states, d_ch, parts.sum(0)
+
+
+def backward_into(
+    grad: torch.Tensor,
+    states: torch.Tensor,
+    ch: torch.Tensor,
+    probs: torch.Tensor,
+    d_states: torch.Tensor,
+    d_ch: torch.Tensor,
+    parts: torch.Tensor,
+    accumulate: bool = False,
+) -> None:
+    """:func:`backward` into given tensors: d_states (n, B, D) (added to with
+    ``accumulate``), d_ch (n, B, 2D), both contiguous, and dP's partial sums per program
+    ``parts`` (blocks(B, D), n, 5), a view whose rows may be apart (a slice of a larger
+    buffer: the whole cell sums every node's and step's at once)."""
     grad, states, ch = grad.contiguous(), states.contiguous(), ch.contiguous()
     probs = probs.contiguous()
     n, b, d = states.shape
     check_extent(ch.numel())
-    blocks = triton.cdiv(b * d, BLOCK)
-    if accumulate and out is None:
-        raise ValueError("recurrent_mixed.backward: accumulate needs out=(d_states, d_ch)")
-    d_states, d_ch = (torch.empty_like(states), torch.empty_like(ch)) if out is None else out
     if not (d_states.is_contiguous() and d_ch.is_contiguous()):
-        raise ValueError("recurrent_mixed.backward: out must be contiguous")
-    parts = states.new_empty(blocks, n, K)
+        raise ValueError("recurrent_mixed.backward: d_states and d_ch must be contiguous")
+    if parts.shape != (blocks(b, d), n, K) or parts.stride()[1:] != (K, 1):
+        raise ValueError(
+            f"recurrent_mixed.backward: parts must be ({blocks(b, d)}, {n}, {K}) with rows "
+            f"{K} apart, got {tuple(parts.shape)} strided {parts.stride()}"
+        )
     with on_device(states):
-        _backward_kernel[(blocks,)](
+        _backward_kernel[(blocks(b, d),)](
             grad, states, ch, probs, d_states, d_ch, parts, n, b, d,
+            DP_STRIDE=0 if parts.stride(0) == n * K else parts.stride(0),
             ACCUMULATE=accumulate, BLOCK=BLOCK,
         )  # fmt: skip
-    return d_states, d_ch, parts.sum(0)

@@ -245,6 +245,11 @@ def _cell_backward(grad, inputs, hidden, probs, x_mask, h_mask, w0, ws, hiddens,
     h_mask = None if h_mask is None else h_mask.unsqueeze(1)  # (B, 1, D)
     w0h, d_w0h = w0[:, i:], d_w0[:, i:]
     carry = torch.zeros_like(hiddens[0])  # ∂L/∂h_t from the later steps (B, N, D)
+    if kernels is not None:
+        # Every node's and step's partial dP sums, reduced once at the end.
+        node_kernels = triton_kernels("recurrent_mixed")
+        blocks = node_kernels.blocks(b * n_samples, d)
+        parts = probs.new_empty(t_len, blocks, *probs.shape)
     gs = states.new_empty(states.shape[1:])  # ∂L/∂s_k of the current step
     gxp = c0h0.new_empty(c0h0.shape)  # ∂L/∂[c0, h0] of every step
     for t in reversed(range(t_len)):
@@ -252,8 +257,7 @@ def _cell_backward(grad, inputs, hidden, probs, x_mask, h_mask, w0, ws, hiddens,
         previous = hidden if t == 0 else hiddens[t - 1]
         st, c0 = states[t], c0h0[t]
         gs[0].zero_()
-        torch.div(grad[t] + carry, s, out=gs[1])
-        gs[2:].copy_(gs[1].expand(s - 1, *gs.shape[1:]))
+        torch.div((grad[t] + carry).expand(s, *carry.shape), s, out=gs[1:])
         m = st if h_mask is None else st * h_mask
         offset = ch.shape[1]
         for j in reversed(range(s)):
@@ -266,17 +270,18 @@ def _cell_backward(grad, inputs, hidden, probs, x_mask, h_mask, w0, ws, hiddens,
             if kernels is None:
                 d_s, d_ch, d_p = node_backward(*args)
                 gs[:n].add_(d_s.view(gs[:n].shape))
-            else:  # the node kernel adds dS to gs itself
+                if last:  # the gradient's first term: written, not added to zeros
+                    d_probs[offset : offset + n].copy_(d_p)
+                else:
+                    d_probs[offset : offset + n].add_(d_p)
+            else:  # the node kernel adds dS to gs itself, its dP sums to parts
                 d_ch = torch.empty_like(args[2])
-                d_p = triton_kernels("recurrent_mixed").backward(
-                    *args, out=(gs[:n].view(n, -1, d), d_ch), accumulate=True
-                )[2]
+                part = parts[t, :, offset : offset + n]
+                node_kernels.backward_into(*args, gs[:n].view(n, -1, d), d_ch, part, True)
             d_ch = _rows(d_ch.view(n, b, n_samples, 2 * d))
-            if last:  # the gradients' first terms: written, not added to zeros
-                d_probs[offset : offset + n].copy_(d_p)
+            if last:
                 torch.bmm(_rows(m[:n]).transpose(1, 2), d_ch, out=d_ws[j])
             else:
-                d_probs[offset : offset + n].add_(d_p)
                 d_ws[j].baddbmm_(_rows(m[:n]).transpose(1, 2), d_ch)
             if h_mask is None:
                 _rows(gs[:n]).baddbmm_(d_ch, ws[j].transpose(1, 2))
@@ -304,6 +309,8 @@ def _cell_backward(grad, inputs, hidden, probs, x_mask, h_mask, w0, ws, hiddens,
         else:
             carry.addcmul_(_samples(torch.bmm(_rows(gxp[t]), w0h.transpose(1, 2)), 1, b)[0], h_mask)
     d_hidden.copy_(carry)
+    if kernels is not None:
+        torch.sum(parts, (0, 1), out=d_probs)
     xm = inputs if x_mask is None else inputs * x_mask
     torch.bmm(xm.view(n_samples, t_len * b, i).transpose(1, 2), _rows(gxp), out=d_w0[:, :i])
     torch.bmm(_rows(gxp), w0[:, :i].transpose(1, 2), out=d_inputs.view(n_samples, t_len * b, i))
