@@ -11,9 +11,9 @@ same tensors:
   one at::mm per projection (9 forward, 18 backward) and no other dispatched op;
 - elsewhere (CUDA), :func:`_forward_torch` / :func:`_backward_torch`: the same algorithm in
   torch ops around the node op's kernels, into preallocated buffers, without autograd
-  recording each op: per node 4 launches forward and 7 backward (the node-by-node cell
-  took about 17), and with Triton the first state's elementwise work one kernel each way
-  (``kernels/recurrent_cell.py``). Under vmap over weight samples (the batched w± passes)
+  recording each op: per node 4 launches forward and, with Triton, 5 backward (the
+  node-by-node cell took about 17), the first state's elementwise work one kernel each
+  way (``kernels/recurrent_cell.py``) and dP's partial sums reduced once per sequence. Under vmap over weight samples (the batched w± passes)
   one call runs every sample, each node's kernels once for all
   (:class:`_BatchedCellFunction`).
 
