@@ -425,6 +425,9 @@ def test_augment_shape_dtype_and_determinism() -> None:
     images = random_images(16)
     out = augment(images, torch.Generator().manual_seed(1))
     assert out.shape == images.shape and out.dtype == torch.float32
+    # (B, C, H, W) in memory too: a channels-last batch takes the network's convolutions to
+    # oneDNN's channels-last kernels (see augment; test_engine checks the α-gradients).
+    assert out.is_contiguous()
     # Only the given generator is used: the global seed makes no difference.
     torch.manual_seed(123)
     assert torch.equal(augment(images, torch.Generator().manual_seed(1)), out)

@@ -129,7 +129,11 @@ def augment(
     batch = torch.arange(b, device=dy.device)[:, None, None]
     # Advanced indexing on (B, H, W, C) picks each image's own crop and flip in one gather.
     crops = padded.permute(0, 2, 3, 1)[batch, rows[:, :, None], cols[:, None, :]]
-    return normalize(crops.permute(0, 3, 1, 2), dtype=dtype)
+    # Back to (B, C, H, W) in memory too: the gather leaves the channels last, and the
+    # network would run channels-last from there on, where oneDNN's bfloat16 weight gradient
+    # of a dilated depthwise convolution is wrong (torch 2.11 and 2.14 on the CPU; measured
+    # on one 2×4×32×32 batch: off by 47 %, and inf or NaN inside the tiny CNN).
+    return normalize(crops.permute(0, 3, 1, 2).contiguous(), dtype=dtype)
 
 
 def _check_images(images: Tensor) -> None:
