@@ -13,13 +13,14 @@ same tensors:
   torch ops around the node op's kernels, into preallocated buffers, without autograd
   recording each op: per node 4 launches forward and, with Triton, 5 backward (the
   node-by-node cell took about 17), the first state's elementwise work one kernel each
-  way (``kernels/recurrent_cell.py``) and dP's partial sums reduced once per sequence. Under vmap over weight samples (the batched w± passes)
-  one call runs every sample, each node's kernels once for all
-  (:class:`_BatchedCellFunction`).
+  way (``kernels/recurrent_cell.py``) and dP's partial sums reduced once per sequence.
+  Under vmap over weight samples (the batched w± passes) one call runs every sample, each
+  node's kernels once for all (:class:`_BatchedCellFunction`).
 
 Both reproduce the shared BatchNorm exactly, including the order and formula of its
 running-statistic updates, so a search gives the same result as the reference. Under
-autocast (``--amp bf16``) the cell runs node by node, where the projections are cast. The
+autocast (``--amp bf16``) off the C++ kernel the cell runs node by node, where the
+projections are cast (the C++ kernel runs in float32). The
 op's backward is differentiable: under create_graph it recomputes the cell node by node in
 differentiable ops.
 """
