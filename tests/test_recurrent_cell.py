@@ -266,12 +266,9 @@ def test_bad_inputs_give_clear_errors(impl):
             cell(x[:0], h, probs)
 
 
-@needs_cell
-def test_one_call_dispatches_only_the_matmuls():
-    """Forward and backward over T steps: 9 matmuls per step forward, 18 backward, and the
-    x-side projection (1 forward, 2 backward) for all steps at once."""
-    gen = torch.Generator().manual_seed(29)
-    T, steps = 6, 8
+def _cell_step_ops(seed: int, T: int, steps: int):
+    """The ops one forward and backward of a masked cell dispatch, by name."""
+    gen = torch.Generator().manual_seed(seed)
     _, cell = make_cell(gen, 5, 6, steps, torch.float64)
     x, h, probs, xm, hm = make_inputs(gen, T, 4, 5, 6, steps, torch.float64, "xh")
     probs.requires_grad_()
@@ -280,7 +277,15 @@ def test_one_call_dispatches_only_the_matmuls():
         out = cell(x, h, probs, xm, hm)
         torch.autograd.grad(out.sum(), [probs, cell._W0, *cell._Ws])
 
-    counts = count_ops(step)
+    return count_ops(step)
+
+
+@needs_cell
+def test_one_call_dispatches_only_the_matmuls():
+    """Forward and backward over T steps: 9 matmuls per step forward, 18 backward, and the
+    x-side projection (1 forward, 2 backward) for all steps at once."""
+    T, steps = 6, 8
+    counts = _cell_step_ops(29, T, steps)
     matmuls = counts["aten.mm.out"] + counts["aten.addmm_.default"]
     assert matmuls == 3 * T * (steps + 1) + 3
     assert sum(counts.values()) - matmuls < 40, counts
@@ -296,17 +301,8 @@ def test_torch_implementation_launches_per_node(monkeypatch):
     from benchmarks.cuda_path_ops import launches_kernel
 
     monkeypatch.setattr(rc, "cell_kernel_ready", lambda device: False)
-    gen = torch.Generator().manual_seed(31)
     T, steps = 6, 8
-    _, cell = make_cell(gen, 5, 6, steps, torch.float64)
-    x, h, probs, xm, hm = make_inputs(gen, T, 4, 5, 6, steps, torch.float64, "xh")
-    probs.requires_grad_()
-
-    def step():
-        out = cell(x, h, probs, xm, hm)
-        torch.autograd.grad(out.sum(), [probs, cell._W0, *cell._Ws])
-
-    counts = count_ops(step)
+    counts = _cell_step_ops(31, T, steps)
     launching = sum(n for op, n in counts.items() if launches_kernel(op))
     assert counts["fastdarts.recurrent_mixed.default"] == T * steps
     assert counts["fastdarts.recurrent_mixed_backward.default"] == T * steps
