@@ -178,10 +178,15 @@ def backward_into(
     check_extent(ch.numel())
     if not (d_states.is_contiguous() and d_ch.is_contiguous()):
         raise ValueError("recurrent_mixed.backward: d_states and d_ch must be contiguous")
-    if parts.shape != (blocks(b, d), n, K) or parts.stride()[1:] != (K, 1):
+    if d_states.shape != states.shape or d_ch.shape != ch.shape:
+        raise ValueError("recurrent_mixed.backward: d_states and d_ch must match states and ch")
+    # Each program's n rows of K, apart from the next program's (no overlap, no expansion).
+    apart = parts.shape[0] == 1 or parts.stride(0) >= n * K
+    if parts.shape != (blocks(b, d), n, K) or parts.stride()[1:] != (K, 1) or not apart:
         raise ValueError(
             f"recurrent_mixed.backward: parts must be ({blocks(b, d)}, {n}, {K}) with rows "
-            f"{K} apart, got {tuple(parts.shape)} strided {parts.stride()}"
+            f"{K} apart and programs at least {n * K} apart, got {tuple(parts.shape)} strided "
+            f"{parts.stride()}"
         )
     with on_device(states):
         _backward_kernel[(blocks(b, d),)](

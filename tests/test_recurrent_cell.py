@@ -403,7 +403,7 @@ def test_vmap_double_backward(impl):
 
 
 # The s0 kernels and the node backward's accumulating launch into a dP buffer shared by
-# the whole cell (the CUDA path's), run by the
+# the whole cell (the CUDA path's), and the cell itself on that path, run by the
 # interpreter against the torch formulas, into NaN-filled outputs; rows = B·N with a tail
 # past the last full block, the mask shared by each batch index's N samples.
 TRITON_SCRIPT = textwrap.dedent(
@@ -411,6 +411,20 @@ TRITON_SCRIPT = textwrap.dedent(
     from kernels import recurrent_cell as k, recurrent_mixed as km
     from fastdarts.ops.recurrent_mixed import backward_reference
     gen = torch.Generator().manual_seed(47)
+
+    def guarded(shape, dtype, fill=math.nan):
+        # A contiguous view with 64 NaN elements either side: a write past it shows.
+        n = math.prod(shape)
+        buf = torch.full((n + 128,), math.nan, dtype=dtype)
+        view = buf[64 : 64 + n].view(shape)
+        if not isinstance(fill, float) or not math.isnan(fill):
+            view.copy_(fill)
+        return view, buf
+
+    def untouched(*bufs):
+        for buf in bufs:
+            assert buf[:64].isnan().all() and buf[-64:].isnan().all()
+
     for dtype, tol in [(torch.float64, 1e-13), (torch.float32, 1e-5)]:
         for B, N, D in [(3, 1, 37), (5, 2, 211)]:
             def rand(*shape, scale=1.0):
@@ -420,24 +434,26 @@ TRITON_SCRIPT = textwrap.dedent(
             mask = torch.bernoulli(torch.full((B, D), 0.6, dtype=dtype), generator=gen)
             c, h0 = c0h0[..., :D], c0h0[..., D:]
             sg, th = torch.sigmoid(c), torch.tanh(h0)
-            u = k.s0_forward(c0h0, h, torch.full_like(h, math.nan))
+            u, u_buf = guarded(h.shape, dtype)
+            k.s0_forward(c0h0, h, u)
             torch.testing.assert_close(u, h + sg * (th - h), rtol=tol, atol=tol)
             want = [gu * (1 - sg), torch.cat([gu * (th - h) * sg * (1 - sg),
                                               gu * sg * (1 - th * th)], -1)]
             for m in (mask, None):
-                got = [torch.full_like(h, math.nan), torch.full_like(c0h0, math.nan)]
-                hm = None if m is None else torch.full_like(h, math.nan)
-                k.s0_backward(gu, c0h0, h, m, *got, hm)
-                for a, b in zip(got, want):
+                (carry, c_buf), (gxp, g_buf) = guarded(h.shape, dtype), guarded(c0h0.shape, dtype)
+                hm, hm_buf = guarded(h.shape, dtype)
+                k.s0_backward(gu, c0h0, h, m, carry, gxp, None if m is None else hm)
+                for a, b in zip((carry, gxp), want):
                     torch.testing.assert_close(a, b, rtol=tol, atol=tol)
                 if m is not None:
                     torch.testing.assert_close(hm, h * m.unsqueeze(1), rtol=0, atol=0)
+                untouched(u_buf, c_buf, g_buf, hm_buf)
             n = 3
             s, ch, g = rand(n, B, D), rand(n, B, 2 * D, scale=3), rand(B, D)
             p = torch.softmax(rand(n, 5), -1)
             before = rand(n, B, D)
-            d_s = before.clone()
-            d_ch = torch.full_like(ch, math.nan)
+            d_s, s_buf = guarded(before.shape, dtype, before)
+            d_ch, ch_buf = guarded(ch.shape, dtype)
             # dP's partial sums into a slice of a wider buffer (rows apart), as the cell's
             buffer = torch.full((km.blocks(B, D), n + 2, 5), math.nan, dtype=dtype)
             km.backward_into(g, s, ch, p, d_s, d_ch, buffer[:, 1 : n + 1], accumulate=True)
@@ -447,6 +463,34 @@ TRITON_SCRIPT = textwrap.dedent(
             d_p = buffer[:, 1 : n + 1].sum(0)
             torch.testing.assert_close(d_p, want[2], rtol=tol, atol=100 * tol)
             assert buffer[:, 0].isnan().all() and buffer[:, -1].isnan().all()
+            untouched(s_buf, ch_buf)
+
+    # The whole cell on this path (several programs per launch: B·D = 630), with and
+    # without masks, in training and evaluation, one node and three, alone and as two
+    # weight samples under vmap; against the float64 reference cell.
+    import fastdarts.ops.recurrent_mixed as rm
+    import fastdarts.ops.recurrent_cell as rc
+    sys.path.insert(0, "tests")
+    from test_recurrent_cell import _stacked_run, assert_close, make_cell, make_inputs, run
+    rm.kernel_name = lambda device: "triton"
+    rc.cell_kernel_ready = lambda device: False
+    gen = torch.Generator().manual_seed(61)
+    for steps, masks, train in [(3, "xh", True), (3, "", False), (1, "h", True)]:
+        ref, fused = make_cell(gen, 5, 70, steps, torch.float64)
+        for cell in (ref, fused):
+            cell.train(train)
+        inputs = make_inputs(gen, 2, 9, 5, 70, steps, torch.float64, masks)
+        grad = torch.randn(2, 9, 70, generator=gen, dtype=torch.float64)
+        got, got_bn = run(fused, *inputs, grad)
+        want, want_bn = run(ref, *inputs, grad)
+        assert_close(got + got_bn, want + want_bn, torch.float64)
+        for cell in (ref, fused):
+            cell.bn.track_running_stats = not train
+        x, h, probs, xm, hm = inputs
+        x = torch.stack([x, -x])
+        grad = torch.stack([grad, grad.flip(0)])
+        got = _stacked_run(fused, x, h, probs, xm, hm, grad)
+        assert_close(got, _stacked_run(ref, x, h, probs, xm, hm, grad), torch.float64)
     """
 )
 

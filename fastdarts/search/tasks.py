@@ -136,7 +136,9 @@ class SearchTask:
         grads = distributed.all_sum(torch.autograd.grad(loss, weights))
         for p, g in zip(weights, grads):
             # Fused SGD (torch 2.14, CPU) steps a gradient with other strides than its weight
-            # as if they matched: the stem convolution's weight gradient comes out channels-last.
+            # as if they matched: a convolution's weight gradient comes out channels-last
+            # from a channels-last input (the CIFAR batches were, before they were made
+            # (B, C, H, W) in memory; kept for any that still are).
             p.grad = g.contiguous()
         torch.nn.utils.clip_grad_norm_(weights, self.weight_clip, foreach=self.cfg.foreach or None)
         self.weight_optimizer.step()
