@@ -177,6 +177,7 @@ def _cell_forward(inputs, hidden, probs, x_mask, h_mask, w0, ws, bn, hiddens, st
     w0h = w0[:, i:]
     # The masked states (s_0..S ⊙ mh), the projections' left operand.
     masked = states.new_empty(states.shape[1:]) if h_mask is not None else None
+    u = torch.empty_like(hiddens[0]) if kernels is not None else None  # s0 before its BN
     previous = hidden
     for t in range(t_len):
         st, c0 = states[t], c0h0[t]
@@ -184,7 +185,7 @@ def _cell_forward(inputs, hidden, probs, x_mask, h_mask, w0, ws, bn, hiddens, st
         if kernels is None:
             u = torch.lerp(previous, torch.tanh(c0[..., d:]), torch.sigmoid(c0[..., :d]))
         else:
-            u = kernels.s0_forward(c0, previous, torch.empty_like(previous))
+            kernels.s0_forward(c0, previous, u)
         batch_norm(u, st[0], invstd[t, 0])
         if masked is not None:
             torch.mul(st[0], h_mask, out=masked[0])
@@ -251,6 +252,7 @@ def _cell_backward(grad, inputs, hidden, probs, x_mask, h_mask, w0, ws, hiddens,
         node_kernels = triton_kernels("recurrent_mixed")
         blocks = node_kernels.blocks(b * n_samples, d)
         parts = probs.new_empty(t_len, blocks, *probs.shape)
+        d_ch_all = ch.new_empty(s, b * n_samples, 2 * d)  # a node's dCH: the first n rows
     gs = states.new_empty(states.shape[1:])  # ∂L/∂s_k of the current step
     gxp = c0h0.new_empty(c0h0.shape)  # ∂L/∂[c0, h0] of every step
     for t in reversed(range(t_len)):
@@ -276,7 +278,7 @@ def _cell_backward(grad, inputs, hidden, probs, x_mask, h_mask, w0, ws, hiddens,
                 else:
                     d_probs[offset : offset + n].add_(d_p)
             else:  # the node kernel adds dS to gs itself, its dP sums to parts
-                d_ch = torch.empty_like(args[2])
+                d_ch = d_ch_all[:n]
                 part = parts[t, :, offset : offset + n]
                 node_kernels.backward_into(*args, gs[:n].view(n, -1, d), d_ch, part, True)
             d_ch = _rows(d_ch.view(n, b, n_samples, 2 * d))
