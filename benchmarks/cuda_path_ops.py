@@ -12,6 +12,13 @@ Counted in one step after a first (lazily created state): every ATen op dispatch
 GPU), and the Triton launches. A cuDNN or cuBLAS call can launch more than one kernel, so
 launching ops + Triton launches is a floor on a step's kernel launches, not a count.
 
+``--steps N`` also times N steps of each configuration on this path, interleaved (after
+``--warmup`` untimed ones). With the Triton kernels not run, what is left is the host's work
+(Python, dispatch, autograd) plus the CPU's arithmetic, which at ``--config tiny`` is small:
+a proxy for the host cost a GPU step pays when the device keeps up. It understates the
+launching ops against the views (a CUDA launch costs the host more than a tiny CPU op) and
+leaves out the Triton launcher's own cost.
+
 ``--depthwise torch`` runs torch's convolutions for the CNN's depthwise stages on this path
 (what fastdarts did before its Triton depthwise kernels, and does on CUDA without Triton).
 """
@@ -89,6 +96,7 @@ COLUMNS = [
     ("launching ops/step", "launching_ops_per_step"),
     ("Triton launches/step", "triton_launches_per_step"),
     ("launches/step (floor)", "launches_floor_per_step"),
+    ("host s/step (median)", "host_s_median"),
 ]
 
 
@@ -136,13 +144,11 @@ def cuda_dispatch(
             setattr(owner, name, value)
 
 
-def count(args: argparse.Namespace, config) -> dict:
-    cfg = search_config(args.space, args.order, args.config, config.overrides())
-    with cuda_dispatch(args.depthwise) as launches:
-        step = step_fn(build_task(cfg, torch.device("cpu"), DTYPES[args.dtype], 4))
-        step()  # optimiser state and the like, created lazily
-        launches.clear()
-        ops = harness.count_ops(step)
+def count(args: argparse.Namespace, config, order: int, step, launches) -> dict:
+    """One step's ops and Triton launches (``step`` run once before, for lazily created
+    state such as the optimiser's)."""
+    launches.clear()
+    ops = harness.count_ops(step)
     launching = sum(n for op, n in ops.items() if launches_kernel(op))
     triton_launches = sum(launches.values())
     return {
@@ -150,7 +156,7 @@ def count(args: argparse.Namespace, config) -> dict:
         "flags": list(config.flags),
         "depthwise": args.depthwise,
         "space": args.space,
-        "order": cfg.order,
+        "order": order,
         "config": args.config,
         "ops_per_step": sum(ops.values()),
         "launching_ops_per_step": launching,
@@ -161,23 +167,48 @@ def count(args: argparse.Namespace, config) -> dict:
     }
 
 
+def measure(args: argparse.Namespace) -> list[dict]:
+    """Every configuration's counts and, with ``--steps``, its host seconds per step."""
+    configs = parse_backends(args.backends)
+    rows, steps = [], {}
+    with cuda_dispatch(args.depthwise) as launches:
+        for config in configs:
+            cfg = search_config(args.space, args.order, args.config, config.overrides())
+            steps[config.name] = step_fn(
+                build_task(cfg, torch.device("cpu"), DTYPES[args.dtype], 4)
+            )
+            steps[config.name]()
+            rows.append(count(args, config, cfg.order, steps[config.name], launches))
+        times = harness.interleaved(steps, args.steps, args.warmup) if args.steps else {}
+    for row in rows:
+        if times:
+            s = harness.Summary.of(times[row["backend"]])
+            row.update(host_s_median=s.median, host_s_min=s.min, host_s_max=s.max)
+            row["host_s"] = times[row["backend"]]
+    return rows
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     add_step_arguments(p, backends="reference,fast")
     p.add_argument("--depthwise", choices=("triton", "torch"), default="triton")
+    p.add_argument("--steps", type=int, default=0, help="timed steps per configuration")
+    p.add_argument("--warmup", type=int, default=1, help="untimed steps first, interleaved")
     p.add_argument("--json", default=None, help="write the results here")
     args = p.parse_args(argv)
     try:
         parse_backends(args.backends)
     except ValueError as e:
         p.error(str(e))
+    if args.steps < 0 or args.warmup < 0:
+        p.error("--steps and --warmup must be non-negative")
     return args
 
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     harness.setup("cpu", args.threads)
-    rows = [count(args, config) for config in parse_backends(args.backends)]
+    rows = measure(args)
     argv = sys.argv if argv is None else ["benchmarks/cuda_path_ops.py", *argv]
     doc = {
         "env": harness.env_info(torch.device("cpu"), argv),
@@ -189,6 +220,8 @@ def main(argv: list[str] | None = None) -> dict:
             "triton_launches_per_step": "Triton kernel launches in that step",
             "launches_floor_per_step": "launching ops + Triton launches: a floor on kernel "
             "launches (a cuDNN or cuBLAS call may launch several)",
+            "host_s": "seconds per step on this path on the CPU, Triton kernels not run "
+            "(--steps; interleaved): host work plus the CPU's arithmetic",
         },
     }
     return harness.report(doc, COLUMNS, args.json)
