@@ -34,7 +34,7 @@ HELP = {
     "foreach": "the weight arithmetic of the step (virtual step, norms, w±, SGD, clipping) as "
     "multi-tensor ops: a few launches instead of several per weight tensor",
     "fast": "the fastest settings with the same results: --backend auto, --foreach (and "
-    "--batched-fd on GPUs)",
+    "--batched-fd for the RNN on GPUs)",
     "cuda_graphs": "capture the whole step in CUDA graphs, one per batch shape, and replay it "
     "(CUDA only; not yet validated on a GPU)",
     "amp": "bf16: matmuls and convolutions in bfloat16 (softmax, losses, reductions and the "

@@ -79,14 +79,17 @@ class SearchConfig(RunSettings):
         filled = self.unset(paper)
         if self.fast:
             # The fastest settings that compute the same function: the fastest backend that
-            # runs here, multi-tensor weight arithmetic (equal up to rounding), and on GPUs
-            # (second order, finite differences) w± in one batched pass. On the CPU the fused
-            # cells run once per sample under vmap, so batching saved nothing there (small
-            # RNN: 3,333 → 3,344 ops/step; small CNN: 20,205 → 22,754); it stays available
-            # as --batched-fd.
+            # runs here, multi-tensor weight arithmetic (equal up to rounding), and for the
+            # RNN on GPUs (second order, finite differences) w± in one batched pass, where
+            # the whole-cell op runs both samples in one call: 8,955 → 7,236 launches a small
+            # step, counted on the CUDA code path. Not for the CNN, whose fused cells run once
+            # per sample under vmap (5,746 → 6,818 there), nor on the CPU, where the C++ cell
+            # does too (small RNN: 3,333 → 3,344 ops/step); it stays available as
+            # --batched-fd.
             filled["backend"] = "auto"
             filled["foreach"] = self.compat is None
             device = self.device or ("cuda" if torch.cuda.is_available() else "cpu")
             batchable = self.order == 2 and self.hvp == "fd" and self.compat is None
-            filled["batched_fd"] = self.batched_fd or (batchable and device != "cpu")
+            batches = batchable and self.space == "rnn" and device != "cpu"
+            filled["batched_fd"] = self.batched_fd or batches
         return dataclasses.replace(self, **filled)
