@@ -15,6 +15,7 @@ import triton
 import triton.language as tl
 
 from . import check_extent, on_device, planes_dense
+from .tiles import cdiv
 
 BLOCK = 256
 
@@ -114,7 +115,7 @@ def forward(
         acc = acc.contiguous()
     acc_b = acc.stride(0) if has_acc else 0
     check_extent(src.numel(), out.numel(), (b - 1) * acc_b + n * p)
-    grid = (b * n, triton.cdiv(p, BLOCK))
+    grid = (b * n, cdiv(p, BLOCK))
     with on_device(src):
         _forward_kernel[grid](
             src,
@@ -155,7 +156,7 @@ def backward(
         out = [torch.empty_like(src), torch.empty_like(alpha), torch.empty_like(shift)]
     d_src, d_alpha, d_shift = out
     with on_device(src):
-        _grad_src_kernel[(b * s, triton.cdiv(p, BLOCK))](
+        _grad_src_kernel[(b * s, cdiv(p, BLOCK))](
             grad, alpha, route_out, src_perm, src_ptr, d_src, s, n, p, BLOCK=BLOCK
         )
         if alpha.numel():

@@ -24,7 +24,7 @@ import triton
 import triton.language as tl
 
 from . import check_extent, on_device
-from .tiles import plane_block
+from .tiles import cdiv, plane_block
 
 BLOCK = 128
 MAX_SHAPES = 4
@@ -225,7 +225,7 @@ def forward(
     cout, ho, wo = out.shape[1:]
     check_extent(x.numel(), out.numel())
     args, consts = _geometry(weights, pads, dils, in_offsets)
-    grid = (b * cout, triton.cdiv(ho * wo, BLOCK))
+    grid = (b * cout, cdiv(ho * wo, BLOCK))
     with on_device(x):
         _forward_kernel[grid](
             x, *_slots(weights), out, cin, h, w, cout, ho, wo, *args,
@@ -255,7 +255,7 @@ def backward(
     d_ws = [torch.empty_like(t) for t in weights] if grad_weights else []
     common = dict(STRIDE=stride, RELU=relu, BLOCK=BLOCK, **consts)
     with on_device(x):
-        _grad_x_kernel[(b * cin, triton.cdiv(h * w, BLOCK))](
+        _grad_x_kernel[(b * cin, cdiv(h * w, BLOCK))](
             grad, x, *_slots(weights), d_x, cin, h, w, cout, ho, wo, *args, **common
         )
         if grad_weights:

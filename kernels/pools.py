@@ -21,7 +21,7 @@ import triton
 import triton.language as tl
 
 from . import check_extent, on_device, planes_dense
-from .tiles import plane_block
+from .tiles import cdiv, plane_block
 
 BLOCK = 128
 
@@ -101,7 +101,7 @@ def forward(x: torch.Tensor, stride: int) -> torch.Tensor:
     out = x.new_empty(b, 2 * c, ho, wo)
     check_extent((b - 1) * x.stride(0) + c * h * w, out.numel())
     with on_device(x):
-        _forward_kernel[(b * c, triton.cdiv(ho * wo, BLOCK))](
+        _forward_kernel[(b * c, cdiv(ho * wo, BLOCK))](
             x, x.stride(0), out, c, h, w, ho, wo, STRIDE=stride, BLOCK=BLOCK
         )
     return out
@@ -116,7 +116,7 @@ def backward(grad: torch.Tensor, x: torch.Tensor, stride: int) -> torch.Tensor:
     d_x = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     check_extent((b - 1) * x.stride(0) + c * h * w, (b - 1) * grad.stride(0) + 2 * c * ho * wo)
     with on_device(x):
-        _backward_kernel[(b * c, triton.cdiv(h * w, BLOCK))](
+        _backward_kernel[(b * c, cdiv(h * w, BLOCK))](
             grad, grad.stride(0), x, x.stride(0), d_x, c, h, w, ho, wo, STRIDE=stride, BLOCK=BLOCK
         )
     return d_x

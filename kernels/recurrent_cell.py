@@ -15,6 +15,7 @@ import triton.language as tl
 
 from . import check_extent, on_device
 from .recurrent_mixed import _sigmoid, _tanh
+from .tiles import cdiv
 
 BLOCK = 512
 
@@ -67,7 +68,7 @@ def s0_forward(c0h0: torch.Tensor, h: torch.Tensor, out: torch.Tensor) -> torch.
     total, d = h.numel(), h.shape[-1]
     check_extent(c0h0.numel())
     with on_device(h):
-        _s0_forward_kernel[(triton.cdiv(total, BLOCK),)](c0h0, h, out, total, d, BLOCK=BLOCK)
+        _s0_forward_kernel[(cdiv(total, BLOCK),)](c0h0, h, out, total, d, BLOCK=BLOCK)
     return out
 
 
@@ -89,7 +90,7 @@ def s0_backward(
     # Without the mask its two pointers are never read: carry stands in (a tensor, not None).
     mask_ptr, masked_ptr = (h_mask, h_masked) if h_mask is not None else (carry, carry)
     with on_device(h):
-        _s0_backward_kernel[(triton.cdiv(total, BLOCK),)](
+        _s0_backward_kernel[(cdiv(total, BLOCK),)](
             grad_u, c0h0, h, mask_ptr, carry, grad_c0h0, masked_ptr, total, n, d,
             HAS_MASK=h_mask is not None, BLOCK=BLOCK,
         )  # fmt: skip

@@ -14,6 +14,7 @@ import triton
 import triton.language as tl
 
 from . import check_extent, on_device
+from .tiles import cdiv
 
 K = 5
 BLOCK = 512
@@ -133,13 +134,13 @@ def forward(
     check_extent(ch.numel())  # the largest: n·B·2D
     out = states.new_empty(b, d) if out is None else out
     with on_device(states):
-        _forward_kernel[(triton.cdiv(b * d, BLOCK),)](states, ch, probs, out, n, b, d, BLOCK=BLOCK)
+        _forward_kernel[(cdiv(b * d, BLOCK),)](states, ch, probs, out, n, b, d, BLOCK=BLOCK)
     return out
 
 
 def blocks(b: int, d: int) -> int:
     """Programs per launch for a (B, D) output: the partial dP sums' first dim."""
-    return triton.cdiv(b * d, BLOCK)
+    return cdiv(b * d, BLOCK)
 
 
 def backward(

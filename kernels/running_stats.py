@@ -20,6 +20,7 @@ import triton
 import triton.language as tl
 
 from . import on_device
+from .tiles import cdiv
 
 BLOCK = 256
 
@@ -75,7 +76,7 @@ def update(
         )
     r, k = running_mean.numel(), num_batches_tracked.numel()
     with on_device(mean):
-        _update_kernel[(triton.cdiv(max(r, k), BLOCK),)](
+        _update_kernel[(cdiv(max(r, k), BLOCK),)](
             mean.contiguous(), invstd.contiguous(), stat, running_mean, running_var,
             num_batches_tracked, consts, r, k, n, BLOCK=BLOCK,
         )  # fmt: skip
