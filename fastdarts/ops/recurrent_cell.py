@@ -104,6 +104,24 @@ def _samples(x: Tensor, n: int, b: int) -> Tensor:
     return x.transpose(0, 1).view(n, b, x.shape[0], x.shape[-1])
 
 
+def _steps_rows(x: Tensor, transposed: bool = False) -> tuple[Tensor, ...]:
+    """(T, n, B, N, F) → per time step :func:`_rows` (N, n·B, F), or with ``transposed``
+    its transpose (N, F, n·B): views, from one view and one unbind."""
+    t_len, n, b, n_samples, f = x.shape
+    x = x.view(t_len, n * b, n_samples, f)
+    return (x.permute(0, 2, 3, 1) if transposed else x.transpose(1, 2)).unbind(0)
+
+
+def _steps(x: Tensor, *shape: int) -> tuple[Tensor, ...]:
+    """(T, …) → per time step a view of ``shape``."""
+    return x.view(x.shape[0], *shape).unbind(0)
+
+
+# The loops below index precomputed tables of views (per node, one view per time step from
+# one unbind) where each node of each step took ~20 view ops (indexing, view, transpose):
+# a view costs the host about a microsecond, and a small step makes ~60,000 of them.
+
+
 def _forward_torch(
     inputs, hidden, probs, x_mask, h_mask, w0, ws, running_mean, running_var,
     num_batches_tracked, training, update, momentum, eps, hiddens, states, ch, c0h0, invstd,
@@ -157,51 +175,83 @@ def _cell_forward(inputs, hidden, probs, x_mask, h_mask, w0, ws, bn, hiddens, st
     mean = hidden.new_empty(n_samples * d)
     if not training:
         invstd.copy_((running_var + eps).rsqrt().expand_as(invstd))
+        mean = running_mean.repeat(n_samples)
 
     def batch_norm(x: Tensor, out: Tensor, out_invstd: Tensor) -> None:
-        """x, out (B, N, D); out_invstd (N, D)."""
+        """x, out (B, N·D); out_invstd (N·D)."""
         if not training:
-            torch.mul(x - running_mean, out_invstd, out=out)
+            torch.mul(x - mean, out_invstd, out=out)
             return
         factor = 1.0 / next(calls) if momentum < 0 else momentum
         aten.native_batch_norm.out(
-            x.view(b, -1), None, None, *stats, True, factor, eps,
-            out=out.view(b, -1), save_mean=mean, save_invstd=out_invstd.view(-1),
+            x, None, None, *stats, True, factor, eps, out=out, save_mean=mean,
+            save_invstd=out_invstd,
         )  # fmt: skip
 
-    node = torch.ops.fastdarts.recurrent_mixed
     kernels = _cell_kernels(inputs.device)
+    node_kernels = None if kernels is None else triton_kernels("recurrent_mixed")
     h_mask = None if h_mask is None else h_mask.unsqueeze(1)  # (B, 1, D)
     xm = inputs if x_mask is None else inputs * x_mask
     torch.bmm(xm.view(n_samples, t_len * b, i), w0[:, :i], out=_rows(c0h0))
     w0h = w0[:, i:]
-    # The masked states (s_0..S ⊙ mh), the projections' left operand.
+    # Per time step: its c0h0 (B, N, 2D) and _rows of it, the previous hidden state and
+    # _rows of it (masked: of one buffer rewritten each step), the states after s0.
+    c0s, c0_rows = c0h0.unbind(0), c0h0.transpose(1, 2).unbind(0)
+    previous = (hidden, *hiddens[:-1].unbind(0))
+    if h_mask is None:
+        previous_rows = (hidden.transpose(0, 1), *hiddens[:-1].transpose(1, 2).unbind(0))
+    else:
+        hm = torch.empty_like(hidden)
+        previous_rows = (hm.transpose(0, 1),) * t_len
+    step_hiddens, after_s0 = hiddens.unbind(0), states[:, 1:].unbind(0)
+    # Per state k = 0..S and time step: the BatchNorm's output (B, N·D) and invstd (N·D).
+    bn_out = [_steps(states[:, k], b, -1) for k in range(s + 1)]
+    bn_invstd = [_steps(invstd[:, k], -1) for k in range(s + 1)]
+    # The masked states (s_0..S ⊙ mh), the projections' left operand: one buffer rewritten
+    # each step, its views made once.
     masked = states.new_empty(states.shape[1:]) if h_mask is not None else None
-    u = torch.empty_like(hiddens[0]) if kernels is not None else None  # s0 before its BN
-    previous = hidden
+    if masked is not None:  # h_mask over a state's (B, N·D), and the buffer's per state
+        h_mask_flat = h_mask.expand(b, n_samples, d).contiguous().view(b, -1)
+        masked_flat = masked.view(s + 1, b, -1).unbind(0)
+    # Per node j (n = j + 1 predecessors) and time step: the projection's left operand
+    # (N, n·B, D) and output (N, n·B, 2D), and the mixture's inputs (n, N·B, D | 2D).
+    offsets = [j * (j + 1) // 2 for j in range(s)]
+    if masked is None:
+        lhs = [_steps_rows(states[:, : j + 1]) for j in range(s)]
+    else:
+        lhs = [(_rows(masked[: j + 1]),) * t_len for j in range(s)]
+    ch_nodes = [ch[:, o : o + j + 1] for j, o in enumerate(offsets)]
+    proj_out = [_steps_rows(c) for c in ch_nodes]
+    node_ch = [_steps(c, j + 1, -1, 2 * d) for j, c in enumerate(ch_nodes)]
+    node_states = [_steps(states[:, : j + 1], j + 1, -1, d) for j in range(s)]
+    node_probs = [probs[o : o + j + 1] for j, o in enumerate(offsets)]
+    x = hidden.new_empty(b * n_samples, d)  # the mixture's output, BatchNorm's input
+    x_flat = x.view(b, -1)
+    u = torch.empty_like(hidden)  # s0 before its BatchNorm
+    u_flat = u.view(b, -1)
     for t in range(t_len):
-        st, c0 = states[t], c0h0[t]
-        _rows(c0).baddbmm_(_rows(previous if h_mask is None else previous * h_mask), w0h)
-        if kernels is None:
-            u = torch.lerp(previous, torch.tanh(c0[..., d:]), torch.sigmoid(c0[..., :d]))
-        else:
-            kernels.s0_forward(c0, previous, u)
-        batch_norm(u, st[0], invstd[t, 0])
+        c0 = c0s[t]
         if masked is not None:
-            torch.mul(st[0], h_mask, out=masked[0])
-        m = st if masked is None else masked
-        offset = 0
+            torch.mul(previous[t], h_mask, out=hm)
+        c0_rows[t].baddbmm_(previous_rows[t], w0h)
+        if kernels is None:
+            torch.lerp(previous[t], torch.tanh(c0[..., d:]), torch.sigmoid(c0[..., :d]), out=u)
+        else:
+            kernels.s0_forward(c0, previous[t], u)
+        batch_norm(u_flat, bn_out[0][t], bn_invstd[0][t])
+        if masked is not None:
+            torch.mul(bn_out[0][t], h_mask_flat, out=masked_flat[0])
         for j, w in enumerate(ws):
-            n = j + 1
-            chj = ch[t, offset : offset + n]
-            torch.bmm(_rows(m[:n]), w, out=_rows(chj))
-            x = node(st[:n].view(n, -1, d), chj.view(n, -1, 2 * d), probs[offset : offset + n])
-            batch_norm(x.view(b, n_samples, d), st[n], invstd[t, n])
+            torch.bmm(lhs[j][t], w, out=proj_out[j][t])
+            args = (node_states[j][t], node_ch[j][t], node_probs[j])
+            if node_kernels is None:
+                x_flat = torch.ops.fastdarts.recurrent_mixed(*args).view(b, -1)
+            else:
+                node_kernels.forward(*args, out=x)
+            batch_norm(x_flat, bn_out[j + 1][t], bn_invstd[j + 1][t])
             if masked is not None:
-                torch.mul(st[n], h_mask, out=masked[n])
-            offset += n
-        torch.mean(st[1:], 0, out=hiddens[t])
-        previous = hiddens[t]
+                torch.mul(bn_out[j + 1][t], h_mask_flat, out=masked_flat[j + 1])
+        torch.mean(after_s0[t], 0, out=step_hiddens[t])
 
 
 def _backward_torch(
@@ -229,88 +279,119 @@ def _cell_backward(grad, inputs, hidden, probs, x_mask, h_mask, w0, ws, hiddens,
     """
     n_samples, t_len, b, i = inputs.shape
     d, s = hidden.shape[-1], len(ws)
-    node_backward = torch.ops.fastdarts.recurrent_mixed_backward
     kernels = _cell_kernels(inputs.device)
     # BatchNorm's gradient from its output y = x̂: native_batch_norm_backward with input y,
     # mean 0, invstd 1 and the real invstd as the weight gives invstd·(g − ḡ − y·mean(g·y)).
     zeros, ones = hidden.new_zeros(n_samples * d), hidden.new_ones(n_samples * d)
 
     def batch_norm_backward(g: Tensor, y: Tensor, istd: Tensor) -> Tensor:
-        """g, y (B, N, D), istd (N, D) → (B, N, D)."""
+        """g, y (B, N·D), istd (N·D) → (B·N, D)."""
         if not training:
-            return g * istd
+            return (g * istd).view(-1, d)
         return aten.native_batch_norm_backward(
-            g.view(b, -1), y.view(b, -1), istd.view(-1), None, None, zeros, ones, True, 0.0,
-            [True, False, False],
-        )[0].view(g.shape)  # fmt: skip
+            g, y, istd, None, None, zeros, ones, True, 0.0, [True, False, False]
+        )[0].view(-1, d)
 
     h_mask = None if h_mask is None else h_mask.unsqueeze(1)  # (B, 1, D)
     w0h, d_w0h = w0[:, i:], d_w0[:, i:]
-    carry = torch.zeros_like(hiddens[0])  # ∂L/∂h_t from the later steps (B, N, D)
+    w0h_t, ws_t = w0h.transpose(1, 2), [w.transpose(1, 2) for w in ws]
+    carry = torch.zeros_like(hidden)  # ∂L/∂h_t from the later steps (B, N, D)
+    carry_rows = carry.transpose(0, 1)
     if kernels is not None:
         # Every node's and step's partial dP sums, reduced once at the end.
         node_kernels = triton_kernels("recurrent_mixed")
         blocks = node_kernels.blocks(b * n_samples, d)
         parts = probs.new_empty(t_len, blocks, *probs.shape)
         d_ch_all = ch.new_empty(s, b * n_samples, 2 * d)  # a node's dCH: the first n rows
-    gs = states.new_empty(states.shape[1:])  # ∂L/∂s_k of the current step
+    # ∂L/∂s_k of the current step (S+1, B, N, D), one buffer rewritten each step, and its
+    # views made once: per state (B, N·D), per node (n, N·B, D) and _rows.
+    gs = states.new_empty(states.shape[1:])
+    gs_flat = gs.view(s + 1, b, -1).unbind(0)
+    gs_nodes = [gs[: j + 1].view(j + 1, -1, d) for j in range(s)]
+    gs_rows = [_rows(gs[: j + 1]) for j in range(s)]
     gxp = c0h0.new_empty(c0h0.shape)  # ∂L/∂[c0, h0] of every step
+    # Per state and time step: the BatchNorm's output (B, N·D) and invstd (N·D).
+    bn_out = [_steps(states[:, k], b, -1) for k in range(s + 1)]
+    bn_invstd = [_steps(invstd[:, k], -1) for k in range(s + 1)]
+    # Per node and time step: the mixture's inputs, and the projection's left operand
+    # transposed (N, D, n·B) for the weights' gradient (masked: of one buffer per step).
+    offsets = [j * (j + 1) // 2 for j in range(s)]
+    node_states = [_steps(states[:, : j + 1], j + 1, -1, d) for j in range(s)]
+    node_ch = [_steps(ch[:, o : o + j + 1], j + 1, -1, 2 * d) for j, o in enumerate(offsets)]
+    node_probs = [probs[o : o + j + 1] for j, o in enumerate(offsets)]
+    if h_mask is None:
+        lhs_t = [_steps_rows(states[:, : j + 1], transposed=True) for j in range(s)]
+    else:
+        m = torch.empty_like(gs)
+        lhs_t = [(_rows(m[: j + 1]).transpose(1, 2),) * t_len for j in range(s)]
+    if kernels is not None:
+        node_parts = [parts[:, :, o : o + j + 1].unbind(0) for j, o in enumerate(offsets)]
+        node_d_ch = [d_ch_all[: j + 1] for j in range(s)]
+        node_d_ch_rows = [
+            _rows(c.view(j + 1, b, n_samples, 2 * d)) for j, c in enumerate(node_d_ch)
+        ]
+    grads = grad.unbind(0)
+    c0s, gxps, gxp_rows = c0h0.unbind(0), gxp.unbind(0), gxp.transpose(1, 2).unbind(0)
+    previous = (hidden, *hiddens[:-1].unbind(0))
+    if h_mask is None:
+        previous_t = (hidden.permute(1, 2, 0), *hiddens[:-1].permute(0, 2, 3, 1).unbind(0))
+    else:
+        hm = torch.empty_like(hidden)
+        previous_t = (hm.permute(1, 2, 0),) * t_len
+        mask = h_mask.squeeze(1)
     for t in reversed(range(t_len)):
         last = t == t_len - 1
-        previous = hidden if t == 0 else hiddens[t - 1]
-        st, c0 = states[t], c0h0[t]
+        c0 = c0s[t]
         gs[0].zero_()
-        torch.div((grad[t] + carry).expand(s, *carry.shape), s, out=gs[1:])
-        m = st if h_mask is None else st * h_mask
-        offset = ch.shape[1]
+        torch.div((grads[t] + carry).expand(s, *carry.shape), s, out=gs[1:])
+        if h_mask is not None:
+            torch.mul(states[t], h_mask, out=m)
         for j in reversed(range(s)):
-            n = j + 1
-            offset -= n
-            chj = ch[t, offset : offset + n]
-            gx = batch_norm_backward(gs[n], st[n], invstd[t, n])
-            args = (gx.view(-1, d), st[:n].view(n, -1, d), chj.view(n, -1, 2 * d),
-                    probs[offset : offset + n])  # fmt: skip
+            n, offset = j + 1, offsets[j]
+            gx = batch_norm_backward(gs_flat[n], bn_out[n][t], bn_invstd[n][t])
+            args = (gx, node_states[j][t], node_ch[j][t], node_probs[j])
             if kernels is None:
-                d_s, d_ch, d_p = node_backward(*args)
+                d_s, d_ch, d_p = torch.ops.fastdarts.recurrent_mixed_backward(*args)
                 gs[:n].add_(d_s.view(gs[:n].shape))
                 if last:  # the gradient's first term: written, not added to zeros
                     d_probs[offset : offset + n].copy_(d_p)
                 else:
                     d_probs[offset : offset + n].add_(d_p)
+                d_ch = _rows(d_ch.view(n, b, n_samples, 2 * d))
             else:  # the node kernel adds dS to gs itself, its dP sums to parts
-                d_ch = d_ch_all[:n]
-                part = parts[t, :, offset : offset + n]
-                node_kernels.backward_into(*args, gs[:n].view(n, -1, d), d_ch, part, True)
-            d_ch = _rows(d_ch.view(n, b, n_samples, 2 * d))
+                node_kernels.backward_into(*args, gs_nodes[j], node_d_ch[j], node_parts[j][t], True)
+                d_ch = node_d_ch_rows[j]
             if last:
-                torch.bmm(_rows(m[:n]).transpose(1, 2), d_ch, out=d_ws[j])
+                torch.bmm(lhs_t[j][t], d_ch, out=d_ws[j])
             else:
-                d_ws[j].baddbmm_(_rows(m[:n]).transpose(1, 2), d_ch)
+                d_ws[j].baddbmm_(lhs_t[j][t], d_ch)
             if h_mask is None:
-                _rows(gs[:n]).baddbmm_(d_ch, ws[j].transpose(1, 2))
+                gs_rows[j].baddbmm_(d_ch, ws_t[j])
             else:
-                gs[:n].addcmul_(_samples(torch.bmm(d_ch, ws[j].transpose(1, 2)), n, b), h_mask)
+                gs[:n].addcmul_(_samples(torch.bmm(d_ch, ws_t[j]), n, b), h_mask)
         # s0 = BN(u), u = h + σ(c0) (tanh(h0) − h)
-        gu = batch_norm_backward(gs[0], st[0], invstd[t, 0])
+        gu = batch_norm_backward(gs_flat[0], bn_out[0][t], bn_invstd[0][t])
         if kernels is None:
+            gu = gu.view(carry.shape)
             sg, th = torch.sigmoid(c0[..., :d]), torch.tanh(c0[..., d:])
             torch.mul(gu, 1 - sg, out=carry)
-            aten.sigmoid_backward.grad_input(gu * (th - previous), sg, grad_input=gxp[t, ..., :d])
-            aten.tanh_backward.grad_input(gu * sg, th, grad_input=gxp[t, ..., d:])
-            hm = previous if h_mask is None else previous * h_mask
+            aten.sigmoid_backward.grad_input(
+                gu * (th - previous[t]), sg, grad_input=gxps[t][..., :d]
+            )
+            aten.tanh_backward.grad_input(gu * sg, th, grad_input=gxps[t][..., d:])
+            if h_mask is not None:
+                torch.mul(previous[t], h_mask, out=hm)
         else:
-            hm = previous if h_mask is None else torch.empty_like(previous)
-            mask = None if h_mask is None else h_mask.squeeze(1)
-            kernels.s0_backward(gu, c0, previous, mask, carry, gxp[t], None if mask is None else hm)
-        hm = _rows(hm)
+            masks = (None, None) if h_mask is None else (mask, hm)
+            kernels.s0_backward(gu, c0, previous[t], masks[0], carry, gxps[t], masks[1])
         if last:
-            torch.bmm(hm.transpose(1, 2), _rows(gxp[t]), out=d_w0h)
+            torch.bmm(previous_t[t], gxp_rows[t], out=d_w0h)
         else:
-            d_w0h.baddbmm_(hm.transpose(1, 2), _rows(gxp[t]))
+            d_w0h.baddbmm_(previous_t[t], gxp_rows[t])
         if h_mask is None:
-            _rows(carry).baddbmm_(_rows(gxp[t]), w0h.transpose(1, 2))
+            carry_rows.baddbmm_(gxp_rows[t], w0h_t)
         else:
-            carry.addcmul_(_samples(torch.bmm(_rows(gxp[t]), w0h.transpose(1, 2)), 1, b)[0], h_mask)
+            carry.addcmul_(_samples(torch.bmm(gxp_rows[t], w0h_t), 1, b)[0], h_mask)
     d_hidden.copy_(carry)
     if kernels is not None:
         torch.sum(parts, (0, 1), out=d_probs)
