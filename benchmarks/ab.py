@@ -15,6 +15,10 @@ the median (min, max) of the paired ratios, ops per step, and the largest differ
 between the two versions' α after the last step (an optimisation should leave it at
 rounding).
 
+``--cuda-path`` steps on the CUDA code path on this CPU, as ``benchmarks/cuda_path_ops.py``
+runs it (each worker with its own tree's): Triton launches not run, so a tiny step's time is
+mostly the host's work, and α is not compared (the kernels' outputs are left unwritten).
+
 The C++ extension: when ``csrc/`` and ``setup.py`` are the same in both trees, base uses
 head's built ``fastdarts/_C``; otherwise it is built in the worktree first (minutes).
 """
@@ -90,24 +94,31 @@ def worker(args: argparse.Namespace) -> None:
     from benchmarks.search_step import DTYPES, build_task, parse_backends, search_config, step_fn
 
     device = harness.setup(args.device, args.threads)
-    (config,) = parse_backends(args.backend)
-    cfg = search_config(args.space, args.order, args.config, config.overrides())
-    task = build_task(cfg, device, DTYPES[args.dtype], args.steps)
-    step, sync = step_fn(task), harness.synchronizer(device)
-    print("ready", flush=True)
-    for line in sys.stdin:
-        if line.strip() == "step":
-            sync()
-            start = time.perf_counter()
-            step()
-            sync()
-            print(time.perf_counter() - start, flush=True)
-        elif line.strip() == "ops":
-            ops = sum(harness.count_ops(step).values())
-            alpha = [a.detach().double().flatten().tolist() for a in task.model.arch_parameters()]
-            print(json.dumps({"ops": ops, "alpha": alpha}), flush=True)
-        else:
-            return
+    path = contextlib.nullcontext()
+    if args.cuda_path:
+        from benchmarks.cuda_path_ops import cuda_dispatch
+
+        path = cuda_dispatch()
+    with path:
+        (config,) = parse_backends(args.backend)
+        cfg = search_config(args.space, args.order, args.config, config.overrides())
+        task = build_task(cfg, device, DTYPES[args.dtype], args.steps)
+        step, sync = step_fn(task), harness.synchronizer(device)
+        print("ready", flush=True)
+        for line in sys.stdin:
+            if line.strip() == "step":
+                sync()
+                start = time.perf_counter()
+                step()
+                sync()
+                print(time.perf_counter() - start, flush=True)
+            elif line.strip() == "ops":
+                ops = sum(harness.count_ops(step).values())
+                alphas = task.model.arch_parameters()
+                alpha = [a.detach().double().flatten().tolist() for a in alphas]
+                print(json.dumps({"ops": ops, "alpha": alpha}), flush=True)
+            else:
+                return
 
 
 class Worker:
@@ -119,6 +130,7 @@ class Worker:
         cmd += ["--backend", args.backend, "--device", args.device, "--dtype", args.dtype]
         cmd += ["--steps", str(args.warmup + args.rounds + 1)]
         cmd += ["--threads", str(args.threads)] if args.threads else []
+        cmd += ["--cuda-path"] if args.cuda_path else []
         self.name, self.log = name, log
         self.stderr = log.open("w")
         self.proc = subprocess.Popen(
@@ -235,7 +247,7 @@ def rows_of(args: argparse.Namespace, commits: dict[str, str], times: dict, fina
     head_alpha = [x for a in final["head"]["alpha"] for x in a]
     diff = (
         max(abs(x - y) for x, y in zip(base_alpha, head_alpha))
-        if len(base_alpha) == len(head_alpha)
+        if len(base_alpha) == len(head_alpha) and not args.cuda_path
         else None
     )
     paired = [h / b for b, h in zip(times["base"], times["head"])]
@@ -251,6 +263,7 @@ def rows_of(args: argparse.Namespace, commits: dict[str, str], times: dict, fina
                 "order": args.order,
                 "config": args.config,
                 "backend": args.backend,
+                "cuda_path": args.cuda_path,
                 "median_s": statistics.median(t),
                 "min_s": min(t),
                 "max_s": max(t),
@@ -279,6 +292,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     p.add_argument("--dtype", choices=("float32", "float64"), default="float32")
     p.add_argument("--threads", type=int, default=None, help="torch threads in each worker")
+    p.add_argument(
+        "--cuda-path",
+        action="store_true",
+        help="step on the CUDA code path on this CPU (Triton launches not run; see above)",
+    )
     p.add_argument("--json", default=None, help="write the results here")
     # Internal: one version's worker.
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
@@ -290,6 +308,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
             p.error("--base REV is required")
         if args.rounds < 1 or args.warmup < 0:
             p.error("--rounds must be at least 1 and --warmup non-negative")
+        if args.cuda_path and args.device != "cpu":
+            p.error("--cuda-path runs the CUDA code path on the CPU: not with --device cuda")
         # This checkout's benchmarks, to check --backend (a worker imports its own tree's).
         sys.path.insert(0, str(REPO))
         from benchmarks.search_step import parse_backends
@@ -329,7 +349,8 @@ def main(argv: list[str] | None = None) -> dict:
             "paired_ratio_median": "median over rounds of head's step / base's step in the "
             "same round (the two taken back to back, first mover swapped each round)",
             "ops_per_step": "ATen ops dispatched in one more step",
-            "alpha_max_abs_diff": "largest |α_head − α_base| after the last step",
+            "alpha_max_abs_diff": "largest |α_head − α_base| after the last step (not "
+            "with --cuda-path)",
         },
     }
     return harness.report(doc, COLUMNS, args.json)

@@ -413,7 +413,8 @@ def test_gpu_suite_rehearsal_runs_every_command(tmp_path):
     for name in ("gpu-rnn-paper-o2", "gpu-cnn-paper-o2", "gpu-rnn-paper-o1"):
         result = json.loads((tmp_path / f"{name}.json").read_text())
         done = {row["backend"] for row in result["rows"]}
-        assert done == {"reference", "fused", "fast", "amp"}, (name, done)
+        batched = {"batched"} if name == "gpu-cnn-paper-o2" else set()
+        assert done == {"reference", "fused", "fast", "amp", *batched}, (name, done)
         assert [(s["backend"], s["reason"]) for s in result["skipped"]] == [
             ("graphs", "--cuda-graphs needs a CUDA device, not cpu")
         ]
@@ -518,6 +519,14 @@ def test_ab_times_each_version_from_its_own_tree(tmp_path):
     worktrees = subprocess.run([*git, "worktree", "list"], capture_output=True, text=True).stdout
     assert len(worktrees.strip().splitlines()) == 1  # the base worktree was removed
     assert "| head |" in summary.summarize(tmp_path)
+    # On the CUDA code path (Triton launched, not run): the same op, α not compared.
+    cmd[cmd.index("reference")] = "fast"
+    cmd += ["--cuda-path"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    base, head = json.loads(out.read_text())["rows"]
+    assert head["cuda_path"] and head["ops_per_step"] == base["ops_per_step"] + 2
+    assert head["alpha_max_abs_diff"] is None
 
 
 def test_ab_reports_a_bad_revision_in_one_line():
