@@ -560,6 +560,11 @@ def test_depthwise_weight_gradient_only_when_the_pass_uses_it(monkeypatch):
     # torch.func.grad differentiates with create_graph (the torch-op backward), same values.
     got = torch.func.grad(lambda a: depthwise(a, ws, 1, pads, dils, offs).sum())(x.detach())
     assert_close(got, want[0], F64)
+    # A torch without the engine's (private) query: the weights' gradient always, same x's.
+    monkeypatch.setattr(conv_mixed, "_will_execute", None)
+    flags.clear()
+    assert_close(run(x)[0], want[0], F64)
+    assert flags == [True]
 
 
 @needs_cpp

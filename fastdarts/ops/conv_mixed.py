@@ -497,11 +497,18 @@ def _engine_wants(ctx, arg: int, edge: int) -> bool:
     node = ctx.next_functions[edge][0] if ctx.needs_input_grad[arg] else None
     if node is None:
         return False
+    if _will_execute is None:  # a torch without the engine's query: compute it
+        return True
     try:
-        return torch._C._will_engine_execute_node(node)
+        return _will_execute(node)
     except RuntimeError:
         # Raised for a leaf that autograd.grad() captures, i.e. exactly when it is wanted.
         return True
+
+
+# A private query of the autograd engine (torch 2.11 and 2.14 have it); without it every
+# wanted-looking gradient is computed, which is correct, only slower.
+_will_execute = getattr(torch._C, "_will_engine_execute_node", None)
 
 
 class DepthwiseFunction(torch.autograd.Function):
