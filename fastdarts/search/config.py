@@ -81,7 +81,7 @@ class SearchConfig(RunSettings):
             # The fastest settings that compute the same function: the fastest backend that
             # runs here, multi-tensor weight arithmetic (equal up to rounding), and for the
             # RNN on GPUs (second order, finite differences) w± in one batched pass, where
-            # the whole-cell op runs both samples in one call: 8,955 → 7,236 launches a small
+            # the whole-cell op runs both samples in one call: 8,955 → 7,237 launches a small
             # step, counted on the CUDA code path. Not for the CNN, whose fused cells run once
             # per sample under vmap (5,746 → 6,818 there), nor on the CPU, where the C++ cell
             # does too (small RNN: 3,333 → 3,344 ops/step); it stays available as
