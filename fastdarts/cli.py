@@ -71,7 +71,9 @@ def dataclass_parser(
             parser.add_argument(flag, action="store_true", help=helps[f.name])
             continue
         kind = {"int": int, "float": float}.get(f.type.split(" ")[0], str)
-        shown = "" if f.default is None else f" (default: {f.default})"
+        # A help that names its default itself (one that depends on the space) keeps it.
+        named = f.default is None or "default" in helps[f.name]
+        shown = "" if named else f" (default: {f.default})"
         parser.add_argument(
             flag, type=kind, choices=(choices or {}).get(f.name), help=helps[f.name] + shown
         )

@@ -64,11 +64,47 @@ def check_settings(cfg: RunSettings, verb: str, more: list[tuple[bool, str]]) ->
         (cfg.max_steps is None or cfg.max_steps >= 0, "--max-steps must be non-negative"),
         (cfg.checkpoint_every >= 1, "--checkpoint-every must be positive"),
         (cfg.bptt >= 2, f"--bptt must be at least 2, got {cfg.bptt}"),
+        *_range_checks(cfg),
         *more,
     ]
     for ok, message in checks:
         if not ok:
             raise ConfigError(message)
+
+
+# The numeric settings' ranges, for those a run's settings have (and has set).
+_NON_NEGATIVE = (
+    *("lr", "weight_decay", "arch_lr", "arch_weight_decay", "lr_min", "clip", "grad_clip"),
+    *("tar", "momentum", "max_seq_len_delta", "auxiliary_weight"),
+)
+_PROBABILITIES = ("dropout", "dropouth", "dropoutx", "dropouti", "dropoute", "drop_path")
+_POSITIVE = (
+    *("epoch_steps", "eval_batches", "log_every", "eval_batch_size", "test_batch_size"),
+    *("threads", "init_channels"),
+)
+
+
+def _range_checks(cfg: RunSettings) -> list[tuple[bool, str]]:
+    """(ok, message) for each numeric setting ``cfg`` has and has set: a learning rate,
+    decay, clip or weight non-negative, a dropout in [0, 1), a count positive, a seed
+    NumPy takes (NaN fails every check)."""
+
+    def given(names: tuple[str, ...]):
+        for name in names:
+            value = getattr(cfg, name, None)
+            if value is not None:
+                yield f"--{name.replace('_', '-')}", value
+
+    checks = [(v >= 0, f"{f} must be non-negative, got {v}") for f, v in given(_NON_NEGATIVE)]
+    checks += [(0 <= v < 1, f"{f} must lie in [0, 1), got {v}") for f, v in given(_PROBABILITIES)]
+    checks += [(v >= 1, f"{f} must be positive, got {v}") for f, v in given(_POSITIVE)]
+    checks.append((0 <= cfg.seed < 2**32, f"--seed must lie in [0, 2^32), got {cfg.seed}"))
+    if getattr(cfg, "layers", None) is not None:
+        checks.append((cfg.layers >= 3, f"--layers must be at least 3, got {cfg.layers}"))
+    portion = getattr(cfg, "train_portion", None)
+    if portion is not None:
+        checks.append((0 < portion < 1, f"--train-portion must lie in (0, 1), got {portion}"))
+    return checks
 
 
 def trajectory_mismatch(saved: dict, current: dict) -> list[str]:
@@ -159,6 +195,8 @@ class EpochRun:
         """Set up the run folder's paths; read the checkpoint to resume from (or None)."""
         self.cfg = cfg
         self.out = Path(cfg.out)
+        if self.out.exists() and not self.out.is_dir():
+            raise ConfigError(f"--out {self.out}: a file, not a folder; choose another --out")
         self.ckpt_path = self.out / "checkpoint.pt"
         self.metrics_path = self.out / "metrics.jsonl"
         saved = self._read_checkpoint() if cfg.resume else None
@@ -233,6 +271,21 @@ class EpochRun:
         self.epoch_started, self.epoch_step = saved["epoch_started"], saved["epoch_step"]
         self.last_checkpoint = self.step
         self._truncate_metrics(self.step)
+        if distributed.is_main():
+            cfg = self.cfg
+            done = cfg.max_steps is not None and self.step >= cfg.max_steps
+            left = (
+                f"; already at --max-steps {cfg.max_steps}: pass a larger one to go on"
+                if done
+                else "; all its epochs are done"
+                if self.epoch >= cfg.epochs
+                else ""
+            )
+            print(
+                f"resuming the {self.noun} in {self.out} at step {self.step} (epoch "
+                f"{min(self.epoch + 1, cfg.epochs)}/{cfg.epochs}){left}",
+                file=sys.stderr,
+            )
 
     def _keep_record(self, record: dict, step: int) -> bool:
         """Whether a metrics record survives a resume from ``step`` (later ones come again)."""
@@ -256,9 +309,16 @@ class EpochRun:
         if not distributed.is_main():
             return
         self.out.mkdir(parents=True, exist_ok=True)
+        # Rewritten on resume too: the flags a resume may change (--max-steps, …) are current.
+        settings = {**self.cfg.to_dict(), **self._resolved()}
+        atomic_write_text(self.out / "config.json", json.dumps(settings, indent=1))
         if not self.cfg.resume:
-            atomic_write_text(self.out / "config.json", json.dumps(self.cfg.to_dict(), indent=1))
             self.metrics_path.write_text("")
+
+    def _resolved(self) -> dict:
+        """What the settings left to the run and it chose (the device, the backend), under
+        ``resolved`` in config.json (a subclass's)."""
+        return {}
 
     def _log(self, record: dict) -> None:
         if not distributed.is_main():

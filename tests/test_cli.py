@@ -100,6 +100,75 @@ def test_bad_flags(tmp_path, args, fragments, cli):
     assert not (tmp_path / "x").exists()
 
 
+@pytest.mark.parametrize(
+    ("args", "fragment"),
+    [
+        (["--eval-batches", "0"], "--eval-batches must be positive, got 0"),
+        (["--epoch-steps", "-1"], "--epoch-steps must be positive"),
+        (["--log-every", "0"], "--log-every must be positive"),
+        (["--lr", "-1"], "--lr must be non-negative, got -1.0"),
+        (["--arch-weight-decay", "-1"], "--arch-weight-decay must be non-negative"),
+        (["--clip", "nan"], "--clip must be non-negative, got nan"),
+        (["--dropout", "1.5"], "--dropout must lie in [0, 1), got 1.5"),
+        (["--dropoute", "-0.1"], "--dropoute must lie in [0, 1)"),
+        (["--seed", "-1"], "--seed must lie in [0, 2^32), got -1"),
+        (["--threads", "0"], "--threads must be positive"),
+        (["--space", "cnn", "--layers", "2"], "--layers must be at least 3, got 2"),
+        (["--space", "cnn", "--train-portion", "1.5"], "--train-portion must lie in (0, 1)"),
+        (["--space", "cnn", "--momentum", "-1"], "--momentum must be non-negative"),
+        (["--seeds", "0", "--rank-train", "--bogus 1"], "--rank-train: unrecognized arguments"),
+        (["--seeds", "0", "--rank-train", "--dropout 2"], "--rank-train: --dropout must lie in"),
+    ],
+)
+def test_bad_numbers_are_one_line_before_anything_runs(tmp_path, capsys, args, fragment):
+    """Checked with the settings, before any data, step or search (--rank-train's training
+    flags too, which run only after every search)."""
+    from fastdarts.search.__main__ import main
+
+    out = tmp_path / "x"
+    assert main([*RNN_TINY, "--max-steps", "1", *args, "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert fragment in err and len(err.strip().splitlines()) == 1, err
+    assert not (out / "seed-0" / "checkpoint.pt").exists() and not (out / "checkpoint.pt").exists()
+
+
+def test_out_that_is_a_file_is_refused(tmp_path, capsys):
+    from fastdarts.search.__main__ import main
+
+    afile = tmp_path / "afile"
+    afile.write_text("mine")
+    assert main([*RNN_TINY, "--out", str(afile)]) == 2
+    assert "a file, not a folder" in capsys.readouterr().err
+    assert afile.read_text() == "mine"
+
+
+def test_resume_says_where_it_goes_on_and_when_nothing_is_left(tmp_path, capsys):
+    """A resume names its step; one at its --max-steps says to pass a larger one. The run's
+    files take the umask's mode (not mkstemp's 0600), and config.json the current flags
+    and what the run chose."""
+    from fastdarts.search.__main__ import main
+
+    out = tmp_path / "r"
+    old = os.umask(0o022)
+    try:
+        assert main([*RNN_TINY, "--max-steps", "1", "--out", str(out)]) == 0
+        capsys.readouterr()
+        assert main(["--resume", "--out", str(out)]) == 0
+        err = capsys.readouterr().err
+        assert "resuming the search" in err and "at step 1" in err
+        assert "already at --max-steps 1: pass a larger one" in err
+        assert main(["--resume", "--max-steps", "2", "--out", str(out)]) == 0
+        err = capsys.readouterr().err
+        assert "at step 1" in err and "already at" not in err
+    finally:
+        os.umask(old)
+    config = json.loads((out / "config.json").read_text())
+    assert config["max_steps"] == 2
+    assert config["resolved"] == {"device": "cpu", "backend": "reference"}
+    for name in ("config.json", "alpha.json", "genotype.json", "checkpoint.pt"):
+        assert (out / name).stat().st_mode & 0o777 == 0o644, name
+
+
 def test_device_numbers_are_checked_and_made_current(monkeypatch):
     """A numbered CUDA device must exist, and becomes the current one (Triton launches there)."""
     from fastdarts.errors import ConfigError

@@ -46,7 +46,7 @@ class Searcher(EpochRun):
         self.device = distributed.init(self._prepare(saved))
         if cfg.cuda_graphs and self.device.type != "cuda":
             raise ConfigError(f"--cuda-graphs needs a CUDA device; this run is on {self.device}")
-        resolve_backend(cfg.backend, cfg.space, self.device.type)
+        self.backend = resolve_backend(cfg.backend, cfg.space, self.device.type)
         self.task: SearchTask = TASKS[cfg.space](cfg, self.device, DTYPES[cfg.dtype])
         self.history: list[dict] = []
         if saved:
@@ -100,6 +100,9 @@ class Searcher(EpochRun):
 
     def _checkpoint_extras(self) -> dict:
         return {"history": json.dumps(self.history), "world_size": distributed.world_size()}
+
+    def _resolved(self) -> dict:
+        return {"resolved": {"device": str(self.device), "backend": self.backend.name}}
 
     def _restore(self, saved: dict) -> None:
         super()._restore(saved)

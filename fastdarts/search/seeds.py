@@ -43,6 +43,7 @@ def run_seeds(cfg: SearchConfig) -> dict | None:
     or None (the other ranks, which stop once the searches are done)."""
     seeds = parse_seeds(cfg.seeds or "")
     root = Path(cfg.out)
+    _train_config(cfg, root / f"seed-{seeds[0]}")  # --rank-train checked up front
     if distributed.is_main() and not cfg.resume:
         root.mkdir(parents=True, exist_ok=True)
         atomic_write_text(root / "config.json", json.dumps(cfg.to_dict(), indent=1))
@@ -69,10 +70,11 @@ def run_seeds(cfg: SearchConfig) -> dict | None:
     return summary
 
 
-def _train_cell(cfg: SearchConfig, seed: int, run: Path) -> dict:
-    """Train the cell of the search in ``run`` briefly; its seed, files and score."""
+def _train_config(cfg: SearchConfig, run: Path):
+    """The settings of the short training of ``run``'s cell: the paper's, then --rank-train's
+    flags; ConfigError if those are bad (checked before the searches, not hours later)."""
     from fastdarts.train.__main__ import build_parser, make_config
-    from fastdarts.train.loop import run_training
+    from fastdarts.train.loop import Trainer
 
     out = run / "train"
     argv = ["--space", cfg.space, "--genotype", str(run / "genotype.json"), "--out", str(out)]
@@ -84,7 +86,26 @@ def _train_cell(cfg: SearchConfig, seed: int, run: Path) -> dict:
         argv.append("--resume")
     # The user's flags last, so they override the defaults above.
     argv += shlex.split(cfg.rank_train or "")
-    result = run_training(make_config(vars(build_parser().parse_args(argv))))
+    parser = build_parser()
+
+    def error(message: str) -> None:
+        raise ConfigError(f"--rank-train: {message}")
+
+    parser.error = error  # a ConfigError (one line, exit 2), not the training's own exit
+    train_cfg = make_config(vars(parser.parse_args(argv)))
+    try:
+        Trainer.validate(train_cfg.resolved())
+    except ConfigError as e:
+        raise ConfigError(f"--rank-train: {e}") from None
+    return train_cfg
+
+
+def _train_cell(cfg: SearchConfig, seed: int, run: Path) -> dict:
+    """Train the cell of the search in ``run`` briefly; its seed, files and score."""
+    from fastdarts.train.loop import run_training
+
+    out = run / "train"
+    result = run_training(_train_config(cfg, run))
     if cfg.space == "rnn":
         records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
         score = min(r["valid_ppl"] for r in records if "valid_ppl" in r)

@@ -28,7 +28,7 @@ class Trainer(EpochRun):
 
     def __init__(self, cfg: TrainConfig) -> None:
         cfg = cfg.resolved()
-        self._validate(cfg)
+        self.validate(cfg)
         saved = self._open(cfg)
         genotype_file = self.out / "genotype.json"
         spec = genotype_file if cfg.resume and genotype_file.is_file() else cfg.genotype
@@ -40,21 +40,15 @@ class Trainer(EpochRun):
             self._restore(saved)
 
     @staticmethod
-    def _validate(cfg: TrainConfig) -> None:
+    def validate(cfg: TrainConfig) -> None:
+        """ConfigError unless ``cfg`` (resolved) is a training that can run."""
         more = [
             (
                 cfg.genotype is not None or cfg.resume,
                 "--genotype is required (a published name or a file)",
             ),
-            (cfg.epoch_steps is None or cfg.epoch_steps >= 1, "--epoch-steps must be positive"),
-            (cfg.eval_batches is None or cfg.eval_batches >= 1, "--eval-batches must be positive"),
-            (cfg.log_every >= 1, "--log-every must be positive"),
             (cfg.emsize == cfg.nhid, "--emsize and --nhid must be equal (tied weights)"),
             (cfg.nonmono >= 1, f"--nonmono must be at least 1, got {cfg.nonmono}"),
-            (cfg.eval_batch_size >= 1 and cfg.test_batch_size >= 1, "batch sizes must be >= 1"),
-            (cfg.layers >= 3, f"--layers must be at least 3, got {cfg.layers}"),
-            (cfg.init_channels >= 1, "--init-channels must be positive"),
-            (0 <= cfg.drop_path < 1, f"--drop-path must lie in [0, 1), got {cfg.drop_path}"),
             (cfg.cutout >= 0, f"--cutout must be non-negative, got {cfg.cutout}"),
         ]
         check_settings(cfg, "trains", more)
