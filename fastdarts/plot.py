@@ -18,6 +18,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
+from matplotlib.backend_bases import FigureCanvasBase
 
 from fastdarts.cli import OneLineParser, report
 from fastdarts.errors import ConfigError, FastDartsError
@@ -199,6 +200,9 @@ def plot_genotype(genotype: Genotype, path: str | os.PathLike, engine: str = "au
         os.replace(tmp, path)
         return "dot"
     cells = _cells(genotype)
+    supported = FigureCanvasBase.get_supported_filetypes()
+    if fmt not in supported:
+        raise ConfigError(f"{path}: matplotlib cannot write .{fmt} (use {', '.join(supported)})")
     widest = max(len(_graph(genotype, c)[0]) for c in cells)
     size = (1.3 * widest, 0.5 * widest * len(cells))
     fig, axes = plt.subplots(len(cells), 1, figsize=size, squeeze=False)
@@ -214,7 +218,10 @@ def plot_genotype(genotype: Genotype, path: str | os.PathLike, engine: str = "au
 def main(argv: list[str] | None = None) -> int:
     """python -m fastdarts.plot GENOTYPE -o cell.png: draw a genotype's cell(s)."""
     parser = OneLineParser(prog=PROG, description="draw a genotype's cell(s)")
-    parser.add_argument("genotype", help="a genotype JSON file, or a published name with --space")
+    parser.add_argument(
+        "genotype",
+        help="a genotype JSON file, a search's run folder, or a published name with --space",
+    )
     parser.add_argument("--space", choices=("rnn", "cnn"), help="space of a named genotype")
     parser.add_argument("-o", "--out", default="cell.png", help="image to write (default cell.png)")
     parser.add_argument(
@@ -224,6 +231,8 @@ def main(argv: list[str] | None = None) -> int:
         help="auto: Graphviz dot when installed, else matplotlib",
     )
     args = parser.parse_args(argv)
+    if Path(args.genotype).is_dir():  # a search's run folder, as derive takes it
+        args.genotype = str(Path(args.genotype) / "genotype.json")
     try:
         if args.space is None and not Path(args.genotype).is_file():
             known = [s for s, named in NAMED_GENOTYPES.items() if args.genotype in named]

@@ -62,17 +62,26 @@ def test_cli_draws_a_file_and_a_name(tmp_path, capsys):
 
 
 @pytest.mark.parametrize(
-    ("args", "fragment"),
+    ("args", "out", "fragment"),
     [
-        (["DARTS_V2"], "give --space"),
-        (["no_such.json"], "no such genotype file"),
+        (["DARTS_V2"], "x.png", "give --space"),
+        (["no_such.json"], "x.png", "no such genotype file"),
+        (["DARTS_V2", "--space", "cnn", "--engine", "matplotlib"], "x.jpgx", "cannot write .jpgx"),
     ],
 )
-def test_cli_bad_input_is_one_line(tmp_path, capsys, args, fragment):
-    assert main([*args, "-o", str(tmp_path / "x.png")]) == 2
+def test_cli_bad_input_is_one_line(tmp_path, capsys, args, out, fragment):
+    assert main([*args, "-o", str(tmp_path / out)]) == 2
     err = capsys.readouterr().err
     assert fragment in err and len(err.strip().splitlines()) == 1
-    assert not (tmp_path / "x.png").exists()
+    assert not (tmp_path / out).exists()
+
+
+def test_cli_draws_a_run_folder(tmp_path):
+    """A search's run folder, as derive takes it: its genotype.json."""
+    save_genotype(NAMED_GENOTYPES["cnn"]["DARTS_V1"], tmp_path / "genotype.json")
+    out = tmp_path / "cell.png"
+    assert main([str(tmp_path), "-o", str(out), "--engine", "matplotlib"]) == 0
+    assert out.read_bytes()[:8] == PNG
 
 
 def test_alpha_history_still_plots(tmp_path):
