@@ -193,8 +193,12 @@ def test_ptb_corrupt_env_copy_is_skipped_with_a_warning(
     for name in PTB_FILES:
         (tmp_path / "data" / "ptb" / name).write_text("wrong\n")
     monkeypatch.setenv("FASTDARTS_DATA", str(tmp_path / "data"))
-    with pytest.warns(UserWarning, match="md5 mismatch"), pytest.raises(DataError):
+    with pytest.warns(UserWarning, match="md5 mismatch"), pytest.raises(DataError) as info:
         load_ptb()
+    # The error names the skipped copy, the thing to fix, not only the failed download.
+    message = str(info.value)
+    assert "could not download PTB" in message
+    assert f"skipped the copy in {tmp_path / 'data' / 'ptb'}: " in message and "md5" in message
 
 
 def test_batchify_columns_are_contiguous_chunks() -> None:
@@ -363,6 +367,18 @@ def test_cifar_tarball_with_unsafe_member(tmp_path: Path, cache: Path) -> None:
         load_cifar10(str(archive))
     assert not (cache / "escaped.jpg").exists() and not (cache / "cifar10-jpeg").exists()
     assert leftovers(cache) == []
+
+
+def test_cifar_broken_env_copy_is_named_when_offline(
+    tmp_path: Path, cache: Path, monkeypatch: pytest.MonkeyPatch, offline: None
+) -> None:
+    make_tree(tmp_path / "data" / "cifar10", per_class=1, classes=cifar.CLASSES[:9])
+    monkeypatch.setenv("FASTDARTS_DATA", str(tmp_path / "data"))
+    with pytest.warns(UserWarning, match="ignoring CIFAR-10"), pytest.raises(DataError) as info:
+        load_cifar10()
+    message = str(info.value)
+    assert "could not download CIFAR-10" in message
+    assert f"skipped the copy in {tmp_path / 'data' / 'cifar10'}: " in message
 
 
 def test_cifar_offline_says_where_to_put_files(cache: Path, offline: None) -> None:

@@ -153,3 +153,9 @@ def _swap_into_place(tmp: Path, dest: Path, stamp: str) -> None:
         os.replace(dest, stale / dest.name)
         shutil.rmtree(stale, ignore_errors=True)
     os.replace(tmp, dest)
+
+
+def skipped_note(skipped: list[str]) -> str:
+    """The copies a default search skipped, for the error that follows (they are what to
+    fix, when the download was the fallback): '' if none."""
+    return f"; skipped the copy in {'; '.join(skipped)}" if skipped else ""

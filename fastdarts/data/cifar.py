@@ -76,6 +76,7 @@ def load_cifar10(data: str | None = None, train: bool = True) -> CIFAR10Split:
         return _load_explicit(Path(data), train)
     cache = _files.cache_dir() / "cifar10"
     env = _files.env_data_dir("cifar10")
+    skipped = []
     for folder in ([env] if env else []) + [cache]:
         if _source_in(folder) is None:
             continue
@@ -84,7 +85,13 @@ def load_cifar10(data: str | None = None, train: bool = True) -> CIFAR10Split:
         except DataError as e:
             # Fall back to the next place, but say why this one was skipped.
             warnings.warn(f"ignoring CIFAR-10 in {folder}: {e}", stacklevel=2)
-    return _download_binary(cache, train)
+            skipped.append(f"{folder}: {e}")
+    try:
+        return _download_binary(cache, train)
+    except DataError as e:
+        if not skipped:
+            raise
+        raise DataError(f"{e}{_files.skipped_note(skipped)}") from e
 
 
 def search_split(n: int, portion: float = 0.5) -> tuple[Tensor, Tensor]:

@@ -94,6 +94,7 @@ def _read_explicit(root: Path) -> dict[str, bytes]:
 def _read_default() -> dict[str, bytes]:
     cache = _files.cache_dir() / "ptb"
     env = _files.env_data_dir("ptb")
+    skipped = []
     for folder in ([env] if env else []) + [cache]:
         if not any((folder / f"ptb.{split}.txt").exists() for split in SPLITS):
             continue
@@ -102,6 +103,7 @@ def _read_default() -> dict[str, bytes]:
         except DataError as e:
             # Fall back to the next place, but say why this one was skipped.
             warnings.warn(f"ignoring PTB in {folder}: {e}", stacklevel=3)
+            skipped.append(f"{folder}: {e}")
     for split in SPLITS:
         path = cache / f"ptb.{split}.txt"
         if path.is_file() and _files.file_digest(path, "md5") == MD5[split]:
@@ -111,6 +113,7 @@ def _read_default() -> dict[str, bytes]:
         except _files.DownloadError as e:
             raise DataError(
                 f"could not download PTB ({e}); put {_NAMES} in {cache} or pass --data DIR"
+                + _files.skipped_note(skipped)
             ) from e
     return _read_folder(cache)
 
