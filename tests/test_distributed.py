@@ -413,6 +413,14 @@ def test_seeds_search_rank_and_summarise(cli, tmp_path, quick):
     # Different seeds, different searches.
     alphas = [(out / f"seed-{s}" / "alpha.json").read_text() for s in (0, 1)]
     assert alphas[0] != alphas[1]
+    # Each search's and training's epoch lines follow a line saying whose they are.
+    said = [line for line in result.stderr.splitlines() if line.startswith("seed ")]
+    assert said == [
+        f"seed 0: search in {out / 'seed-0'}",
+        f"seed 1: search in {out / 'seed-1'}",
+        f"seed 0: training its cell in {out / 'seed-0' / 'train'}",
+        f"seed 1: training its cell in {out / 'seed-1' / 'train'}",
+    ]
 
 
 def test_seeds_must_be_integers(cli, tmp_path):

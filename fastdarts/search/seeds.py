@@ -16,6 +16,7 @@ import dataclasses
 import json
 import shlex
 import shutil
+import sys
 from pathlib import Path
 
 from fastdarts import distributed
@@ -25,6 +26,12 @@ from fastdarts.search.loop import run_search
 from fastdarts.utils import atomic_write_text
 
 PAPER_RANK_EPOCHS = {"cnn": 100, "rnn": 300}
+
+
+def _say(line: str) -> None:
+    """A progress line on stderr (rank 0): whose the epoch lines that follow are."""
+    if distributed.is_main():
+        print(line, file=sys.stderr)
 
 
 def parse_seeds(text: str) -> list[int]:
@@ -53,6 +60,7 @@ def run_seeds(cfg: SearchConfig) -> dict | None:
         one = dataclasses.replace(
             cfg, seed=seed, seeds=None, rank_train=None, out=str(out), resume=resume
         )
+        _say(f"seed {seed}: search in {out}")
         run_search(one)
     if not distributed.is_main():
         return None
@@ -105,6 +113,7 @@ def _train_cell(cfg: SearchConfig, seed: int, run: Path) -> dict:
     from fastdarts.train.loop import run_training
 
     out = run / "train"
+    _say(f"seed {seed}: training its cell in {out}")
     result = run_training(_train_config(cfg, run))
     if cfg.space == "rnn":
         records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
