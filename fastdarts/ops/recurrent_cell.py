@@ -19,14 +19,18 @@ same tensors:
 
 Both reproduce the shared BatchNorm exactly, including the order and formula of its
 running-statistic updates, so a search gives the same result as the reference. Under
-autocast (``--amp bf16``) off the C++ kernel the cell runs node by node, where the
-projections are cast (the C++ kernel runs in float32). The
-op's backward is differentiable: under create_graph it recomputes the cell node by node in
-differentiable ops.
+autocast (``--amp bf16``) the cell stays in float32, as the CNN's fused cells do: its
+projections are small at the search's sizes (300 × 600 at the paper's), so bfloat16 would
+buy little time there and add rounding, while the node-by-node cell that casts them takes
+1.7 times the launches (a small step on the CUDA code path: 14,981 against 8,979). The
+reference backend's cell casts them. The op's backward is
+differentiable: under create_graph it recomputes the cell node by node in differentiable
+ops.
 """
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 
 import torch
@@ -51,6 +55,15 @@ def _shapes(inputs: Tensor, hidden: Tensor, n_nodes: int):
     d = hidden.shape[1]
     e = n_nodes * (n_nodes + 1) // 2
     return [(t, b, d), (t, n_nodes + 1, b, d), (t, e, b, 2 * d), (t, b, 2 * d), (t, n_nodes + 1, d)]
+
+
+def _float32(like: Tensor) -> contextlib.AbstractContextManager:
+    """Autocast off on ``like``'s device (where it has autocast: not the meta device): the
+    cell computes in its inputs' dtype."""
+    device_type = like.device.type
+    if not torch.amp.is_autocast_available(device_type):
+        return contextlib.nullcontext()
+    return torch.autocast(device_type, enabled=False)
 
 
 def _check_cell(inputs, hidden, probs, x_mask, h_mask, w0, ws) -> None:
@@ -505,13 +518,15 @@ class RecurrentCellFunction(torch.autograd.Function):
         ws = list(saved[6 : 6 + ctx.n_nodes])
         outs = list(saved[6 + ctx.n_nodes :])
         running_mean, running_var, _, training, *_ = ctx.bn
-        if torch.is_grad_enabled():
-            # create_graph (double backward, exact HVP): the kernel is not differentiable;
-            # recompute node by node in differentiable ops (no running-statistic update).
-            return (None, *_differentiable_backward(ctx, grad, running_mean, running_var))
-        d_inputs, d_hidden, d_probs, d_w0, *d_ws = _backward_op(
-            grad.contiguous(), inputs, hidden, probs, x_mask, h_mask, w0, ws, outs, training
-        )
+        with _float32(grad):  # as the forward (see recurrent_cell)
+            if torch.is_grad_enabled():
+                # create_graph (double backward, exact HVP): the kernel is not
+                # differentiable; recompute node by node in differentiable ops (no
+                # running-statistic update).
+                return (None, *_differentiable_backward(ctx, grad, running_mean, running_var))
+            d_inputs, d_hidden, d_probs, d_w0, *d_ws = _backward_op(
+                grad.contiguous(), inputs, hidden, probs, x_mask, h_mask, w0, ws, outs, training
+            )
         return (None, d_inputs, d_hidden, d_probs, None, None, d_w0, *d_ws)
 
     @staticmethod
@@ -583,17 +598,18 @@ class _BatchedCellFunction(torch.autograd.Function):
         if grad is None:
             return (None,) * (7 + ctx.n_nodes)
         running_mean, running_var, _, training, *_ = ctx.bn
-        if torch.is_grad_enabled():
-            return (
-                None,
-                *_differentiable_backward(ctx, grad, running_mean, running_var, batched=True),
-            )
-        inputs, hidden, probs, x_mask, h_mask, w0, *ws = saved[: 6 + ctx.n_nodes]
-        grads = [torch.empty_like(t) for t in (inputs, hidden, probs, w0, *ws)]
-        _cell_backward(
-            grad.contiguous(), inputs, hidden, probs, x_mask, h_mask, w0, ws,
-            *saved[6 + ctx.n_nodes :], training, *grads[:4], grads[4:],
-        )  # fmt: skip
+        with _float32(grad):
+            if torch.is_grad_enabled():
+                return (
+                    None,
+                    *_differentiable_backward(ctx, grad, running_mean, running_var, batched=True),
+                )
+            inputs, hidden, probs, x_mask, h_mask, w0, *ws = saved[: 6 + ctx.n_nodes]
+            grads = [torch.empty_like(t) for t in (inputs, hidden, probs, w0, *ws)]
+            _cell_backward(
+                grad.contiguous(), inputs, hidden, probs, x_mask, h_mask, w0, ws,
+                *saved[6 + ctx.n_nodes :], training, *grads[:4], grads[4:],
+            )  # fmt: skip
         d_inputs, d_hidden, d_probs, d_w0, *d_ws = grads
         return (None, d_inputs, d_hidden, d_probs, None, None, d_w0, *d_ws)
 
@@ -639,12 +655,8 @@ def recurrent_cell(
 ) -> Tensor:
     """``cell`` over the sequence in one op: inputs (T, B, ninp), hidden (B, nhid),
     probs (E, 5) → hidden states (T, B, nhid), updating ``cell.bn``'s running statistics as
-    the reference would. Under autocast off the C++ kernel: node by node with the cell's
-    ``node_op``, where the projections run in the autocast dtype (the C++ kernel runs in
-    float32). A ``RecurrentSearchCell.cell_op``."""
-    device = inputs.device
-    if torch.is_autocast_enabled(device.type) and not cell_kernel_ready(device):
-        return cell.forward_nodes(inputs, hidden, probs, x_mask, h_mask)
+    the reference would. In the inputs' dtype, under autocast too (see the module's
+    docstring). A ``RecurrentSearchCell.cell_op``."""
     bn = cell.bn
     if bn.training and inputs.shape[1] < 2:
         raise ValueError(
@@ -662,7 +674,8 @@ def recurrent_cell(
         float(bn.eps),
     )
     masks = [None if m is None else m.contiguous() for m in (x_mask, h_mask)]
-    return RecurrentCellFunction.apply(
-        bn_args, inputs.contiguous(), hidden.contiguous(), probs.contiguous(), *masks,
-        cell._W0.contiguous(), *(w.contiguous() for w in cell._Ws),
-    )[0]  # fmt: skip
+    with _float32(inputs):
+        return RecurrentCellFunction.apply(
+            bn_args, inputs.contiguous(), hidden.contiguous(), probs.contiguous(), *masks,
+            cell._W0.contiguous(), *(w.contiguous() for w in cell._Ws),
+        )[0]  # fmt: skip
