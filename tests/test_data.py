@@ -156,8 +156,18 @@ def test_ptb_offline_says_where_to_put_files(cache: Path, offline: None) -> None
         load_ptb()
     message = str(info.value)
     assert str(cache / "ptb") in message and "ptb.train.txt" in message and "--data" in message
-    assert "network is unreachable" in message
+    assert "network is unreachable" in message and "offline?" in message
     assert not (cache / "ptb").exists() or not any((cache / "ptb").iterdir())
+
+
+def test_ptb_http_error_is_not_called_offline(cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def not_found(request: urllib.request.Request, timeout: float) -> None:
+        raise urllib.error.HTTPError(request.full_url, 404, "Not Found", None, None)
+
+    monkeypatch.setattr(urllib.request, "urlopen", not_found)
+    with pytest.raises(DataError, match="HTTP Error 404") as info:
+        load_ptb()
+    assert "offline" not in str(info.value)
 
 
 @needs_ptb

@@ -13,6 +13,7 @@ import os
 import shutil
 import tarfile
 import tempfile
+import urllib.error
 import urllib.request
 import zlib
 from collections.abc import Iterator
@@ -105,6 +106,11 @@ def download(url: str, dest: Path, algorithm: str, expected: str) -> None:
             if digest.hexdigest() != expected:
                 # Raising inside the block makes atomic_write discard the temporary file.
                 raise DownloadError(f"{url}: {algorithm} mismatch")
+    except urllib.error.HTTPError as e:  # the server answered, with an error
+        raise DownloadError(f"{url}: {e}") from e
+    except urllib.error.URLError as e:
+        # No reply at all (no route, no name resolution): most likely no network here.
+        raise DownloadError(f"{url}: no connection, offline? ({e.reason})") from e
     except (OSError, http.client.HTTPException) as e:
         raise DownloadError(f"{url}: {e}") from e
 
