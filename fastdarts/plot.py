@@ -201,7 +201,7 @@ def plot_genotype(genotype: Genotype, path: str | os.PathLike, engine: str = "au
         return "dot"
     cells = _cells(genotype)
     supported = FigureCanvasBase.get_supported_filetypes()
-    if fmt not in supported:
+    if fmt.lower() not in supported:  # matplotlib takes .PNG as png
         raise ConfigError(f"{path}: matplotlib cannot write .{fmt} (use {', '.join(supported)})")
     widest = max(len(_graph(genotype, c)[0]) for c in cells)
     size = (1.3 * widest, 0.5 * widest * len(cells))

@@ -80,7 +80,7 @@ _NON_NEGATIVE = (
 _PROBABILITIES = ("dropout", "dropouth", "dropoutx", "dropouti", "dropoute", "drop_path")
 _POSITIVE = (
     *("epoch_steps", "eval_batches", "log_every", "eval_batch_size", "test_batch_size"),
-    *("threads", "init_channels"),
+    *("threads", "init_channels", "emsize", "nhid"),
 )
 
 

@@ -15,7 +15,8 @@ def _atomic_replace(path: str | os.PathLike, write) -> None:
     """Write through ``write(file)`` to a temp file beside ``path``, then rename over it.
 
     A crash at any moment leaves either the old file or the new one, never a torn one. The
-    file gets the mode a plain open() would (0666 less the umask), not mkstemp's 0600.
+    file keeps the mode of the one it replaces, else gets the mode a plain open() would
+    (0666 less the umask), not mkstemp's 0600.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -25,18 +26,23 @@ def _atomic_replace(path: str | os.PathLike, write) -> None:
             write(f)
             f.flush()
             os.fsync(f.fileno())
-        os.chmod(tmp, 0o666 & ~_umask())
+        mode = path.stat().st_mode & 0o7777 if path.exists() else 0o666 & ~_UMASK
+        os.chmod(tmp, mode)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
 
 
-def _umask() -> int:
-    """The process's umask (read by setting it, so set back at once)."""
+def _read_umask() -> int:
+    """The process's umask, read once at import (reading it means setting it and setting it
+    back, which would race with another thread creating a file)."""
     mask = os.umask(0o022)
     os.umask(mask)
     return mask
+
+
+_UMASK = _read_umask()
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:

@@ -118,6 +118,9 @@ def test_bad_flags(tmp_path, args, fragments, cli):
         (["--space", "cnn", "--momentum", "-1"], "--momentum must be non-negative"),
         (["--seeds", "0", "--rank-train", "--bogus 1"], "--rank-train: unrecognized arguments"),
         (["--seeds", "0", "--rank-train", "--dropout 2"], "--rank-train: --dropout must lie in"),
+        (["--seeds", "0", "--rank-train", "--epochs 1 --help"], "the training's flags are"),
+        (["--seeds", "0,-1"], "--seed must lie in [0, 2^32), got -1"),
+        (["--emsize", "0", "--nhid", "0"], "--emsize must be positive, got 0"),
     ],
 )
 def test_bad_numbers_are_one_line_before_anything_runs(tmp_path, capsys, args, fragment):
@@ -137,9 +140,10 @@ def test_out_that_is_a_file_is_refused(tmp_path, capsys):
 
     afile = tmp_path / "afile"
     afile.write_text("mine")
-    assert main([*RNN_TINY, "--out", str(afile)]) == 2
-    assert "a file, not a folder" in capsys.readouterr().err
-    assert afile.read_text() == "mine"
+    for seeds in ([], ["--seeds", "0,1"]):
+        assert main([*RNN_TINY, *seeds, "--out", str(afile)]) == 2
+        assert "a file, not a folder" in capsys.readouterr().err
+        assert afile.read_text() == "mine"
 
 
 def test_resume_says_where_it_goes_on_and_when_nothing_is_left(tmp_path, capsys):
@@ -167,6 +171,10 @@ def test_resume_says_where_it_goes_on_and_when_nothing_is_left(tmp_path, capsys)
     assert config["resolved"] == {"device": "cpu", "backend": "reference"}
     for name in ("config.json", "alpha.json", "genotype.json", "checkpoint.pt"):
         assert (out / name).stat().st_mode & 0o777 == 0o644, name
+    # A file replaced keeps its mode.
+    (out / "config.json").chmod(0o640)
+    assert main(["--resume", "--max-steps", "2", "--out", str(out)]) == 0
+    assert (out / "config.json").stat().st_mode & 0o777 == 0o640
 
 
 def test_device_numbers_are_checked_and_made_current(monkeypatch):

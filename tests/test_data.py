@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import io
 import os
 import shutil
@@ -63,7 +64,7 @@ def no_download(monkeypatch: pytest.MonkeyPatch) -> None:
 @pytest.fixture
 def offline(monkeypatch: pytest.MonkeyPatch) -> None:
     def refuse(*args: object, **kwargs: object) -> None:
-        raise urllib.error.URLError("network is unreachable")
+        raise urllib.error.URLError(OSError(errno.ENETUNREACH, "network is unreachable"))
 
     monkeypatch.setattr(urllib.request, "urlopen", refuse)
 

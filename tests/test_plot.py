@@ -77,9 +77,10 @@ def test_cli_bad_input_is_one_line(tmp_path, capsys, args, out, fragment):
 
 
 def test_cli_draws_a_run_folder(tmp_path):
-    """A search's run folder, as derive takes it: its genotype.json."""
+    """A search's run folder, as derive takes it: its genotype.json (and an upper-case
+    extension, which matplotlib takes)."""
     save_genotype(NAMED_GENOTYPES["cnn"]["DARTS_V1"], tmp_path / "genotype.json")
-    out = tmp_path / "cell.png"
+    out = tmp_path / "cell.PNG"
     assert main([str(tmp_path), "-o", str(out), "--engine", "matplotlib"]) == 0
     assert out.read_bytes()[:8] == PNG
 

@@ -11,6 +11,7 @@ import hashlib
 import http.client
 import os
 import shutil
+import ssl
 import tarfile
 import tempfile
 import urllib.error
@@ -109,8 +110,11 @@ def download(url: str, dest: Path, algorithm: str, expected: str) -> None:
     except urllib.error.HTTPError as e:  # the server answered, with an error
         raise DownloadError(f"{url}: {e}") from e
     except urllib.error.URLError as e:
-        # No reply at all (no route, no name resolution): most likely no network here.
-        raise DownloadError(f"{url}: no connection, offline? ({e.reason})") from e
+        # No reply at all (no route, no name resolution, a timeout): most likely no network
+        # here. A TLS failure or a bad URL is said as it is.
+        offline = isinstance(e.reason, OSError) and not isinstance(e.reason, ssl.SSLError)
+        said = f"no connection, offline? ({e.reason})" if offline else str(e)
+        raise DownloadError(f"{url}: {said}") from e
     except (OSError, http.client.HTTPException) as e:
         raise DownloadError(f"{url}: {e}") from e
 

@@ -132,7 +132,8 @@ def _steps(x: Tensor, *shape: int) -> tuple[Tensor, ...]:
 
 # The loops below index precomputed tables of views (per node, one view per time step from
 # one unbind) where each node of each step took ~20 view ops (indexing, view, transpose):
-# a view costs the host about a microsecond, and a small step makes ~60,000 of them.
+# about a microsecond of host time each, and 44,600 of a small step's 55,012 ops (13,862
+# ops now; the tiny step's host time −29 %: benchmarks/results/README.md).
 
 
 def _forward_torch(

@@ -41,7 +41,7 @@ class Searcher(EpochRun):
 
     def __init__(self, cfg: SearchConfig) -> None:
         cfg = cfg.resolved()
-        self._validate(cfg)
+        self.validate(cfg)
         saved = self._open(cfg)
         self.device = distributed.init(self._prepare(saved))
         if cfg.cuda_graphs and self.device.type != "cuda":
@@ -53,7 +53,8 @@ class Searcher(EpochRun):
             self._restore(saved)
 
     @staticmethod
-    def _validate(cfg: SearchConfig) -> None:
+    def validate(cfg: SearchConfig) -> None:
+        """ConfigError unless ``cfg`` (resolved) is a search that can run."""
         more = [
             (cfg.order in (1, 2), f"--order must be 1 or 2, got {cfg.order}"),
             (cfg.dtype in DTYPES, f"--dtype must be float32 or float64, got {cfg.dtype}"),

@@ -22,7 +22,7 @@ from pathlib import Path
 from fastdarts import distributed
 from fastdarts.errors import ConfigError
 from fastdarts.search.config import SearchConfig
-from fastdarts.search.loop import run_search
+from fastdarts.search.loop import Searcher, run_search
 from fastdarts.utils import atomic_write_text
 
 PAPER_RANK_EPOCHS = {"cnn": 100, "rnn": 300}
@@ -50,17 +50,23 @@ def run_seeds(cfg: SearchConfig) -> dict | None:
     or None (the other ranks, which stop once the searches are done)."""
     seeds = parse_seeds(cfg.seeds or "")
     root = Path(cfg.out)
-    _train_config(cfg, root / f"seed-{seeds[0]}")  # --rank-train checked up front
-    if distributed.is_main() and not cfg.resume:
-        root.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(root / "config.json", json.dumps(cfg.to_dict(), indent=1))
+    if root.exists() and not root.is_dir():
+        raise ConfigError(f"--out {root}: a file, not a folder; choose another --out")
+    searches = []
     for seed in seeds:
         out = root / f"seed-{seed}"
         resume = cfg.resume and (out / "checkpoint.pt").is_file()
         one = dataclasses.replace(
             cfg, seed=seed, seeds=None, rank_train=None, out=str(out), resume=resume
         )
-        _say(f"seed {seed}: search in {out}")
+        Searcher.validate(one.resolved())  # every search's settings before the first runs
+        searches.append(one)
+    _train_config(cfg, root / f"seed-{seeds[0]}")  # and --rank-train's
+    if distributed.is_main():
+        root.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(root / "config.json", json.dumps(cfg.to_dict(), indent=1))
+    for one in searches:
+        _say(f"seed {one.seed}: search in {one.out}")
         run_search(one)
     if not distributed.is_main():
         return None
@@ -93,7 +99,10 @@ def _train_config(cfg: SearchConfig, run: Path):
     if cfg.resume and (out / "checkpoint.pt").is_file():
         argv.append("--resume")
     # The user's flags last, so they override the defaults above.
-    argv += shlex.split(cfg.rank_train or "")
+    flags = shlex.split(cfg.rank_train or "")
+    if {"-h", "--help"} & set(flags):
+        raise ConfigError("--rank-train: the training's flags are in fastdarts.train's --help")
+    argv += flags
     parser = build_parser()
 
     def error(message: str) -> None:
