@@ -174,8 +174,11 @@ def measure(args: argparse.Namespace) -> list[dict]:
     with cuda_dispatch(args.depthwise) as launches:
         for config in configs:
             cfg = search_config(args.space, args.order, args.config, config.overrides())
+            # Data for every step run (the lazy first, the count, the timed ones): a task
+            # past its data starts a new epoch, whose steps differ (ptb's last is short).
+            length = 2 + args.warmup + args.steps
             steps[config.name] = step_fn(
-                build_task(cfg, torch.device("cpu"), DTYPES[args.dtype], 4)
+                build_task(cfg, torch.device("cpu"), DTYPES[args.dtype], length)
             )
             steps[config.name]()
             rows.append(count(args, config, cfg.order, steps[config.name], launches))
