@@ -132,8 +132,9 @@ def _steps(x: Tensor, *shape: int) -> tuple[Tensor, ...]:
 
 # The loops below index precomputed tables of views (per node, one view per time step from
 # one unbind) where each node of each step took ~20 view ops (indexing, view, transpose):
-# about a microsecond of host time each, and 44,600 of a small step's 55,012 ops (13,862
-# ops now; the tiny step's host time −29 %: benchmarks/results/README.md).
+# about a microsecond of host time each; the small step's views were 44,642 of its 55,012
+# ops, most of them here (13,862 ops now; the tiny step's host time −29 %:
+# benchmarks/results/README.md).
 
 
 def _forward_torch(
