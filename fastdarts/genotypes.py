@@ -287,7 +287,8 @@ def load_genotype(spec: str | os.PathLike, space: str | None = None) -> Genotype
         raise ConfigError(f"{path}: not valid JSON ({e})") from None
     genotype = from_dict(data, source=str(path))
     if space is not None and space_of(genotype) != space:
-        raise ConfigError(f"{path}: a {space_of(genotype)} genotype, but the space is {space}")
+        found = {"rnn": "an rnn", "cnn": "a cnn"}[space_of(genotype)]
+        raise ConfigError(f"{path}: {found} genotype, but the space is {space}")
     return genotype
 
 

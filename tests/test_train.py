@@ -193,6 +193,11 @@ def test_genotype_file_of_the_other_space(tmp_path, capsys):
     save_genotype(NAMED_GENOTYPES["cnn"]["DARTS_V1"], path)
     code, _, err = run(capsys, *RNN_TINY, "--genotype", str(path), "--out", str(tmp_path / "r"))
     assert code == 2 and "a cnn genotype, but the space is rnn" in err
+    path = tmp_path / "rnn.json"
+    save_genotype(NAMED_GENOTYPES["rnn"]["DARTS_V1"], path)
+    args = ["--space", "cnn", "--genotype", str(path), "--out", str(tmp_path / "c")]
+    code, _, err = run(capsys, *args)
+    assert code == 2 and "an rnn genotype, but the space is cnn" in err
 
 
 def test_existing_run_and_foreign_checkpoints(tmp_path, capsys):
