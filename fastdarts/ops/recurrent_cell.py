@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -137,6 +138,40 @@ def _steps(x: Tensor, *shape: int) -> tuple[Tensor, ...]:
 # benchmarks/results/README.md).
 
 
+class _Views(NamedTuple):
+    """The views both passes index, per state k = 0..S or node j = 0..S-1 and time step
+    (each list item a tuple over t): the BatchNorm's output (B, N·D) and invstd (N·D), the
+    mixture's inputs (n, N·B, D) and (n, N·B, 2D) and its op weights (n, 5), each node's
+    slice of ch (T, n, B, N, 2D), the edges' offsets, and the state before each step
+    (B, N, D)."""
+
+    bn_out: list[tuple[Tensor, ...]]
+    bn_invstd: list[tuple[Tensor, ...]]
+    node_states: list[tuple[Tensor, ...]]
+    node_ch: list[tuple[Tensor, ...]]
+    node_probs: list[Tensor]
+    ch_nodes: list[Tensor]
+    offsets: list[int]
+    previous: tuple[Tensor, ...]
+
+    @classmethod
+    def of(cls, states, invstd, ch, probs, hidden, hiddens) -> _Views:
+        """From :func:`_cell_forward`'s outputs (states (T, S+1, B, N, D), …)."""
+        b, d, s = states.shape[2], states.shape[-1], states.shape[1] - 1
+        offsets = [j * (j + 1) // 2 for j in range(s)]
+        ch_nodes = [ch[:, o : o + j + 1] for j, o in enumerate(offsets)]
+        return cls(
+            bn_out=[_steps(states[:, k], b, -1) for k in range(s + 1)],
+            bn_invstd=[_steps(invstd[:, k], -1) for k in range(s + 1)],
+            node_states=[_steps(states[:, : j + 1], j + 1, -1, d) for j in range(s)],
+            node_ch=[_steps(c, j + 1, -1, 2 * d) for j, c in enumerate(ch_nodes)],
+            node_probs=[probs[o : o + j + 1] for j, o in enumerate(offsets)],
+            ch_nodes=ch_nodes,
+            offsets=offsets,
+            previous=(hidden, *hiddens[:-1].unbind(0)),
+        )
+
+
 def _forward_torch(
     inputs, hidden, probs, x_mask, h_mask, w0, ws, running_mean, running_var,
     num_batches_tracked, training, update, momentum, eps, hiddens, states, ch, c0h0, invstd,
@@ -212,16 +247,14 @@ def _cell_forward(inputs, hidden, probs, x_mask, h_mask, w0, ws, bn, hiddens, st
     # Per time step: its c0h0 (B, N, 2D) and _rows of it, the previous hidden state and
     # _rows of it (masked: of one buffer rewritten each step), the states after s0.
     c0s, c0_rows = c0h0.unbind(0), c0h0.transpose(1, 2).unbind(0)
-    previous = (hidden, *hiddens[:-1].unbind(0))
+    views = _Views.of(states, invstd, ch, probs, hidden, hiddens)
+    bn_out, bn_invstd, previous = views.bn_out, views.bn_invstd, views.previous
     if h_mask is None:
         previous_rows = (hidden.transpose(0, 1), *hiddens[:-1].transpose(1, 2).unbind(0))
     else:
         hm = torch.empty_like(hidden)
         previous_rows = (hm.transpose(0, 1),) * t_len
     step_hiddens, after_s0 = hiddens.unbind(0), states[:, 1:].unbind(0)
-    # Per state k = 0..S and time step: the BatchNorm's output (B, N·D) and invstd (N·D).
-    bn_out = [_steps(states[:, k], b, -1) for k in range(s + 1)]
-    bn_invstd = [_steps(invstd[:, k], -1) for k in range(s + 1)]
     # The masked states (s_0..S ⊙ mh), the projections' left operand: one buffer rewritten
     # each step, its views made once.
     masked = states.new_empty(states.shape[1:]) if h_mask is not None else None
@@ -229,17 +262,12 @@ def _cell_forward(inputs, hidden, probs, x_mask, h_mask, w0, ws, bn, hiddens, st
         h_mask_flat = h_mask.expand(b, n_samples, d).contiguous().view(b, -1)
         masked_flat = masked.view(s + 1, b, -1).unbind(0)
     # Per node j (n = j + 1 predecessors) and time step: the projection's left operand
-    # (N, n·B, D) and output (N, n·B, 2D), and the mixture's inputs (n, N·B, D | 2D).
-    offsets = [j * (j + 1) // 2 for j in range(s)]
+    # (N, n·B, D) and output (N, n·B, 2D).
     if masked is None:
         lhs = [_steps_rows(states[:, : j + 1]) for j in range(s)]
     else:
         lhs = [(_rows(masked[: j + 1]),) * t_len for j in range(s)]
-    ch_nodes = [ch[:, o : o + j + 1] for j, o in enumerate(offsets)]
-    proj_out = [_steps_rows(c) for c in ch_nodes]
-    node_ch = [_steps(c, j + 1, -1, 2 * d) for j, c in enumerate(ch_nodes)]
-    node_states = [_steps(states[:, : j + 1], j + 1, -1, d) for j in range(s)]
-    node_probs = [probs[o : o + j + 1] for j, o in enumerate(offsets)]
+    proj_out = [_steps_rows(c) for c in views.ch_nodes]
     x = hidden.new_empty(b * n_samples, d)  # the mixture's output, BatchNorm's input
     x_flat = x.view(b, -1)
     u = torch.empty_like(hidden)  # s0 before its BatchNorm
@@ -258,7 +286,7 @@ def _cell_forward(inputs, hidden, probs, x_mask, h_mask, w0, ws, bn, hiddens, st
             torch.mul(bn_out[0][t], h_mask_flat, out=masked_flat[0])
         for j, w in enumerate(ws):
             torch.bmm(lhs[j][t], w, out=proj_out[j][t])
-            args = (node_states[j][t], node_ch[j][t], node_probs[j])
+            args = (views.node_states[j][t], views.node_ch[j][t], views.node_probs[j])
             if node_kernels is None:
                 x_flat = torch.ops.fastdarts.recurrent_mixed(*args).view(b, -1)
             else:
@@ -325,15 +353,15 @@ def _cell_backward(grad, inputs, hidden, probs, x_mask, h_mask, w0, ws, hiddens,
     gs_nodes = [gs[: j + 1].view(j + 1, -1, d) for j in range(s)]
     gs_rows = [_rows(gs[: j + 1]) for j in range(s)]
     gxp = c0h0.new_empty(c0h0.shape)  # ∂L/∂[c0, h0] of every step
-    # Per state and time step: the BatchNorm's output (B, N·D) and invstd (N·D).
-    bn_out = [_steps(states[:, k], b, -1) for k in range(s + 1)]
-    bn_invstd = [_steps(invstd[:, k], -1) for k in range(s + 1)]
-    # Per node and time step: the mixture's inputs, and the projection's left operand
-    # transposed (N, D, n·B) for the weights' gradient (masked: of one buffer per step).
-    offsets = [j * (j + 1) // 2 for j in range(s)]
-    node_states = [_steps(states[:, : j + 1], j + 1, -1, d) for j in range(s)]
-    node_ch = [_steps(ch[:, o : o + j + 1], j + 1, -1, 2 * d) for j, o in enumerate(offsets)]
-    node_probs = [probs[o : o + j + 1] for j, o in enumerate(offsets)]
+    views = _Views.of(states, invstd, ch, probs, hidden, hiddens)
+    bn_out, bn_invstd, previous, offsets = (
+        views.bn_out,
+        views.bn_invstd,
+        views.previous,
+        views.offsets,
+    )
+    # Per node and time step: the projection's left operand transposed (N, D, n·B) for the
+    # weights' gradient (masked: of one buffer rewritten each step).
     if h_mask is None:
         lhs_t = [_steps_rows(states[:, : j + 1], transposed=True) for j in range(s)]
     else:
@@ -347,7 +375,6 @@ def _cell_backward(grad, inputs, hidden, probs, x_mask, h_mask, w0, ws, hiddens,
         ]
     grads = grad.unbind(0)
     c0s, gxps, gxp_rows = c0h0.unbind(0), gxp.unbind(0), gxp.transpose(1, 2).unbind(0)
-    previous = (hidden, *hiddens[:-1].unbind(0))
     if h_mask is None:
         previous_t = (hidden.permute(1, 2, 0), *hiddens[:-1].permute(0, 2, 3, 1).unbind(0))
     else:
@@ -364,7 +391,7 @@ def _cell_backward(grad, inputs, hidden, probs, x_mask, h_mask, w0, ws, hiddens,
         for j in reversed(range(s)):
             n, offset = j + 1, offsets[j]
             gx = batch_norm_backward(gs_flat[n], bn_out[n][t], bn_invstd[n][t])
-            args = (gx, node_states[j][t], node_ch[j][t], node_probs[j])
+            args = (gx, views.node_states[j][t], views.node_ch[j][t], views.node_probs[j])
             if kernels is None:
                 d_s, d_ch, d_p = torch.ops.fastdarts.recurrent_mixed_backward(*args)
                 gs[:n].add_(d_s.view(gs[:n].shape))
