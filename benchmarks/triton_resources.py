@@ -41,26 +41,33 @@ REGISTERS_PER_SM, MAX_WARPS_PER_SM = 65536, 64  # sm_80 and sm_90 alike
 
 def signature(names: str, dtype: str) -> dict[str, str]:
     """Triton signature from 'NAME:kind' pairs: f = *dtype, l = *i64 (index tensors built
-    as torch.long), i = a Python int (i32), c = constexpr."""
-    kinds = {"f": f"*{dtype}", "l": "*i64", "i": "i32", "c": "constexpr"}
+    as torch.long), i = a Python int (i32), d = a Python float annotated tl.float64,
+    c = constexpr."""
+    kinds = {"f": f"*{dtype}", "l": "*i64", "i": "i32", "d": "fp64", "c": "constexpr"}
     return {name: kinds[kind] for name, kind in (pair.split(":") for pair in names.split())}
 
 
 @dataclass(frozen=True)
 class Launch:
     """One way a launcher calls a kernel: its module, kernel, argument kinds and the
-    constexprs besides BLOCK (every launcher passes its module's BLOCK)."""
+    constexprs besides BLOCK (a launcher passes its module's BLOCK where the kernel takes
+    one)."""
 
     module: str
     kernel: str
     args: str
     constexprs: dict[str, Any] = field(default_factory=dict)
+    # What the launcher passes with them: more constexprs, and num_warps.
+    options: dict[str, Any] = field(default_factory=dict)
 
     def function(self):
         return getattr(triton_kernels(self.module), self.kernel)
 
     def constexpr_values(self) -> dict[str, Any]:
-        return {**self.constexprs, "BLOCK": triton_kernels(self.module).BLOCK}
+        given = {**self.constexprs, **{k: v for k, v in self.options.items() if k != "num_warps"}}
+        if "BLOCK:c" not in self.args.split():
+            return given
+        return {**given, "BLOCK": triton_kernels(self.module).BLOCK}
 
 
 _CONV_FORWARD = (
@@ -93,6 +100,12 @@ _DW_LAUNCHES = {
     for stage, stride in (("stage1", 1), ("stage1", 2), ("stage2", 1))
 }
 
+_BN_FORWARD = (
+    "S:f CH:f P:f Y:f INVSTD:f MEAN:f RM:f RV:f HMASK:f MASKED:f n:i B:i ND:i D:i factor:d eps:d"
+)
+_BN_TILE = "BLOCK_B:c BLOCK_C:c"
+_RNN_TILE = triton_kernels("recurrent_cell").tile_options(256)
+
 # Every launch the launchers in kernels/ make (conv_mixed's forward with and without an
 # accumulator, the depthwise kernels per stage, the pools per stride, the running BatchNorm
 # statistics); a test checks each argument list against the kernel's.
@@ -114,28 +127,46 @@ LAUNCHES = {
         "_forward_kernel",
         "S:f CH:f P:f OUT:f n:i B:i D:i BLOCK:c",
     ),
-    **{
-        f"rnn_backward{suffix}": Launch(
-            "recurrent_mixed",
-            "_backward_kernel",
-            "G:f S:f CH:f P:f DS:f DCH:f DP_PART:f n:i B:i D:i DP_STRIDE:c ACCUMULATE:c BLOCK:c",
-            # The op's launch: contiguous dP sums; the cell's: the paper cell's E·5 apart.
-            {"ACCUMULATE": accumulate, "DP_STRIDE": 36 * 5 if accumulate else 0},
-        )
-        for suffix, accumulate in (("", False), ("_acc", True))
-    },
-    "rnn_s0_forward": Launch(
-        "recurrent_cell", "_s0_forward_kernel", "C0H0:f H:f U:f total:i D:i BLOCK:c"
+    "rnn_backward": Launch(
+        "recurrent_mixed",
+        "_backward_kernel",
+        "G:f S:f CH:f P:f DS:f DCH:f DP_PART:f n:i B:i D:i BLOCK:c",
     ),
+    # The whole cell's fused BatchNorm kernels at the search's batch of 256 (one row chunk
+    # of 256 by 4 columns): the states' forward in training (updating the running
+    # statistics and masked, as the w step's passes; neither, as the α step's) and in
+    # evaluation, and the backwards in training.
     **{
-        f"rnn_s0_backward{suffix}": Launch(
+        f"rnn_{state}_bn_forward{suffix}": Launch(
             "recurrent_cell",
-            "_s0_backward_kernel",
-            "GU:f C0H0:f H:f MASK:f CARRY:f GXP:f HM:f total:i N:i D:i HAS_MASK:c BLOCK:c",
-            {"HAS_MASK": has_mask},
+            "_bn_forward_kernel",
+            f"{_BN_FORWARD} S0:c TRAINING:c UPDATE:c HAS_MASK:c {_BN_TILE}",
+            {"S0": state == "s0", "TRAINING": train, "UPDATE": train and mask},
+            _RNN_TILE,
         )
-        for suffix, has_mask in (("", False), ("_masked", True))
+        for state in ("s0", "node")
+        for suffix, train, mask in (
+            ("_masked", True, True),
+            ("", True, False),
+            ("_eval", False, False),
+        )
     },
+    "rnn_node_bn_backward": Launch(
+        "recurrent_cell",
+        "_node_bn_backward_kernel",
+        f"G:f Y:f INVSTD:f S:f CH:f P:f DS:f DCH:f DP_PART:f n:i B:i ND:i D:i DP_STRIDE:c "
+        f"TRAINING:c {_BN_TILE}",
+        {"DP_STRIDE": 36 * 5, "TRAINING": True},  # the paper cell's E·5 apart
+        _RNN_TILE,
+    ),
+    "rnn_s0_bn_backward_masked": Launch(
+        "recurrent_cell",
+        "_s0_bn_backward_kernel",
+        f"G:f Y:f INVSTD:f C0H0:f H:f MASK:f CARRY:f GXP:f HM:f B:i ND:i D:i TRAINING:c "
+        f"HAS_MASK:c {_BN_TILE}",
+        {"TRAINING": True, "HAS_MASK": True},
+        _RNN_TILE,
+    ),
     **_DW_LAUNCHES,
     "bn_running_stats": Launch("running_stats", "_update_kernel", _RUNNING_STATS),
     # Triton makes an integer argument equal to 1 a constant: n = 1 (a batch of one 1×1 map).
@@ -165,7 +196,8 @@ def compile_launch(name: str, dtype: str, arch: int):
         signature=signature(launch.args, dtype),
         constexprs=launch.constexpr_values(),
     )
-    return triton.compile(source, target=GPUTarget("cuda", arch, 32))
+    options = {"num_warps": launch.options.get("num_warps", 4)}  # 4: Triton's default
+    return triton.compile(source, target=GPUTarget("cuda", arch, 32), options=options)
 
 
 def cuobjdump() -> str | None:

@@ -3,8 +3,10 @@
 Each program takes BLOCK elements of the flattened (B, D) output and loops over the n
 predecessors: the forward reads S, C, H once and writes out; the backward reads g, S, C, H
 once and writes dS, dC, dH and its block's partial dP sums, which the launcher adds up in a
-fixed order (no atomics, so results are deterministic). Imported only on first use on CUDA
-(or under TRITON_INTERPRET=1 in the tests).
+fixed order (no atomics, so results are deterministic). The two loops are jit functions
+(:func:`_mixture`, :func:`_node_backward`) that the whole cell's fused kernels call on
+their tiles (``kernels/recurrent_cell.py``). Imported only on first use on CUDA (or under
+TRITON_INTERPRET=1 in the tests).
 """
 
 from __future__ import annotations
@@ -35,23 +37,32 @@ def _tanh(x):
 
 
 @triton.jit
-def _forward_kernel(S, CH, P, OUT, n, B, D, BLOCK: tl.constexpr):
-    j = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    mask = j < B * D
-    b = j // D
-    d = j - b * D
-    acc = tl.zeros([BLOCK], dtype=OUT.dtype.element_ty)
+def _mixture(S, CH, P, n, s_off, c_off, s_stride, c_stride, D, mask, acc):
+    """acc + the node's output at s_off: Σ_i over its n predecessors of the mixture of state
+    S[i] (at s_off + i·s_stride) with its projection [c, h] (CH at c_off + i·c_stride, h D
+    after c). Offsets and mask of any shape: a block of the flat output, or a tile."""
     for i in range(n):
         p1 = tl.load(P + i * 5 + 1)
         p2 = tl.load(P + i * 5 + 2)
         p3 = tl.load(P + i * 5 + 3)
         p4 = tl.load(P + i * 5 + 4)
-        s = tl.load(S + i * B * D + j, mask=mask, other=0)
-        c = tl.load(CH + (i * B + b) * 2 * D + d, mask=mask, other=0)
-        h = tl.load(CH + (i * B + b) * 2 * D + D + d, mask=mask, other=0)
+        s = tl.load(S + i * s_stride + s_off, mask=mask, other=0)
+        c = tl.load(CH + i * c_stride + c_off, mask=mask, other=0)
+        h = tl.load(CH + i * c_stride + c_off + D, mask=mask, other=0)
         sg = _sigmoid(c)
         f = p1 * _tanh(h) + p2 * tl.maximum(h, 0) + p3 * _sigmoid(h) + p4 * h
         acc += (1 - sg) * (p1 + p2 + p3 + p4) * s + sg * f
+    return acc
+
+
+@triton.jit
+def _forward_kernel(S, CH, P, OUT, n, B, D, BLOCK: tl.constexpr):
+    j = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = j < B * D
+    b = j // D
+    c_off = b * 2 * D + j - b * D
+    acc = tl.zeros([BLOCK], dtype=OUT.dtype.element_ty)
+    acc = _mixture(S, CH, P, n, j, c_off, B * D, B * 2 * D, D, mask, acc)
     tl.store(OUT + j, acc, mask=mask)
 
 
@@ -67,28 +78,25 @@ def _part(DP_PART, pid, i, n, DP_STRIDE: tl.constexpr):
 
 
 @triton.jit
-def _backward_kernel(
-    G, S, CH, P, DS, DCH, DP_PART, n, B, D, DP_STRIDE: tl.constexpr, ACCUMULATE: tl.constexpr,
-    BLOCK: tl.constexpr,
+def _node_backward(
+    g, S, CH, P, DS, DCH, DP_PART, block, n, s_off, c_off, s_stride, c_stride, D, mask,
+    DP_STRIDE: tl.constexpr, ACCUMULATE: tl.constexpr,
 ):  # fmt: skip
-    pid = tl.program_id(0)
-    j = pid * BLOCK + tl.arange(0, BLOCK)
-    mask = j < B * D
-    b = j // D
-    d = j - b * D
-    g = tl.load(G + j, mask=mask, other=0)  # zero past the end: adds nothing to dP
+    """The mixture's backward from its output gradient g (zero where masked), offsets as in
+    :func:`_mixture`: writes dS (added to with ACCUMULATE) and dCH where S and CH are read,
+    and dP's partial sums over g's elements as the block-th (see :func:`_part`)."""
     # Column 0 ('none') of the block's dP is zero, so the launcher's one sum over blocks is
     # the whole dP. (Stored in the loop below, triton 3.6 spilled the float64 kernel on sm_90.)
     for i in range(n):
-        tl.store(_part(DP_PART, pid, i, n, DP_STRIDE), 0.0)
+        tl.store(_part(DP_PART, block, i, n, DP_STRIDE), 0.0)
     if ACCUMULATE:
         # dS added to the whole cell's state gradients in place, in a loop of its own: in the
         # main loop the extra load gave the float32 kernel a stack frame on sm_90 (triton 3.6).
         for i in range(n):
             t = tl.load(P + i * 5 + 1) + tl.load(P + i * 5 + 2) + tl.load(P + i * 5 + 3)
             t += tl.load(P + i * 5 + 4)
-            so = i * B * D + j
-            c = tl.load(CH + (i * B + b) * 2 * D + d, mask=mask, other=0)
+            so = i * s_stride + s_off
+            c = tl.load(CH + i * c_stride + c_off, mask=mask, other=0)
             ds = tl.load(DS + so, mask=mask, other=0) + g * t * (1 - _sigmoid(c))
             tl.store(DS + so, ds, mask=mask)
     for i in range(n):
@@ -97,8 +105,8 @@ def _backward_kernel(
         p3 = tl.load(P + i * 5 + 3)
         p4 = tl.load(P + i * 5 + 4)
         t = p1 + p2 + p3 + p4
-        so = i * B * D + j
-        co = (i * B + b) * 2 * D + d
+        so = i * s_stride + s_off
+        co = i * c_stride + c_off
         s = tl.load(S + so, mask=mask, other=0)
         c = tl.load(CH + co, mask=mask, other=0)
         h = tl.load(CH + co + D, mask=mask, other=0)
@@ -114,11 +122,24 @@ def _backward_kernel(
         tl.store(DCH + co + D, g * sg * df, mask=mask)
         gs = g * s
         gsg = g * sg
-        part = _part(DP_PART, pid, i, n, DP_STRIDE)
-        tl.store(part + 1, tl.sum(gs + gsg * (th - s), axis=0))
-        tl.store(part + 2, tl.sum(gs + gsg * (rl - s), axis=0))
-        tl.store(part + 3, tl.sum(gs + gsg * (sh - s), axis=0))
-        tl.store(part + 4, tl.sum(gs + gsg * (h - s), axis=0))
+        part = _part(DP_PART, block, i, n, DP_STRIDE)
+        tl.store(part + 1, tl.sum(gs + gsg * (th - s)))
+        tl.store(part + 2, tl.sum(gs + gsg * (rl - s)))
+        tl.store(part + 3, tl.sum(gs + gsg * (sh - s)))
+        tl.store(part + 4, tl.sum(gs + gsg * (h - s)))
+
+
+@triton.jit
+def _backward_kernel(G, S, CH, P, DS, DCH, DP_PART, n, B, D, BLOCK: tl.constexpr):
+    pid = tl.program_id(0)
+    j = pid * BLOCK + tl.arange(0, BLOCK)
+    mask = j < B * D
+    b = j // D
+    c_off = b * 2 * D + j - b * D
+    g = tl.load(G + j, mask=mask, other=0)  # zero past the end: adds nothing to dP
+    _node_backward(
+        g, S, CH, P, DS, DCH, DP_PART, pid, n, j, c_off, B * D, B * 2 * D, D, mask, 0, False
+    )
 
 
 def forward(
@@ -138,11 +159,6 @@ def forward(
     return out
 
 
-def blocks(b: int, d: int) -> int:
-    """Programs per launch for a (B, D) output: the partial dP sums' first dim."""
-    return cdiv(b * d, BLOCK)
-
-
 def backward(
     grad: torch.Tensor,
     states: torch.Tensor,
@@ -152,46 +168,19 @@ def backward(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dstates (n, B, D), dch (n, B, 2D), dprobs (n, 5)) for grad (B, D); ``out`` if given
     (contiguous dstates, dch) receives the first two, every element written."""
-    n, b, d = states.shape
-    d_states, d_ch = (torch.empty_like(states), torch.empty_like(ch)) if out is None else out
-    parts = states.new_empty(blocks(b, d), n, K)
-    backward_into(grad, states, ch, probs, d_states, d_ch, parts)
-    return d_states, d_ch, parts.sum(0)
-
-
-def backward_into(
-    grad: torch.Tensor,
-    states: torch.Tensor,
-    ch: torch.Tensor,
-    probs: torch.Tensor,
-    d_states: torch.Tensor,
-    d_ch: torch.Tensor,
-    parts: torch.Tensor,
-    accumulate: bool = False,
-) -> None:
-    """:func:`backward` into given tensors: d_states (n, B, D) (added to with
-    ``accumulate``), d_ch (n, B, 2D), both contiguous, and dP's partial sums per program
-    ``parts`` (blocks(B, D), n, 5), a view whose rows may be apart (a slice of a larger
-    buffer: the whole cell sums every node's and step's at once)."""
     grad, states, ch = grad.contiguous(), states.contiguous(), ch.contiguous()
     probs = probs.contiguous()
     n, b, d = states.shape
     check_extent(ch.numel())
+    d_states, d_ch = (torch.empty_like(states), torch.empty_like(ch)) if out is None else out
     if not (d_states.is_contiguous() and d_ch.is_contiguous()):
         raise ValueError("recurrent_mixed.backward: d_states and d_ch must be contiguous")
     if d_states.shape != states.shape or d_ch.shape != ch.shape:
         raise ValueError("recurrent_mixed.backward: d_states and d_ch must match states and ch")
-    # Each program's n rows of K, apart from the next program's (no overlap, no expansion).
-    apart = parts.shape[0] == 1 or parts.stride(0) >= n * K
-    if parts.shape != (blocks(b, d), n, K) or parts.stride()[1:] != (K, 1) or not apart:
-        raise ValueError(
-            f"recurrent_mixed.backward: parts must be ({blocks(b, d)}, {n}, {K}) with rows "
-            f"{K} apart and programs at least {n * K} apart, got {tuple(parts.shape)} strided "
-            f"{parts.stride()}"
-        )
+    blocks = cdiv(b * d, BLOCK)
+    parts = states.new_empty(blocks, n, K)  # each program's partial dP sums
     with on_device(states):
-        _backward_kernel[(blocks(b, d),)](
-            grad, states, ch, probs, d_states, d_ch, parts, n, b, d,
-            DP_STRIDE=0 if parts.stride(0) == n * K else parts.stride(0),
-            ACCUMULATE=accumulate, BLOCK=BLOCK,
-        )  # fmt: skip
+        _backward_kernel[(blocks,)](
+            grad, states, ch, probs, d_states, d_ch, parts, n, b, d, BLOCK=BLOCK
+        )
+    return d_states, d_ch, parts.sum(0)

@@ -167,8 +167,7 @@ with cuda_dispatch(run=True) as launches:
     for _ in range(steps):
         fast.step()
 assert set(launches) == {
-    f"recurrent_{op}_kernel" for op in ("mixed._forward", "mixed._backward",
-                                        "cell._s0_forward", "cell._s0_backward")
+    f"recurrent_cell._{op}_kernel" for op in ("bn_forward", "node_bn_backward", "s0_bn_backward")
 }
 start = make_task("rnn", 1).model.arch_parameters()
 for a, b, s in zip(fast.model.arch_parameters(), ref.model.arch_parameters(), start):

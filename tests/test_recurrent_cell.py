@@ -402,14 +402,16 @@ def test_vmap_double_backward(impl):
     assert results[1][0].abs().max() > 1e-3
 
 
-# The s0 kernels and the node backward's accumulating launch into a dP buffer shared by
-# the whole cell (the CUDA path's), and the cell itself on that path, run by the
-# interpreter against the torch formulas, into NaN-filled outputs; rows = B·N with a tail
-# past the last full block, the mask shared by each batch index's N samples.
+# The fused state kernels (the CUDA path's: a state's input, BatchNorm and mask forward,
+# their backward with dS added in place and dP's partial sums into a slice of a buffer
+# shared by the whole cell) run by the interpreter into NaN-filled outputs, against autograd
+# through the torch formulas; and the cell itself on that path. Shapes: one row chunk and
+# one program; two row chunks (300 rows: 256 and a tail) and a tail of columns, two weight
+# samples interleaved.
 TRITON_SCRIPT = textwrap.dedent(
     """
-    from kernels import recurrent_cell as k, recurrent_mixed as km
-    from fastdarts.ops.recurrent_mixed import backward_reference
+    from kernels import recurrent_cell as k
+    from fastdarts.ops.recurrent_mixed import forward_reference
     gen = torch.Generator().manual_seed(47)
 
     def guarded(shape, dtype, fill=math.nan):
@@ -425,45 +427,94 @@ TRITON_SCRIPT = textwrap.dedent(
         for buf in bufs:
             assert buf[:64].isnan().all() and buf[-64:].isnan().all()
 
-    for dtype, tol in [(torch.float64, 1e-13), (torch.float32, 1e-5)]:
-        for B, N, D in [(3, 1, 37), (5, 2, 211)]:
+    def batch_norm(x, train, mean, invstd, eps=1e-5):
+        if train:
+            mean, invstd = x.mean(0), (x.var(0, unbiased=False) + eps).rsqrt()
+        return (x - mean) * invstd
+
+    for dtype, tol in [(torch.float64, 1e-12), (torch.float32, 1e-4)]:
+        for B, N, D in [(3, 1, 37), (300, 2, 13)]:
             def rand(*shape, scale=1.0):
                 return (torch.randn(*shape, generator=gen, dtype=torch.float64) * scale).to(dtype)
-            c0h0, h, gu = rand(B, N, 2 * D, scale=3), rand(B, N, D), rand(B, N, D)
+            n, nd = 3, N * D
+            states, ch, probs = rand(n, B * N, D), rand(n, B * N, 2 * D, scale=3), rand(n, 5)
+            probs = torch.softmax(probs, -1)
+            c0h0, h = rand(B, N, 2 * D, scale=3), rand(B, N, D)
             c0h0[0, 0, :3] = torch.tensor([40.0, -40.0, 0.0])
             mask = torch.bernoulli(torch.full((B, D), 0.6, dtype=dtype), generator=gen)
-            c, h0 = c0h0[..., :D], c0h0[..., D:]
-            sg, th = torch.sigmoid(c), torch.tanh(h0)
-            u, u_buf = guarded(h.shape, dtype)
-            k.s0_forward(c0h0, h, u)
-            torch.testing.assert_close(u, h + sg * (th - h), rtol=tol, atol=tol)
-            want = [gu * (1 - sg), torch.cat([gu * (th - h) * sg * (1 - sg),
-                                              gu * sg * (1 - th * th)], -1)]
-            for m in (mask, None):
-                (carry, c_buf), (gxp, g_buf) = guarded(h.shape, dtype), guarded(c0h0.shape, dtype)
-                hm, hm_buf = guarded(h.shape, dtype)
-                k.s0_backward(gu, c0h0, h, m, carry, gxp, None if m is None else hm)
-                for a, b in zip((carry, gxp), want):
-                    torch.testing.assert_close(a, b, rtol=tol, atol=tol)
-                if m is not None:
-                    torch.testing.assert_close(hm, h * m.unsqueeze(1), rtol=0, atol=0)
-                untouched(u_buf, c_buf, g_buf, hm_buf)
-            n = 3
-            s, ch, g = rand(n, B, D), rand(n, B, 2 * D, scale=3), rand(B, D)
-            p = torch.softmax(rand(n, 5), -1)
-            before = rand(n, B, D)
-            d_s, s_buf = guarded(before.shape, dtype, before)
-            d_ch, ch_buf = guarded(ch.shape, dtype)
-            # dP's partial sums into a slice of a wider buffer (rows apart), as the cell's
-            buffer = torch.full((km.blocks(B, D), n + 2, 5), math.nan, dtype=dtype)
-            km.backward_into(g, s, ch, p, d_s, d_ch, buffer[:, 1 : n + 1], accumulate=True)
-            want = backward_reference(g, s, ch, p)
-            torch.testing.assert_close(d_s, before + want[0], rtol=tol, atol=tol)
-            torch.testing.assert_close(d_ch, want[1], rtol=tol, atol=tol)
-            d_p = buffer[:, 1 : n + 1].sum(0)
-            torch.testing.assert_close(d_p, want[2], rtol=tol, atol=100 * tol)
-            assert buffer[:, 0].isnan().all() and buffer[:, -1].isnan().all()
-            untouched(s_buf, ch_buf)
+            mask_flat = mask.repeat(1, N)
+            g = rand(B, nd)
+            for train, update, masked in [(True, True, True), (True, False, False),
+                                          (False, False, True)]:
+                rm, rv = rand(nd), rand(nd).abs() + 0.5
+                mean, istd = rm, (rv + 1e-5).rsqrt()
+                for s0 in (True, False):
+                    leaves = [t.clone().requires_grad_() for t in
+                              ((c0h0, h) if s0 else (states, ch, probs))]
+                    if s0:
+                        c, h0 = leaves[0][..., :D], leaves[0][..., D:]
+                        x = leaves[1] + torch.sigmoid(c) * (torch.tanh(h0) - leaves[1])
+                    else:
+                        x = forward_reference(*leaves)
+                    x = x.reshape(B, nd)
+                    want_y = batch_norm(x, train, mean, istd)
+                    want_grads = torch.autograd.grad(want_y, leaves, g)
+                    want_y = want_y.detach()
+                    (y, y_buf), (inv, i_buf) = guarded((B, nd), dtype), guarded((nd,), dtype)
+                    m_out, m_buf = guarded((B, nd), dtype)
+                    if not train:
+                        inv.copy_(istd)
+                    stats = (rm.clone(), rv.clone())
+                    kw = dict(training=train, mean=mean, running=stats if update else None,
+                              factor=0.3, h_mask=mask_flat if masked else None,
+                              masked=m_out if masked else None)
+                    if s0:
+                        k.s0_bn_forward(c0h0, h, y, inv, **kw)
+                    else:
+                        k.node_bn_forward(states, ch, probs, y, inv, **kw)
+                    torch.testing.assert_close(y, want_y, rtol=tol, atol=tol)
+                    torch.testing.assert_close(inv, istd if not train else
+                                               (x.var(0, unbiased=False) + 1e-5).rsqrt())
+                    if masked:
+                        torch.testing.assert_close(m_out, want_y * mask_flat, rtol=tol, atol=tol)
+                    else:
+                        assert m_out.isnan().all()
+                    if update:  # torch's update: the unbiased variance
+                        want_rm = 0.7 * rm + 0.3 * x.detach().mean(0)
+                        want_rv = 0.7 * rv + 0.3 * x.detach().var(0)
+                        torch.testing.assert_close(stats[0], want_rm, rtol=tol, atol=tol)
+                        torch.testing.assert_close(stats[1], want_rv, rtol=tol, atol=tol)
+                    else:
+                        assert stats[0].equal(rm) and stats[1].equal(rv)
+                    untouched(y_buf, i_buf, m_buf)
+                    # Backward, from the kernel's own y and invstd.
+                    if s0:
+                        carry, c_buf = guarded(h.shape, dtype)
+                        gxp, g_buf = guarded(c0h0.shape, dtype)
+                        hm, hm_buf = guarded(h.shape, dtype)
+                        k.s0_bn_backward(g, y, inv, c0h0, h, mask if masked else None, carry,
+                                         gxp, hm if masked else None, training=train)
+                        torch.testing.assert_close(gxp, want_grads[0], rtol=tol, atol=tol)
+                        torch.testing.assert_close(carry, want_grads[1], rtol=tol, atol=tol)
+                        if masked:
+                            torch.testing.assert_close(hm, h * mask.unsqueeze(1), rtol=0, atol=0)
+                        else:
+                            assert hm.isnan().all()
+                        untouched(c_buf, g_buf, hm_buf)
+                        continue
+                    before = rand(*states.shape)
+                    d_s, s_buf = guarded(states.shape, dtype, before)
+                    d_ch, ch_buf = guarded(ch.shape, dtype)
+                    # dP's partial sums into a slice of a wider buffer (tiles apart), as the cell's
+                    buffer = torch.full((k.bn_blocks(B, nd), n + 2, 5), math.nan, dtype=dtype)
+                    k.node_bn_backward(g, y, inv, states, ch, probs, d_s, d_ch,
+                                       buffer[:, 1 : n + 1], training=train)
+                    torch.testing.assert_close(d_s, before + want_grads[0], rtol=tol, atol=tol)
+                    torch.testing.assert_close(d_ch, want_grads[1], rtol=tol, atol=tol)
+                    d_p = buffer[:, 1 : n + 1].sum(0)
+                    torch.testing.assert_close(d_p, want_grads[2], rtol=tol, atol=10 * tol)
+                    assert buffer[:, 0].isnan().all() and buffer[:, -1].isnan().all()
+                    untouched(s_buf, ch_buf)
 
     # The whole cell on this path (several programs per launch: B·D = 630), with and
     # without masks, in training and evaluation, one node and three, alone and as two

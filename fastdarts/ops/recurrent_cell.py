@@ -10,10 +10,12 @@ same tensors:
 - on the CPU with the extension, one C++ call (``csrc/recurrent_cell.cpp``): per time step
   one at::mm per projection (9 forward, 18 backward) and no other dispatched op;
 - elsewhere (CUDA), :func:`_forward_torch` / :func:`_backward_torch`: the same algorithm in
-  torch ops around the node op's kernels, into preallocated buffers, without autograd
-  recording each op: per node 4 launches forward and, with Triton, 5 backward (the
-  node-by-node cell took about 17), the first state's elementwise work one kernel each
-  way (``kernels/recurrent_cell.py``) and dP's partial sums reduced once per sequence.
+  torch ops, into preallocated buffers, without autograd recording each op. With Triton,
+  each state's input (a node's mixture, or s0's gate), its BatchNorm and its mask are one
+  kernel each way (``kernels/recurrent_cell.py``): per node 2 launches forward (with the
+  projection) and 3 backward, 4 with the hidden mask (the node-by-node cell took about
+  17), dP's partial sums reduced once per sequence. Without Triton, the node op's kernel
+  with torch's BatchNorm.
   Under vmap over weight samples (the batched w± passes) one call runs every sample, each
   node's kernels once for all (:class:`_BatchedCellFunction`).
 
@@ -207,8 +209,9 @@ def _cell_forward(inputs, hidden, probs, x_mask, h_mask, w0, ws, bn, hiddens, st
     (T, E, B, N, 2D), c0h0 (T, B, N, 2D) and invstd (T, S+1, N, D): sample k's slices are
     the op's outputs, and the samples interleave so that each node's mixture is one kernel
     over N·B rows and each BatchNorm one over N·D features (its statistics per sample).
-    Per node: one bmm (the projection), the mixture's kernel, one native_batch_norm and one
-    mul (the masked state for the next projections).
+    Per node: one bmm (the projection), then with Triton one fused kernel (mixture,
+    BatchNorm, the masked state for the next projections), else the mixture's op, one
+    native_batch_norm and one mul.
     """
     running_mean, running_var, num_batches_tracked, training, update, momentum, eps = bn
     n_samples, t_len, b, i = inputs.shape
@@ -227,19 +230,29 @@ def _cell_forward(inputs, hidden, probs, x_mask, h_mask, w0, ws, bn, hiddens, st
         invstd.copy_((running_var + eps).rsqrt().expand_as(invstd))
         mean = running_mean.repeat(n_samples)
 
+    def factor() -> float:
+        """The next BatchNorm call's running-statistics factor."""
+        return 1.0 / next(calls) if momentum < 0 else momentum
+
     def batch_norm(x: Tensor, out: Tensor, out_invstd: Tensor) -> None:
         """x, out (B, N·D); out_invstd (N·D)."""
         if not training:
             torch.mul(x - mean, out_invstd, out=out)
             return
-        factor = 1.0 / next(calls) if momentum < 0 else momentum
         aten.native_batch_norm.out(
-            x, None, None, *stats, True, factor, eps, out=out, save_mean=mean,
+            x, None, None, *stats, True, factor(), eps, out=out, save_mean=mean,
             save_invstd=out_invstd,
         )  # fmt: skip
 
+    def fused(launch, *args, out: Tensor, out_invstd: Tensor, masked_out) -> None:
+        """A state's input, its BatchNorm and mask in one Triton launch (``kernels``')."""
+        bn = {"factor": factor(), "running": stats if update else None} if training else {}
+        launch(
+            *args, out, out_invstd, training=training, mean=mean, eps=eps,
+            h_mask=None if masked_out is None else h_mask_flat, masked=masked_out, **bn,
+        )  # fmt: skip
+
     kernels = _cell_kernels(inputs.device)
-    node_kernels = None if kernels is None else triton_kernels("recurrent_mixed")
     h_mask = None if h_mask is None else h_mask.unsqueeze(1)  # (B, 1, D)
     xm = inputs if x_mask is None else inputs * x_mask
     torch.bmm(xm.view(n_samples, t_len * b, i), w0[:, :i], out=_rows(c0h0))
@@ -258,6 +271,7 @@ def _cell_forward(inputs, hidden, probs, x_mask, h_mask, w0, ws, bn, hiddens, st
     # The masked states (s_0..S ⊙ mh), the projections' left operand: one buffer rewritten
     # each step, its views made once.
     masked = states.new_empty(states.shape[1:]) if h_mask is not None else None
+    h_mask_flat, masked_flat = None, (None,) * (s + 1)
     if masked is not None:  # h_mask over a state's (B, N·D), and the buffer's per state
         h_mask_flat = h_mask.expand(b, n_samples, d).contiguous().view(b, -1)
         masked_flat = masked.view(s + 1, b, -1).unbind(0)
@@ -268,10 +282,9 @@ def _cell_forward(inputs, hidden, probs, x_mask, h_mask, w0, ws, bn, hiddens, st
     else:
         lhs = [(_rows(masked[: j + 1]),) * t_len for j in range(s)]
     proj_out = [_steps_rows(c) for c in views.ch_nodes]
-    x = hidden.new_empty(b * n_samples, d)  # the mixture's output, BatchNorm's input
-    x_flat = x.view(b, -1)
-    u = torch.empty_like(hidden)  # s0 before its BatchNorm
-    u_flat = u.view(b, -1)
+    if kernels is None:
+        u = torch.empty_like(hidden)  # s0 before its BatchNorm
+        u_flat = u.view(b, -1)
     for t in range(t_len):
         c0 = c0s[t]
         if masked is not None:
@@ -279,21 +292,24 @@ def _cell_forward(inputs, hidden, probs, x_mask, h_mask, w0, ws, bn, hiddens, st
         c0_rows[t].baddbmm_(previous_rows[t], w0h)
         if kernels is None:
             torch.lerp(previous[t], torch.tanh(c0[..., d:]), torch.sigmoid(c0[..., :d]), out=u)
+            batch_norm(u_flat, bn_out[0][t], bn_invstd[0][t])
+            if masked is not None:
+                torch.mul(bn_out[0][t], h_mask_flat, out=masked_flat[0])
         else:
-            kernels.s0_forward(c0, previous[t], u)
-        batch_norm(u_flat, bn_out[0][t], bn_invstd[0][t])
-        if masked is not None:
-            torch.mul(bn_out[0][t], h_mask_flat, out=masked_flat[0])
+            fused(kernels.s0_bn_forward, c0, previous[t], out=bn_out[0][t],
+                  out_invstd=bn_invstd[0][t], masked_out=masked_flat[0])  # fmt: skip
         for j, w in enumerate(ws):
             torch.bmm(lhs[j][t], w, out=proj_out[j][t])
             args = (views.node_states[j][t], views.node_ch[j][t], views.node_probs[j])
-            if node_kernels is None:
+            if kernels is None:
                 x_flat = torch.ops.fastdarts.recurrent_mixed(*args).view(b, -1)
+                batch_norm(x_flat, bn_out[j + 1][t], bn_invstd[j + 1][t])
+                if masked is not None:
+                    torch.mul(bn_out[j + 1][t], h_mask_flat, out=masked_flat[j + 1])
             else:
-                node_kernels.forward(*args, out=x)
-            batch_norm(x_flat, bn_out[j + 1][t], bn_invstd[j + 1][t])
-            if masked is not None:
-                torch.mul(bn_out[j + 1][t], h_mask_flat, out=masked_flat[j + 1])
+                fused(kernels.node_bn_forward, *args, out=bn_out[j + 1][t],
+                      out_invstd=bn_invstd[j + 1][t],
+                      masked_out=masked_flat[j + 1])  # fmt: skip
         torch.mean(after_s0[t], 0, out=step_hiddens[t])
 
 
@@ -316,16 +332,18 @@ def _cell_backward(grad, inputs, hidden, probs, x_mask, h_mask, w0, ws, hiddens,
     """:func:`_cell_forward`'s backward, in its layout: grad (T, B, N, D) → d_inputs, d_hidden,
     d_probs, d_w0 and d_ws, written (d_probs summed over the samples).
 
-    Per node: the BatchNorm's backward (one native_batch_norm_backward, from the normalised
-    output), the mixture's (the node op's kernel), the projection's (two bmms), and the
-    gradients accumulated in place.
+    Per node: the BatchNorm's backward and the mixture's (with Triton one fused kernel, else
+    one native_batch_norm_backward, from the normalised output, and the node op's), the
+    projection's (two bmms), and the gradients accumulated in place.
     """
     n_samples, t_len, b, i = inputs.shape
     d, s = hidden.shape[-1], len(ws)
     kernels = _cell_kernels(inputs.device)
-    # BatchNorm's gradient from its output y = x̂: native_batch_norm_backward with input y,
-    # mean 0, invstd 1 and the real invstd as the weight gives invstd·(g − ḡ − y·mean(g·y)).
-    zeros, ones = hidden.new_zeros(n_samples * d), hidden.new_ones(n_samples * d)
+    # BatchNorm's gradient from its output y = x̂ (torch ops; the Triton kernels compute it
+    # themselves): native_batch_norm_backward with input y, mean 0, invstd 1 and the real
+    # invstd as the weight gives invstd·(g − ḡ − y·mean(g·y)).
+    if kernels is None:
+        zeros, ones = hidden.new_zeros(n_samples * d), hidden.new_ones(n_samples * d)
 
     def batch_norm_backward(g: Tensor, y: Tensor, istd: Tensor) -> Tensor:
         """g, y (B, N·D), istd (N·D) → (B·N, D)."""
@@ -342,8 +360,7 @@ def _cell_backward(grad, inputs, hidden, probs, x_mask, h_mask, w0, ws, hiddens,
     carry_rows = carry.transpose(0, 1)
     if kernels is not None:
         # Every node's and step's partial dP sums, reduced once at the end.
-        node_kernels = triton_kernels("recurrent_mixed")
-        blocks = node_kernels.blocks(b * n_samples, d)
+        blocks = kernels.bn_blocks(b, n_samples * d)
         parts = probs.new_empty(t_len, blocks, *probs.shape)
         d_ch_all = ch.new_empty(s, b * n_samples, 2 * d)  # a node's dCH: the first n rows
     # ∂L/∂s_k of the current step (S+1, B, N, D), one buffer rewritten each step, and its
@@ -390,18 +407,21 @@ def _cell_backward(grad, inputs, hidden, probs, x_mask, h_mask, w0, ws, hiddens,
             torch.mul(states[t], h_mask, out=m)
         for j in reversed(range(s)):
             n, offset = j + 1, offsets[j]
-            gx = batch_norm_backward(gs_flat[n], bn_out[n][t], bn_invstd[n][t])
-            args = (gx, views.node_states[j][t], views.node_ch[j][t], views.node_probs[j])
+            node = (views.node_states[j][t], views.node_ch[j][t], views.node_probs[j])
             if kernels is None:
-                d_s, d_ch, d_p = torch.ops.fastdarts.recurrent_mixed_backward(*args)
+                gx = batch_norm_backward(gs_flat[n], bn_out[n][t], bn_invstd[n][t])
+                d_s, d_ch, d_p = torch.ops.fastdarts.recurrent_mixed_backward(gx, *node)
                 gs[:n].add_(d_s.view(gs[:n].shape))
                 if last:  # the gradient's first term: written, not added to zeros
                     d_probs[offset : offset + n].copy_(d_p)
                 else:
                     d_probs[offset : offset + n].add_(d_p)
                 d_ch = _rows(d_ch.view(n, b, n_samples, 2 * d))
-            else:  # the node kernel adds dS to gs itself, its dP sums to parts
-                node_kernels.backward_into(*args, gs_nodes[j], node_d_ch[j], node_parts[j][t], True)
+            else:  # BatchNorm's and the node's backward: dS added to gs, dP sums to parts
+                kernels.node_bn_backward(
+                    gs_flat[n], bn_out[n][t], bn_invstd[n][t], *node, gs_nodes[j],
+                    node_d_ch[j], node_parts[j][t], training=training,
+                )  # fmt: skip
                 d_ch = node_d_ch_rows[j]
             if last:
                 torch.bmm(lhs_t[j][t], d_ch, out=d_ws[j])
@@ -412,9 +432,8 @@ def _cell_backward(grad, inputs, hidden, probs, x_mask, h_mask, w0, ws, hiddens,
             else:
                 gs[:n].addcmul_(_samples(torch.bmm(d_ch, ws_t[j]), n, b), h_mask)
         # s0 = BN(u), u = h + σ(c0) (tanh(h0) − h)
-        gu = batch_norm_backward(gs_flat[0], bn_out[0][t], bn_invstd[0][t])
         if kernels is None:
-            gu = gu.view(carry.shape)
+            gu = batch_norm_backward(gs_flat[0], bn_out[0][t], bn_invstd[0][t]).view(carry.shape)
             sg, th = torch.sigmoid(c0[..., :d]), torch.tanh(c0[..., d:])
             torch.mul(gu, 1 - sg, out=carry)
             aten.sigmoid_backward.grad_input(
@@ -425,7 +444,10 @@ def _cell_backward(grad, inputs, hidden, probs, x_mask, h_mask, w0, ws, hiddens,
                 torch.mul(previous[t], h_mask, out=hm)
         else:
             masks = (None, None) if h_mask is None else (mask, hm)
-            kernels.s0_backward(gu, c0, previous[t], masks[0], carry, gxps[t], masks[1])
+            kernels.s0_bn_backward(
+                gs_flat[0], bn_out[0][t], bn_invstd[0][t], c0, previous[t], masks[0], carry,
+                gxps[t], masks[1], training=training,
+            )  # fmt: skip
         if last:
             torch.bmm(previous_t[t], gxp_rows[t], out=d_w0h)
         else:
