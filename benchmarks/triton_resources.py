@@ -151,22 +151,33 @@ LAUNCHES = {
             ("_eval", False, False),
         )
     },
-    "rnn_node_bn_backward": Launch(
-        "recurrent_cell",
-        "_node_bn_backward_kernel",
-        f"G:f Y:f INVSTD:f S:f CH:f P:f DS:f DCH:f DP_PART:f n:i B:i ND:i D:i DP_STRIDE:c "
-        f"TRAINING:c {_BN_TILE}",
-        {"DP_STRIDE": 36 * 5, "TRAINING": True},  # the paper cell's E·5 apart
-        _RNN_TILE,
-    ),
-    "rnn_s0_bn_backward_masked": Launch(
-        "recurrent_cell",
-        "_s0_bn_backward_kernel",
-        f"G:f Y:f INVSTD:f C0H0:f H:f MASK:f CARRY:f GXP:f HM:f B:i ND:i D:i TRAINING:c "
-        f"HAS_MASK:c {_BN_TILE}",
-        {"TRAINING": True, "HAS_MASK": True},
-        _RNN_TILE,
-    ),
+    **{
+        f"rnn_{state}_bn_backward{suffix}": Launch(
+            "recurrent_cell",
+            f"_{state}_bn_backward_kernel",
+            args,
+            # The node's dP sums the paper cell's E·5 apart.
+            {
+                "TRAINING": True,
+                "HAS_MASK": mask,
+                **({"DP_STRIDE": 36 * 5} if state == "node" else {}),
+            },
+            _RNN_TILE,
+        )
+        for state, args in (
+            (
+                "node",
+                f"G:f GM:f MASK:f Y:f INVSTD:f S:f CH:f P:f DS:f DCH:f DP_PART:f n:i B:i "
+                f"ND:i D:i DP_STRIDE:c TRAINING:c HAS_MASK:c {_BN_TILE}",
+            ),
+            (
+                "s0",
+                f"G:f GM:f MASK:f Y:f INVSTD:f C0H0:f H:f CARRY:f GXP:f HM:f B:i ND:i D:i "
+                f"TRAINING:c HAS_MASK:c {_BN_TILE}",
+            ),
+        )
+        for suffix, mask in (("_masked", True), ("", False))
+    },
     **_DW_LAUNCHES,
     "bn_running_stats": Launch("running_stats", "_update_kernel", _RUNNING_STATS),
     # Triton makes an integer argument equal to 1 a constant: n = 1 (a batch of one 1×1 map).

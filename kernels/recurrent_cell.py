@@ -7,9 +7,11 @@ matrix (rows b·N + k: the N weight samples interleaved; BatchNorm's statistics 
 One launch per state and pass computes the input, its statistics, the normalised output,
 the running statistics' update and the masked copy the next projections read; its backward
 one launch too, BatchNorm's gradient with the input's (for a node, dS added in place and
-dP's partial sums per tile). Before, a state took three launches forward besides its
-projection (the mixture's or u's kernel, torch's BatchNorm, the mask's mul) and two
-backward (torch's BatchNorm backward, then the mixture's or u's).
+dP's partial sums per tile), reading the state's gradient as two parts: the direct one and,
+with the hidden mask, the projections' (of the masked state) times the mask. Before, a
+state took three launches forward besides its projection (the mixture's or u's kernel,
+torch's BatchNorm, the mask's mul) and two backward (torch's BatchNorm backward, then the
+mixture's or u's), and a node's projection gradient with the mask an addcmul more.
 
 A program owns a block of columns and all B rows, so the statistics need no second launch:
 the rows in chunks of up to 256 (the search's batch is one chunk), the columns TILE / rows
@@ -35,12 +37,14 @@ TILE, MAX_ROWS = 1024, 256
 @triton.jit
 def _tile(q, B, ND, D, BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr):
     """Row chunk q of the program's columns of a (B, N·D) BatchNorm input: offsets into
-    it and into a (B·N, 2D) projection ([c, h] per row b·N + k), and the mask."""
+    it, into a (B·N, 2D) projection ([c, h] per row b·N + k) and into a (B, D) mask shared
+    by the N samples, and which elements are in range."""
     cols = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
-    rows = q * BLOCK_B + tl.arange(0, BLOCK_B)
+    rows = q * BLOCK_B + tl.arange(0, BLOCK_B)[:, None]
     k = cols // D
-    ok = (rows < B)[:, None] & (cols < ND)[None, :]
-    return rows[:, None] * ND + cols[None, :], rows[:, None] * 2 * ND + (cols + k * D)[None, :], ok
+    ok = (rows < B) & (cols < ND)[None, :]
+    return (rows * ND + cols[None, :], rows * 2 * ND + (cols + k * D)[None, :],
+            rows * D + (cols - k * D)[None, :], ok)  # fmt: skip
 
 
 @triton.jit
@@ -66,7 +70,7 @@ def _bn_forward_kernel(
         mean = tl.zeros([BLOCK_C], dtype=dtype)
         m2 = tl.zeros([BLOCK_C], dtype=dtype)
         for q in range(tl.cdiv(B, BLOCK_B)):
-            off, c_off, ok = _tile(q, B, ND, D, BLOCK_B, BLOCK_C)
+            off, c_off, _, ok = _tile(q, B, ND, D, BLOCK_B, BLOCK_C)
             x = _input(S, CH, P, n, off, c_off, ok, ND, B, D, S0, BLOCK_B, BLOCK_C, dtype)
             tl.store(Y + off, x, mask=ok)
             rows = tl.minimum(B - q * BLOCK_B, BLOCK_B).to(dtype)
@@ -87,14 +91,14 @@ def _bn_forward_kernel(
         # Pass 2 reads what other threads of the program wrote in pass 1.
         tl.debug_barrier()
         for q in range(tl.cdiv(B, BLOCK_B)):
-            off, c_off, ok = _tile(q, B, ND, D, BLOCK_B, BLOCK_C)
+            off, c_off, _, ok = _tile(q, B, ND, D, BLOCK_B, BLOCK_C)
             x = tl.load(Y + off, mask=ok, other=0)
             _normalized_store(x, mean, invstd, Y, HMASK, MASKED, off, ok, HAS_MASK)
     else:  # the running statistics: MEAN and INVSTD given, one pass
         mean = tl.load(MEAN + cols, mask=col_ok, other=0)
         invstd = tl.load(INVSTD + cols, mask=col_ok, other=0)
         for q in range(tl.cdiv(B, BLOCK_B)):
-            off, c_off, ok = _tile(q, B, ND, D, BLOCK_B, BLOCK_C)
+            off, c_off, _, ok = _tile(q, B, ND, D, BLOCK_B, BLOCK_C)
             x = _input(S, CH, P, n, off, c_off, ok, ND, B, D, S0, BLOCK_B, BLOCK_C, dtype)
             _normalized_store(x, mean, invstd, Y, HMASK, MASKED, off, ok, HAS_MASK)
 
@@ -116,16 +120,27 @@ def _input(S, CH, P, n, off, c_off, ok, ND, B, D, S0: tl.constexpr, BLOCK_B: tl.
 
 
 @triton.jit
-def _bn_grad_means(G, Y, B, ND, D, TRAINING: tl.constexpr, BLOCK_B: tl.constexpr,
-                   BLOCK_C: tl.constexpr):  # fmt: skip
-    """Per column of the program's, the means over the batch of g and g·y (y the BatchNorm's
-    output), which its backward subtracts; zeros in evaluation."""
+def _grad(G, GM, MASK, off, m_off, ok, HAS_MASK: tl.constexpr):
+    """A state's gradient at a tile: G's, plus with the hidden mask GM's ⊙ mask (GM: the
+    gradient of the masked state, which the next projections read)."""
+    g = tl.load(G + off, mask=ok, other=0)
+    if HAS_MASK:
+        g += tl.load(GM + off, mask=ok, other=0) * tl.load(MASK + m_off, mask=ok, other=0)
+    return g
+
+
+@triton.jit
+def _bn_grad_means(G, GM, MASK, Y, B, ND, D, TRAINING: tl.constexpr, HAS_MASK: tl.constexpr,
+                   BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr):  # fmt: skip
+    """Per column of the program's, the means over the batch of g and g·y (g as
+    :func:`_grad` reads it, y the BatchNorm's output), which its backward subtracts; zeros
+    in evaluation."""
     mg = tl.zeros([BLOCK_C], dtype=Y.dtype.element_ty)
     mgy = tl.zeros([BLOCK_C], dtype=Y.dtype.element_ty)
     if TRAINING:
         for q in range(tl.cdiv(B, BLOCK_B)):
-            off, _, ok = _tile(q, B, ND, D, BLOCK_B, BLOCK_C)
-            g = tl.load(G + off, mask=ok, other=0)
+            off, _, m_off, ok = _tile(q, B, ND, D, BLOCK_B, BLOCK_C)
+            g = _grad(G, GM, MASK, off, m_off, ok, HAS_MASK)
             mg += tl.sum(g, axis=0)
             mgy += tl.sum(g * tl.load(Y + off, mask=ok, other=0), axis=0)
         mg /= B
@@ -134,10 +149,12 @@ def _bn_grad_means(G, Y, B, ND, D, TRAINING: tl.constexpr, BLOCK_B: tl.constexpr
 
 
 @triton.jit
-def _bn_grad(G, Y, off, ok, mg, mgy, invstd, TRAINING: tl.constexpr):
-    """The BatchNorm input's gradient at a tile from its output's, g: invstd·(g − mean(g) −
-    y·mean(g·y)) in training, invstd·g in evaluation; zero where masked."""
-    g = tl.load(G + off, mask=ok, other=0)
+def _bn_grad(G, GM, MASK, Y, off, m_off, ok, mg, mgy, invstd, TRAINING: tl.constexpr,
+             HAS_MASK: tl.constexpr):  # fmt: skip
+    """The BatchNorm input's gradient at a tile from its output's, g (:func:`_grad`):
+    invstd·(g − mean(g) − y·mean(g·y)) in training, invstd·g in evaluation; zero where out
+    of range."""
+    g = _grad(G, GM, MASK, off, m_off, ok, HAS_MASK)
     if TRAINING:
         g = g - mg[None, :] - tl.load(Y + off, mask=ok, other=0) * mgy[None, :]
     return tl.where(ok, g * invstd[None, :], 0)
@@ -145,16 +162,17 @@ def _bn_grad(G, Y, off, ok, mg, mgy, invstd, TRAINING: tl.constexpr):
 
 @triton.jit
 def _node_bn_backward_kernel(
-    G, Y, INVSTD, S, CH, P, DS, DCH, DP_PART, n, B, ND, D, DP_STRIDE: tl.constexpr,
-    TRAINING: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr,
+    G, GM, MASK, Y, INVSTD, S, CH, P, DS, DCH, DP_PART, n, B, ND, D, DP_STRIDE: tl.constexpr,
+    TRAINING: tl.constexpr, HAS_MASK: tl.constexpr, BLOCK_B: tl.constexpr,
+    BLOCK_C: tl.constexpr,
 ):  # fmt: skip
     cols = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     invstd = tl.load(INVSTD + cols, mask=cols < ND, other=0)
-    mg, mgy = _bn_grad_means(G, Y, B, ND, D, TRAINING, BLOCK_B, BLOCK_C)
+    mg, mgy = _bn_grad_means(G, GM, MASK, Y, B, ND, D, TRAINING, HAS_MASK, BLOCK_B, BLOCK_C)
     chunks = tl.cdiv(B, BLOCK_B)
     for q in range(chunks):
-        off, c_off, ok = _tile(q, B, ND, D, BLOCK_B, BLOCK_C)
-        gx = _bn_grad(G, Y, off, ok, mg, mgy, invstd, TRAINING)
+        off, c_off, m_off, ok = _tile(q, B, ND, D, BLOCK_B, BLOCK_C)
+        gx = _bn_grad(G, GM, MASK, Y, off, m_off, ok, mg, mgy, invstd, TRAINING, HAS_MASK)
         _node_backward(
             gx, S, CH, P, DS, DCH, DP_PART, tl.program_id(0) * chunks + q, n, off, c_off,
             B * ND, B * 2 * ND, D, ok, DP_STRIDE, True,
@@ -163,15 +181,15 @@ def _node_bn_backward_kernel(
 
 @triton.jit
 def _s0_bn_backward_kernel(
-    G, Y, INVSTD, C0H0, H, MASK, CARRY, GXP, HM, B, ND, D, TRAINING: tl.constexpr,
+    G, GM, MASK, Y, INVSTD, C0H0, H, CARRY, GXP, HM, B, ND, D, TRAINING: tl.constexpr,
     HAS_MASK: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr,
 ):  # fmt: skip
     cols = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     invstd = tl.load(INVSTD + cols, mask=cols < ND, other=0)
-    mg, mgy = _bn_grad_means(G, Y, B, ND, D, TRAINING, BLOCK_B, BLOCK_C)
+    mg, mgy = _bn_grad_means(G, GM, MASK, Y, B, ND, D, TRAINING, HAS_MASK, BLOCK_B, BLOCK_C)
     for q in range(tl.cdiv(B, BLOCK_B)):
-        off, c_off, ok = _tile(q, B, ND, D, BLOCK_B, BLOCK_C)
-        gu = _bn_grad(G, Y, off, ok, mg, mgy, invstd, TRAINING)
+        off, c_off, m_off, ok = _tile(q, B, ND, D, BLOCK_B, BLOCK_C)
+        gu = _bn_grad(G, GM, MASK, Y, off, m_off, ok, mg, mgy, invstd, TRAINING, HAS_MASK)
         c = tl.load(C0H0 + c_off, mask=ok, other=0)
         h0 = tl.load(C0H0 + c_off + D, mask=ok, other=0)
         h = tl.load(H + off, mask=ok, other=0)
@@ -180,11 +198,8 @@ def _s0_bn_backward_kernel(
         tl.store(CARRY + off, gu * (1 - sg), mask=ok)
         tl.store(GXP + c_off, gu * (th - h) * sg * (1 - sg), mask=ok)
         tl.store(GXP + c_off + D, gu * sg * (1 - th * th), mask=ok)
-        if HAS_MASK:  # h ⊙ mh, the mask (B, D) shared by the N samples of a batch index
-            rows = q * BLOCK_B + tl.arange(0, BLOCK_B)
-            d = cols - (cols // D) * D
-            m = tl.load(MASK + rows[:, None] * D + d[None, :], mask=ok, other=0)
-            tl.store(HM + off, h * m, mask=ok)
+        if HAS_MASK:  # h ⊙ mh, for the projection's weight gradient
+            tl.store(HM + off, h * tl.load(MASK + m_off, mask=ok, other=0), mask=ok)
 
 
 def _check(name: str, *tensors: torch.Tensor) -> None:
@@ -300,12 +315,16 @@ def node_bn_backward(
     parts: torch.Tensor,
     *,
     training: bool,
+    grad_masked: torch.Tensor | None = None,
+    h_mask: torch.Tensor | None = None,
 ) -> None:
-    """:func:`node_bn_forward`'s backward from ∂L/∂out ``grad`` (B, N·D), its output y and
+    """:func:`node_bn_forward`'s backward from ∂L/∂out ``grad`` (B, N·D) (plus, with h_mask
+    (B, D), grad_masked ⊙ h_mask: the gradient of out ⊙ h_mask, (B, N·D)), its output y and
     invstd: dS added to d_states (n, B·N, D), dCH written to d_ch (n, B·N, 2D), dP's partial
     sums to ``parts`` (bn_blocks(B, N·D), n, 5), rows 5 apart and tiles at least n·5 apart
     (a slice of the whole cell's buffer)."""
-    _check("node_bn_backward", grad, y, invstd, states, ch, probs, d_states, d_ch)
+    masked = (grad_masked, h_mask) if h_mask is not None else ()
+    _check("node_bn_backward", grad, y, invstd, states, ch, probs, d_states, d_ch, *masked)
     n, b, nd = states.shape[0], *grad.shape
     if d_states.shape != states.shape or d_ch.shape != ch.shape:
         raise ValueError(
@@ -321,11 +340,13 @@ def node_bn_backward(
         )
     check_extent(ch.numel())
     options = tile_options(b)
+    # Without the mask its two pointers are never read: grad stands in (a tensor, not None).
+    gm, mask = masked or (grad, grad)
     with on_device(grad):
         _node_bn_backward_kernel[(cdiv(nd, options["BLOCK_C"]),)](
-            grad, y, invstd, states, ch, probs, d_states, d_ch, parts, n, b, nd,
+            grad, gm, mask, y, invstd, states, ch, probs, d_states, d_ch, parts, n, b, nd,
             states.shape[-1], DP_STRIDE=0 if parts.stride(0) == n * K else parts.stride(0),
-            TRAINING=training, **options,
+            TRAINING=training, HAS_MASK=h_mask is not None, **options,
         )  # fmt: skip
 
 
@@ -335,25 +356,27 @@ def s0_bn_backward(
     invstd: torch.Tensor,
     c0h0: torch.Tensor,
     h: torch.Tensor,
-    h_mask: torch.Tensor | None,
     carry: torch.Tensor,
     grad_c0h0: torch.Tensor,
-    h_masked: torch.Tensor | None,
     *,
     training: bool,
+    grad_masked: torch.Tensor | None = None,
+    h_mask: torch.Tensor | None = None,
+    h_masked: torch.Tensor | None = None,
 ) -> None:
-    """:func:`s0_bn_forward`'s backward from ∂L/∂out ``grad`` (B, N·D), its output y and
-    invstd: writes carry = ∂L/∂h through u (B, N, D), grad_c0h0 (B, N, 2D) and, with h_mask
-    (B, D), h_masked = h ⊙ mh (B, N, D); c0h0 and h as in s0_bn_forward."""
-    masked = (h_mask, h_masked) if h_mask is not None else ()
+    """:func:`s0_bn_forward`'s backward from ∂L/∂out ``grad`` (B, N·D) (plus, with h_mask
+    (B, D), grad_masked ⊙ h_mask as in :func:`node_bn_backward`), its output y and invstd:
+    writes carry = ∂L/∂h through u (B, N, D), grad_c0h0 (B, N, 2D) and, with h_mask,
+    h_masked = h ⊙ mh (B, N, D); c0h0 and h as in s0_bn_forward."""
+    masked = (grad_masked, h_mask, h_masked) if h_mask is not None else ()
     _check("s0_bn_backward", grad, y, invstd, c0h0, h, carry, grad_c0h0, *masked)
     b, nd = grad.shape
     check_extent(c0h0.numel())
     options = tile_options(b)
-    # Without the mask its two pointers are never read: carry stands in (a tensor, not None).
-    mask_ptr, masked_ptr = (h_mask, h_masked) if h_mask is not None else (carry, carry)
+    # Without the mask its pointers are never read: carry stands in (a tensor, not None).
+    gm, mask, hm = masked or (carry, carry, carry)
     with on_device(grad):
         _s0_bn_backward_kernel[(cdiv(nd, options["BLOCK_C"]),)](
-            grad, y, invstd, c0h0, h, mask_ptr, carry, grad_c0h0, masked_ptr, b, nd,
-            h.shape[-1], TRAINING=training, HAS_MASK=h_mask is not None, **options,
+            grad, gm, mask, y, invstd, c0h0, h, carry, grad_c0h0, hm, b, nd, h.shape[-1],
+            TRAINING=training, HAS_MASK=h_mask is not None, **options,
         )  # fmt: skip

@@ -443,7 +443,8 @@ TRITON_SCRIPT = textwrap.dedent(
             c0h0[0, 0, :3] = torch.tensor([40.0, -40.0, 0.0])
             mask = torch.bernoulli(torch.full((B, D), 0.6, dtype=dtype), generator=gen)
             mask_flat = mask.repeat(1, N)
-            g = rand(B, nd)
+            # ∂L/∂y, and ∂L/∂(y ⊙ mask) which the masked backward adds times the mask
+            g, gm = rand(B, nd), rand(B, nd)
             for train, update, masked in [(True, True, True), (True, False, False),
                                           (False, False, True)]:
                 rm, rv = rand(nd), rand(nd).abs() + 0.5
@@ -458,7 +459,8 @@ TRITON_SCRIPT = textwrap.dedent(
                         x = forward_reference(*leaves)
                     x = x.reshape(B, nd)
                     want_y = batch_norm(x, train, mean, istd)
-                    want_grads = torch.autograd.grad(want_y, leaves, g)
+                    g_all = g + gm * mask_flat if masked else g
+                    want_grads = torch.autograd.grad(want_y, leaves, g_all)
                     want_y = want_y.detach()
                     (y, y_buf), (inv, i_buf) = guarded((B, nd), dtype), guarded((nd,), dtype)
                     m_out, m_buf = guarded((B, nd), dtype)
@@ -492,8 +494,9 @@ TRITON_SCRIPT = textwrap.dedent(
                         carry, c_buf = guarded(h.shape, dtype)
                         gxp, g_buf = guarded(c0h0.shape, dtype)
                         hm, hm_buf = guarded(h.shape, dtype)
-                        k.s0_bn_backward(g, y, inv, c0h0, h, mask if masked else None, carry,
-                                         gxp, hm if masked else None, training=train)
+                        k.s0_bn_backward(g, y, inv, c0h0, h, carry, gxp, training=train,
+                                         **(dict(grad_masked=gm, h_mask=mask, h_masked=hm)
+                                            if masked else {}))
                         torch.testing.assert_close(gxp, want_grads[0], rtol=tol, atol=tol)
                         torch.testing.assert_close(carry, want_grads[1], rtol=tol, atol=tol)
                         if masked:
@@ -508,7 +511,8 @@ TRITON_SCRIPT = textwrap.dedent(
                     # dP's partial sums into a slice of a wider buffer (tiles apart), as the cell's
                     buffer = torch.full((k.bn_blocks(B, nd), n + 2, 5), math.nan, dtype=dtype)
                     k.node_bn_backward(g, y, inv, states, ch, probs, d_s, d_ch,
-                                       buffer[:, 1 : n + 1], training=train)
+                                       buffer[:, 1 : n + 1], training=train,
+                                       **(dict(grad_masked=gm, h_mask=mask) if masked else {}))
                     torch.testing.assert_close(d_s, before + want_grads[0], rtol=tol, atol=tol)
                     torch.testing.assert_close(d_ch, want_grads[1], rtol=tol, atol=tol)
                     d_p = buffer[:, 1 : n + 1].sum(0)

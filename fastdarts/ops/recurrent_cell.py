@@ -13,9 +13,10 @@ same tensors:
   torch ops, into preallocated buffers, without autograd recording each op. With Triton,
   each state's input (a node's mixture, or s0's gate), its BatchNorm and its mask are one
   kernel each way (``kernels/recurrent_cell.py``): per node 2 launches forward (with the
-  projection) and 3 backward, 4 with the hidden mask (the node-by-node cell took about
-  17), dP's partial sums reduced once per sequence. Without Triton, the node op's kernel
-  with torch's BatchNorm.
+  projection) and 3 backward (the node-by-node cell took about 17; the backward kernels
+  apply the hidden mask to the projections' gradient as they read it, where an addcmul
+  per node did), dP's partial sums reduced once per sequence. Without Triton, the node
+  op's kernel with torch's BatchNorm.
   Under vmap over weight samples (the batched w± passes) one call runs every sample, each
   node's kernels once for all (:class:`_BatchedCellFunction`).
 
@@ -367,6 +368,15 @@ def _cell_backward(grad, inputs, hidden, probs, x_mask, h_mask, w0, ws, hiddens,
     # views made once: per state (B, N·D), per node (n, N·B, D) and _rows.
     gs = states.new_empty(states.shape[1:])
     gs_flat = gs.view(s + 1, b, -1).unbind(0)
+    # With Triton and the hidden mask: ∂L/∂(s_k ⊙ mh) from the projections, which the state
+    # kernels add to gs times mh themselves (one launch per node, where an addcmul took two).
+    fold_mask = kernels is not None and h_mask is not None
+    if fold_mask:
+        gm = torch.empty_like(gs)
+        gm_flat = gm.view(s + 1, b, -1).unbind(0)
+        gm_rows = [_rows(gm[: j + 1]) for j in range(s)]
+    else:
+        gm_flat = (None,) * (s + 1)
     gs_nodes = [gs[: j + 1].view(j + 1, -1, d) for j in range(s)]
     gs_rows = [_rows(gs[: j + 1]) for j in range(s)]
     gxp = c0h0.new_empty(c0h0.shape)  # ∂L/∂[c0, h0] of every step
@@ -403,6 +413,8 @@ def _cell_backward(grad, inputs, hidden, probs, x_mask, h_mask, w0, ws, hiddens,
         c0 = c0s[t]
         gs[0].zero_()
         torch.div((grads[t] + carry).expand(s, *carry.shape), s, out=gs[1:])
+        if fold_mask:
+            gm.zero_()
         if h_mask is not None:
             torch.mul(states[t], h_mask, out=m)
         for j in reversed(range(s)):
@@ -420,7 +432,8 @@ def _cell_backward(grad, inputs, hidden, probs, x_mask, h_mask, w0, ws, hiddens,
             else:  # BatchNorm's and the node's backward: dS added to gs, dP sums to parts
                 kernels.node_bn_backward(
                     gs_flat[n], bn_out[n][t], bn_invstd[n][t], *node, gs_nodes[j],
-                    node_d_ch[j], node_parts[j][t], training=training,
+                    node_d_ch[j], node_parts[j][t], training=training, grad_masked=gm_flat[n],
+                    h_mask=mask if fold_mask else None,
                 )  # fmt: skip
                 d_ch = node_d_ch_rows[j]
             if last:
@@ -429,6 +442,8 @@ def _cell_backward(grad, inputs, hidden, probs, x_mask, h_mask, w0, ws, hiddens,
                 d_ws[j].baddbmm_(lhs_t[j][t], d_ch)
             if h_mask is None:
                 gs_rows[j].baddbmm_(d_ch, ws_t[j])
+            elif fold_mask:
+                gm_rows[j].baddbmm_(d_ch, ws_t[j])
             else:
                 gs[:n].addcmul_(_samples(torch.bmm(d_ch, ws_t[j]), n, b), h_mask)
         # s0 = BN(u), u = h + σ(c0) (tanh(h0) − h)
@@ -443,10 +458,10 @@ def _cell_backward(grad, inputs, hidden, probs, x_mask, h_mask, w0, ws, hiddens,
             if h_mask is not None:
                 torch.mul(previous[t], h_mask, out=hm)
         else:
-            masks = (None, None) if h_mask is None else (mask, hm)
             kernels.s0_bn_backward(
-                gs_flat[0], bn_out[0][t], bn_invstd[0][t], c0, previous[t], masks[0], carry,
-                gxps[t], masks[1], training=training,
+                gs_flat[0], bn_out[0][t], bn_invstd[0][t], c0, previous[t], carry, gxps[t],
+                training=training, grad_masked=gm_flat[0], h_mask=mask if fold_mask else None,
+                h_masked=hm if fold_mask else None,
             )  # fmt: skip
         if last:
             torch.bmm(previous_t[t], gxp_rows[t], out=d_w0h)
