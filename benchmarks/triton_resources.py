@@ -172,7 +172,7 @@ LAUNCHES = {
             ),
             (
                 "s0",
-                f"G:f GM:f MASK:f Y:f INVSTD:f C0H0:f H:f CARRY:f GXP:f HM:f B:i ND:i D:i "
+                f"G:f GM:f MASK:f Y:f INVSTD:f C0H0:f H:f CARRY:f GXP:f B:i ND:i D:i "
                 f"TRAINING:c HAS_MASK:c {_BN_TILE}",
             ),
         )

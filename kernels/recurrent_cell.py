@@ -181,7 +181,7 @@ def _node_bn_backward_kernel(
 
 @triton.jit
 def _s0_bn_backward_kernel(
-    G, GM, MASK, Y, INVSTD, C0H0, H, CARRY, GXP, HM, B, ND, D, TRAINING: tl.constexpr,
+    G, GM, MASK, Y, INVSTD, C0H0, H, CARRY, GXP, B, ND, D, TRAINING: tl.constexpr,
     HAS_MASK: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr,
 ):  # fmt: skip
     cols = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
@@ -198,8 +198,6 @@ def _s0_bn_backward_kernel(
         tl.store(CARRY + off, gu * (1 - sg), mask=ok)
         tl.store(GXP + c_off, gu * (th - h) * sg * (1 - sg), mask=ok)
         tl.store(GXP + c_off + D, gu * sg * (1 - th * th), mask=ok)
-        if HAS_MASK:  # h ⊙ mh, for the projection's weight gradient
-            tl.store(HM + off, h * tl.load(MASK + m_off, mask=ok, other=0), mask=ok)
 
 
 def _check(name: str, *tensors: torch.Tensor) -> None:
@@ -362,21 +360,20 @@ def s0_bn_backward(
     training: bool,
     grad_masked: torch.Tensor | None = None,
     h_mask: torch.Tensor | None = None,
-    h_masked: torch.Tensor | None = None,
 ) -> None:
     """:func:`s0_bn_forward`'s backward from ∂L/∂out ``grad`` (B, N·D) (plus, with h_mask
     (B, D), grad_masked ⊙ h_mask as in :func:`node_bn_backward`), its output y and invstd:
-    writes carry = ∂L/∂h through u (B, N, D), grad_c0h0 (B, N, 2D) and, with h_mask,
-    h_masked = h ⊙ mh (B, N, D); c0h0 and h as in s0_bn_forward."""
-    masked = (grad_masked, h_mask, h_masked) if h_mask is not None else ()
+    writes carry = ∂L/∂h through u (B, N, D) and grad_c0h0 (B, N, 2D); c0h0 and h as in
+    s0_bn_forward."""
+    masked = (grad_masked, h_mask) if h_mask is not None else ()
     _check("s0_bn_backward", grad, y, invstd, c0h0, h, carry, grad_c0h0, *masked)
     b, nd = grad.shape
     check_extent(c0h0.numel())
     options = tile_options(b)
     # Without the mask its pointers are never read: carry stands in (a tensor, not None).
-    gm, mask, hm = masked or (carry, carry, carry)
+    gm, mask = masked or (carry, carry)
     with on_device(grad):
         _s0_bn_backward_kernel[(cdiv(nd, options["BLOCK_C"]),)](
-            grad, gm, mask, y, invstd, c0h0, h, carry, grad_c0h0, hm, b, nd, h.shape[-1],
+            grad, gm, mask, y, invstd, c0h0, h, carry, grad_c0h0, b, nd, h.shape[-1],
             TRAINING=training, HAS_MASK=h_mask is not None, **options,
         )  # fmt: skip

@@ -121,12 +121,11 @@ def _samples(x: Tensor, n: int, b: int) -> Tensor:
     return x.transpose(0, 1).view(n, b, x.shape[0], x.shape[-1])
 
 
-def _steps_rows(x: Tensor, transposed: bool = False) -> tuple[Tensor, ...]:
-    """(T, n, B, N, F) → per time step :func:`_rows` (N, n·B, F), or with ``transposed``
-    its transpose (N, F, n·B): views, from one view and one unbind."""
+def _steps_rows(x: Tensor) -> tuple[Tensor, ...]:
+    """(T, n, B, N, F) → per time step :func:`_rows` (N, n·B, F): views, from one view and
+    one unbind."""
     t_len, n, b, n_samples, f = x.shape
-    x = x.view(t_len, n * b, n_samples, f)
-    return (x.permute(0, 2, 3, 1) if transposed else x.transpose(1, 2)).unbind(0)
+    return x.view(t_len, n * b, n_samples, f).transpose(1, 2).unbind(0)
 
 
 def _steps(x: Tensor, *shape: int) -> tuple[Tensor, ...]:
@@ -333,9 +332,10 @@ def _cell_backward(grad, inputs, hidden, probs, x_mask, h_mask, w0, ws, hiddens,
     """:func:`_cell_forward`'s backward, in its layout: grad (T, B, N, D) → d_inputs, d_hidden,
     d_probs, d_w0 and d_ws, written (d_probs summed over the samples).
 
-    Per node: the BatchNorm's backward and the mixture's (with Triton one fused kernel, else
-    one native_batch_norm_backward, from the normalised output, and the node op's), the
-    projection's (two bmms), and the gradients accumulated in place.
+    Per node and step: the BatchNorm's backward and the mixture's (with Triton one fused
+    kernel, else one native_batch_norm_backward, from the normalised output, and the node
+    op's) and the projection's input gradient (a bmm), the gradients accumulated in place.
+    The weights' gradients wait for the whole sequence: one bmm per node, and one for W0.
     """
     n_samples, t_len, b, i = inputs.shape
     d, s = hidden.shape[-1], len(ws)
@@ -363,7 +363,19 @@ def _cell_backward(grad, inputs, hidden, probs, x_mask, h_mask, w0, ws, hiddens,
         # Every node's and step's partial dP sums, reduced once at the end.
         blocks = kernels.bn_blocks(b, n_samples * d)
         parts = probs.new_empty(t_len, blocks, *probs.shape)
-        d_ch_all = ch.new_empty(s, b * n_samples, 2 * d)  # a node's dCH: the first n rows
+    # Every step's dCH, kept for the weights' gradients (as much memory as ch): node j's
+    # (T, n, B, N, 2D) contiguous, so that W_j's gradient is one bmm over the sequence where
+    # each step took a baddbmm_ (measured: benchmarks/results/README.md), and its per-step
+    # views (n, N·B, 2D) and _rows of them.
+    d_ch_seq = ch.new_empty(ch.numel())
+    d_ch_nodes = [
+        d_ch_seq[t_len * o * b * n_samples * 2 * d :][
+            : t_len * (j + 1) * b * n_samples * 2 * d
+        ].view(t_len, j + 1, b, n_samples, 2 * d)
+        for j, o in enumerate(j * (j + 1) // 2 for j in range(s))
+    ]
+    d_ch_steps = [_steps(c, j + 1, -1, 2 * d) for j, c in enumerate(d_ch_nodes)]
+    d_ch_rows = [_steps_rows(c) for c in d_ch_nodes]
     # ∂L/∂s_k of the current step (S+1, B, N, D), one buffer rewritten each step, and its
     # views made once: per state (B, N·D), per node (n, N·B, D) and _rows.
     gs = states.new_empty(states.shape[1:])
@@ -387,27 +399,11 @@ def _cell_backward(grad, inputs, hidden, probs, x_mask, h_mask, w0, ws, hiddens,
         views.previous,
         views.offsets,
     )
-    # Per node and time step: the projection's left operand transposed (N, D, n·B) for the
-    # weights' gradient (masked: of one buffer rewritten each step).
-    if h_mask is None:
-        lhs_t = [_steps_rows(states[:, : j + 1], transposed=True) for j in range(s)]
-    else:
-        m = torch.empty_like(gs)
-        lhs_t = [(_rows(m[: j + 1]).transpose(1, 2),) * t_len for j in range(s)]
     if kernels is not None:
         node_parts = [parts[:, :, o : o + j + 1].unbind(0) for j, o in enumerate(offsets)]
-        node_d_ch = [d_ch_all[: j + 1] for j in range(s)]
-        node_d_ch_rows = [
-            _rows(c.view(j + 1, b, n_samples, 2 * d)) for j, c in enumerate(node_d_ch)
-        ]
     grads = grad.unbind(0)
     c0s, gxps, gxp_rows = c0h0.unbind(0), gxp.unbind(0), gxp.transpose(1, 2).unbind(0)
-    if h_mask is None:
-        previous_t = (hidden.permute(1, 2, 0), *hiddens[:-1].permute(0, 2, 3, 1).unbind(0))
-    else:
-        hm = torch.empty_like(hidden)
-        previous_t = (hm.permute(1, 2, 0),) * t_len
-        mask = h_mask.squeeze(1)
+    mask = None if h_mask is None else h_mask.squeeze(1)
     for t in reversed(range(t_len)):
         last = t == t_len - 1
         c0 = c0s[t]
@@ -415,8 +411,6 @@ def _cell_backward(grad, inputs, hidden, probs, x_mask, h_mask, w0, ws, hiddens,
         torch.div((grads[t] + carry).expand(s, *carry.shape), s, out=gs[1:])
         if fold_mask:
             gm.zero_()
-        if h_mask is not None:
-            torch.mul(states[t], h_mask, out=m)
         for j in reversed(range(s)):
             n, offset = j + 1, offsets[j]
             node = (views.node_states[j][t], views.node_ch[j][t], views.node_probs[j])
@@ -428,18 +422,14 @@ def _cell_backward(grad, inputs, hidden, probs, x_mask, h_mask, w0, ws, hiddens,
                     d_probs[offset : offset + n].copy_(d_p)
                 else:
                     d_probs[offset : offset + n].add_(d_p)
-                d_ch = _rows(d_ch.view(n, b, n_samples, 2 * d))
+                d_ch_steps[j][t].copy_(d_ch)
             else:  # BatchNorm's and the node's backward: dS added to gs, dP sums to parts
                 kernels.node_bn_backward(
                     gs_flat[n], bn_out[n][t], bn_invstd[n][t], *node, gs_nodes[j],
-                    node_d_ch[j], node_parts[j][t], training=training, grad_masked=gm_flat[n],
-                    h_mask=mask if fold_mask else None,
+                    d_ch_steps[j][t], node_parts[j][t], training=training,
+                    grad_masked=gm_flat[n], h_mask=mask if fold_mask else None,
                 )  # fmt: skip
-                d_ch = node_d_ch_rows[j]
-            if last:
-                torch.bmm(lhs_t[j][t], d_ch, out=d_ws[j])
-            else:
-                d_ws[j].baddbmm_(lhs_t[j][t], d_ch)
+            d_ch = d_ch_rows[j][t]
             if h_mask is None:
                 gs_rows[j].baddbmm_(d_ch, ws_t[j])
             elif fold_mask:
@@ -455,18 +445,11 @@ def _cell_backward(grad, inputs, hidden, probs, x_mask, h_mask, w0, ws, hiddens,
                 gu * (th - previous[t]), sg, grad_input=gxps[t][..., :d]
             )
             aten.tanh_backward.grad_input(gu * sg, th, grad_input=gxps[t][..., d:])
-            if h_mask is not None:
-                torch.mul(previous[t], h_mask, out=hm)
         else:
             kernels.s0_bn_backward(
                 gs_flat[0], bn_out[0][t], bn_invstd[0][t], c0, previous[t], carry, gxps[t],
                 training=training, grad_masked=gm_flat[0], h_mask=mask if fold_mask else None,
-                h_masked=hm if fold_mask else None,
             )  # fmt: skip
-        if last:
-            torch.bmm(previous_t[t], gxp_rows[t], out=d_w0h)
-        else:
-            d_w0h.baddbmm_(previous_t[t], gxp_rows[t])
         if h_mask is None:
             carry_rows.baddbmm_(gxp_rows[t], w0h_t)
         else:
@@ -474,6 +457,23 @@ def _cell_backward(grad, inputs, hidden, probs, x_mask, h_mask, w0, ws, hiddens,
     d_hidden.copy_(carry)
     if kernels is not None:
         torch.sum(parts, (0, 1), out=d_probs)
+    # The weights' gradients over the whole sequence: per node, its states of every step
+    # (masked) into one buffer, one bmm with its dCH; for W0's hidden rows, the previous
+    # hidden states (masked) with ∂L/∂[c0, h0].
+    lhs = states.new_empty(t_len * s * b * n_samples * d)
+    for j in range(s):
+        lhs_j = lhs[: t_len * (j + 1) * b * n_samples * d].view(t_len, j + 1, b, n_samples, d)
+        if h_mask is None:
+            lhs_j.copy_(states[:, : j + 1])
+        else:
+            torch.mul(states[:, : j + 1], h_mask, out=lhs_j)
+        torch.bmm(_rows(lhs_j).transpose(1, 2), _rows(d_ch_nodes[j]), out=d_ws[j])
+    previous_seq = lhs[: t_len * b * n_samples * d].view(t_len, b, n_samples, d)
+    previous_seq[0].copy_(hidden)
+    previous_seq[1:].copy_(hiddens[:-1])
+    if h_mask is not None:
+        previous_seq.mul_(h_mask)
+    torch.bmm(_rows(previous_seq).transpose(1, 2), _rows(gxp), out=d_w0h)
     xm = inputs if x_mask is None else inputs * x_mask
     torch.bmm(xm.view(n_samples, t_len * b, i).transpose(1, 2), _rows(gxp), out=d_w0[:, :i])
     torch.bmm(_rows(gxp), w0[:, :i].transpose(1, 2), out=d_inputs.view(n_samples, t_len * b, i))
