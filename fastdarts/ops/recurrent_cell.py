@@ -12,10 +12,10 @@ same tensors:
 - elsewhere (CUDA), :func:`_forward_torch` / :func:`_backward_torch`: the same algorithm in
   torch ops, into preallocated buffers, without autograd recording each op. With Triton,
   each state's input (a node's mixture, or s0's gate), its BatchNorm and its mask are one
-  kernel each way (``kernels/recurrent_cell.py``): per node 2 launches forward (with the
-  projection) and 3 backward (the node-by-node cell took about 17; the backward kernels
-  apply the hidden mask to the projections' gradient as they read it, where an addcmul
-  per node did), dP's partial sums reduced once per sequence. Without Triton, the node
+  kernel each way (``kernels/recurrent_cell.py``): per node and step 2 launches forward
+  (with the projection) and 2 backward (the node-by-node cell took about 17; the backward
+  kernels apply the hidden mask to the projections' gradient as they read it), the
+  weights' gradients and dP's partial sums once per sequence. Without Triton, the node
   op's kernel with torch's BatchNorm.
   Under vmap over weight samples (the batched w± passes) one call runs every sample, each
   node's kernels once for all (:class:`_BatchedCellFunction`).
