@@ -200,6 +200,50 @@ def _s0_bn_backward_kernel(
         tl.store(GXP + c_off + D, gu * sg * (1 - th * th), mask=ok)
 
 
+# Per time step, around the states: each one launch where torch took two to four.
+STEP_BLOCK = 512
+
+
+@triton.jit
+def _hidden_kernel(STATES, H, HM, MASK, S, total, ND, D, HAS_MASK: tl.constexpr,
+                   BLOCK: tl.constexpr):  # fmt: skip
+    """h = the mean of the S states after s0 ((S, B, N, D) at STATES), and with the mask
+    h ⊙ mh for the next step's projection."""
+    j = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    ok = j < total
+    acc = tl.zeros([BLOCK], dtype=H.dtype.element_ty)
+    for k in range(S):
+        acc += tl.load(STATES + k * total + j, mask=ok, other=0)
+    h = acc / S
+    tl.store(H + j, h, mask=ok)
+    if HAS_MASK:
+        b = j // ND
+        m = tl.load(MASK + b * D + j - (j // D) * D, mask=ok, other=0)
+        tl.store(HM + j, h * m, mask=ok)
+
+
+@triton.jit
+def _step_grads_kernel(GRAD, CARRY, GC, MASK, GS, GM, S, total, ND, D, HAS_MASK: tl.constexpr,
+                       BLOCK: tl.constexpr):  # fmt: skip
+    """The states' gradients at the start of a backward step: g = ∂L/∂h_t (GRAD, from the
+    output, plus CARRY and, with the mask, GC ⊙ mh from the next step), each of the S states
+    after s0 g / S and s0 0 (GS (S+1, B, N, D)); with the mask GM (same shape) zeroed."""
+    j = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    ok = j < total
+    g = tl.load(GRAD + j, mask=ok, other=0) + tl.load(CARRY + j, mask=ok, other=0)
+    if HAS_MASK:
+        b = j // ND
+        m = tl.load(MASK + b * D + j - (j // D) * D, mask=ok, other=0)
+        g += tl.load(GC + j, mask=ok, other=0) * m
+    g = g / S
+    tl.store(GS + j, tl.zeros_like(g), mask=ok)
+    for k in range(1, S + 1):
+        tl.store(GS + k * total + j, g, mask=ok)
+    if HAS_MASK:
+        for k in range(S + 1):
+            tl.store(GM + k * total + j, tl.zeros_like(g), mask=ok)
+
+
 def _check(name: str, *tensors: torch.Tensor) -> None:
     if not all(t.is_contiguous() for t in tensors):
         raise ValueError(f"recurrent_cell.{name}: every tensor must be contiguous")
@@ -376,4 +420,48 @@ def s0_bn_backward(
         _s0_bn_backward_kernel[(cdiv(nd, options["BLOCK_C"]),)](
             grad, gm, mask, y, invstd, c0h0, h, carry, grad_c0h0, b, nd, h.shape[-1],
             TRAINING=training, HAS_MASK=h_mask is not None, **options,
+        )  # fmt: skip
+
+
+def hidden_out(
+    states: torch.Tensor,
+    out: torch.Tensor,
+    h_mask: torch.Tensor | None = None,
+    masked: torch.Tensor | None = None,
+) -> None:
+    """out (B, N, D) = the mean of states (S, B, N, D); with h_mask (B, D), masked (B, N, D)
+    = out ⊙ h_mask too."""
+    mask = (h_mask, masked) if h_mask is not None else ()
+    _check("hidden_out", states, out, *mask)
+    total, nd, d = out.numel(), out.shape[-2] * out.shape[-1], out.shape[-1]
+    check_extent(states.numel())
+    mask_ptr, masked_ptr = mask or (out, out)  # never read without the mask
+    with on_device(out):
+        _hidden_kernel[(cdiv(total, STEP_BLOCK),)](
+            states, out, masked_ptr, mask_ptr, states.shape[0], total, nd, d,
+            HAS_MASK=h_mask is not None, BLOCK=STEP_BLOCK,
+        )  # fmt: skip
+
+
+def step_grads(
+    grad: torch.Tensor,
+    carry: torch.Tensor,
+    gs: torch.Tensor,
+    *,
+    carry_masked: torch.Tensor | None = None,
+    h_mask: torch.Tensor | None = None,
+    gm: torch.Tensor | None = None,
+) -> None:
+    """A backward step's start: gs (S+1, B, N, D) = [0, g/S, …, g/S] for g = grad + carry
+    (+ carry_masked ⊙ h_mask, with h_mask (B, D)), all (B, N, D); with the mask gm (S+1, B,
+    N, D) zeroed too (the gradients of the masked states, which the step accumulates)."""
+    mask = (carry_masked, h_mask, gm) if h_mask is not None else ()
+    _check("step_grads", grad, carry, gs, *mask)
+    total, nd, d = grad.numel(), grad.shape[-2] * grad.shape[-1], grad.shape[-1]
+    check_extent(gs.numel())
+    gc, mask_ptr, gm_ptr = mask or (grad, grad, grad)  # never read without the mask
+    with on_device(grad):
+        _step_grads_kernel[(cdiv(total, STEP_BLOCK),)](
+            grad, carry, gc, mask_ptr, gs, gm_ptr, gs.shape[0] - 1, total, nd, d,
+            HAS_MASK=h_mask is not None, BLOCK=STEP_BLOCK,
         )  # fmt: skip

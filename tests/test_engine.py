@@ -167,7 +167,8 @@ with cuda_dispatch(run=True) as launches:
     for _ in range(steps):
         fast.step()
 assert set(launches) == {
-    f"recurrent_cell._{op}_kernel" for op in ("bn_forward", "node_bn_backward", "s0_bn_backward")
+    f"recurrent_cell._{op}_kernel"
+    for op in ("bn_forward", "node_bn_backward", "s0_bn_backward", "hidden", "step_grads")
 }
 start = make_task("rnn", 1).model.arch_parameters()
 for a, b, s in zip(fast.model.arch_parameters(), ref.model.arch_parameters(), start):

@@ -407,7 +407,7 @@ def test_vmap_double_backward(impl):
 # shared by the whole cell) run by the interpreter into NaN-filled outputs, against autograd
 # through the torch formulas; and the cell itself on that path. Shapes: one row chunk and
 # one program; two row chunks (300 rows: 256 and a tail) and a tail of columns, two weight
-# samples interleaved.
+# samples interleaved. Then the per-step kernels around the states.
 TRITON_SCRIPT = textwrap.dedent(
     """
     from kernels import recurrent_cell as k
@@ -513,6 +513,33 @@ TRITON_SCRIPT = textwrap.dedent(
                     torch.testing.assert_close(d_p, want_grads[2], rtol=tol, atol=10 * tol)
                     assert buffer[:, 0].isnan().all() and buffer[:, -1].isnan().all()
                     untouched(s_buf, ch_buf)
+
+    # The per-step kernels: the hidden state (mean of the states after s0, masked for the
+    # next projection) and a backward step's start (the states' gradients from ∂L/∂h_t
+    # and the carried parts), over B·N·D = 1,155 elements (three programs, a tail).
+    for dtype, tol in [(torch.float64, 1e-14), (torch.float32, 1e-6)]:
+        B, N, D, S = 7, 3, 55, 4
+        def rand(*shape):
+            return torch.randn(*shape, generator=gen, dtype=torch.float64).to(dtype)
+        mask = torch.bernoulli(torch.full((B, D), 0.6, dtype=dtype), generator=gen)
+        states, grad, carry, carry_m = rand(S, B, N, D), rand(B, N, D), rand(B, N, D), rand(B, N, D)
+        for masked in (True, False):
+            (h, h_buf), (hm, hm_buf) = guarded((B, N, D), dtype), guarded((B, N, D), dtype)
+            k.hidden_out(states, h, *((mask, hm) if masked else ()))
+            torch.testing.assert_close(h, states.mean(0), rtol=tol, atol=tol)
+            if masked:
+                torch.testing.assert_close(hm, h * mask.unsqueeze(1), rtol=0, atol=0)
+            else:
+                assert hm.isnan().all()
+            gs, gs_buf = guarded((S + 1, B, N, D), dtype)
+            gm, gm_buf = guarded((S + 1, B, N, D), dtype)
+            extra = dict(carry_masked=carry_m, h_mask=mask, gm=gm) if masked else {}
+            k.step_grads(grad, carry, gs, **extra)
+            g = grad + carry + (carry_m * mask.unsqueeze(1) if masked else 0)
+            want = torch.cat([torch.zeros_like(g)[None], (g / S).expand(S, B, N, D)])
+            torch.testing.assert_close(gs, want, rtol=tol, atol=tol)
+            assert gm.eq(0).all() if masked else gm.isnan().all()
+            untouched(h_buf, hm_buf, gs_buf, gm_buf)
 
     # The whole cell on this path (several programs per launch: B·D = 630), with and
     # without masks, in training and evaluation, one node and three, alone and as two

@@ -267,6 +267,8 @@ def _cell_forward(inputs, hidden, probs, x_mask, h_mask, w0, ws, bn, hiddens, st
     else:
         hm = torch.empty_like(hidden)
         previous_rows = (hm.transpose(0, 1),) * t_len
+        if kernels is not None:  # then each step's hidden kernel masks the next step's
+            torch.mul(hidden, h_mask, out=hm)
     step_hiddens, after_s0 = hiddens.unbind(0), states[:, 1:].unbind(0)
     # The masked states (s_0..S ⊙ mh), the projections' left operand: one buffer rewritten
     # each step, its views made once.
@@ -287,7 +289,7 @@ def _cell_forward(inputs, hidden, probs, x_mask, h_mask, w0, ws, bn, hiddens, st
         u_flat = u.view(b, -1)
     for t in range(t_len):
         c0 = c0s[t]
-        if masked is not None:
+        if masked is not None and kernels is None:
             torch.mul(previous[t], h_mask, out=hm)
         c0_rows[t].baddbmm_(previous_rows[t], w0h)
         if kernels is None:
@@ -310,7 +312,12 @@ def _cell_forward(inputs, hidden, probs, x_mask, h_mask, w0, ws, bn, hiddens, st
                 fused(kernels.node_bn_forward, *args, out=bn_out[j + 1][t],
                       out_invstd=bn_invstd[j + 1][t],
                       masked_out=masked_flat[j + 1])  # fmt: skip
-        torch.mean(after_s0[t], 0, out=step_hiddens[t])
+        if kernels is None:
+            torch.mean(after_s0[t], 0, out=step_hiddens[t])
+        elif masked is None:
+            kernels.hidden_out(after_s0[t], step_hiddens[t])
+        else:
+            kernels.hidden_out(after_s0[t], step_hiddens[t], h_mask.squeeze(1), hm)
 
 
 def _backward_torch(
@@ -387,6 +394,10 @@ def _cell_backward(grad, inputs, hidden, probs, x_mask, h_mask, w0, ws, hiddens,
         gm = torch.empty_like(gs)
         gm_flat = gm.view(s + 1, b, -1).unbind(0)
         gm_rows = [_rows(gm[: j + 1]) for j in range(s)]
+        # Likewise ∂L/∂(h_t ⊙ mh) from the next step's projection, which the next step's
+        # start adds to carry times mh.
+        carry_masked = torch.zeros_like(carry)
+        carry_masked_rows = carry_masked.transpose(0, 1)
     else:
         gm_flat = (None,) * (s + 1)
     gs_nodes = [gs[: j + 1].view(j + 1, -1, d) for j in range(s)]
@@ -407,10 +418,13 @@ def _cell_backward(grad, inputs, hidden, probs, x_mask, h_mask, w0, ws, hiddens,
     for t in reversed(range(t_len)):
         last = t == t_len - 1
         c0 = c0s[t]
-        gs[0].zero_()
-        torch.div((grads[t] + carry).expand(s, *carry.shape), s, out=gs[1:])
-        if fold_mask:
-            gm.zero_()
+        if kernels is None:
+            gs[0].zero_()
+            torch.div((grads[t] + carry).expand(s, *carry.shape), s, out=gs[1:])
+        elif fold_mask:
+            kernels.step_grads(grads[t], carry, gs, carry_masked=carry_masked, h_mask=mask, gm=gm)
+        else:
+            kernels.step_grads(grads[t], carry, gs)
         for j in reversed(range(s)):
             n, offset = j + 1, offsets[j]
             node = (views.node_states[j][t], views.node_ch[j][t], views.node_probs[j])
@@ -452,9 +466,14 @@ def _cell_backward(grad, inputs, hidden, probs, x_mask, h_mask, w0, ws, hiddens,
             )  # fmt: skip
         if h_mask is None:
             carry_rows.baddbmm_(gxp_rows[t], w0h_t)
+        elif fold_mask:
+            torch.bmm(gxp_rows[t], w0h_t, out=carry_masked_rows)
         else:
             carry.addcmul_(_samples(torch.bmm(gxp_rows[t], w0h_t), 1, b)[0], h_mask)
-    d_hidden.copy_(carry)
+    if fold_mask:
+        torch.addcmul(carry, carry_masked, h_mask, out=d_hidden)
+    else:
+        d_hidden.copy_(carry)
     if kernels is not None:
         torch.sum(parts, (0, 1), out=d_probs)
     # The weights' gradients over the whole sequence: per node, its states of every step
