@@ -16,8 +16,13 @@ mixture's or u's), and a node's projection gradient with the mask an addcmul mor
 A program owns a block of columns and all B rows, so the statistics need no second launch:
 the rows in chunks of up to 256 (the search's batch is one chunk), the columns TILE / rows
 wide. At the paper's size that is 75 programs of 16 warps (150 with the w± passes batched),
-against the node op's 150 of 4 and an H100's 132 SMs. Imported only on first use on CUDA
-(or under TRITON_INTERPRET=1).
+against the node op's 150 of 4 and an H100's 132 SMs.
+
+Around the states, each time step's remaining elementwise work is one launch each way:
+the hidden state (the mean of the states after s0) with its masked copy for the next
+step's projection, and a backward step's start (the states' gradients from ∂L/∂h_t and
+what the next step carried). Imported only on first use on CUDA (or under
+TRITON_INTERPRET=1).
 """
 
 from __future__ import annotations
@@ -200,7 +205,7 @@ def _s0_bn_backward_kernel(
         tl.store(GXP + c_off + D, gu * sg * (1 - th * th), mask=ok)
 
 
-# Per time step, around the states: each one launch where torch took two to four.
+# Per time step, around the states: one launch each, where torch ops took two to four.
 STEP_BLOCK = 512
 
 
