@@ -83,10 +83,10 @@ def fused_grads(module) -> dict[str, torch.Tensor]:
     grads = {}
     for name, m in fused.items():
         prefix = f"{name}." if name else ""
-        for _, g, key, store, idx, shape in m._state_entries():
+        for _, g, key, store, index in m._entries:
             p = m._get(store, g)
             if isinstance(p, torch.nn.Parameter):
-                grads[prefix + key] = p.grad.reshape(-1)[idx].view(shape)
+                grads[prefix + key] = p.grad[index]
     for name, p in module.named_parameters():
         if not any(f == "" or name.startswith(f + ".") for f in fused):
             grads[name] = p.grad
@@ -255,6 +255,202 @@ def test_load_state_dict_reports_missing_unexpected_and_bad_shapes():
     sd = ReferenceMixedOp(6, 1).state_dict()
     with pytest.raises(RuntimeError, match=r"size mismatch for _ops.4.op.1.weight"):
         fused.load_state_dict(sd)
+
+
+def _construct_model_from_theta(model, theta, make):
+    """The original DARTS second-order step (cnn/architect.py), verbatim in its logic: a new
+    model from a flat vector theta over ``named_parameters()``, through ``state_dict()``."""
+    model_new = make()
+    model_dict = model.state_dict()
+    params, offset = {}, 0
+    for k, v in model.named_parameters():
+        v_length = np.prod(v.size())
+        params[k] = theta[offset : offset + v_length].view(v.size())
+        offset += v_length
+    assert offset == len(theta)
+    model_dict.update(params)
+    model_new.load_state_dict(model_dict)
+    return model_new, params
+
+
+def _small_supernet(fused: bool, seed: int = 0) -> torch.nn.Module:
+    """An edge of each stride, a reduction cell's ops (2 steps) and a plain layer, with
+    non-trivial running statistics; the same state for ``fused`` False and True."""
+    torch.manual_seed(seed)
+    cell = torch.nn.ModuleList(
+        ReferenceMixedOp(4, 2 if j < 2 else 1) for i in range(2) for j in range(2 + i)
+    )
+    ref = torch.nn.ModuleDict(
+        dict(e1=ReferenceMixedOp(4, 1), e2=ReferenceMixedOp(4, 2), cell=cell)
+    ).double()
+    ref["head"] = torch.nn.Conv2d(4, 3, 1).double()
+    with torch.no_grad():
+        for name, buf in ref.named_buffers():
+            buf.copy_(torch.rand_like(buf, dtype=F64) + 0.5 if "running" in name else 7)
+    if not fused:
+        return ref
+    model = torch.nn.ModuleDict(
+        dict(e1=MixedOp(4, 1), e2=MixedOp(4, 2), cell=FusedCellOps(4, 2, 2, True))
+    ).double()
+    model["head"] = torch.nn.Conv2d(4, 3, 1).double()
+    model.load_state_dict(ref.state_dict())
+    return model
+
+
+def test_second_order_darts_step_loads_parameter_names():
+    """DARTS' architect writes named_parameters() (the batched names here) into a copy of
+    state_dict() and loads it into a new model: the new model has theta's values, and the
+    state the reference model gets from the same step."""
+    models = {}
+    for fused in (False, True):
+        model = _small_supernet(fused)
+        theta = torch.cat([p.detach().view(-1) for p in model.parameters()]) * 0.5 + 0.25
+        new, params = _construct_model_from_theta(
+            model, theta, lambda fused=fused: _small_supernet(fused, seed=1)
+        )
+        for name, p in new.named_parameters():
+            assert torch.equal(p, params[name]), name
+        old = model.state_dict()
+        for name, b in new.named_buffers():  # the statistics are the old model's
+            assert torch.equal(b, dict(model.named_buffers())[name]), name
+        assert list(new.state_dict()) == list(old)
+        models[fused] = new
+    want = models[False].state_dict()
+    assert list(models[True].state_dict()) == list(want)
+    for key, v in models[True].state_dict().items():
+        assert torch.equal(v, want[key]), key
+
+
+def test_load_state_dict_prefers_own_names_and_still_reports_bad_keys():
+    fused = MixedOp(4, 2).double()
+    sd = {k: v.clone() for k, v in fused.state_dict().items()}
+    mine, stats = torch.randn(4, 1, 3, 3, dtype=F64), torch.rand(16, dtype=F64)
+    sd["dw1_4_g0"], sd["run1_mean_g0"] = mine, stats
+    sd["_ops.4.op.1.weight"] = sd["_ops.4.op.1.weight"] + 1  # the same tensors, other values
+    sd["_ops.4.op.3.running_mean"] = sd["_ops.4.op.3.running_mean"] + 1
+    result = fused.load_state_dict(sd)
+    assert result.missing_keys == result.unexpected_keys == []
+    assert torch.equal(fused.dw1_4_g0, mine) and torch.equal(fused.run1_mean_g0, stats)
+    assert torch.equal(fused.state_dict()["_ops.4.op.3.running_mean"], stats[:4])
+    # Own names alone, or mixed with reference keys, load; what is neither is reported.
+    own = fused.state_dict()  # with its metadata: BatchNorm's current version
+    for k, v in own.items():
+        own[k] = v + 1
+    own.update((k, v.clone()) for k, v in fused.named_parameters())
+    del own["_ops.5.op.1.weight"], own["dw1_5_g0"], own["_ops.1.1.num_batches_tracked"]
+    own["dw1_9_g0"] = torch.zeros(1)
+    own["w_idx"] = fused.w_idx  # a non-persistent buffer, as nn.Module says
+    result = fused.load_state_dict(own, strict=False)
+    assert result.missing_keys == ["_ops.1.1.num_batches_tracked", "_ops.5.op.1.weight"]
+    assert result.unexpected_keys == ["dw1_9_g0", "w_idx"]
+    with pytest.raises(RuntimeError, match=r"Unexpected key\(s\) in state_dict: \"dw1_9_g0\""):
+        fused.load_state_dict(own)
+    with pytest.raises(RuntimeError, match=r"size mismatch for pw1_g0: copying a param"):
+        fused.load_state_dict({**fused.state_dict(), "pw1_g0": torch.zeros(3)})
+    with pytest.raises(RuntimeError, match=r"expected torch.Tensor .* received <class 'int'>"):
+        fused.load_state_dict({**fused.state_dict(), "_ops.4.op.1.weight": 0})
+
+
+def _without_num_batches_tracked(sd, bn_version):
+    """sd as saved by a PyTorch before BatchNorm's num_batches_tracked: BatchNorm metadata
+    version 1 (0.4.0), or (bn_version None) no BatchNorm metadata."""
+    old = type(sd)((k, v) for k, v in sd.items() if not k.endswith("num_batches_tracked"))
+    old._metadata = type(sd._metadata)()
+    for k, v in sd._metadata.items():
+        if v.get("version") != 2:
+            old._metadata[k] = v
+        elif bn_version is not None:
+            old._metadata[k] = dict(v, version=bn_version)
+    return old
+
+
+@pytest.mark.parametrize("bn_version", [1, None])
+@pytest.mark.parametrize("nested", [False, True])
+def test_checkpoints_without_num_batches_tracked_load_as_batchnorm_does(nested, bn_version):
+    def make(fused):
+        model = _small_supernet(fused)
+        return model if nested else model["e2"]
+
+    src = make(False).state_dict()
+    old = _without_num_batches_tracked(src, bn_version)
+    got = {}
+    for fused in (False, True):
+        fresh = make(fused)
+        with torch.no_grad():
+            for k, v in fresh.state_dict().items():
+                if k.endswith("num_batches_tracked"):
+                    v.zero_()
+        fresh.load_state_dict(old)  # strict
+        got[fused] = fresh.state_dict()
+    assert list(got[True]) == list(src)
+    for key, v in got[True].items():
+        want = torch.zeros((), dtype=torch.long) if key.endswith("tracked") else src[key]
+        assert torch.equal(v, want) and torch.equal(got[False][key], want), key
+    # Without metadata at all (version None: a hand-made dict), too.
+    make(True).load_state_dict({k: v for k, v in old.items()})
+
+
+@pytest.mark.parametrize("nested", [False, True])
+def test_a_current_checkpoint_missing_num_batches_tracked_fails(nested):
+    for source in (False, True):  # saved by the reference or by the drop-in
+        model = _small_supernet(source)
+        sd = model.state_dict() if nested else model["e2"].state_dict()
+        key = ("e2." if nested else "") + "_ops.4.op.3.num_batches_tracked"
+        del sd[key]
+        for fused in (False, True):
+            target = _small_supernet(fused)
+            target = target if nested else target["e2"]
+            with pytest.raises(RuntimeError, match=f'Missing key.*"{re.escape(key)}"'):
+                target.load_state_dict(sd)
+
+
+def _edit_like_ema(module: torch.nn.Module) -> None:
+    """timm's ModelEmaV2 updates through state_dict().values() in place: a different edit
+    of every entry (running variances stay positive)."""
+    gen = _gen(41)
+    with torch.no_grad():
+        for v in module.state_dict().values():
+            if v.is_floating_point():
+                v.mul_(0.5).add_(torch.rand(v.shape, generator=gen, dtype=F64).to(v.dtype))
+            else:
+                v.add_(int(torch.randint(1, 9, (), generator=gen)))
+
+
+@pytest.mark.parametrize("what", ["edge1", "edge2", "normal cell", "reduction cell"])
+def test_in_place_edits_through_state_dict_reach_the_module(what):
+    gen = _gen(42)
+    if what.startswith("edge"):
+        stride = int(what[-1])
+        ref, fused = make_edge(4, stride, F64, seed=12, train=False)
+        inputs = [torch.randn(2, 4, 6, 6, generator=gen, dtype=F64), _probs(gen)]
+    else:
+        ref, fused, _ = make_cell(4, what == "reduction cell", False, F64, seed=13, train=False)
+        states = [torch.randn(2, 4, 6, 6, generator=gen, dtype=F64) for _ in range(2)]
+        inputs = [*states, _probs(gen, 14)]
+    before = fused(*inputs)
+    for module in (ref, fused):
+        _edit_like_ema(module)
+    want, got = ref.state_dict(), fused.state_dict()
+    assert list(got) == list(want)
+    for key, v in want.items():
+        assert torch.equal(got[key], v), key
+    assert (fused(*inputs) - before).abs().max() > 1e-3
+    assert_close(fused(*inputs), ref(*inputs), F64)
+
+
+def test_state_dict_keep_vars_gives_views_that_require_grad():
+    ref, fused = ReferenceMixedOp(4, 2).double(), MixedOp(4, 2).double()
+    with torch.no_grad():  # as the reference's Parameters, even under no_grad
+        want, got = ref.state_dict(keep_vars=True), fused.state_dict(keep_vars=True)
+    assert [(k, v.shape, v.requires_grad) for k, v in want.items()] == [
+        (k, v.shape, v.requires_grad) for k, v in got.items()
+    ]
+    weight = got["_ops.4.op.1.weight"]
+    assert not isinstance(weight, torch.nn.Parameter) and not weight.is_leaf
+    with torch.no_grad():
+        weight.zero_()
+    assert not fused.dw1_4_g0.any()
+    assert all(not v.requires_grad for v in fused.state_dict().values())
 
 
 def test_drop_in_export():
@@ -438,6 +634,38 @@ def test_cell_ops_under_autocast_run_in_the_weights_dtype():
     bf16 = fused._ops([t.bfloat16().float() for t in states], w)
     torch.testing.assert_close(got, bf16, rtol=0, atol=0)
     assert (got - want).abs().max() < 0.1  # only the inputs were rounded
+
+
+@pytest.mark.parametrize("train", [True, False])
+def test_torch_compile_fullgraph_matches_eager(train):
+    """One graph (no break) for an edge of each stride and a reduction cell's ops, under
+    grad and no_grad: forward, every gradient (and α's alone, the architecture step) and
+    the running statistics equal eager mode's. aot_eager: Dynamo and AOTAutograd trace the
+    module as inductor's do, without a C++ compile per graph."""
+    gen = _gen(43)
+    cases = []
+    for stride in (1, 2):
+        x = torch.randn(2, 4, 6, 6, generator=gen, dtype=F64, requires_grad=True)
+        cases.append((make_edge(4, stride, F64, seed=14, train=train)[1], [x], _probs(gen)))
+    _, cell, _ = make_cell(4, True, False, F64, seed=15, train=train)
+    states = [torch.randn(2, 4, 6, 6, generator=gen, dtype=F64).requires_grad_() for _ in range(2)]
+    cases.append((cell._ops, [states], _probs(gen, 14)))
+    for eager, inputs, w in cases:
+        torch._dynamo.reset()
+        w.requires_grad_()
+        compiled_module = copy.deepcopy(eager)
+        compiled = torch.compile(compiled_module, fullgraph=True, backend="aot_eager")
+        leaves = [*(inputs[0] if isinstance(inputs[0], list) else inputs), w]
+        results = []
+        for module, fn in ((eager, eager), (compiled_module, compiled)):
+            out = fn(*inputs, w)
+            g = torch.randn(out.shape, generator=_gen(44), dtype=F64)
+            grads = torch.autograd.grad(out, [*leaves, *module.parameters()], g)
+            (d_w,) = torch.autograd.grad(fn(*inputs, w), w, g)
+            with torch.no_grad():
+                results.append([out, *grads, d_w, fn(*inputs, w), *module.state_dict().values()])
+        for got, want in zip(*results):
+            assert_close(got, want, F64)
 
 
 def test_custom_op_registration_passes_opcheck():
@@ -950,10 +1178,17 @@ def test_cpp_batch_norm_checks_its_inputs():
         (lambda x, w: (x[:, :3], w), ValueError, "x must be (B, 4, H, W)"),
         (lambda x, w: (x, w[:7]), ValueError, "weights must be (8,)"),
         (lambda x, w: (x, w[None]), ValueError, "weights must be (8,)"),
-        (lambda x, w: (x.half(), w.half()), TypeError, "float32 or float64"),
-        (lambda x, w: (x, w.float()), TypeError, "float32 or float64"),
-        (lambda x, w: (x, w.to("meta")), ValueError, "on one device"),
+        (lambda x, w: (x.half(), w.half()), TypeError, "x (torch.float16) must have the dtype"),
+        (lambda x, w: (x.float(), w.float()), TypeError, "x (torch.float32) must have the"),
+        (lambda x, w: (x, w.float()), TypeError, "weights (torch.float32) must have the"),
+        (lambda x, w: (x, w.long()), TypeError, "weights (torch.int64) must have the"),
+        (lambda x, w: (x, w.to("meta")), ValueError, "weights (meta) must be on the device"),
+        (lambda x, w: (x.to("meta"), w), ValueError, "x (meta) must be on the device"),
         (lambda x, w: (x, w.tolist()), TypeError, "weights must be a Tensor"),
+        (lambda x, w: (x.numpy(), w), TypeError, "x must be a Tensor"),
+        (lambda x, w: (x[:0], w), ValueError, "x must not be empty, got (0, 4, 5, 5)"),
+        (lambda x, w: (x[:, :, :0], w), ValueError, "x must not be empty, got (2, 4, 0, 5)"),
+        (lambda x, w: (x[..., :0], w), ValueError, "x must not be empty, got (2, 4, 5, 0)"),
     ],
 )
 def test_bad_edge_inputs_give_clear_errors(change, error, message):
@@ -968,8 +1203,83 @@ def test_bad_construction_and_stride_two_shapes():
         MixedOp(4, 3)
     with pytest.raises(ValueError, match="even channel count"):
         MixedOp(5, 2)
+    with pytest.raises(ValueError, match="MixedOp: C must be positive, got 0"):
+        MixedOp(0, 1)
+    with pytest.raises(TypeError, match="MixedOp: C must be an int, got float"):
+        MixedOp(4.0, 1)
+    with pytest.raises(ValueError, match="FusedCellOps: C must be positive, got -2"):
+        FusedCellOps(-2, 4, 4, False)
+    with pytest.raises(ValueError, match="FusedCellOps: steps must be positive, got 0"):
+        FusedCellOps(4, 0, 4, False)
+    with pytest.raises(ValueError, match="a reduction cell needs an even channel count"):
+        FusedCellOps(5, 4, 4, True)
     with pytest.raises(ValueError, match="stride 2 needs an even H and W"):
         MixedOp(4, 2).double()(torch.randn(2, 4, 5, 6, dtype=F64), _probs(_gen(20)))
+
+
+def _cell_inputs(reduction=False):
+    cell = FusedCellOps(4, 4, 4, reduction).double()
+    states = [torch.randn(2, 4, 6, 6, generator=_gen(30 + i), dtype=F64) for i in range(2)]
+    return cell, states, _probs(_gen(32), 14)
+
+
+@pytest.mark.parametrize(
+    "change, error, message",
+    [
+        (lambda s, w: (s, w[:, :7]), ValueError, "weights must be (14, 8)"),
+        (lambda s, w: (s, w[:13]), ValueError, "weights must be (14, 8)"),
+        (lambda s, w: (s, torch.cat([w, w[:1]])), ValueError, "weights must be (14, 8)"),
+        (lambda s, w: (s, w.reshape(-1)), ValueError, "weights must be (14, 8)"),
+        (lambda s, w: (s, w.float()), TypeError, "weights (torch.float32) must have the dtype"),
+        (lambda s, w: (s, w.to("meta")), ValueError, "weights (meta) must be on the device"),
+        (lambda s, w: (s, w.tolist()), TypeError, "weights must be a Tensor"),
+        (lambda s, w: (s[:1], w), ValueError, "states must be the cell's 2 preprocessed inputs"),
+        (lambda s, w: (s + s[:1], w), ValueError, "the cell's 2 preprocessed inputs, got 3"),
+        (lambda s, w: ([s[0], s[1][:, :3]], w), ValueError, "states[1] must be (B, 4, H, W)"),
+        (lambda s, w: ([s[0].repeat(1, 2, 1, 1), s[1]], w), ValueError, "states[0] must be (B, 4"),
+        (lambda s, w: ([s[0][0], s[1][0]], w), ValueError, "states[0] must be (B, 4, H, W)"),
+        (lambda s, w: ([s[0], s[1][:, :, :4, :4]], w), ValueError, "must have one shape"),
+        (lambda s, w: ([s[0], s[1][:1]], w), ValueError, "must have one shape"),
+        (lambda s, w: ([s[0][:0], s[1][:0]], w), ValueError, "states[0] must not be empty"),
+        (lambda s, w: ([s[0], s[1].float()], w), TypeError, "states[1] (torch.float32) must"),
+        (lambda s, w: ([t.half() for t in s], w.half()), TypeError, "states[0] (torch.float16)"),
+        (lambda s, w: ([t.to("meta") for t in s], w), ValueError, "states[0] (meta) must be on"),
+        (lambda s, w: ([s[0], s[1].tolist()], w), TypeError, "states[1] must be a Tensor"),
+    ],
+)
+def test_bad_cell_inputs_give_clear_errors(change, error, message):
+    cell, states, w = _cell_inputs()
+    with pytest.raises(error, match=re.escape(message)):
+        cell(*change(states, w))
+
+
+def test_reduction_cell_needs_even_sizes():
+    cell, states, w = _cell_inputs(reduction=True)
+    assert cell(states, w).shape == (2, 16, 3, 3)
+    odd = [t[:, :, :5] for t in states]
+    with pytest.raises(ValueError, match=re.escape("stride 2 needs an even H and W, got states")):
+        cell(odd, w)
+
+
+def test_modules_on_meta_give_shapes():
+    """On the meta device (shapes only), as the reference modules do."""
+    for train in (True, False):
+        edge = MixedOp(4, 2).to("meta").train(train)
+        x, w = torch.empty(2, 4, 6, 6, device="meta"), torch.empty(8, device="meta")
+        assert edge(x, w).shape == ReferenceMixedOp(4, 2).to("meta")(x, w).shape == (2, 4, 3, 3)
+        cell = FusedCellOps(4, 4, 4, True).to("meta").train(train)
+        out = cell([x, x], torch.empty(14, 8, device="meta"))
+        assert out.shape == (2, 16, 3, 3) and out.is_meta
+
+
+def test_edge_under_autocast_runs_in_the_weights_dtype():
+    gen = _gen(33)
+    _, edge = make_edge(4, 1, torch.float32, seed=10, train=False)
+    x, w = torch.randn(2, 4, 5, 5, generator=gen), _probs(gen, dtype=torch.float32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = edge(x.bfloat16(), w)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, edge(x.bfloat16().float(), w), rtol=0, atol=0)
 
 
 def test_bad_mix_inputs_give_clear_errors():

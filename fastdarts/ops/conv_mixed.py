@@ -35,6 +35,7 @@ weights in the batched layout and read and write the reference state_dict keys.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 
@@ -93,6 +94,13 @@ def mix_backward_reference(
 def _has_cpp(op: str = "conv_mix_forward") -> bool:
     # An extension built before a kernel existed lacks its function.
     return hasattr(extension(), op)
+
+
+# A constant to torch.compile, which would otherwise trace into extension() (Dynamo ignores
+# its functools.cache) and break the graph at the import there. This is what
+# torch.compiler.assume_constant_result sets; that function imports torch._dynamo, and with
+# it Triton, which ``import fastdarts`` must not.
+_has_cpp._dynamo_marked_constant = True
 
 
 def _cpp(x: Tensor, name: str) -> bool:
@@ -493,7 +501,10 @@ def _engine_wants(ctx, arg: int, edge: int) -> bool:
 
     ``ctx.needs_input_grad`` only says the input requires grad; the engine's plan says
     whether this pass reaches it (``autograd.grad(loss, alphas)`` does not reach the weights).
+    Traced (torch.compile) there is no engine to ask, nor ``next_functions``: every gradient.
     """
+    if torch.compiler.is_compiling():
+        return ctx.needs_input_grad[arg]
     node = ctx.next_functions[edge][0] if ctx.needs_input_grad[arg] else None
     if node is None:
         return False
@@ -578,7 +589,15 @@ def depthwise(
     one stride; every shape gives the same H', W' → (B, Σ Ch_t, H', W'), shapes in order.
     With ``relu`` they read relu(x) (fused: no ReLU output, and its gradient's mask applied
     in the backward kernel)."""
-    return DepthwiseFunction.apply(x.contiguous(), stride, pads, dils, in_offsets, relu, *weights)
+    x = x.contiguous()
+    if torch.compiler.is_compiling() and not (
+        torch.is_grad_enabled() and any(t.requires_grad for t in (x, *weights))
+    ):
+        # Dynamo (torch 2.14) traces a Function that needs no gradient by inlining its
+        # forward, and hands a forward with *args its ctx as the first argument (as x
+        # here): the op that the forward calls, directly.
+        return _dw_op(x, list(weights), stride, pads, dils, in_offsets, relu)
+    return DepthwiseFunction.apply(x, stride, pads, dils, in_offsets, relu, *weights)
 
 
 # -- grouped pointwise (1×1) convolutions -------------------------------------------------
@@ -897,7 +916,8 @@ class _Group:
     mixture's sources: [the stage-1 block (4EC; its last 2EC, the dil convs, are read) | sep
     convs (2EC) | pools (2·n_in·C) | skip: the inputs (n_in·C) or FR (EC)]. Running
     statistics of the BNs folded into the mixture: [sep convs (2EC) | pools [p][e][c] (2EC) |
-    FR (EC)].
+    FR [e][c] (EC)]. Every reference state_dict entry is a basic slice of one tensor (see
+    :meth:`state_map`), so state_dict() can return views.
     """
 
     def __init__(self, C: int, stride: int, n_in: int, n_out: int, edges: list[tuple]):
@@ -931,41 +951,38 @@ class _Group:
         h = self.C // 2
         return [(c // h) * self.E * h + e * h + c % h for c in range(self.C)]
 
-    def state_map(self, e: int) -> list[tuple[str, str, Tensor, tuple[int, ...]]]:
-        """(key, storage, flat element index, shape) of edge e's reference state_dict
-        entries, in the reference order."""
+    def state_map(self, e: int) -> list[tuple[str, str, tuple[int | slice, ...]]]:
+        """(key, storage, index) of edge e's reference state_dict entries, in the reference
+        order: ``storage[index]`` (a basic index, so a view) is the entry, of its shape."""
         C, E = self.C, self.E
-        shapes, prefix, entries = self.shapes(), self.edges[e][0], []
+        prefix, entries = self.edges[e][0], []
 
         def weight(key: str, name: str, first_row: int, rows: int) -> None:
-            shape = shapes[name]
-            idx = torch.arange(math.prod(shape)).view(shape[0], -1)[first_row : first_row + rows]
-            entries.append((prefix + key, name, idx.reshape(-1), (rows, *shape[1:])))
+            entries.append((prefix + key, name, (slice(first_row, first_row + rows),)))
 
-        def bn(key: str, store: str, channels: list[int]) -> None:
+        def bn(key: str, store: str, first: int) -> None:
             for stat in ("running_mean", "running_var"):
-                idx = torch.tensor(channels)
-                entries.append((f"{prefix}{key}.{stat}", f"{store}_{stat[8:]}", idx, (C,)))
-            nbt = torch.tensor([e * len(self.bn_keys) + self.bn_keys.index(key)])
-            entries.append((f"{prefix}{key}.num_batches_tracked", "nbt", nbt, ()))
+                index = (slice(first, first + C),)
+                entries.append((f"{prefix}{key}.{stat}", f"{store}_{stat[8:]}", index))
+            nbt = (e, self.bn_keys.index(key))
+            entries.append((f"{prefix}{key}.num_batches_tracked", "nbt", nbt))
 
         for p in range(2):
-            start = 2 * E * C + (p * E + e) * C
-            bn(f"_ops.{p + 1}.1", "run2", list(range(start, start + C)))
+            bn(f"_ops.{p + 1}.1", "run2", 2 * E * C + (p * E + e) * C)
         if self.fr:
             weight("_ops.3.conv_1.weight", "fr1", e * (C // 2), C // 2)
             weight("_ops.3.conv_2.weight", "fr2", e * (C // 2), C // 2)
-            bn("_ops.3.bn", "run2", [4 * E * C + j for j in self.fr_channels(e)])
+            bn("_ops.3.bn", "run2", 4 * E * C + e * C)
         stage2 = {k: t for t, (k, _, _) in enumerate(_STAGE2)}
         for t, (k, _, _, _) in enumerate(_STAGE1):
             weight(f"_ops.{k}.op.1.weight", f"dw1_{k}", e * C, C)
             weight(f"_ops.{k}.op.2.weight", "pw1", (t * E + e) * C, C)
-            bn(f"_ops.{k}.op.3", "run1", list(range((t * E + e) * C, (t * E + e + 1) * C)))
+            bn(f"_ops.{k}.op.3", "run1", (t * E + e) * C)
             if k in stage2:
                 u = stage2[k]
                 weight(f"_ops.{k}.op.5.weight", f"dw2_{k}", e * C, C)
                 weight(f"_ops.{k}.op.6.weight", "pw2", (u * E + e) * C, C)
-                bn(f"_ops.{k}.op.7", "run2", list(range((u * E + e) * C, (u * E + e + 1) * C)))
+                bn(f"_ops.{k}.op.7", "run2", (u * E + e) * C)
         return entries
 
     def routes(self) -> list[tuple[int, int, int, int]]:
@@ -981,7 +998,7 @@ class _Group:
                     routes.append((s, o, row * K + 1 + p, 2 * E * C + (p * E + e) * C + c))
                 if self.fr:
                     j = self.fr_channels(e)[c]
-                    routes.append((off["skip"] + j, o, row * K + 3, 4 * E * C + j))
+                    routes.append((off["skip"] + j, o, row * K + 3, 4 * E * C + e * C + c))
                 else:
                     routes.append((off["skip"] + i * C + c, o, row * K + 3, -1))
                 for t in range(2):
@@ -999,7 +1016,8 @@ class _Group:
             for _, i, _, _ in self.edges:
                 idx += [2 * E * C + (p * n_in + i) * C + c for c in range(C)]
         if self.fr:
-            idx += [2 * E * C + 2 * n_in * C + j for j in range(E * C)]
+            # Stored [e][c] (each edge's statistics one slice), normalised in FR's [half][e][c'].
+            idx += [2 * E * C + 2 * n_in * C + j for e in range(E) for j in self.fr_channels(e)]
         return idx
 
     def replicate(self) -> list[int] | None:
@@ -1019,7 +1037,24 @@ def _bn_consts(device: torch.device, dtype: torch.dtype) -> Tensor:
 class FusedEdges(nn.Module):
     """MixedOps of one channel count C in groups (each group's edges run as one batched
     computation; see the module docstring). Parameters and statistics live in the batched
-    layout; state_dict and load_state_dict use the reference MixedOp keys of each edge.
+    layout (``named_parameters()``: ``dw1_4_g0`` …); state_dict and load_state_dict use the
+    reference MixedOp keys of each edge.
+
+    ``state_dict()`` values are views of the batched tensors (every reference entry is a
+    slice of one), as nn.Module's are of its own: in-place edits through them (EMA updates,
+    pruning) reach the module. With ``keep_vars=True`` they are the same views, not detached
+    (requires_grad as the batched parameter's), but neither Parameters nor leaves: their
+    ``.grad`` stays None, the gradient goes to the batched parameter. As for any view,
+    ``torch.save`` of some entries alone stores the whole batched tensors behind them.
+
+    ``load_state_dict`` takes the reference keys and also the module's own names (the
+    parameters and persistent buffers, as the second-order DARTS architect writes
+    ``named_parameters()`` into a copy of ``state_dict()``); a tensor given under both takes
+    the value under its own name. A missing ``num_batches_tracked`` keeps its value where
+    BatchNorm's does: while statistics are tracked, for a checkpoint older than BatchNorm's
+    version 2 (metadata version below 2, or no metadata). When this module is loaded as a
+    child, torch passes it no metadata but its own entry, so there a checkpoint counts as
+    older only when it lacks every ``num_batches_tracked`` key of the module.
 
     ``track_running_stats`` plays the role of BatchNorm's: False (see
     :meth:`SearchModel.frozen_bn_stats`) normalises by batch statistics and updates none.
@@ -1060,6 +1095,16 @@ class FusedEdges(nn.Module):
             rep = None if rep is None else torch.tensor(rep)
             self.register_buffer(f"rep_g{g}", rep, persistent=False)
         self.register_buffer("w_idx", torch.tensor(w_idx), persistent=False)
+        # (edge row, group, reference key, storage, index), in the reference's order.
+        self._entries = sorted(
+            (
+                (grp.edges[e][3], g, *entry)
+                for g, grp in enumerate(groups)
+                for e in range(grp.E)
+                for entry in grp.state_map(e)
+            ),
+            key=lambda entry: entry[0],
+        )  # edge order, stable within
 
     def _get(self, name: str, g: int) -> Tensor:
         return getattr(self, f"{name}_g{g}")
@@ -1075,7 +1120,8 @@ class FusedEdges(nn.Module):
         """Group g on its inputs (n_in × (B, C, H, W)); alpha: its routes' α-weights (see
         :meth:`route_alphas`); acc (B, n_out·C, H', W') or None → (B, n_out·C, H', W')."""
         device = inputs[0].device.type
-        if torch.is_autocast_enabled(device):
+        # (Asking about a device autocast does not know, such as meta, raises.)
+        if _autocast(device):
             # The kernels are float32/float64: the group runs in the weights' dtype.
             dtype = self._get("pw1", g).dtype
             with torch.autocast(device, enabled=False):
@@ -1159,67 +1205,151 @@ class FusedEdges(nn.Module):
         run_var.mul_(1 - BN_MOMENTUM).add_(unbiased, alpha=BN_MOMENTUM)
         nbt.add_(1)
 
-    def _state_entries(self):
-        entries = []
-        for g, grp in enumerate(self._groups):
-            for e in range(grp.E):
-                entries += [(grp.edges[e][3], g, *entry) for entry in grp.state_map(e)]
-        return sorted(entries, key=lambda entry: entry[0])  # edge order, stable within
+    def _own_state(self) -> dict[str, Tensor]:
+        """The parameters and persistent buffers under their own (batched) names."""
+        own = {name: p for name, p in self._parameters.items() if p is not None}
+        own.update(
+            (name, b)
+            for name, b in self._buffers.items()
+            if b is not None and name not in self._non_persistent_buffers_set
+        )
+        return own
 
     def _save_to_state_dict(self, destination, prefix, keep_vars) -> None:
-        for _, g, key, name, idx, shape in self._state_entries():
-            destination[prefix + key] = self._get(name, g).detach().reshape(-1)[idx].view(shape)
+        # Views (basic indexing); with keep_vars, made with gradient mode on so that they
+        # require grad as the parameters do even when state_dict() runs under no_grad.
+        with torch.enable_grad() if keep_vars else contextlib.nullcontext():
+            for _, g, key, name, index in self._entries:
+                store = self._get(name, g)
+                destination[prefix + key] = (store if keep_vars else store.detach())[index]
+        if hasattr(destination, "_metadata"):
+            # The emulated BatchNorms' versions, which decide whether their
+            # num_batches_tracked may be missing (see _load_from_state_dict).
+            for _, _, key, name, _ in self._entries:
+                if name == "nbt":
+                    bn = prefix + key[: -len(_NBT)]
+                    destination._metadata[bn] = {"version": nn.BatchNorm2d._version}
+
+    def _optional_nbt(self, state_dict, prefix: str, local_metadata: dict) -> set[str]:
+        """The num_batches_tracked keys that may be missing: BatchNorm's rule (it keeps its
+        count while it tracks statistics and its metadata version is None or below 2)."""
+        if not self.track_running_stats:
+            return set()
+        keys = [prefix + key for _, _, key, name, _ in self._entries if name == "nbt"]
+        metadata = getattr(state_dict, "_metadata", None)
+        if metadata is not None:  # loaded as the root: every BatchNorm's own entry
+            versions = {k: metadata.get(k[: -len(_NBT)], {}).get("version") for k in keys}
+            return {k for k, v in versions.items() if v is None or v < 2}
+        if "version" not in local_metadata:  # no metadata at all: version None
+            return set(keys)
+        # A child's state_dict comes without the metadata (only this module's entry): a
+        # checkpoint from before num_batches_tracked lacks every one of them.
+        return set() if any(k in state_dict for k in keys) else set(keys)
 
     def _load_from_state_dict(
         self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, errors
     ) -> None:
+        own = self._own_state()
+        whole = {name for name in own if prefix + name in state_dict}
+        optional = self._optional_nbt(state_dict, prefix, local_metadata)
         expected = set()
-        for _, g, key, name, idx, shape in self._state_entries():
-            key = prefix + key
-            expected.add(key)
-            if key not in state_dict:
-                missing_keys.append(key)
+        with torch.no_grad():
+            for name in whole:  # under its own name: loaded whole, its reference keys ignored
+                _copy_in(own[name], prefix + name, state_dict[prefix + name], errors)
+            for _, g, key, name, index in self._entries:
+                key = prefix + key
+                expected.add(key)
+                if f"{name}_g{g}" in whole:
+                    continue
+                if key in state_dict:
+                    _copy_in(self._get(name, g)[index], key, state_dict[key], errors)
+                elif strict and key not in optional:
+                    missing_keys.append(key)
+        if not strict:
+            return
+        for key in state_dict:  # nn.Module's rule, with the reference keys as this module's
+            if not key.startswith(prefix) or key in expected:
                 continue
-            value = state_dict[key]
-            if tuple(value.shape) != shape:
-                errors.append(
-                    f"size mismatch for {key}: copying a param with shape {tuple(value.shape)}"
-                    f" from checkpoint, the shape in current model is {shape}."
-                )
-                continue
-            store = self._get(name, g)
-            with torch.no_grad():
-                store.view(-1)[idx] = value.detach().reshape(-1).to(store.device, store.dtype)
-        # As nn.Module does: unexpected keys are listed whether or not ``strict``.
-        unexpected_keys += [k for k in state_dict if k.startswith(prefix) and k not in expected]
+            head = key[len(prefix) :].split(".", 1)
+            if head[0] not in (self._modules if len(head) > 1 else own):
+                unexpected_keys.append(key)
+
+
+_NBT = ".num_batches_tracked"
+
+
+def _copy_in(target: Tensor, key: str, value, errors: list[str]) -> None:
+    """nn.Module's load of one tensor (under no_grad): checked, copied into target (which
+    may be a view) in place, or the error appended."""
+    if not isinstance(value, Tensor):
+        errors.append(
+            f'While copying the parameter named "{key}", expected torch.Tensor or Tensor-like '
+            f"object from checkpoint but received {type(value)}"
+        )
+    elif value.shape != target.shape:
+        errors.append(
+            f"size mismatch for {key}: copying a param with shape {value.shape} from "
+            f"checkpoint, the shape in current model is {target.shape}."
+        )
+    else:
+        target.copy_(value)
 
 
 def _to(t: Tensor | None, dtype: torch.dtype) -> Tensor | None:
     return None if t is None else t.to(dtype)
 
 
-def _check_edge_input(x: Tensor, weights: Tensor, C: int, stride: int) -> None:
-    for name, t in (("x", x), ("weights", weights)):
-        if not isinstance(t, Tensor):
-            raise TypeError(f"MixedOp: {name} must be a Tensor, got {type(t).__name__}")
-    if x.dim() != 4 or x.shape[1] != C:
-        raise ValueError(f"MixedOp: x must be (B, {C}, H, W), got {tuple(x.shape)}")
-    if stride == 2 and (x.shape[2] % 2 or x.shape[3] % 2):
-        raise ValueError(f"MixedOp: stride 2 needs an even H and W, got {tuple(x.shape)}")
-    if tuple(weights.shape) != (K,):
+def _autocast(device_type: str) -> bool:
+    return torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type)
+
+
+def _check_channels(who: str, C: int) -> None:
+    if not isinstance(C, int) or isinstance(C, bool):
+        raise TypeError(f"{who}: C must be an int, got {type(C).__name__}")
+    if C < 1:
+        raise ValueError(f"{who}: C must be positive, got {C}")
+
+
+def _check_tensor(who: str, name: str, t: object, C: int, stride: int) -> None:
+    """t is an input state (B, C, H, W): non-empty, H and W even at stride 2."""
+    if not isinstance(t, Tensor):
+        raise TypeError(f"{who}: {name} must be a Tensor, got {type(t).__name__}")
+    shape = t.shape
+    if len(shape) != 4 or shape[1] != C:
+        raise ValueError(f"{who}: {name} must be (B, {C}, H, W), got {tuple(shape)}")
+    if 0 in shape:
+        raise ValueError(f"{who}: {name} must not be empty, got {tuple(shape)}")
+    if stride == 2 and (shape[2] % 2 or shape[3] % 2):
+        # FactorizedReduce's two convolutions (of x and of x[:, :, 1:, 1:]) differ in size.
+        raise ValueError(f"{who}: stride 2 needs an even H and W, got {name} {tuple(shape)}")
+
+
+def _check_like_module(who: str, name: str, t: Tensor, param: Tensor) -> None:
+    """t on the device of the module's parameters, in their dtype (under autocast, any
+    floating dtype: the groups run in the parameters' dtype)."""
+    if t.device != param.device:
         raise ValueError(
-            f"MixedOp: weights must be ({K},) (ops {', '.join(CNN_PRIMITIVES)}), "
+            f"{who}: {name} ({t.device}) must be on the device of the module's parameters "
+            f"({param.device})"
+        )
+    if t.dtype != param.dtype and not (t.is_floating_point() and _autocast(t.device.type)):
+        raise TypeError(
+            f"{who}: {name} ({t.dtype}) must have the dtype of the module's parameters "
+            f"({param.dtype})"
+        )
+
+
+def _check_weights(who: str, weights: object, shape: tuple[int, ...], param: Tensor) -> None:
+    if not isinstance(weights, Tensor):
+        raise TypeError(f"{who}: weights must be a Tensor, got {type(weights).__name__}")
+    if weights.shape != shape:
+        raise ValueError(
+            f"{who}: weights must be {shape} (ops {', '.join(CNN_PRIMITIVES)}), "
             f"got {tuple(weights.shape)}"
         )
-    if x.dtype not in _DTYPES or weights.dtype != x.dtype:
-        raise TypeError(
-            f"MixedOp: x and weights must both be float32 or float64, got {x.dtype}, "
-            f"{weights.dtype}"
-        )
-    if weights.device != x.device:
-        raise ValueError(
-            f"MixedOp: x and weights must be on one device, got {x.device}, {weights.device}"
-        )
+    _check_like_module(who, "weights", weights, param)
+    if param.dtype not in _DTYPES:
+        raise TypeError(f"{who}: the kernels take float32 or float64 parameters, got {param.dtype}")
 
 
 class MixedOp(FusedEdges):
@@ -1231,15 +1361,21 @@ class MixedOp(FusedEdges):
     """
 
     def __init__(self, C: int, stride: int):
+        _check_channels("MixedOp", C)
         if stride not in (1, 2):
             raise ValueError(f"MixedOp: stride must be 1 or 2, got {stride}")
         if stride == 2 and C % 2:
-            raise ValueError(f"FactorizedReduce needs an even channel count, got {C}")
+            raise ValueError(
+                f"MixedOp: stride 2 (FactorizedReduce) needs an even channel count, got {C}"
+            )
         super().__init__(C, [_Group(C, stride, 1, 1, [("", 0, 0, 0)])])
         self.stride = stride
 
     def forward(self, x: Tensor, weights: Tensor) -> Tensor:
-        _check_edge_input(x, weights, self.C, self.stride)
+        param = self._parameters["pw1_g0"]
+        _check_tensor("MixedOp", "x", x, self.C, self.stride)
+        _check_like_module("MixedOp", "x", x, param)
+        _check_weights("MixedOp", weights, (K,), param)
         return self.run_group(0, [x], self.route_alphas(weights)[0])
 
 
@@ -1275,8 +1411,11 @@ class FusedCellOps(FusedEdges):
     """
 
     def __init__(self, C: int, steps: int, multiplier: int, reduction: bool):
+        _check_channels("FusedCellOps", C)
+        if steps < 1:
+            raise ValueError(f"FusedCellOps: steps must be positive, got {steps}")
         if reduction and C % 2:
-            raise ValueError(f"FactorizedReduce needs an even channel count, got {C}")
+            raise ValueError(f"FusedCellOps: a reduction cell needs an even channel count, got {C}")
         offsets = [sum(2 + j for j in range(node)) for node in range(steps)]
         first = [(f"{offsets[n] + i}.", i, n, offsets[n] + i) for i in (0, 1) for n in range(steps)]
         groups = [_Group(C, 2 if reduction else 1, 2, steps, first)]
@@ -1287,10 +1426,24 @@ class FusedCellOps(FusedEdges):
             groups.append(_Group(C, 1, 1, steps - g, edges))
         super().__init__(C, groups)
         self.steps, self.multiplier = steps, multiplier
+        self.n_edges = sum(grp.E for grp in groups)
 
     def forward(self, states: list[Tensor], weights: Tensor) -> Tensor:
-        alphas, acc, C = self.route_alphas(weights), None, self.C
-        states = list(states)
+        states, C, param = list(states), self.C, self._parameters["pw1_g0"]
+        if len(states) != 2:
+            raise ValueError(
+                f"FusedCellOps: states must be the cell's 2 preprocessed inputs, got {len(states)}"
+            )
+        for i, s in enumerate(states):
+            _check_tensor("FusedCellOps", f"states[{i}]", s, C, self._groups[0].stride)
+            _check_like_module("FusedCellOps", f"states[{i}]", s, param)
+        if states[1].shape != states[0].shape:
+            raise ValueError(
+                f"FusedCellOps: states[0] and states[1] must have one shape, got "
+                f"{tuple(states[0].shape)} and {tuple(states[1].shape)}"
+            )
+        _check_weights("FusedCellOps", weights, (self.n_edges, K), param)
+        alphas, acc = self.route_alphas(weights), None
         for g in range(self.steps):
             out = self.run_group(g, states[:2] if g == 0 else states[-1:], alphas[g], acc)
             if g == self.steps - 1:
