@@ -21,6 +21,9 @@ mostly the host's work, and α is not compared (the kernels' outputs are left un
 
 The C++ extension: when ``csrc/`` and ``setup.py`` are the same in both trees, base uses
 head's built ``fastdarts/_C``; otherwise it is built in the worktree first (minutes).
+
+The worktree and its temporary folder are removed at the end, also when the run is stopped
+(Ctrl-C, SIGTERM from a time limit); a failure keeps the folder, for the workers' logs.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ import contextlib
 import importlib.util
 import json
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -126,7 +130,9 @@ class Worker:
 
     def __init__(self, name: str, tree: Path, args: argparse.Namespace, log: Path):
         cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", "--tree", str(tree)]
-        cmd += ["--space", args.space, "--order", str(args.order), "--config", args.config]
+        # --base too: the parser requires it (the worker does not read it).
+        cmd += ["--base", args.base, "--space", args.space, "--order", str(args.order)]
+        cmd += ["--config", args.config]
         cmd += ["--backend", args.backend, "--device", args.device, "--dtype", args.dtype]
         cmd += ["--steps", str(args.warmup + args.rounds + 1)]
         cmd += ["--threads", str(args.threads)] if args.threads else []
@@ -184,7 +190,8 @@ def _git(*args: str) -> str:
 @contextlib.contextmanager
 def base_tree(rev: str) -> Iterator[tuple[Path, str, Path]]:
     """A temporary worktree of ``rev`` with an importable extension; yields (path, commit,
-    a folder for logs), all removed afterwards unless something failed."""
+    a folder for logs). The worktree is removed afterwards, the folder too unless an error
+    (not an interruption: KeyboardInterrupt, SystemExit) left logs in it."""
     try:
         commit = _git("rev-parse", "--verify", "--quiet", f"{rev}^{{commit}}")
     except ABError:
@@ -192,7 +199,7 @@ def base_tree(rev: str) -> Iterator[tuple[Path, str, Path]]:
     scratch = Path(tempfile.mkdtemp(prefix="fastdarts-ab-"))
     tree = scratch / "base"
     _git("worktree", "add", "--detach", "--quiet", str(tree), commit)
-    failed = True
+    failed = False
     try:
         same_ext = subprocess.run(
             ["git", "diff", "--quiet", commit, "--", "csrc", "setup.py"], cwd=REPO
@@ -211,7 +218,9 @@ def base_tree(rev: str) -> Iterator[tuple[Path, str, Path]]:
                 log.write_text(build.stdout + build.stderr)
                 raise ABError(f"building {commit[:10]}'s extension failed: see {log}")
         yield tree, commit, scratch
-        failed = False
+    except Exception:
+        failed = True
+        raise
     finally:
         _git("worktree", "remove", "--force", str(tree))
         if not failed:
@@ -280,7 +289,7 @@ def rows_of(args: argparse.Namespace, commits: dict[str, str], times: dict, fina
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--base", help="the git revision to compare this checkout with")
+    p.add_argument("--base", required=True, help="the git revision to compare this checkout with")
     p.add_argument("--space", choices=("rnn", "cnn"), required=True)
     p.add_argument("--order", type=int, choices=(1, 2), default=2)
     p.add_argument("--config", choices=("paper", "small", "tiny"), default="small")
@@ -304,14 +313,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if not args.worker:
-        if args.base is None:
-            p.error("--base REV is required")
         if args.rounds < 1 or args.warmup < 0:
             p.error("--rounds must be at least 1 and --warmup non-negative")
+        if args.threads is not None and args.threads < 1:
+            p.error("--threads must be at least 1")
         if args.cuda_path and args.device != "cpu":
             p.error("--cuda-path runs the CUDA code path on the CPU: not with --device cuda")
         # This checkout's benchmarks, to check --backend (a worker imports its own tree's).
         sys.path.insert(0, str(REPO))
+        import torch
+
+        from benchmarks import harness
         from benchmarks.search_step import parse_backends
 
         try:
@@ -320,10 +332,20 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
             p.error(f"--backend: {e}")
         if len(configs) != 1:
             p.error("--backend takes one configuration")
+        if args.device == "cuda" and not torch.cuda.is_available():
+            p.error("--device cuda: no CUDA device is available here")
+        harness.check_json_path(p, args.json)
     return args
 
 
+def _stop(signum: int, frame: object) -> None:
+    """SIGTERM (a time limit) as an exit: the finally blocks remove the worktree."""
+    signal.signal(signum, signal.SIG_IGN)  # a second one must not cut the cleanup short
+    raise SystemExit(128 + signum)
+
+
 def main(argv: list[str] | None = None) -> dict:
+    """Times base against head; returns (and optionally writes) the result document."""
     args = parse_args(argv)
     if args.worker:
         worker(args)
@@ -357,6 +379,7 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
+    signal.signal(signal.SIGTERM, _stop)
     try:
         main()
     except ABError as e:

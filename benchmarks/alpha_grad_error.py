@@ -190,20 +190,33 @@ COLUMNS = [
 ]
 
 
+def radii(text: str) -> tuple[float, ...]:
+    """argparse type of ``--radii``: positive numbers, comma-separated."""
+    try:
+        return tuple(harness.positive_float(r) for r in text.split(","))
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(
+            f"expected positive numbers, comma-separated (e.g. 1e-3,1e-4), got {text!r}"
+        ) from None
+
+
 def main(argv: list[str] | None = None) -> dict:
+    """Measures each mode's α-gradient error; returns (and optionally writes) the result
+    document."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--space", choices=("rnn", "cnn"), required=True)
     p.add_argument("--config", choices=tuple(PRESETS["rnn"]), default="small")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     p.add_argument(
         "--radii",
-        type=lambda text: tuple(float(r) for r in text.split(",")),
+        type=radii,
         default=(),
         help="more finite-difference radii r, comma-separated, each a float64 row",
     )
     harness.add_threads_argument(p)
     p.add_argument("--json", default=None, help="write the results here")
     args = p.parse_args(argv)
+    harness.check_json_path(p, args.json)
     device = harness.setup(args.device, args.threads)
     rows = alpha_grad_errors(args.space, args.config, device, args.radii)
     doc = {

@@ -21,6 +21,9 @@ leaves out the Triton launcher's own cost.
 
 ``--depthwise torch`` runs torch's convolutions for the CNN's depthwise stages on this path
 (what fastdarts did before its Triton depthwise kernels, and does on CUDA without Triton).
+
+The JSON is rewritten after each configuration's counts and each timed round, so a run
+stopped by a time limit keeps what it measured.
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ from __future__ import annotations
 import argparse
 import collections
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -46,7 +49,9 @@ from benchmarks.search_step import (
     search_config,
     step_fn,
 )
+from fastdarts.errors import ConfigError
 from fastdarts.ops import conv_mixed, recurrent_cell, recurrent_mixed
+from fastdarts.ops.backends import resolve
 
 # ATen ops that launch no kernel on a GPU (views, aliases, allocations), by base name; the
 # fastdarts custom ops count through the ATen ops and Triton launches inside them.
@@ -167,10 +172,22 @@ def count(args: argparse.Namespace, config, order: int, step, launches) -> dict:
     }
 
 
-def measure(args: argparse.Namespace) -> list[dict]:
-    """Every configuration's counts and, with ``--steps``, its host seconds per step."""
+def measure(
+    args: argparse.Namespace, progress: Callable[[list[dict]], None] = lambda rows: None
+) -> list[dict]:
+    """Every configuration's counts and, with ``--steps``, its host seconds per step;
+    ``progress`` gets the rows so far after each configuration's counts and each timed
+    round."""
     configs = parse_backends(args.backends)
     rows, steps = [], {}
+
+    def timed(times: dict[str, list[float]]) -> None:
+        for row in rows:
+            s = harness.Summary.of(times[row["backend"]])
+            row.update(host_s_median=s.median, host_s_min=s.min, host_s_max=s.max)
+            row["host_s"] = times[row["backend"]]
+        progress(rows)
+
     with cuda_dispatch(args.depthwise) as launches:
         for config in configs:
             cfg = search_config(args.space, args.order, args.config, config.overrides())
@@ -182,12 +199,9 @@ def measure(args: argparse.Namespace) -> list[dict]:
             )
             steps[config.name]()
             rows.append(count(args, config, cfg.order, steps[config.name], launches))
-        times = harness.interleaved(steps, args.steps, args.warmup) if args.steps else {}
-    for row in rows:
-        if times:
-            s = harness.Summary.of(times[row["backend"]])
-            row.update(host_s_median=s.median, host_s_min=s.min, host_s_max=s.max)
-            row["host_s"] = times[row["backend"]]
+            progress(rows)
+        if args.steps:
+            harness.interleaved(steps, args.steps, args.warmup, after_round=timed)
     return rows
 
 
@@ -200,22 +214,27 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--json", default=None, help="write the results here")
     args = p.parse_args(argv)
     try:
-        parse_backends(args.backends)
-    except ValueError as e:
+        for config in parse_backends(args.backends):
+            cfg = search_config(args.space, args.order, args.config, config.overrides())
+            # What build_task will ask for: the task is built on the CPU.
+            resolve(cfg.backend, cfg.space, "cpu")
+    except (ValueError, ConfigError) as e:
         p.error(str(e))
     if args.steps < 0 or args.warmup < 0:
         p.error("--steps and --warmup must be non-negative")
+    harness.check_json_path(p, args.json)
     return args
 
 
 def main(argv: list[str] | None = None) -> dict:
+    """Counts (and with ``--steps`` times) each configuration; returns (and optionally
+    writes) the result document."""
     args = parse_args(argv)
     harness.setup("cpu", args.threads)
-    rows = measure(args)
     argv = sys.argv if argv is None else ["benchmarks/cuda_path_ops.py", *argv]
     doc = {
         "env": harness.env_info(torch.device("cpu"), argv),
-        "rows": rows,
+        "rows": [],
         "units": {
             "ops_per_step": "ATen ops dispatched in one step on the CUDA code path",
             "launching_ops_per_step": "those that launch a kernel on a GPU (not views, "
@@ -227,6 +246,13 @@ def main(argv: list[str] | None = None) -> dict:
             "(--steps; interleaved): host work plus the CPU's arithmetic",
         },
     }
+
+    def save(rows: list[dict]) -> None:
+        doc["rows"] = rows
+        if args.json:
+            harness.write_json(args.json, doc)
+
+    doc["rows"] = measure(args, save)
     return harness.report(doc, COLUMNS, args.json)
 
 

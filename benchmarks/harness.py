@@ -27,6 +27,7 @@ import shlex
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -93,11 +94,59 @@ def add_threads_argument(parser: argparse.ArgumentParser) -> None:
     """``--threads``, shared by the benchmark scripts."""
     parser.add_argument(
         "--threads",
-        type=int,
+        type=positive_int,
         default=None,
         help="torch threads (default: torch's); on a shared CPU use 1: busy cores make\n"
         "OpenMP threads wait for each other at every op, up to 70x slower",
     )
+
+
+def _at_least(text: str, kind: type, minimum: float, what: str) -> Any:
+    try:
+        value = kind(text)
+    except ValueError:
+        value = None
+    if value is None or not minimum <= value < math.inf:  # NaN fails too
+        raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
+    return value
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer of at least 1."""
+    return _at_least(text, int, 1, "a positive integer")
+
+
+def non_negative_int(text: str) -> int:
+    """argparse type: an integer of at least 0."""
+    return _at_least(text, int, 0, "an integer >= 0")
+
+
+def positive_float(text: str) -> float:
+    """argparse type: a finite number above 0."""
+    return _at_least(text, float, math.ulp(0.0), "a positive number")
+
+
+def check_json_path(parser: argparse.ArgumentParser, path: str | None) -> None:
+    """Exits through ``parser.error`` when ``--json PATH`` could not be written: checked
+    before the work, so a long run does not end in a traceback and a lost result. Creates
+    the missing folders, as :func:`write_json` would."""
+    if not path:
+        return
+    target = Path(path)
+    if not target.name or target.is_dir():
+        parser.error(f"--json {path}: is a folder; give a file path")
+    folder = target.absolute().parent
+    while not folder.exists():
+        folder = folder.parent
+    if not folder.is_dir():
+        parser.error(f"--json {path}: {folder} is a file, not a folder")
+    # Tried rather than predicted from permissions (root, read-only or special file systems).
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=target.parent):
+            pass
+    except OSError as e:
+        parser.error(f"--json {path}: cannot write there ({e.strerror or e})")
 
 
 def setup(device: str, threads: int | None) -> torch.device:
@@ -141,10 +190,13 @@ def interleaved(
     sync: Callable[[], None] = lambda: None,
     clock: Callable[[], float] = time.perf_counter,
     number: int = 1,
+    after_round: Callable[[dict[str, list[float]]], None] = lambda times: None,
 ) -> dict[str, list[float]]:
     """Seconds per call of each function, run A B A B …: ``warmup`` untimed rounds first.
     Each sample times ``number`` back-to-back calls between two syncs and divides: for
-    calls of tens of microseconds, which one sync pair would otherwise inflate."""
+    calls of tens of microseconds, which one sync pair would otherwise inflate.
+    ``after_round`` gets the samples so far after each timed round (a caller saving them
+    keeps what a run stopped by a time limit had measured)."""
     for _ in range(warmup):
         for fn in fns.values():
             fn()
@@ -158,6 +210,7 @@ def interleaved(
                 fn()
             sync()
             times[name].append((clock() - start) / number)
+        after_round(times)
     return times
 
 
@@ -489,6 +542,7 @@ KERNEL_ROW_KEYS = (
     "bytes",
     "gb_per_s",
     "bandwidth_fraction",
+    "implementation",
 )
 
 
@@ -516,20 +570,26 @@ def report(
     return doc
 
 
+def _escape(text: str) -> str:
+    # A bare | would end the cell (ab.py's "max |Δα|" header, a flag's value).
+    return text.replace("|", "\\|")
+
+
 def _cell(value: Any) -> str:
     if value is None:
         return "—"
     if isinstance(value, float):
         return f"{value:.4g}"
     if isinstance(value, (list, tuple)):
-        return " ".join(map(str, value)) or "—"
-    return str(value)
+        return _escape(" ".join(map(str, value))) or "—"
+    return _escape(str(value))
 
 
 def markdown_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[tuple[str, str]]) -> str:
-    """A markdown table of ``rows``; ``columns`` are (header, key) pairs."""
+    """A markdown table of ``rows``; ``columns`` are (header, key) pairs. A | in a header or
+    a cell is escaped (\\|)."""
     lines = [
-        "| " + " | ".join(h for h, _ in columns) + " |",
+        "| " + " | ".join(_escape(h) for h, _ in columns) + " |",
         "|" + "|".join("---" for _ in columns) + "|",
     ]
     for row in rows:

@@ -3,13 +3,16 @@
     python benchmarks/kernels.py --device cuda --json out.json
 
 Kernels are entries of ``KERNELS``: input builders per shape and implementations side by
-side (``impls``: "reference" first; later issues add their fused versions there). Each is
-timed forward (with autograd recording, as in a search step) and forward + backward, the
-implementations interleaved A B A B … on the same inputs. "Bytes" is the traffic a kernel
-cannot avoid — its inputs read and its outputs written once (formula per kernel in the
-JSON) — so GB/s is the bandwidth that lower bound achieves. The device's own bandwidth is
-measured in the same run by a large copy (bytes read + written), and each row gives the
-fraction of it reached.
+side (``impls``: "reference", torch's ops, first; then "fused", fastdarts' version, where
+there is one). Each row names what its implementation ran here (``implementation``: the C++
+extension, its CUDA kernel, Triton or torch's ops: the fused ops choose by device and by
+what is installed). Each is timed forward (with autograd recording, as in a search step)
+and forward + backward, the implementations interleaved A B A B … on the same inputs.
+"Bytes" is the traffic a kernel cannot avoid — its inputs read and its outputs written once
+(formula per kernel in the JSON) — so GB/s is the bandwidth that lower bound achieves. The
+device's own bandwidth is measured in the same run by a large copy (bytes read + written),
+and each row gives the fraction of it reached. The JSON is rewritten after every row, so a
+run stopped by a time limit keeps the rows it finished.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ from __future__ import annotations
 import argparse
 import copy
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,6 +33,8 @@ if __package__ in (None, ""):
 
 from benchmarks import harness
 from fastdarts.genotypes import CNN_PRIMITIVES, CNN_STEPS, RNN_PRIMITIVES
+from fastdarts.ops import conv_mixed
+from fastdarts.ops import recurrent_mixed as recurrent_mixed_ops
 from fastdarts.ops.conv_mixed import MixedOp as FusedMixedOp
 from fastdarts.ops.conv_mixed import (
     batch_norm,
@@ -63,7 +68,9 @@ class Kernel:
     ``shapes`` maps a configuration (paper, large, tiny) to shape parameters; ``make``
     builds the inputs of one shape; ``impls`` are the implementations (each takes
     ``Inputs.args`` and returns one tensor); ``bytes_moved(shape, pass, element_size)`` is
-    the unavoidable traffic, as ``formula`` says.
+    the unavoidable traffic, as ``formula`` says; ``fused_parts(device)`` says what the
+    "fused" implementation runs on ``device``: per (part, direction) its kind (see
+    :func:`implementation`).
     """
 
     name: str
@@ -72,9 +79,66 @@ class Kernel:
     impls: dict[str, Callable[[dict[str, Any]], torch.Tensor]]
     bytes_moved: Callable[[dict[str, int], str, int], int]
     formula: str
+    fused_parts: Callable[[torch.device], dict[tuple[str, str], str]] = field(
+        default=lambda device: {}
+    )
     describe: Callable[[dict[str, int]], str] = field(
         default=lambda s: " ".join(f"{k}={v}" for k, v in s.items())
     )
+
+
+# -- which implementation runs --------------------------------------------------------------
+
+# The fused ops' own words for what runs: conv_mixed calls torch's ops "reference".
+_KINDS = {"reference": "torch", "cpp": "cpp", "cuda": "cuda", "triton": "triton"}
+
+
+def _both(kind_of: Callable[[str], str], part: str) -> dict[tuple[str, str], str]:
+    """{(part, fwd): kind, (part, bwd): kind}, ``kind_of`` given "forward" or "backward"."""
+    return {(part, d): _KINDS[kind_of(w)] for d, w in (("fwd", "forward"), ("bwd", "backward"))}
+
+
+def _conv_parts(*parts: str) -> Callable[[torch.device], dict[tuple[str, str], str]]:
+    """What fastdarts.ops.conv_mixed runs for ``parts`` (mix, depthwise, pointwise, pools,
+    batch_norm), as it decides: Triton on CUDA for the mixture, depthwise and pools; the C++
+    kernel on the CPU where the extension has it; torch's ops otherwise."""
+
+    def parts_on(device: torch.device) -> dict[tuple[str, str], str]:
+        x = torch.empty(0, device=device)
+        cpp = {True: "cpp", False: "reference"}
+        deciders = {
+            "mix": lambda way: conv_mixed.kernel_name(device),
+            "depthwise": lambda way: conv_mixed._impl(x, f"depthwise_{way}"),
+            "pointwise": lambda way: cpp[conv_mixed._cpp(x, f"pointwise_{way}")],
+            "pools": lambda way: conv_mixed._impl(x, f"pools_{way}"),
+            # Without the C++ forward, torch's op runs and autograd takes its backward.
+            "batch_norm": lambda way: cpp[
+                conv_mixed._cpp(x, "batch_norm_forward") and conv_mixed._cpp(x, f"batch_norm_{way}")
+            ],
+        }
+        return {key: kind for part in parts for key, kind in _both(deciders[part], part).items()}
+
+    return parts_on
+
+
+def implementation(kernel: Kernel, impl: str, pass_: str, device: torch.device) -> str:
+    """What ``impl`` of ``kernel`` runs in ``pass_`` on ``device``: "cpp" (the C++
+    extension), "cuda" (its CUDA kernel), "triton" or "torch" (torch's ops; always the
+    reference's). A fused version whose parts differ lists them by kind, e.g.
+    "triton: mix, depthwise, pools; torch: pointwise, batch_norm"; a part whose forward and
+    backward differ is named with its direction."""
+    if impl == "reference":
+        return "torch"
+    parts = {k: v for k, v in kernel.fused_parts(device).items() if pass_ != "fwd" or k[1] == "fwd"}
+    split = {p for (p, d), kind in parts.items() if kind != parts.get((p, "fwd"))}
+    by_kind: dict[str, list[str]] = {}
+    for (part, direction), kind in parts.items():
+        label = f"{part} {direction}" if part in split else part
+        if label not in by_kind.setdefault(kind, []):
+            by_kind[kind].append(label)
+    if len(by_kind) == 1:
+        return next(iter(by_kind))
+    return "; ".join(f"{kind}: {', '.join(labels)}" for kind, labels in by_kind.items())
 
 
 # -- the recurrent node mixture -----------------------------------------------------------
@@ -114,6 +178,9 @@ RECURRENT = Kernel(
         # One kernel per pass: C++ on the CPU, Triton on CUDA (fastdarts.ops.recurrent_mixed).
         "fused": lambda a: recurrent_mixed(a["states"], a["ch"], a["probs"]),
     },
+    fused_parts=lambda device: _both(
+        lambda way: recurrent_mixed_ops.kernel_name(device), "recurrent_mixed"
+    ),
     bytes_moved=_recurrent_bytes,
     formula="fwd: (3nBD + nK + BD)·size (states, ch, probs read; output written); "
     "fwd+bwd: fwd + (BD + 2·(3nBD + nK))·size (grad_out and inputs read, their grads written)",
@@ -187,6 +254,7 @@ MIXED_OP_FUSED = Kernel(
         # One edge: batched convolutions, one BN, the mixture kernel (C++ / Triton).
         "fused": lambda a: a["fused"](a["x"], a["weights"]),
     },
+    fused_parts=_conv_parts("mix", "depthwise", "pointwise", "pools", "batch_norm"),
     bytes_moved=_mixed_bytes,
     formula=MIXED_OP.formula + "; fwd+bwd differentiates x and the op weights only",
 )
@@ -230,6 +298,7 @@ CELL_FUSED = Kernel(
         # The 14 edges as 4 batched groups, one mixture kernel each.
         "fused": lambda a: a["fused"](a["s0"], a["s1"], a["w"]),
     },
+    fused_parts=_conv_parts("mix", "depthwise", "pointwise", "pools", "batch_norm"),
     bytes_moved=_cell_bytes,
     formula="s = 2·B·C·H·W (the two inputs), out = 4·B·C·H'·W', P = weights + 14·8; fwd: "
     "(s + P + out)·size; fwd+bwd: fwd + (out + 2s + P)·size (grads of inputs and α only)",
@@ -279,9 +348,10 @@ DEPTHWISE = Kernel(
     impls={
         # One grouped convolution per kernel shape, concatenated (oneDNN on the CPU).
         "reference": lambda a: depthwise_reference(*_depthwise_args(a)),
-        # The four shapes in one C++ kernel each way (cuDNN's convolutions on CUDA).
+        # The four shapes in one kernel each way: C++ on the CPU, Triton on CUDA.
         "fused": lambda a: depthwise(*_depthwise_args(a)),
     },
+    fused_parts=_conv_parts("depthwise"),
     bytes_moved=_depthwise_bytes,
     formula="x = B·C·H·W, out = 4·B·C·H'·W', w = C·Σk²; fwd: (x + w + out)·size; fwd+bwd: "
     "fwd + (out + 2x + 2w)·size (grad_out, x, w read; their grads written)",
@@ -328,6 +398,7 @@ POINTWISE = Kernel(
         # The C++ kernel each way (cuDNN's convolution on CUDA).
         "fused": lambda a: pointwise(a["x"], a["w"], a["groups"]),
     },
+    fused_parts=_conv_parts("pointwise"),
     bytes_moved=_pointwise_bytes,
     formula="x = B·G·C·H·W (out the same), w = G·C²; fwd: (2x + w)·size; fwd+bwd: fwd + "
     "(3x + 2w)·size (grad_out and x read, grad_x written; w read, grad_w written)",
@@ -367,9 +438,11 @@ POOLS = Kernel(
     impls={
         # torch's max_pool2d and avg_pool2d (count_include_pad=False), concatenated.
         "reference": lambda a: pools_reference(a["x"], a["stride"]),
-        # One C++ kernel each way for both pools (torch's two ops where it has none).
+        # One kernel each way for both pools: C++ on the CPU, Triton on CUDA (torch's two
+        # ops where neither runs).
         "fused": lambda a: pools(a["x"], a["stride"]),
     },
+    fused_parts=_conv_parts("pools"),
     bytes_moved=_pools_bytes,
     formula="x = B·C·H·W, out = 2·B·C·H'·W'; fwd: (x + out)·size; fwd+bwd: 2·(x + out)·size "
     "(x and grad_out read, out and grad_x written)",
@@ -397,9 +470,10 @@ BATCH_NORM = Kernel(
     impls={
         # torch's native_batch_norm (batch statistics, no affine) and its backward.
         "reference": lambda a: torch.nn.functional.batch_norm(a["x"], None, None, training=True),
-        # The C++ forward (torch's backward); torch's own op where it has none.
+        # The C++ kernel each way on the CPU; torch's own op elsewhere.
         "fused": lambda a: batch_norm(a["x"])[0],
     },
+    fused_parts=_conv_parts("batch_norm"),
     bytes_moved=_batch_norm_bytes,
     formula="n = B·C·H·W; fwd: 2n·size (x read, y written); fwd+bwd: fwd + 3n·size (grad_out "
     "and x read, grad_x written)",
@@ -456,11 +530,11 @@ def bench_kernel(
     warmup: int,
     copy_gb_s: float | None,
     number: int = 1,
-) -> list[dict]:
-    """Rows for every shape of ``config``, both passes, every implementation."""
-    rows = []
+) -> Iterator[dict]:
+    """Rows for every shape of ``config``, both passes, every implementation, each yielded
+    as soon as it is measured."""
     size = torch.empty((), dtype=dtype).element_size()
-    for shape in kernel.shapes.get(config, []):
+    for shape in kernel.shapes[config]:
         inputs = kernel.make(shape, device, dtype)
         grad_out = torch.randn_like(kernel.impls["reference"](inputs.args).detach())
         for pass_ in PASSES:
@@ -474,30 +548,28 @@ def bench_kernel(
             for name, fn in fns.items():
                 s = harness.Summary.of(times[name])
                 gb_s = moved / s.median / 1e9
-                rows.append(
-                    {
-                        "kernel": kernel.name,
-                        "shape": kernel.describe(shape),
-                        "pass": pass_,
-                        "config": config,
-                        "backend": name,
-                        "flags": [],
-                        "device": str(device),
-                        "median_s": s.median,
-                        "min_s": s.min,
-                        "max_s": s.max,
-                        "ratio_vs_reference": s.median / ref,
-                        "ops_per_step": harness.count_ops(fn).total(),
-                        "kernel_launches_per_step": harness.count_kernel_launches(fn, device),
-                        "peak_mem_mb": _peak_mb(fn, device),
-                        "projected_gpu_hours": None,
-                        "speedup": ref / s.median,
-                        "bytes": moved,
-                        "gb_per_s": gb_s,
-                        "bandwidth_fraction": gb_s / copy_gb_s if copy_gb_s else None,
-                    }
-                )
-    return rows
+                yield {
+                    "kernel": kernel.name,
+                    "shape": kernel.describe(shape),
+                    "pass": pass_,
+                    "config": config,
+                    "backend": name,
+                    "flags": [],
+                    "device": str(device),
+                    "median_s": s.median,
+                    "min_s": s.min,
+                    "max_s": s.max,
+                    "ratio_vs_reference": s.median / ref,
+                    "ops_per_step": harness.count_ops(fn).total(),
+                    "kernel_launches_per_step": harness.count_kernel_launches(fn, device),
+                    "peak_mem_mb": _peak_mb(fn, device),
+                    "projected_gpu_hours": None,
+                    "speedup": ref / s.median,
+                    "bytes": moved,
+                    "gb_per_s": gb_s,
+                    "bandwidth_fraction": gb_s / copy_gb_s if copy_gb_s else None,
+                    "implementation": implementation(kernel, name, pass_, device),
+                }
 
 
 COLUMNS = [
@@ -505,6 +577,7 @@ COLUMNS = [
     ("shape", "shape"),
     ("pass", "pass"),
     ("impl", "backend"),
+    ("runs", "implementation"),
     ("median s", "median_s"),
     ("speedup", "speedup"),
     ("ops", "ops_per_step"),
@@ -514,25 +587,67 @@ COLUMNS = [
     ("of copy BW", "bandwidth_fraction"),
 ]
 
+# The shape sets, in the order the kernels' entries give them.
+CONFIGS = tuple(dict.fromkeys(config for k in KERNELS for config in k.shapes))
+
+
+def _names(known: Sequence[str]) -> Callable[[str], list[str]]:
+    """argparse type: comma-separated names, each one of ``known``."""
+
+    def parse(text: str) -> list[str]:
+        names = [n for n in text.split(",") if n]
+        unknown = [n for n in names if n not in known]
+        if unknown or not names:
+            raise argparse.ArgumentTypeError(
+                f"unknown {', '.join(unknown) or 'nothing given'}; have {', '.join(known)}"
+            )
+        return names
+
+    return parse
+
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     p.add_argument("--dtype", choices=("float32", "float64"), default="float32")
-    p.add_argument("--configs", default="paper,large", help="shape sets: paper, large, tiny")
-    p.add_argument("--kernels", default=None, help="kernel names, comma-separated (default all)")
-    p.add_argument("--repeats", type=int, default=None, help="timed calls (cuda 20, cpu 5)")
-    p.add_argument("--warmup", type=int, default=None, help="untimed calls (cuda 3, cpu 1)")
+    p.add_argument(
+        "--configs",
+        type=_names(CONFIGS),
+        default="paper,large",
+        help=f"shape sets, comma-separated: {', '.join(CONFIGS)} (default: paper,large)",
+    )
+    p.add_argument(
+        "--kernels",
+        type=_names([k.name for k in KERNELS]),
+        default=[k.name for k in KERNELS],
+        help="kernel names, comma-separated (default: all)",
+    )
+    # The defaults depend on --device: None stands for the device's.
+    p.add_argument(
+        "--repeats", type=harness.positive_int, help="timed samples (default: cuda 20, cpu 5)"
+    )
+    p.add_argument(
+        "--warmup", type=harness.non_negative_int, help="untimed calls (default: cuda 3, cpu 1)"
+    )
     p.add_argument(
         "--number",
-        type=int,
-        default=None,
-        help="back-to-back calls per timed sample, averaged (cuda 10, cpu 1)",
+        type=harness.positive_int,
+        help="back-to-back calls per timed sample, averaged (default: cuda 10, cpu 1)",
     )
-    p.add_argument("--copy-mib", type=int, default=None, help="copy size (cuda 1024, cpu 256)")
+    p.add_argument(
+        "--copy-mib",
+        type=harness.positive_int,
+        help="size of the bandwidth-measuring copy (default: cuda 1024, cpu 256)",
+    )
     harness.add_threads_argument(p)
-    p.add_argument("--json", default=None, help="write the results here")
-    return p.parse_args(argv)
+    p.add_argument("--json", default=None, help="write the results here (after every row)")
+    args = p.parse_args(argv)
+    harness.check_json_path(p, args.json)
+    return args
+
+
+def _device_default(value: int | None, cuda: bool, on_cuda: int, on_cpu: int) -> int:
+    return value if value is not None else (on_cuda if cuda else on_cpu)
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -540,26 +655,15 @@ def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     device = harness.setup(args.device, args.threads)
     cuda = device.type == "cuda"
-    repeats = args.repeats or (20 if cuda else 5)
-    warmup = args.warmup if args.warmup is not None else (3 if cuda else 1)
-    number = args.number or (10 if cuda else 1)
+    repeats = _device_default(args.repeats, cuda, 20, 5)
+    warmup = _device_default(args.warmup, cuda, 3, 1)
+    number = _device_default(args.number, cuda, 10, 1)
+    copy_mib = _device_default(args.copy_mib, cuda, 1024, 256)
     dtype = {"float32": torch.float32, "float64": torch.float64}[args.dtype]
-    wanted = args.kernels.split(",") if args.kernels else [k.name for k in KERNELS]
-    unknown = set(wanted) - {k.name for k in KERNELS}
-    if unknown:
-        raise SystemExit(f"--kernels: unknown {sorted(unknown)}; have {[k.name for k in KERNELS]}")
-    configs = [c for c in args.configs.split(",") if c]
 
-    copy_mib = args.copy_mib or (1024 if cuda else 256)
     copy_gb_s = copy_bandwidth_gb_s(device, copy_mib)
-    rows = []
-    for kernel in KERNELS:
-        if kernel.name in wanted:
-            for config in configs:
-                rows += bench_kernel(
-                    kernel, config, device, dtype, repeats, warmup, copy_gb_s, number
-                )
-
+    print(f"copy bandwidth: {copy_gb_s:.1f} GB/s ({copy_mib} MiB, read + write)")
+    rows: list[dict] = []
     doc = {
         "env": harness.env_info(device, [SCRIPT, *(sys.argv[1:] if argv is None else argv)]),
         "rows": rows,
@@ -572,14 +676,26 @@ def main(argv: list[str] | None = None) -> dict:
             "dtype": args.dtype,
             "copy_mib": copy_mib,
             "copy_gb_s": copy_gb_s,
-            "bytes": {k.name: k.formula for k in KERNELS if k.name in wanted},
+            "bytes": {k.name: k.formula for k in KERNELS if k.name in args.kernels},
             "fwd": "forward with autograd recording (as in a search step)",
             "ops_per_step": "ATen ops dispatched by one call (custom ops count once plus the "
             "ATen ops inside them)",
             "bandwidth_fraction": "gb_per_s / copy_gb_s, the copy measured in this run",
+            "implementation": "what the row's implementation ran here: cpp (the C++ "
+            "extension), cuda (its CUDA kernel), triton, torch (torch's ops); parts listed "
+            "by kind where they differ",
         },
     }
-    print(f"copy bandwidth: {copy_gb_s:.1f} GB/s ({copy_mib} MiB, read + write)")
+    for kernel in KERNELS:
+        if kernel.name in args.kernels:
+            for config in args.configs:
+                for row in bench_kernel(
+                    kernel, config, device, dtype, repeats, warmup, copy_gb_s, number
+                ):
+                    rows.append(row)
+                    # Each row saved as it ends: a run stopped by a time limit keeps it.
+                    if args.json:
+                        harness.write_json(args.json, doc)
     table = [{**r, "mb": r["bytes"] / 1e6} for r in rows]
     return harness.report(doc, COLUMNS, args.json, table)
 

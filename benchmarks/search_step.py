@@ -14,7 +14,8 @@ reference configuration). A configuration
 whose backend cannot run here is listed as skipped, with the backend registry's reason.
 Configurations run interleaved (A B A B …) in one process; ops per step are counted on a
 separate untimed step after the timed ones; peak memory comes from a subprocess per
-configuration (``--no-memory`` skips it).
+configuration (``--no-memory`` skips it). The JSON is rewritten after each timed round and
+each later stage, so a run stopped by a time limit keeps what it measured.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ from fastdarts.data.cifar import CIFAR10Split
 from fastdarts.data.ptb import Corpus
 from fastdarts.errors import ConfigError
 from fastdarts.ops.backends import resolve
+from fastdarts.search.__main__ import CHOICES
 from fastdarts.search.config import SearchConfig
 from fastdarts.search.tasks import CNNTask, RNNTask, SearchTask
 
@@ -63,9 +65,12 @@ BUILTIN: dict[str, tuple[str, ...]] = {
     "fused": ("--backend", "fused"),
     "fast": ("--fast",),
     # The whole step replayed from CUDA graphs (captured after 2 eager steps per batch shape:
-    # give it --warmup 3 or more).
+    # give it --warmup GRAPHS_WARMUP or more).
     "graphs": ("--fast", "--cuda-graphs"),
 }
+# Untimed steps a --cuda-graphs configuration needs before its timed ones are replays:
+# fastdarts.search.graphs.GraphedStep runs a shape's first 2 steps eagerly, captures the third.
+GRAPHS_WARMUP = 3
 # Set once for the whole run by this script's own options, so no row may change them.
 RUN_WIDE = frozenset({"space", "device", "dtype", "threads"})
 _FIELDS = {f.name: f for f in dataclasses.fields(SearchConfig)}
@@ -116,9 +121,14 @@ def _convert(name: str, text: str):
             raise ValueError(f"--{name}: expected true or false, got {text!r}")
         return text.lower() in ("true", "1")
     try:
-        return {"int": int, "float": float}.get(base, str)(text)
+        value = {"int": int, "float": float}.get(base, str)(text)
     except ValueError:
         raise ValueError(f"--{name}: expected {base}, got {text!r}") from None
+    # The search CLI's own choices (its --order 1 or 2, ...).
+    if name in CHOICES and value not in CHOICES[name]:
+        have = ", ".join(map(str, CHOICES[name]))
+        raise ValueError(f"--{name}: expected one of {have}, got {text!r}")
+    return value
 
 
 def parse_flags(flags: tuple[str, ...] | list[str]) -> dict:
@@ -296,16 +306,36 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="profile one more step per configuration: seconds in matmuls, convolutions, the "
         "output softmax and loss, and the rest",
     )
-    p.add_argument("--memory-timeout", type=float, default=None, help="seconds per memory child")
+    p.add_argument(
+        "--memory-timeout",
+        type=harness.positive_float,
+        default=None,
+        help="seconds per memory child (default: no limit)",
+    )
     # Internal: run one configuration for two steps and print its peak memory.
     p.add_argument("--memory-child", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.steps < 1 or args.warmup < 0:
         p.error("--steps must be at least 1 and --warmup non-negative")
+    if args.time_split and args.device == "cuda":
+        # Its profiler records the CPU and syncs nothing: on CUDA it would time the launches.
+        p.error("--time-split profiles the CPU only: not with --device cuda")
     try:
-        parse_backends(args.backends)
+        configs = parse_backends(args.backends)
     except ValueError as e:
         p.error(str(e))  # a usage error, not a traceback
+    graphed = [
+        c.name
+        for c in configs
+        if search_config(args.space, args.order, args.config, c.overrides()).cuda_graphs
+    ]
+    # The memory child runs its own steps (captured and replayed, see _memory_child).
+    if graphed and args.device == "cuda" and not args.memory_child and args.warmup < GRAPHS_WARMUP:
+        p.error(
+            f"--warmup {args.warmup}: {', '.join(graphed)} would be timed before its CUDA "
+            f"graph is captured; give --warmup {GRAPHS_WARMUP} or more"
+        )
+    harness.check_json_path(p, args.json)
     return args
 
 
@@ -369,46 +399,27 @@ def main(argv: list[str] | None = None) -> dict:
     # Timed steps, the op-count step, (CUDA) the profiled step and the time split need data.
     total = args.warmup + args.steps + 3
     steps = {c.name: step_fn(build_task(cfgs[c.name], device, dtype, total)) for c in configs}
-    times = harness.interleaved(steps, args.steps, args.warmup, sync=harness.synchronizer(device))
-    rows = []
-    for c in configs:
-        s = harness.Summary.of(times[c.name])
-        hours = None
-        if device.type == "cuda" and args.config == "paper":
-            hours = harness.projected_gpu_hours(args.space, s.median)
-        rows.append(
-            {
-                "space": args.space,
-                "order": cfgs[c.name].order,
-                "config": args.config,
-                "backend": c.name,
-                "flags": list(c.flags),
-                "device": str(device),
-                "median_s": s.median,
-                "min_s": s.min,
-                "max_s": s.max,
-                "ratio_vs_reference": None,
-                "ops_per_step": None,
-                "kernel_launches_per_step": None,
-                "peak_mem_mb": None,
-                "projected_gpu_hours": hours,
-            }
-        )
-    ref = next((r for r in rows if r["backend"] == "reference"), None)
-    for r in rows:
-        r["ratio_vs_reference"] = r["median_s"] / ref["median_s"] if ref else None
     doc = {
         "env": harness.env_info(device, [SCRIPT, *(sys.argv[1:] if argv is None else argv)]),
-        "rows": rows,
+        "rows": [],
         "run": _run_info(args, device),
         "skipped": skipped,
+        "samples_s": {},
         "ops_by_name": None,
         "time_split_s": None,
     }
-    # The document is rewritten after each stage, so a run stopped by a time limit keeps
-    # what it measured (the timings first).
+    # The document is rewritten after each timed round and each later stage, so a run
+    # stopped by a time limit keeps what it measured (the timings first).
     save = (lambda: harness.write_json(args.json, doc)) if args.json else (lambda: None)
-    save()
+
+    def timed(times: dict[str, list[float]]) -> None:
+        doc["rows"], doc["samples_s"] = _timing_rows(args, configs, cfgs, device, times), times
+        save()
+
+    harness.interleaved(
+        steps, args.steps, args.warmup, sync=harness.synchronizer(device), after_round=timed
+    )
+    rows = doc["rows"]
     # Counted after the timed steps, so lazily created optimiser state is not in the count.
     ops = {name: harness.count_ops(fn) for name, fn in steps.items()}
     doc["ops_by_name"] = {name: dict(ops[name].most_common()) for name in ops}
@@ -459,6 +470,45 @@ def main(argv: list[str] | None = None) -> dict:
     return doc
 
 
+def _timing_rows(
+    args: argparse.Namespace,
+    configs: list[BenchConfig],
+    cfgs: dict[str, SearchConfig],
+    device: torch.device,
+    times: dict[str, list[float]],
+) -> list[dict]:
+    """One row per configuration from its timed steps so far; the later stages' columns
+    empty."""
+    rows = []
+    for c in configs:
+        s = harness.Summary.of(times[c.name])
+        hours = None
+        if device.type == "cuda" and args.config == "paper":
+            hours = harness.projected_gpu_hours(args.space, s.median)
+        rows.append(
+            {
+                "space": args.space,
+                "order": cfgs[c.name].order,
+                "config": args.config,
+                "backend": c.name,
+                "flags": list(c.flags),
+                "device": str(device),
+                "median_s": s.median,
+                "min_s": s.min,
+                "max_s": s.max,
+                "ratio_vs_reference": None,
+                "ops_per_step": None,
+                "kernel_launches_per_step": None,
+                "peak_mem_mb": None,
+                "projected_gpu_hours": hours,
+            }
+        )
+    ref = next((r for r in rows if r["backend"] == "reference"), None)
+    for r in rows:
+        r["ratio_vs_reference"] = r["median_s"] / ref["median_s"] if ref else None
+    return rows
+
+
 PROFILE_COLUMNS = [
     ("backend", "backend"),
     ("device busy s", "busy_s"),
@@ -497,6 +547,8 @@ def _run_info(args: argparse.Namespace, device: torch.device) -> dict:
             else None
         ),
         "ratio_vs_reference": "median_s / reference median_s (below 1 is faster)",
+        "samples_s": "each timed step's seconds, per configuration (fewer than steps: the "
+        "run was stopped; the rows are of those)",
         "ops_per_step": "ATen ops dispatched in one untimed step (custom ops count once "
         "plus the ATen ops inside them)",
         "time_split_s": "one more step under torch.profiler (CPU): inclusive seconds in "

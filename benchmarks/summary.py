@@ -1,10 +1,13 @@
-"""Short tables of every benchmark JSON in a folder (what gpu_suite.sh prints last).
+"""Short tables of every benchmark JSON in a folder, or of one file (what gpu_suite.sh
+prints last).
 
-python benchmarks/summary.py benchmarks/results
+    python benchmarks/summary.py benchmarks/results
+    python benchmarks/summary.py benchmarks/results/gpu-kernels.json
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 from pathlib import Path
@@ -34,7 +37,7 @@ KERNEL_COLUMNS = [
 ]
 # The other tools' tables, after the search steps': (a key only their rows have, columns).
 TABLES = [
-    ("kernel", KERNEL_COLUMNS),
+    ("kernel", [("file", "file"), *KERNEL_COLUMNS]),
     ("rel_error", [("file", "file"), *alpha_grad_error.COLUMNS]),
     ("triton_kernel", [("file", "file"), *triton_resources.COLUMNS]),
     ("version", [("file", "file"), *ab.COLUMNS]),
@@ -42,13 +45,14 @@ TABLES = [
 ]
 
 
-def summarize(folder: str | Path) -> str:
-    """Markdown tables: the search-step rows of all files, then the kernel, α-gradient-error,
-    Triton-resource, before/after (ab.py) and CUDA-path op-count rows, each kind in its own
-    table."""
+def summarize(where: str | Path) -> str:
+    """Markdown tables: the search-step rows of all files (the JSON files of the folder
+    ``where``, or the file it names), then the kernel, α-gradient-error, Triton-resource,
+    before/after (ab.py) and CUDA-path op-count rows, each kind in its own table."""
     search, notes = [], []
     other: dict[str, list[dict]] = {key: [] for key, _ in TABLES}
-    for path in sorted(Path(folder).glob("*.json")):
+    where = Path(where)
+    for path in sorted(where.glob("*.json")) if where.is_dir() else [where]:
         try:
             doc = json.loads(path.read_text())
         except (OSError, json.JSONDecodeError) as e:
@@ -75,7 +79,20 @@ def summarize(folder: str | Path) -> str:
     return "\n\n".join(parts) or "no results"
 
 
+def main(argv: list[str] | None = None) -> str:
+    """Prints (and returns) the tables of the folder or file given."""
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("path", help="a folder of result JSON files, or one such file")
+    args = p.parse_args(argv)
+    path = Path(args.path)
+    if not path.exists():
+        p.error(f"{path}: no such folder or file")
+    if not path.is_dir() and not path.is_file():
+        p.error(f"{path}: not a folder or a file")
+    text = summarize(path)
+    print(text)
+    return text
+
+
 if __name__ == "__main__":
-    if len(sys.argv) != 2:
-        raise SystemExit("usage: python benchmarks/summary.py FOLDER")
-    print(summarize(sys.argv[1]))
+    main()

@@ -51,7 +51,7 @@ def signature(names: str, dtype: str) -> dict[str, str]:
 class Launch:
     """One way a launcher calls a kernel: its module, kernel, argument kinds and the
     constexprs besides BLOCK (a launcher passes its module's BLOCK where the kernel takes
-    one)."""
+    one, unless given here)."""
 
     module: str
     kernel: str
@@ -65,9 +65,9 @@ class Launch:
 
     def constexpr_values(self) -> dict[str, Any]:
         given = {**self.constexprs, **{k: v for k, v in self.options.items() if k != "num_warps"}}
-        if "BLOCK:c" not in self.args.split():
-            return given
-        return {**given, "BLOCK": triton_kernels(self.module).BLOCK}
+        if "BLOCK:c" in self.args.split() and "BLOCK" not in given:
+            given["BLOCK"] = triton_kernels(self.module).BLOCK
+        return given
 
 
 _CONV_FORWARD = (
@@ -178,6 +178,22 @@ LAUNCHES = {
         )
         for suffix, mask in (("_masked", True), ("", False))
     },
+    **{
+        f"rnn_{name}{suffix}": Launch(
+            "recurrent_cell",
+            f"_{name}_kernel",
+            args,
+            {"HAS_MASK": mask, "BLOCK": triton_kernels("recurrent_cell").STEP_BLOCK},
+        )
+        for name, args in (
+            ("hidden", "STATES:f H:f HM:f MASK:f S:i total:i ND:i D:i HAS_MASK:c BLOCK:c"),
+            (
+                "step_grads",
+                "GRAD:f CARRY:f GC:f MASK:f GS:f GM:f S:i total:i ND:i D:i HAS_MASK:c BLOCK:c",
+            ),
+        )
+        for suffix, mask in (("_masked", True), ("", False))
+    },
     **_DW_LAUNCHES,
     "bn_running_stats": Launch("running_stats", "_update_kernel", _RUNNING_STATS),
     # Triton makes an integer argument equal to 1 a constant: n = 1 (a batch of one 1×1 map).
@@ -276,19 +292,34 @@ COLUMNS = [
 ]
 
 
+def archs(text: str) -> list[int]:
+    """argparse type of ``--archs``: compute capabilities ×10 (90, 80), comma-separated."""
+    try:
+        return [harness.positive_int(a) for a in text.split(",")]
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(
+            f"expected compute capabilities ×10, comma-separated (e.g. 90,80), got {text!r}"
+        ) from None
+
+
 def main(argv: list[str] | None = None) -> dict:
     """Compiles every launch for each target; returns (and optionally writes) the document."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--archs", default=",".join(map(str, ARCHS)), help="compute capabilities ×10")
+    p.add_argument(
+        "--archs",
+        type=archs,
+        default=",".join(map(str, ARCHS)),
+        help="compute capabilities ×10, comma-separated (default: %(default)s)",
+    )
     p.add_argument("--json", help="write the result document here")
     args = p.parse_args(argv)
+    harness.check_json_path(p, args.json)
     tool = cuobjdump()
     if tool is None:
         raise SystemExit(
             "no cuobjdump here: Triton's NVIDIA backend ships one (pip install triton)"
         )
-    archs = [int(a) for a in args.archs.split(",")]
-    rows = [row(n, d, a, tool) for a in archs for n in LAUNCHES for d in DTYPES]
+    rows = [row(n, d, a, tool) for a in args.archs for n in LAUNCHES for d in DTYPES]
     argv = sys.argv[1:] if argv is None else argv
     doc = {
         "env": harness.env_info(torch.device("cpu"), [SCRIPT, *argv]),

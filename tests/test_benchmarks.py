@@ -5,8 +5,11 @@ from __future__ import annotations
 import json
 import math
 import os
+import signal
+import statistics
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -16,8 +19,17 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))  # ``benchmarks`` is a folder of the repository, not installed
 
-from benchmarks import harness, kernels, search_step, summary  # noqa: E402
-from fastdarts.ops import backends  # noqa: E402
+from benchmarks import (  # noqa: E402
+    ab,
+    alpha_grad_error,
+    cuda_path_ops,
+    harness,
+    kernels,
+    search_step,
+    summary,
+    triton_resources,
+)
+from fastdarts.ops import backends, conv_mixed  # noqa: E402
 
 
 @torch.library.custom_op("fastdarts_bench_test::axpy", mutates_args=())
@@ -107,7 +119,15 @@ def test_interleaved_runs_a_b_a_b_after_warmup():
     calls: list[str] = []
     ticks = iter(range(100))
     fns = {"A": lambda: calls.append("A"), "B": lambda: calls.append("B")}
-    times = harness.interleaved(fns, repeats=3, warmup=2, clock=lambda: float(next(ticks)))
+    rounds = []
+    times = harness.interleaved(
+        fns,
+        repeats=3,
+        warmup=2,
+        clock=lambda: float(next(ticks)),
+        after_round=lambda t: rounds.append({k: len(v) for k, v in t.items()}),
+    )
+    assert rounds == [{"A": n, "B": n} for n in (1, 2, 3)]  # after each timed round
     assert calls == ["A", "B"] * 5
     # Each timed call reads the clock twice in a row: one tick apart.
     assert times == {"A": [1.0, 1.0, 1.0], "B": [1.0, 1.0, 1.0]}
@@ -137,6 +157,15 @@ def test_markdown_table():
     rows = [{"a": 1.23456, "b": None, "c": ["--order", "1"]}]
     table = harness.markdown_table(rows, [("A", "a"), ("B", "b"), ("C", "c")])
     assert table.splitlines() == ["| A | B | C |", "|---|---|---|", "| 1.235 | — | --order 1 |"]
+
+
+def test_markdown_table_escapes_pipes():
+    """A | in a header (ab.py's "max |Δα|") or a cell would split its column."""
+    rows = [{"alpha_max_abs_diff": 0.5, "f": "a|b", "l": ["x|y"]}]
+    table = harness.markdown_table(rows, [ab.COLUMNS[-1], ("f", "f"), ("l", "l")])
+    head, _, row = table.splitlines()
+    assert head == r"| max \|Δα\| | f | l |"
+    assert row == r"| 0.5 | a\|b | x\|y |"
 
 
 # -- ablation flags -----------------------------------------------------------------------
@@ -182,6 +211,8 @@ def test_parse_flags_types_and_switches():
         ("turbo", "unknown configuration"),
         ("reference,reference", "repeat"),
         ("=--order,1", "needs a label"),
+        ("x=--order,3", "--order: expected one of 1, 2, got '3'"),
+        ("x=--hvp,approx", "--hvp: expected one of fd, exact"),
     ],
 )
 def test_parse_backends_rejects(spec, message):
@@ -342,6 +373,57 @@ def test_search_step_reports_the_device_profile(tmp_path, restore_threads, monke
     assert "gemm (2, 0.0015); add (1, 0.0005)" in capsys.readouterr().out
 
 
+def test_search_step_writes_each_timed_round(tmp_path, restore_threads, monkeypatch):
+    """A run stopped by a time limit during its timed steps keeps the rounds it finished:
+    the JSON is rewritten after each (rows of the steps so far, and their samples)."""
+    out = tmp_path / "rnn.json"
+    seen = []
+    interleaved = harness.interleaved
+
+    def spy(fns, repeats, warmup=0, after_round=lambda times: None, **kwargs):
+        def after(times):
+            after_round(times)
+            doc = json.loads(out.read_text())
+            seen.append(({r["backend"] for r in doc["rows"]}, doc["samples_s"]))
+
+        return interleaved(fns, repeats, warmup, after_round=after, **kwargs)
+
+    monkeypatch.setattr(harness, "interleaved", spy)
+    argv = ["--space", "rnn", "--order", "1", "--config", "tiny", "--steps", "2", "--warmup", "0"]
+    argv += ["--backends", "reference,fast", "--no-memory", "--threads", "1"]
+    doc = search_step.main([*argv, "--json", str(out)])
+    assert [(names, {k: len(v) for k, v in samples.items()}) for names, samples in seen] == [
+        ({"reference", "fast"}, {"reference": 1, "fast": 1}),
+        ({"reference", "fast"}, {"reference": 2, "fast": 2}),
+    ]
+    assert doc["samples_s"] == seen[-1][1]
+    for row in doc["rows"]:
+        assert row["median_s"] == statistics.median(doc["samples_s"][row["backend"]])
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--time-split", "--device", "cuda"], "--time-split profiles the CPU only"),
+        (
+            ["--backends", "reference,graphs", "--device", "cuda", "--warmup", "2"],
+            "--warmup 2: graphs would be timed before its CUDA graph is captured; "
+            "give --warmup 3 or more",
+        ),
+        (["--backends", "x=--order,3"], "--order: expected one of 1, 2, got '3'"),
+        (["--memory-timeout", "-1"], "--memory-timeout: expected a positive number, got '-1'"),
+        (["--memory-timeout", "0"], "--memory-timeout: expected a positive number, got '0'"),
+    ],
+)
+def test_search_step_rejects_before_running(args, message, capsys):
+    """Usage errors in one line, before a step runs (checked ahead of the CUDA device, so
+    they are checked here too)."""
+    with pytest.raises(SystemExit) as stop:
+        search_step.main(["--space", "rnn", "--config", "tiny", *args])
+    assert stop.value.code == 2
+    assert message in capsys.readouterr().err
+
+
 def test_kernels_json_schema(tmp_path, restore_threads):
     out = tmp_path / "kernels.json"
     argv = ["--configs", "tiny", "--repeats", "2", "--warmup", "0", "--copy-mib", "8"]
@@ -357,6 +439,7 @@ def test_kernels_json_schema(tmp_path, restore_threads):
         "bytes": int,
         "gb_per_s": float,
         "bandwidth_fraction": OPTIONAL_FLOAT,
+        "implementation": str,
     }
     _check(doc, row_types)
     assert list(doc["rows"][0]) == list(harness.KERNEL_ROW_KEYS)
@@ -365,6 +448,124 @@ def test_kernels_json_schema(tmp_path, restore_threads):
         (k.name, p, impl) for k in kernels.KERNELS for p in kernels.PASSES for impl in k.impls
     }
     assert doc["run"]["copy_gb_s"] > 0
+    # What ran: the reference is torch's ops; the fused ops' C++ kernels on this CPU when the
+    # extension is built (their fallback, torch's ops, without it).
+    fused = "cpp" if conv_mixed._has_cpp() else "torch"
+    assert {(r["backend"], r["implementation"]) for r in doc["rows"]} == {
+        ("reference", "torch"),
+        ("fused", fused),
+    }
+
+
+def test_kernels_name_what_the_fused_version_runs(monkeypatch):
+    """A kernel's fused version runs the C++ extension, its CUDA kernel, Triton or torch's
+    ops, as fastdarts.ops decides; a fused group lists its parts by kind where they differ."""
+    cpu = torch.device("cpu")
+    by_name = {k.name: k for k in kernels.KERNELS}
+    # As on CUDA with Triton: the mixture, depthwise and pools kernels are Triton's, the 1x1
+    # convolutions and BatchNorm torch's (cuDNN's).
+    monkeypatch.setattr(conv_mixed, "kernel_name", lambda device: "triton")
+    monkeypatch.setattr(conv_mixed, "_cpp", lambda x, name="": False)
+    assert kernels.implementation(by_name["cnn_depthwise"], "fused", "fwd+bwd", cpu) == "triton"
+    assert kernels.implementation(by_name["cnn_pointwise"], "fused", "fwd", cpu) == "torch"
+    assert kernels.implementation(by_name["cnn_cell_fused"], "fused", "fwd", cpu) == (
+        "triton: mix, depthwise, pools; torch: pointwise, batch_norm"
+    )
+    assert kernels.implementation(by_name["cnn_cell_fused"], "reference", "fwd", cpu) == "torch"
+    # An extension without one direction's kernel: that direction runs torch's op.
+    monkeypatch.setattr(conv_mixed, "kernel_name", lambda device: "cpp")
+    monkeypatch.setattr(conv_mixed, "_cpp", lambda x, name="": name != "pointwise_backward")
+    pointwise = by_name["cnn_pointwise"]
+    assert kernels.implementation(pointwise, "fused", "fwd", cpu) == "cpp"
+    assert kernels.implementation(pointwise, "fused", "fwd+bwd", cpu) == (
+        "cpp: pointwise fwd; torch: pointwise bwd"
+    )
+
+
+def test_kernels_write_each_row_as_it_ends(tmp_path, restore_threads, monkeypatch):
+    """A run stopped by a time limit keeps the rows it finished: the JSON is rewritten after
+    each one (here read back while the next row is being measured)."""
+    out = tmp_path / "kernels.json"
+    on_disk = []
+    launches = harness.count_kernel_launches
+
+    def count(fn, device):
+        on_disk.append(len(_rows(out)) if out.exists() else 0)
+        return launches(fn, device)
+
+    monkeypatch.setattr(harness, "count_kernel_launches", count)
+    argv = ["--configs", "tiny", "--kernels", "rnn_node_mixture", "--repeats", "1"]
+    argv += ["--warmup", "0", "--copy-mib", "1", "--threads", "1", "--json", str(out)]
+    doc = kernels.main(argv)
+    assert on_disk == [0, 1, 2, 3]  # fwd and fwd+bwd, reference and fused
+    assert _rows(out) == doc["rows"]
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--configs", "bogus"], "unknown bogus; have paper, large, tiny"),
+        (["--configs", ","], "unknown nothing given"),
+        (["--kernels", "nope"], "unknown nope; have rnn_node_mixture"),
+        (["--repeats", "-1"], "--repeats: expected a positive integer, got '-1'"),
+        (["--repeats", "0"], "--repeats: expected a positive integer, got '0'"),
+        (["--number", "0"], "--number: expected a positive integer"),
+        (["--number", "-1"], "--number: expected a positive integer"),
+        (["--warmup", "-1"], "--warmup: expected an integer >= 0"),
+        (["--copy-mib", "0"], "--copy-mib: expected a positive integer"),
+        (["--threads", "0"], "--threads: expected a positive integer"),
+    ],
+)
+def test_kernels_reject_bad_values_before_measuring(args, message, capsys):
+    # A small run where the bad value is let through (the last of an option counts).
+    small = ["--configs", "tiny", "--kernels", "rnn_node_mixture", "--copy-mib", "1"]
+    with pytest.raises(SystemExit) as stop:
+        kernels.main([*small, *args])
+    assert stop.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_kernels_help_gives_the_defaults(capsys):
+    with pytest.raises(SystemExit):
+        kernels.main(["--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    for default in ("(default: paper,large)", "(default: cuda 20, cpu 5)", "(default: all)"):
+        assert default in help_text
+
+
+# Each tool with --json, and arguments that would otherwise run it.
+JSON_TOOLS = {
+    "kernels": (kernels.main, ["--configs", "tiny"]),
+    "search_step": (search_step.main, ["--space", "rnn", "--config", "tiny"]),
+    "cuda_path_ops": (cuda_path_ops.main, ["--space", "rnn", "--config", "tiny"]),
+    "alpha_grad_error": (alpha_grad_error.main, ["--space", "rnn", "--config", "tiny"]),
+    "triton_resources": (triton_resources.main, ["--archs", "90"]),
+    "ab": (ab.main, ["--base", "HEAD", "--space", "rnn", "--config", "tiny", "--rounds", "1"]),
+}
+
+
+@pytest.mark.parametrize("tool", JSON_TOOLS)
+def test_json_path_is_checked_before_the_work(tool, tmp_path, capsys):
+    """--json naming a folder, or a path through a file, is a usage error before anything
+    runs, not a traceback at the end (which left FOLDER.partial behind)."""
+    main, args = JSON_TOOLS[tool]
+    (tmp_path / "file").write_text("")
+    for path, message in [
+        (tmp_path, f"--json {tmp_path}: is a folder; give a file path"),
+        (tmp_path / "file" / "out.json", f"{tmp_path / 'file'} is a file, not a folder"),
+    ]:
+        with pytest.raises(SystemExit) as stop:
+            main([*args, "--json", str(path)])
+        assert stop.value.code == 2
+        assert message in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]
+
+
+def test_check_json_path_creates_the_folders(tmp_path):
+    parser = harness.argparse.ArgumentParser()
+    harness.check_json_path(parser, str(tmp_path / "a" / "b" / "out.json"))
+    assert (tmp_path / "a" / "b").is_dir() and not list((tmp_path / "a" / "b").iterdir())
+    harness.check_json_path(parser, None)  # no --json: nothing to check
 
 
 def test_kernel_bytes_formulas():
@@ -435,6 +636,69 @@ def _rows(path: Path) -> list[dict]:
     return json.loads(path.read_text())["rows"]
 
 
+def _suite_with_a_stub_python(tmp_path: Path, budget: str | None = None):
+    """benchmarks/gpu_suite.sh (GPU mode) in a folder of its own, every Python command a stub
+    that logs its arguments and succeeds, except the extension's build, which fails the way
+    setup.py does: "could not build", exit 0. Returns (the finished process, the commands)."""
+    repo = tmp_path / "repo"
+    (repo / "benchmarks").mkdir(parents=True)
+    (repo / "csrc").mkdir()
+    (repo / "csrc" / "ext.cpp").write_text("")
+    suite = repo / "benchmarks" / "gpu_suite.sh"
+    suite.write_bytes((REPO / "benchmarks" / "gpu_suite.sh").read_bytes())
+    log = tmp_path / "commands.log"
+    stub = tmp_path / "python"
+    stub.write_text(
+        "#!/usr/bin/env bash\n"
+        f'printf "%s\\n" "$*" >>"{log}"\n'
+        "if [[ $* == *build_ext* ]]; then\n"
+        '    echo "fastdarts setup: could not build the C++ extension (no nvcc)" >&2\n'
+        "fi\n"
+    )
+    stub.chmod(0o755)
+    env = {**os.environ, "PYTHON": str(stub)}
+    if budget is not None:
+        env["GPU_SUITE_BUDGET"] = budget
+    proc = subprocess.run(
+        ["bash", str(suite), str(tmp_path / "out")], capture_output=True, text=True, env=env,
+        timeout=60,
+    )  # fmt: skip
+    commands = log.read_text().splitlines() if log.exists() else []
+    return proc, commands
+
+
+def test_gpu_suite_counts_a_build_without_extension_as_failed(tmp_path):
+    """setup.py exits 0 when its compile fails ("could not build", a pure-Python build): the
+    suite says the build failed and does not run the extension's test, which would skip."""
+    proc, commands = _suite_with_a_stub_python(tmp_path)
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert proc.stdout.strip().splitlines()[-1] == "failed: build"
+    assert any("build_ext" in c for c in commands)
+    assert not any("cuda_extension" in c for c in commands)
+
+
+def test_gpu_suite_times_graphs_after_its_capture(tmp_path):
+    """Every search_step.py run with the graphs configuration warms up the 3 steps after
+    which its timed steps are CUDA-graph replays (the last --warmup given counts)."""
+    _, commands = _suite_with_a_stub_python(tmp_path)
+    graphed = [c.split() for c in commands if "search_step.py" in c and "graphs" in c]
+    assert len(graphed) == 5  # three at the paper configuration, two for memory
+    for args in graphed:
+        warmups = [int(args[i + 1]) for i, a in enumerate(args) if a == "--warmup"]
+        assert warmups and warmups[-1] >= search_step.GRAPHS_WARMUP, args
+
+
+def test_gpu_suite_skips_what_the_budget_leaves_no_time_for(tmp_path):
+    """A command skipped because the budget is spent is reported as skipped, not failed: the
+    suite exits 0 when everything that ran succeeded."""
+    proc, commands = _suite_with_a_stub_python(tmp_path, budget="5")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    last = proc.stdout.strip().splitlines()[-1]
+    assert last.startswith("skipped, the 5-second budget spent: tests gpu-rnn-paper-o2 ")
+    assert last.endswith(" build") and "failed" not in proc.stdout
+    assert not any("benchmarks/" in c for c in commands[:-1])  # only summary.py ran
+
+
 @pytest.mark.parametrize("kernel", kernels.KERNELS, ids=lambda k: k.name)
 def test_kernel_impls_compute_the_same(kernel):
     """Every implementation of a benchmark entry computes the reference's output and input
@@ -478,24 +742,55 @@ def test_summary_gives_each_kind_of_result_its_own_table(tmp_path):
     for table, (column, cell) in zip(tables, expected):
         assert f"| {column} |" in table.splitlines()[0], table
         assert sum(cell in t for t in tables) == 1 and cell in table, (cell, table)
+    # Every table says which file each row came from, the kernels' too.
+    assert all(t.startswith("| file |") for t in tables)
+    assert "| kern | cnn_pools |" in tables[1]
+
+
+def test_summary_cli(tmp_path, capsys):
+    """--help works; a missing path is a usage error (exit 2), not "no results"; one file is
+    summarised on its own."""
+    with pytest.raises(SystemExit) as stop:
+        summary.main(["--help"])
+    assert stop.value.code == 0 and "usage:" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as stop:
+        summary.main([str(tmp_path / "missing")])
+    assert stop.value.code == 2
+    assert f"{tmp_path / 'missing'}: no such folder or file" in capsys.readouterr().err
+    for name, kernel in (("a", "cnn_pools"), ("b", "cnn_depthwise")):
+        row = {"kernel": kernel, "shape": "B=2", "pass": "fwd", "backend": "fused"}
+        (tmp_path / f"{name}.json").write_text(json.dumps({"rows": [row]}))
+    one = summary.main([str(tmp_path / "a.json")])
+    assert "| a | cnn_pools |" in one and "cnn_depthwise" not in one
+    both = summary.main([str(tmp_path)])
+    assert "| a | cnn_pools |" in both and "| b | cnn_depthwise |" in both
 
 
 # -- before/after timing of two versions ------------------------------------------------------
+
+
+def _clone(tmp_path: Path) -> tuple[Path, list[str]]:
+    """A clone of this repository with its built extension and this checkout's benchmarks
+    (committed or not: ab.py and the harness it imports are under test); the clone and the
+    git command that runs in it."""
+    clone = tmp_path / "clone"
+    subprocess.run(["git", "clone", "-q", str(REPO), str(clone)], check=True)
+    for so in (REPO / "fastdarts").glob("_C.*"):
+        (clone / "fastdarts" / so.name).write_bytes(so.read_bytes())
+    for script in (REPO / "benchmarks").glob("*.py"):
+        (clone / "benchmarks" / script.name).write_bytes(script.read_bytes())
+    return clone, ["git", "-C", str(clone), "-c", "user.name=t", "-c", "user.email=t@t"]
 
 
 def test_ab_times_each_version_from_its_own_tree(tmp_path):
     """benchmarks/ab.py in a clone with one more commit, which adds an op to the weight step:
     head runs the new code and base (a worktree of HEAD~1) the old, so head counts more ops
     per step, with the same α (the op multiplies by one)."""
-    clone = tmp_path / "clone"
-    subprocess.run(["git", "clone", "-q", str(REPO), str(clone)], check=True)
-    for so in (REPO / "fastdarts").glob("_C.*"):
-        (clone / "fastdarts" / so.name).write_bytes(so.read_bytes())
-    git = ["git", "-C", str(clone), "-c", "user.name=t", "-c", "user.email=t@t"]
-    # This checkout's ab.py (committed or not) is the one under test.
-    (clone / "benchmarks" / "ab.py").write_bytes((REPO / "benchmarks" / "ab.py").read_bytes())
-    subprocess.run([*git, "add", "benchmarks/ab.py"], check=True)
-    subprocess.run([*git, "commit", "-qm", "ab.py as checked out", "--allow-empty"], check=True)
+    clone, git = _clone(tmp_path)
+    subprocess.run([*git, "add", "benchmarks"], check=True)
+    subprocess.run(
+        [*git, "commit", "-qm", "benchmarks as checked out", "--allow-empty"], check=True
+    )
     tasks = clone / "fastdarts" / "search" / "tasks.py"
     source = tasks.read_text()
     step = "        loss = distributed.scale(out.loss + out.penalty, batch.share)\n"
@@ -527,6 +822,52 @@ def test_ab_times_each_version_from_its_own_tree(tmp_path):
     base, head = json.loads(out.read_text())["rows"]
     assert head["cuda_path"] and head["ops_per_step"] == base["ops_per_step"] + 2
     assert head["alpha_max_abs_diff"] is None
+
+
+def test_ab_removes_its_worktree_when_stopped_by_sigterm(tmp_path):
+    """A time limit's SIGTERM runs the same cleanup as a normal end: the base worktree is
+    unregistered and the temporary folder removed."""
+    clone, git = _clone(tmp_path)
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    cmd = [sys.executable, str(clone / "benchmarks" / "ab.py"), "--base", "HEAD"]
+    cmd += ["--space", "rnn", "--config", "tiny", "--backend", "reference", "--order", "1"]
+    cmd += ["--rounds", "50", "--threads", "1"]
+    env = {**os.environ, "TMPDIR": str(scratch)}
+    proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stderr=subprocess.PIPE, text=True)
+    try:
+        # The base worker's log exists once the worktree is complete and the workers start.
+        deadline = time.monotonic() + 120
+        while not list(scratch.glob("fastdarts-ab-*/base.log")):
+            assert proc.poll() is None, proc.stderr.read()
+            assert time.monotonic() < deadline, "no worker started"
+            time.sleep(0.1)
+        worktrees = subprocess.run([*git, "worktree", "list"], capture_output=True, text=True)
+        assert len(worktrees.stdout.strip().splitlines()) == 2
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    worktrees = subprocess.run([*git, "worktree", "list"], capture_output=True, text=True)
+    assert len(worktrees.stdout.strip().splitlines()) == 1
+    assert not list(scratch.iterdir())
+    assert proc.returncode == 128 + signal.SIGTERM, err
+
+
+def test_ab_checks_its_arguments_before_the_worktree(capsys, monkeypatch):
+    """--base is required (usage shows it so); --device cuda without CUDA is refused before a
+    worktree is made."""
+    with pytest.raises(SystemExit):
+        ab.main(["--help"])
+    usage = " ".join(capsys.readouterr().out.split())
+    assert "--base BASE --space {rnn,cnn}" in usage and "[--base" not in usage
+    made = []
+    monkeypatch.setattr(ab, "base_tree", lambda rev: made.append(rev))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(SystemExit) as stop:
+        ab.main(["--base", "HEAD", "--space", "rnn", "--device", "cuda"])
+    assert stop.value.code == 2 and not made
+    assert "--device cuda: no CUDA device is available here" in capsys.readouterr().err
 
 
 def test_ab_reports_a_bad_revision_in_one_line():
@@ -564,3 +905,51 @@ def test_cuda_path_ops_count_triton_launches_and_restore_the_dispatch():
     assert fused["triton"]["launches_floor_per_step"] < fused["torch"]["launches_floor_per_step"]
     assert conv_mixed.kernel_name is kernel_name  # the dispatch is as it was
     assert conv_mixed.kernel_name(torch.device("cpu")) != "triton"
+
+
+def test_cuda_path_ops_writes_each_row_as_it_ends(tmp_path, restore_threads, monkeypatch):
+    """A run stopped by a time limit keeps the configurations it counted: the JSON is
+    rewritten after each one's counts and each timed round."""
+    pytest.importorskip("triton")
+    out = tmp_path / "ops.json"
+    on_disk = []
+    count_ops = harness.count_ops
+
+    def count(fn):
+        on_disk.append([r["backend"] for r in _rows(out)] if out.exists() else [])
+        return count_ops(fn)
+
+    monkeypatch.setattr(harness, "count_ops", count)
+    args = ["--space", "rnn", "--config", "tiny", "--backends", "reference,fast", "--steps", "1"]
+    doc = cuda_path_ops.main([*args, "--warmup", "0", "--threads", "1", "--json", str(out)])
+    assert on_disk == [[], ["reference"]]
+    assert [len(r["host_s"]) for r in _rows(out)] == [1, 1]
+    assert _rows(out) == doc["rows"]
+
+
+@pytest.mark.parametrize(
+    "main, args, message",
+    [
+        (
+            cuda_path_ops.main,
+            ["--space", "rnn", "--backends", "x=--backend,bogus"],
+            "unknown backend 'bogus' (available: auto, reference, fused)",
+        ),
+        (
+            cuda_path_ops.main,
+            ["--space", "rnn", "--backends", "x=--order,3"],
+            "--order: expected one of 1, 2, got '3'",
+        ),
+        (triton_resources.main, ["--archs", "x"], "--archs: expected compute capabilities"),
+        (triton_resources.main, ["--archs", "90,0"], "got '90,0'"),
+        (alpha_grad_error.main, ["--space", "rnn", "--radii", "abc"], "--radii: expected positive"),
+        (alpha_grad_error.main, ["--space", "rnn", "--radii", "1e-3,0"], "got '1e-3,0'"),
+        (alpha_grad_error.main, ["--space", "rnn", "--radii=-1e-3"], "got '-1e-3'"),
+    ],
+)
+def test_tools_reject_bad_values_in_one_line(main, args, message, capsys):
+    with pytest.raises(SystemExit) as stop:
+        main(args)
+    assert stop.value.code == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
