@@ -1300,7 +1300,11 @@ def _to(t: Tensor | None, dtype: torch.dtype) -> Tensor | None:
 
 
 def _autocast(device_type: str) -> bool:
-    return torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type)
+    """Whether autocast is on for the device type (the meta device has none). The CPU and
+    CUDA always have it, and are not asked: torch 2.11's Dynamo cannot trace the query."""
+    if device_type not in ("cpu", "cuda") and not torch.amp.is_autocast_available(device_type):
+        return False
+    return torch.is_autocast_enabled(device_type)
 
 
 def _check_channels(who: str, C: int) -> None:
