@@ -235,7 +235,7 @@ def test_fast_config_turns_on_the_engine_options():
     assert (gpu.backend, gpu.batched_fd) == ("auto", True)
     first = search_step.search_config("cnn", 1, "tiny", {**config.overrides(), "device": "cuda"})
     assert (first.backend, first.batched_fd) == ("auto", False)  # no w± at first order
-    # The CNN's fused cells run once per sample under vmap: more launches batched.
+    # The CNN's batched w± passes: fewer launches, more copies; not --fast's until timed.
     cnn = search_step.search_config("cnn", 2, "tiny", {**config.overrides(), "device": "cuda"})
     assert (cnn.backend, cnn.batched_fd) == ("auto", False)
 

@@ -174,10 +174,10 @@ def test_edge_weights_with_exact_zeros_and_single_ops(dtype):
         compare_modules(ref, fused, [x, w], dtype, loss_w)
 
 
-def make_cell(C, reduction, reduction_prev, dtype, seed, train):
+def make_cell(C, reduction, reduction_prev, dtype, seed, train, steps=4):
     torch.manual_seed(seed)
     c_pp = 2 * C if reduction_prev else C
-    ref = SearchCell(4, 4, c_pp, C, C, reduction, reduction_prev).to(F64)
+    ref = SearchCell(steps, steps, c_pp, C, C, reduction, reduction_prev).to(F64)
     with torch.no_grad():
         for name, buf in ref.named_buffers():
             if "running" in name:
@@ -601,25 +601,58 @@ def test_edge_under_vmap_in_eval_mode():
     assert_close(got, torch.stack([ref(x, w) for x in xs]), F64)
 
 
-def test_cell_under_vmap_over_stacked_weights():
-    # As the architect's batched w± pass runs it: weights stacked on a new leading dim,
-    # batch statistics, nothing updated.
-    gen = _gen(25)
-    _, fused, _ = make_cell(4, True, False, F64, seed=8, train=True)
-    s0, s1 = (torch.randn(2, 4, 6, 6, generator=gen, dtype=F64) for _ in range(2))
-    w = _probs(gen, 14)
-    names, params = zip(*fused.named_parameters())
-    stacked = {n: torch.stack([p + 0.1 * torch.randn_like(p), p]) for n, p in zip(names, params)}
-    for m in fused.modules():
+def check_cell_under_vmap(
+    reduction: bool,
+    reduction_prev: bool,
+    C: int = 4,
+    H: int = 6,
+    weight_grads: bool = True,
+    steps: int = 4,
+) -> None:
+    """A search cell under vmap over two weight samples (w + δ and w − δ), as the batched w±
+    pass runs it (batch statistics, none updated): the output, and the gradients of the
+    cell's inputs, α and (``weight_grads``) the stacked weights, against each sample run
+    alone."""
+    gen = _gen(25 + 2 * reduction + reduction_prev)
+    _, cell, c_pp = make_cell(C, reduction, reduction_prev, F64, seed=8, train=True, steps=steps)
+    s0 = torch.randn(2, c_pp, 2 * H if reduction_prev else H, 2 * H if reduction_prev else H,
+                     generator=gen, dtype=F64)  # fmt: skip
+    s1 = torch.randn(2, C, H, H, generator=gen, dtype=F64)
+    w = _probs(gen, sum(2 + i for i in range(steps)))
+    names, params = zip(*cell.named_parameters())
+    deltas = [0.1 * torch.randn(p.shape, generator=gen, dtype=F64) for p in params]
+    stacked = [
+        torch.stack([p + d, p - d]).detach().requires_grad_(weight_grads)
+        for p, d in zip(params, deltas)
+    ]
+    for m in cell.modules():
         if hasattr(m, "track_running_stats"):
             m.track_running_stats = False
 
-    def run(weights):
-        return torch.func.functional_call(fused, weights, (s0, s1, w))
+    def run(weights, *inputs):
+        return torch.func.functional_call(cell, dict(zip(names, weights)), inputs)
 
-    got = torch.func.vmap(run)(stacked)
-    for i in range(2):
-        assert_close(got[i], run({n: t[i] for n, t in stacked.items()}), F64)
+    inputs = [
+        t.clone().requires_grad_(t.requires_grad or i < 3)
+        for i, t in enumerate((s0, s1, w, *stacked))
+    ]
+    got = torch.func.vmap(lambda *ws: run(ws, *inputs[:3]))(*inputs[3:])
+    g = torch.randn(got.shape, generator=gen, dtype=F64)
+    wanted = inputs if weight_grads else inputs[:3]
+    got_grads = torch.autograd.grad(got, wanted, g)
+    ref = [t.detach().clone().requires_grad_(t.requires_grad) for t in inputs]
+    want = torch.stack([run([t[i] for t in ref[3:]], *ref[:3]) for i in range(2)])
+    assert_close(got, want, F64)
+    want_grads = torch.autograd.grad(want, ref[: len(wanted)], g)
+    for name, a, b in zip(["s0", "s1", "alpha", *names], got_grads, want_grads):
+        assert_close(a, b, F64, name)
+
+
+@pytest.mark.parametrize(
+    "reduction, reduction_prev", [(False, False), (True, False), (False, True)]
+)
+def test_cell_under_vmap_over_stacked_weights(reduction, reduction_prev):
+    check_cell_under_vmap(reduction, reduction_prev)
 
 
 def test_cell_ops_under_autocast_run_in_the_weights_dtype():
@@ -764,7 +797,7 @@ def test_depthwise_weight_gradient_only_when_the_pass_uses_it(monkeypatch):
     flags, kernel = [], conv_mixed._dw_backward_op
 
     def spy(*args):
-        flags.append(args[-2])  # grad_weights
+        flags.append(args[-3])  # grad_weights
         return kernel(*args)
 
     monkeypatch.setattr(conv_mixed, "_dw_backward_op", spy)
@@ -840,10 +873,69 @@ def test_depthwise_gradcheck_gradgradcheck_and_vmap(relu):
     want = torch.stack([want_fn(a, ws) for a in xs])
     (g_want,) = torch.autograd.grad(want.square().sum(), [xs])
     assert_close(g_got, g_want, F64)
-    torch.library.opcheck(torch.ops.fastdarts.depthwise.default, [x, ws, 1, pads, dils, offs, relu])
+    args = [x, ws, 1, pads, dils, offs, relu, False]
+    torch.library.opcheck(torch.ops.fastdarts.depthwise.default, args)
     grad = torch.randn(want.shape[1:], generator=gen, dtype=F64)
-    detached = [x.detach(), [w.detach() for w in ws], 1, pads, dils, offs, True, relu]
+    detached = [x.detach(), [w.detach() for w in ws], 1, pads, dils, offs, True, relu, False]
     torch.library.opcheck(torch.ops.fastdarts.depthwise_backward.default, [grad, *detached])
+
+
+@pytest.mark.parametrize("relu", [False, True])
+@pytest.mark.parametrize("x_dim", [0, 1, None])
+@pytest.mark.parametrize("second_batched", [True, False])
+def test_depthwise_per_sample_weights_under_vmap(relu, x_dim, second_batched):
+    """The batched w± passes' case: weights batched (each vmap sample its own; or one shared),
+    x batched on its first or second dim (sample-major or interleaved rows, the second as
+    torch's batched convolutions leave it) or shared: the output and the gradients of x and
+    of every weight against the reference, sample by sample."""
+    gen, S = _gen(35), 3
+    x, ws, pads, dils, offs = make_depthwise(gen, 2, DW_SHAPES[1:3], shared=False, H=5, W=6)
+    xs = torch.randn(S, *x.shape, generator=gen, dtype=F64)
+    samples = [torch.randn(S, *w.shape, generator=gen, dtype=F64) for w in ws]
+    wbs = samples if second_batched else [samples[0], samples[1][0]]
+    x_in = {None: xs[0], 0: xs, 1: xs.movedim(0, 1).contiguous()}[x_dim]
+    inputs = [t.clone().requires_grad_() for t in (x_in, *wbs)]
+
+    def fn(a, *b):
+        return depthwise(a, list(b), 1, pads, dils, offs, relu=relu)
+
+    got = torch.vmap(fn, in_dims=(x_dim, 0, 0 if second_batched else None))(*inputs)
+    g = torch.randn(got.shape, generator=gen, dtype=F64)
+    got_grads = torch.autograd.grad(got, inputs, g)
+    ref = [t.clone().requires_grad_() for t in (x_in, *wbs)]
+    rx = ref[0] if x_dim is None else ref[0].movedim(x_dim, 0)
+    want = torch.stack(
+        [
+            depthwise_reference(
+                torch.relu(rx if x_dim is None else rx[v])
+                if relu
+                else (rx if x_dim is None else rx[v]),
+                [ref[1][v], ref[2][v] if second_batched else ref[2]],
+                1,
+                pads,
+                dils,
+                offs,
+            )
+            for v in range(S)
+        ]
+    )
+    assert_close(got, want, F64)
+    for a, b in zip(got_grads, torch.autograd.grad(want, ref, g)):
+        assert_close(a, b, F64)
+    # The op itself with weight samples, both row orders.
+    rows = xs.flatten(0, 1)
+    for interleaved in (False, True):
+        args = [rows, samples, 1, pads, dils, offs, relu, interleaved]
+        torch.library.opcheck(torch.ops.fastdarts.depthwise.default, args)
+
+
+def test_depthwise_weight_samples_must_split_the_rows():
+    x, ws, pads, dils, offs = make_depthwise(_gen(36), 2, DW_SHAPES[:1], shared=True, B=5)
+    pytest.importorskip("triton")
+    dw = extension.triton_kernels("depthwise")
+    out = torch.empty(5, 2, 7, 9, dtype=F64)
+    with pytest.raises(ValueError, match="5 rows for weight samples"):
+        dw.forward(x, [ws[0].expand(2, -1, -1, -1, -1)], 1, pads, dils, offs, False, out)
 
 
 # -- grouped pointwise convolutions ------------------------------------------------------
@@ -1440,7 +1532,7 @@ TRITON_DISPATCH_SCRIPT = textwrap.dedent(
     """
     sys.path.insert(0, "tests")
     import fastdarts.ops.conv_mixed as cm
-    from test_conv_mixed import _gen, _probs, compare_modules, make_edge
+    from test_conv_mixed import _gen, _probs, check_cell_under_vmap, compare_modules, make_edge
     cm.kernel_name = lambda device: "triton"
     gen = torch.Generator().manual_seed(25)
     routes = cm.Routes([0, 3, 2, 2, 4, 1, 4], [1, 0, 0, 2, 2, 1, 0], 6, 4)
@@ -1462,6 +1554,13 @@ TRITON_DISPATCH_SCRIPT = textwrap.dedent(
         x = torch.randn(2, 4, 6, 6, generator=gen, dtype=torch.float64)
         loss_w = torch.randn(2, 4, 6 // stride, 6 // stride, generator=gen, dtype=torch.float64)
         compare_modules(ref, fused, [x, _probs(gen)], torch.float64, loss_w)
+    # The batched w± pass: cells under vmap over two weight samples, the depthwise kernels
+    # reading each sample's weights.
+    calls = []
+    forward = cm.triton_kernels("depthwise").forward
+    cm.triton_kernels("depthwise").forward = lambda *a: calls.append(a[1][0].dim()) or forward(*a)
+    check_cell_under_vmap(True, False, C=2, H=4, weight_grads=False, steps=2)
+    assert 5 in calls, f"the depthwise kernels ran on no weight samples: {calls}"
     """
 )
 
@@ -1480,7 +1579,7 @@ def test_triton_dispatch_under_interpreter():
     run_triton_interpreted(TRITON_DISPATCH_SCRIPT)
 
 
-TRITON_DEPTHWISE_SCRIPT = textwrap.dedent(
+TRITON_DEPTHWISE_PRELUDE = textwrap.dedent(
     """
     import fastdarts.ops.conv_mixed as cm
     from fastdarts.ops.extension import triton_kernels
@@ -1498,6 +1597,10 @@ TRITON_DEPTHWISE_SCRIPT = textwrap.dedent(
         (2, 6, 9, 9, [(6, 5, 2, 1, 0), (6, 3, 1, 1, 0)], 2, False),
     ]
     tol = {torch.float64: (1e-12, 1e-12), torch.float32: (1e-5, 1e-4)}
+    """
+)
+TRITON_DEPTHWISE_SCRIPT = TRITON_DEPTHWISE_PRELUDE + textwrap.dedent(
+    """
     for dtype, (rtol, atol) in tol.items():
         for b, cin, h, w, shapes, stride, relu in cases:
             x = torch.randn(b, cin, h, w, generator=gen, dtype=torch.float64)
@@ -1514,6 +1617,41 @@ TRITON_DEPTHWISE_SCRIPT = textwrap.dedent(
             assert len(dw.backward(g, x, ws, stride, *geo, False, bool(relu))) == 1
             for name, u, v in zip(["out", "d_x", *["d_w"] * len(ws)], got, want):
                 torch.testing.assert_close(u, v.to(dtype), rtol=rtol, atol=atol, msg=name)
+    """
+)
+# Weight samples (S, Ch, 1, K, K): each sample's rows (sample-major or interleaved) read its
+# own weights, against the reference on those rows alone.
+TRITON_DEPTHWISE_SAMPLES_SCRIPT = TRITON_DEPTHWISE_PRELUDE + textwrap.dedent(
+    """
+    def rows(t, s, interleaved):  # each sample's rows of t (N, ...), as (s, N / s, ...)
+        return t.unflatten(0, (-1, s)).movedim(1, 0) if interleaved else t.unflatten(0, (s, -1))
+
+    sample_cases = [(cases[3], 2), (cases[5], 2), (cases[7], 3)]
+    for dtype, (rtol, atol) in tol.items():
+        for (b, cin, h, w, shapes, stride, relu), s in sample_cases:
+            for interleaved in (False, True):
+                x = torch.randn(b * s, cin, h, w, generator=gen, dtype=torch.float64)
+                ws = [torch.randn(s, c, 1, k, k, generator=gen, dtype=torch.float64)
+                      for c, k, _, _, _ in shapes]
+                geo = ([t[2] for t in shapes], [t[3] for t in shapes], [t[4] for t in shapes])
+                xv = rows(x, s, interleaved)
+                outs = [cm.depthwise_reference(xv[v], [t[v] for t in ws], stride, *geo, relu)
+                        for v in range(s)]
+                g = torch.randn(s, *outs[0].shape, generator=gen, dtype=torch.float64)
+                grads = [cm.depthwise_backward_reference(g[v], xv[v], [t[v] for t in ws],
+                                                         stride, *geo, True, relu)
+                         for v in range(s)]
+                join = lambda parts: torch.stack(parts, int(interleaved)).flatten(0, 1)
+                want = [join(outs), join([d[0] for d in grads])]
+                want += [torch.stack([d[1 + t] for d in grads]) for t in range(len(ws))]
+                g = join(list(g))
+                x, g, ws = x.to(dtype), g.to(dtype), [t.to(dtype) for t in ws]
+                out = torch.full(want[0].shape, math.nan, dtype=dtype)
+                got = [dw.forward(x, ws, stride, *geo, bool(relu), out, interleaved)]
+                got += dw.backward(g, x, ws, stride, *geo, True, bool(relu), interleaved)
+                for name, u, v in zip(["out", "d_x", *["d_w"] * len(ws)], got, want):
+                    msg = f"{name} samples {s} interleaved {interleaved}"
+                    torch.testing.assert_close(u, v.to(dtype), rtol=rtol, atol=atol, msg=msg)
     """
 )
 
@@ -1637,6 +1775,13 @@ def test_triton_depthwise_matches_reference_under_interpreter():
     every d_w; both strides, with and without the ReLU, first- and second-stage shapes, an
     offset shape leaving channels unread; float64 and float32 against float64."""
     run_triton_interpreted(TRITON_DEPTHWISE_SCRIPT)
+
+
+def test_triton_depthwise_weight_samples_under_interpreter():
+    """The same kernels with weight samples (2 and 3; rows sample-major and interleaved), as
+    the batched w± passes run them: forward, d_x and each sample's d_w against the reference
+    on the sample's rows."""
+    run_triton_interpreted(TRITON_DEPTHWISE_SAMPLES_SCRIPT)
 
 
 def check_edges_and_cells(dtype: torch.dtype, device: str) -> None:

@@ -69,12 +69,19 @@ def task_batch(task):
 
 
 @pytest.mark.parametrize(
-    ("space", "backend"), [("rnn", "reference"), ("rnn", "fused"), ("cnn", "reference")]
+    ("space", "backend", "foreach"),
+    [
+        ("rnn", "reference", False),
+        ("rnn", "fused", True),
+        ("cnn", "reference", False),
+        ("cnn", "fused", True),  # the fused ops' vmap rules over weight samples
+    ],
 )
-def test_batched_fd_equals_two_passes(space, backend):
+def test_batched_fd_equals_two_passes(space, backend, foreach):
     if not usable(backend, space):
         pytest.skip(f"{backend} cannot run {space} here")
-    task = make_task(space, 2, backend=backend)
+    task = make_task(space, 2, backend=backend, foreach=foreach)
+    assert task.architect.foreach == foreach
     task.step()  # BN statistics and weights away from their initial values
     arch, model = task.architect, task.model
     names, weights = zip(*model.named_weights())

@@ -201,12 +201,42 @@ def _leading(x: Tensor, bdim: int | None, size: int) -> Tensor:
     return x.movedim(bdim, 0)
 
 
-def _fold(x: Tensor | None, bdim: int | None, size: int) -> Tensor | None:
-    """(B, ·, H, W) with a vmap batch dim → (size·B, ·, H, W)."""
-    if x is None:
-        return None
-    x = _leading(x, bdim, size)
-    return x.reshape(size * x.shape[1], *x.shape[2:])
+def _fold(x: Tensor, bdim: int | None, size: int, dim: int | None = None) -> tuple[Tensor, int]:
+    """x (B, ·, H, W) with a vmap dim of ``size`` folded into its rows → ((size·B, ·, H, W),
+    the dim the rows unfold to): interleaved (memory (B, size), dim 1) when x's vmap dim is
+    1, as torch's batched convolutions leave it, else sample-major (dim 0), so that either
+    folds without a copy; ``dim`` imposes one (to fold a second tensor as the first)."""
+    if dim is None:
+        dim = 1 if bdim == 1 else 0
+    x = x.expand(size, *x.shape) if bdim is None else x.movedim(bdim, 0)
+    x = x.movedim(0, dim)
+    return x.reshape(-1, *x.shape[2:]), dim
+
+
+def _unfold(out: Tensor, dim: int, size: int) -> tuple[Tensor, int]:
+    """The rows of an op's output on :func:`_fold`'s rows back to (vmapped output, its dim)."""
+    return out.unflatten(0, (size, -1) if dim == 0 else (-1, size)), dim
+
+
+def _contiguous(x: Tensor) -> Tensor:
+    """x contiguous for a kernel, except under vmap: the op's vmap rule folds the vmap dim in
+    and makes the folded tensor contiguous, without a copy when x is laid out as it folds
+    (``contiguous()`` of a vmapped tensor would move its vmap dim to the front, a copy)."""
+    return x if _vmapped(x) else x.contiguous()
+
+
+def _sample_rows(x: Tensor, samples: int, interleaved: bool) -> tuple[Tensor, ...]:
+    """The rows (N, …) of each of ``samples`` weight samples (see :func:`depthwise`)."""
+    return (
+        x.unflatten(0, (-1, samples)).unbind(1)
+        if interleaved
+        else x.unflatten(0, (samples, -1)).unbind(0)
+    )
+
+
+def _join_rows(parts: list[Tensor], interleaved: bool) -> Tensor:
+    """:func:`_sample_rows`' inverse."""
+    return torch.stack(parts, 1 if interleaved else 0).flatten(0, 1)
 
 
 def _check_routes_unbatched(in_dims, first: int) -> None:
@@ -224,8 +254,9 @@ def _vmap_forward(fn, info, in_dims, src, alpha, shift, acc, *routes):
         a, h = _leading(alpha, in_dims[1], size), _leading(shift, in_dims[2], size)
         c = None if acc is None else _leading(acc, in_dims[3], size)
         return mix_reference(s, a, h, c, routes[0], routes[1], n_out), 0
-    out = fn(_fold(src, in_dims[0], size), alpha, shift, _fold(acc, in_dims[3], size), *routes)
-    return out.view(size, -1, *out.shape[1:]), 0
+    src, dim = _fold(src, in_dims[0], size)
+    acc = None if acc is None else _fold(acc, in_dims[3], size, dim)[0]
+    return _unfold(fn(src, alpha, shift, acc, *routes), dim, size)
 
 
 @_mix_op.register_vmap
@@ -356,8 +387,17 @@ def depthwise_reference(
     dils: list[int],
     in_offsets: list[int],
     relu: bool = False,
+    interleaved: bool = False,
 ) -> Tensor:
-    """:func:`depthwise` in torch ops (one grouped convolution per shape, concatenated)."""
+    """:func:`depthwise` in torch ops (one grouped convolution per shape, concatenated; per
+    weight sample, stacked)."""
+    if weights[0].dim() == 5:
+        rows = _sample_rows(x, weights[0].shape[0], interleaved)
+        geometry = (stride, pads, dils, in_offsets, relu)
+        parts = [
+            depthwise_reference(xv, [w[v] for w in weights], *geometry) for v, xv in enumerate(rows)
+        ]
+        return _join_rows(parts, interleaved)
     if relu:
         x = torch.relu(x)
     outs = []
@@ -378,9 +418,20 @@ def depthwise_backward_reference(
     in_offsets: list[int],
     grad_weights: bool = True,
     relu: bool = False,
+    interleaved: bool = False,
 ) -> list[Tensor]:
     """[d_x, *d_weights] of :func:`depthwise` ([d_x] without ``grad_weights``), in
     differentiable torch ops."""
+    if weights[0].dim() == 5:
+        n = weights[0].shape[0]
+        pairs = zip(_sample_rows(grad, n, interleaved), _sample_rows(x, n, interleaved))
+        geometry = (stride, pads, dils, in_offsets, grad_weights, relu)
+        parts = [
+            depthwise_backward_reference(g, xv, [w[v] for w in weights], *geometry)
+            for v, (g, xv) in enumerate(pairs)
+        ]
+        d_ws = [torch.stack([p[1 + t] for p in parts]) for t in range(len(parts[0]) - 1)]
+        return [_join_rows([p[0] for p in parts], interleaved), *d_ws]
     mask = None
     if relu:
         mask, x = x > 0, torch.relu(x)
@@ -404,7 +455,7 @@ def depthwise_backward_reference(
 def _dw_out_shape(x: Tensor, weights: list[Tensor], stride: int, pads, dils) -> list[int]:
     w, pad, dil = weights[0], pads[0], dils[0]
     size = [(n + 2 * pad - dil * (w.shape[-1] - 1) - 1) // stride + 1 for n in x.shape[-2:]]
-    return [x.shape[0], sum(t.shape[0] for t in weights), *size]
+    return [x.shape[0], sum(t.shape[-4] for t in weights), *size]
 
 
 # On the CPU the C++ kernel runs both strides (stride 2 on the input planes' phases); against
@@ -415,12 +466,13 @@ def _dw_out_shape(x: Tensor, weights: list[Tensor], stride: int, pads, dils) -> 
 # cuDNN (benchmarks/kernels.py's cnn_depthwise entry does it).
 
 
-def _impl(x: Tensor, cpp_op: str) -> str:
+def _impl(x: Tensor, cpp_op: str, samples: bool = False) -> str:
     """Which implementation of a kernel with Triton and C++ versions runs for x: 'triton'
-    (CUDA), 'cpp' (the CPU, with the extension's ``cpp_op``) or 'reference'."""
+    (CUDA), 'cpp' (the CPU, with the extension's ``cpp_op``, which takes no weight
+    ``samples``) or 'reference'."""
     if kernel_name(x.device) == "triton":
         return "triton"
-    return "cpp" if _cpp(x, cpp_op) else "reference"
+    return "cpp" if _cpp(x, cpp_op) and not samples else "reference"
 
 
 def _dw_op(
@@ -431,16 +483,17 @@ def _dw_op(
     dils: list[int],
     in_offsets: list[int],
     relu: bool,
+    interleaved: bool,
 ) -> Tensor:
-    kind = _impl(x, "depthwise_forward")
+    kind = _impl(x, "depthwise_forward", weights[0].dim() == 5)
     if kind == "reference":
-        return depthwise_reference(x, weights, stride, pads, dils, in_offsets, relu)
+        return depthwise_reference(x, weights, stride, pads, dils, in_offsets, relu, interleaved)
     if kind == "cpp":
         return extension().depthwise_forward(x, weights, stride, pads, dils, in_offsets, relu)
     weights = [w.contiguous() for w in weights]
     out = x.new_empty(_dw_out_shape(x, weights, stride, pads, dils))
     kernels = triton_kernels("depthwise")
-    return kernels.forward(x, weights, stride, pads, dils, in_offsets, relu, out)
+    return kernels.forward(x, weights, stride, pads, dils, in_offsets, relu, out, interleaved)
 
 
 def _dw_backward_op(
@@ -453,29 +506,31 @@ def _dw_backward_op(
     in_offsets: list[int],
     grad_weights: bool,
     relu: bool,
+    interleaved: bool,
 ) -> list[Tensor]:
     args = (grad, x, weights, stride, pads, dils, in_offsets, grad_weights, relu)
-    kind = _impl(x, "depthwise_backward")
+    kind = _impl(x, "depthwise_backward", weights[0].dim() == 5)
     if kind == "reference":
-        return depthwise_backward_reference(*args)
+        return depthwise_backward_reference(*args, interleaved)
     if kind == "cpp":
         return extension().depthwise_backward(*args)
     weights = [w.contiguous() for w in weights]
-    kernels = triton_kernels("depthwise")
-    return kernels.backward(grad, x, weights, stride, pads, dils, in_offsets, grad_weights, relu)
+    args = (grad, x, weights, *args[3:])
+    return triton_kernels("depthwise").backward(*args, interleaved)
 
 
 def _dw_setup_context(ctx, inputs, output) -> None:
-    x, weights, stride, pads, dils, in_offsets, relu = inputs
+    x, weights, stride, pads, dils, in_offsets, relu, interleaved = inputs
     ctx.geometry = (stride, pads, dils, in_offsets)
-    ctx.relu = relu
+    ctx.relu, ctx.interleaved = relu, interleaved
     ctx.save_for_backward(x, *weights)
 
 
 def _dw_op_backward(ctx, grad):
     x, *weights = ctx.saved_tensors
-    grads = depthwise_backward_reference(grad, x, weights, *ctx.geometry, True, ctx.relu)
-    return grads[0], grads[1:], None, None, None, None, None
+    flags = (True, ctx.relu, ctx.interleaved)
+    grads = depthwise_backward_reference(grad, x, weights, *ctx.geometry, *flags)
+    return grads[0], grads[1:], None, None, None, None, None, None
 
 
 _dw_op = _kernel_op(
@@ -490,7 +545,7 @@ _dw_backward_op = _kernel_op(
     "depthwise_backward",
     _dw_backward_op,
     lambda grad, x, weights, *args: [
-        torch.empty_like(t) for t in (x, *(weights if args[-2] else []))
+        torch.empty_like(t) for t in (x, *(weights if args[-3] else []))
     ],
 )
 
@@ -524,18 +579,19 @@ _will_execute = getattr(torch._C, "_will_engine_execute_node", None)
 
 class DepthwiseFunction(torch.autograd.Function):
     """Depthwise convolutions of several shapes in one kernel each way; the backward is
-    differentiable (under create_graph, torch's convolution gradients); vmap folds the
-    batch into B."""
+    differentiable (under create_graph, torch's convolution gradients). vmap folds the vmap
+    dim into the rows, the weights' too where they are batched (the batched w± passes):
+    each sample's rows then read its own weights, in the same kernels."""
 
     @staticmethod
-    def forward(x, stride, pads, dils, in_offsets, relu, *weights):
-        return _dw_op(x, list(weights), stride, pads, dils, in_offsets, relu)
+    def forward(x, stride, pads, dils, in_offsets, relu, interleaved, *weights):
+        return _dw_op(x, list(weights), stride, pads, dils, in_offsets, relu, interleaved)
 
     @staticmethod
     def setup_context(ctx, inputs, output) -> None:
-        x, stride, pads, dils, in_offsets, relu, *weights = inputs
+        x, stride, pads, dils, in_offsets, relu, interleaved, *weights = inputs
         ctx.geometry = (stride, pads, dils, in_offsets)
-        ctx.relu = relu
+        ctx.relu, ctx.interleaved = relu, interleaved
         ctx.save_for_backward(x, *weights)
 
     @staticmethod
@@ -545,34 +601,31 @@ class DepthwiseFunction(torch.autograd.Function):
         # asks autograd.grad for α alone (the reference's convolution nodes skip it there
         # too). It was half of this kernel's time in a first-order step (small CNN, one
         # thread: 0.93 of 1.8 s, both passes).
-        want_w = any(_engine_wants(ctx, 6 + t, 1 + t) for t in range(len(weights)))
-        args = (grad, x, weights, *ctx.geometry, want_w, ctx.relu)
+        want_w = any(_engine_wants(ctx, 7 + t, 1 + t) for t in range(len(weights)))
+        args = (grad, x, weights, *ctx.geometry, want_w, ctx.relu, ctx.interleaved)
         if torch.is_grad_enabled():
             grads = depthwise_backward_reference(*args)
         else:
             grads = _dw_backward_op(grad.contiguous(), *args[1:])
-        return grads[0], None, None, None, None, None, *(grads[1:] or [None] * len(weights))
+        d_ws = grads[1:] or [None] * len(weights)
+        return grads[0], None, None, None, None, None, None, *d_ws
 
     @staticmethod
-    def vmap(info, in_dims, x, stride, pads, dils, in_offsets, relu, *weights):
-        if any(d is not None for d in in_dims[1:]):
-            # Per-sample weights: torch's convolutions under vmap.
-            x = _leading(x, in_dims[0], info.batch_size)
-            ws = [_leading(w, d, info.batch_size) for w, d in zip(weights, in_dims[6:])]
-            fn = functools.partial(
-                depthwise_reference,
-                stride=stride,
-                pads=pads,
-                dils=dils,
-                in_offsets=in_offsets,
-                relu=relu,
-            )
-            return torch.vmap(lambda a, *b: fn(a, list(b)))(x, *ws), 0
-        size = info.batch_size
-        out = DepthwiseFunction.apply(
-            _fold(x, in_dims[0], size), stride, pads, dils, in_offsets, relu, *weights
-        )
-        return out.view(size, -1, *out.shape[1:]), 0
+    def vmap(info, in_dims, x, stride, pads, dils, in_offsets, relu, interleaved, *weights):
+        size, w_dims = info.batch_size, in_dims[7:]
+        geometry = (stride, pads, dils, in_offsets, relu)
+        if weights[0].dim() - (w_dims[0] is not None) == 5:
+            # Weight samples already (a vmap inside the batched passes): torch's convolutions.
+            x = _leading(x, in_dims[0], size)
+            ws = [_leading(w, d, size) for w, d in zip(weights, w_dims)]
+            fn = functools.partial(depthwise_reference, interleaved=interleaved)
+            return torch.vmap(lambda a, *b: fn(a, list(b), *geometry))(x, *ws), 0
+        x, dim = _fold(x, in_dims[0], size)
+        if any(d is not None for d in w_dims):
+            # Per-sample weights (S, Ch, 1, K, K): the rows of sample v read weights[v].
+            weights = [_leading(w, d, size).contiguous() for w, d in zip(weights, w_dims)]
+        out = DepthwiseFunction.apply(x.contiguous(), *geometry, dim == 1, *weights)
+        return _unfold(out, dim, size)
 
 
 def depthwise(
@@ -583,21 +636,26 @@ def depthwise(
     dils: list[int],
     in_offsets: list[int],
     relu: bool = False,
+    interleaved: bool = False,
 ) -> Tensor:
-    """Depthwise convolutions of several shapes at once: x (B, Cin, H, W); shape t has
+    """Depthwise convolutions of several shapes at once: x (N, Cin, H, W); shape t has
     weight (Ch_t, 1, k_t, k_t), padding, dilation and the first input channel it reads;
-    one stride; every shape gives the same H', W' → (B, Σ Ch_t, H', W'), shapes in order.
+    one stride; every shape gives the same H', W' → (N, Σ Ch_t, H', W'), shapes in order.
     With ``relu`` they read relu(x) (fused: no ReLU output, and its gradient's mask applied
-    in the backward kernel)."""
-    x = x.contiguous()
+    in the backward kernel).
+
+    Weights (S, Ch_t, 1, k_t, k_t) are S samples, each for N / S of the rows: rows
+    v·N/S … (v + 1)·N/S − 1 take sample v, or with ``interleaved`` rows v, v + S, v + 2S, …
+    (the batched w± passes run w⁺ and w⁻ so, under vmap)."""
+    x = _contiguous(x)
     if torch.compiler.is_compiling() and not (
         torch.is_grad_enabled() and any(t.requires_grad for t in (x, *weights))
     ):
         # Dynamo (torch 2.14) traces a Function that needs no gradient by inlining its
         # forward, and hands a forward with *args its ctx as the first argument (as x
         # here): the op that the forward calls, directly.
-        return _dw_op(x, list(weights), stride, pads, dils, in_offsets, relu)
-    return DepthwiseFunction.apply(x, stride, pads, dils, in_offsets, relu, *weights)
+        return _dw_op(x, list(weights), stride, pads, dils, in_offsets, relu, interleaved)
+    return DepthwiseFunction.apply(x, stride, pads, dils, in_offsets, relu, interleaved, *weights)
 
 
 # -- grouped pointwise (1×1) convolutions -------------------------------------------------
@@ -679,18 +737,20 @@ class PointwiseFunction(torch.autograd.Function):
     @staticmethod
     def vmap(info, in_dims, x, weight, groups):
         size = info.batch_size
-        if in_dims[1] is not None:
-            # Per-sample weights: torch's convolution under vmap.
-            x, weight = _leading(x, in_dims[0], size), weight.movedim(in_dims[1], 0)
-            return torch.vmap(lambda a, w: F.conv2d(a, w, groups=groups))(x, weight), 0
-        out = PointwiseFunction.apply(_fold(x, in_dims[0], size), weight, groups)
-        return out.view(size, -1, *out.shape[1:]), 0
+        if in_dims[1] is None:
+            x, dim = _fold(x, in_dims[0], size)
+            return _unfold(pointwise(x, weight, groups), dim, size)
+        # Per-sample weights: each sample's groups are more groups of one convolution, over
+        # x as (B, size·G·Ci, H, W) (a view when x comes interleaved, as from the kernels).
+        x, weight = _leading(x, in_dims[0], size).movedim(0, 1), weight.movedim(in_dims[1], 0)
+        out = pointwise(x.flatten(1, 2), weight.flatten(0, 1), size * groups)
+        return out.unflatten(1, (size, -1)), 1
 
 
 def pointwise(x: Tensor, weight: Tensor, groups: int) -> Tensor:
     """``F.conv2d(x, weight, groups=groups)`` for a 1×1 weight at stride 1: x (B, G·Ci, H, W),
     weight (G·Co, Ci, 1, 1) → (B, G·Co, H, W)."""
-    return PointwiseFunction.apply(x.contiguous(), weight.contiguous(), groups)
+    return PointwiseFunction.apply(_contiguous(x), weight.contiguous(), groups)
 
 
 # -- max_pool_3x3 and avg_pool_3x3 of one input -------------------------------------------
@@ -778,8 +838,8 @@ class PoolsFunction(torch.autograd.Function):
 
     @staticmethod
     def vmap(info, in_dims, x, stride):
-        out = PoolsFunction.apply(_fold(x, in_dims[0], info.batch_size), stride)
-        return out.view(info.batch_size, -1, *out.shape[1:]), 0
+        x, dim = _fold(x, in_dims[0], info.batch_size)
+        return _unfold(PoolsFunction.apply(x, stride), dim, info.batch_size)
 
 
 def pools(x: Tensor, stride: int) -> Tensor:
@@ -879,13 +939,14 @@ class BatchNormFunction(torch.autograd.Function):
     def vmap(info, in_dims, x, eps, running_mean, running_var, momentum):
         if running_mean is not None:
             raise ValueError("batch_norm: no running statistics under vmap")
-        # (V, B, C, H, W) → (B, V·C, H, W): each sample's channels are channels of their own.
+        # (B, V, C, H, W) → (B, V·C, H, W): each sample's channels are channels of their own
+        # (a view when x comes interleaved, as from the depthwise and pointwise rules).
         v = info.batch_size
-        x = _leading(x, in_dims[0], v)
-        folded = x.transpose(0, 1).reshape(x.shape[1], -1, *x.shape[3:])
-        y, mean, invstd = BatchNormFunction.apply(folded.contiguous(), eps, None, None, momentum)
-        y = y.view(x.shape[1], v, *x.shape[2:]).transpose(0, 1)
-        return (y, mean.view(v, -1), invstd.view(v, -1)), (0, 0, 0)
+        x = _leading(x, in_dims[0], v).movedim(0, 1)
+        y, mean, invstd = BatchNormFunction.apply(
+            x.flatten(1, 2).contiguous(), eps, None, None, momentum
+        )
+        return (y.unflatten(1, (v, -1)), mean.view(v, -1), invstd.view(v, -1)), (1, 0, 0)
 
 
 def batch_norm(
@@ -898,10 +959,17 @@ def batch_norm(
     """(y, mean, invstd) = ``torch.native_batch_norm(x, None, None, running_mean,
     running_var, True, momentum, eps)`` for x (B, C, H, W): BatchNorm's training forward,
     no affine, the running statistics (if given) updated in place. C++ kernels each way on
-    the CPU; elsewhere (and without the extension) torch's op itself, no custom op around it."""
-    if not _cpp(x, "batch_norm_forward"):
+    the CPU; elsewhere (and without the extension) torch's op itself, no custom op around it,
+    except under vmap (the batched w± passes), where this op's rule folds the samples into
+    channels as a view where torch's copies and makes a unit weight and zero bias."""
+    if not _cpp(x, "batch_norm_forward") and not (running_mean is None and _vmapped(x)):
         return _batch_norm_torch(x, running_mean, running_var, momentum, eps)
-    return BatchNormFunction.apply(x.contiguous(), eps, running_mean, running_var, momentum)
+    return BatchNormFunction.apply(_contiguous(x), eps, running_mean, running_var, momentum)
+
+
+def _vmapped(x: Tensor) -> bool:
+    """Whether x is a tensor under vmap (its innermost transform). Not asked when traced."""
+    return not torch.compiler.is_compiling() and torch._C._functorch.is_batchedtensor(x)
 
 
 # -- the batched edges -------------------------------------------------------------------

@@ -82,10 +82,13 @@ class SearchConfig(RunSettings):
             # runs here, multi-tensor weight arithmetic (equal up to rounding), and for the
             # RNN on GPUs (second order, finite differences) w± in one batched pass, where
             # the whole-cell op runs both samples in one call: 8,955 → 7,237 launches a small
-            # step, counted on the CUDA code path. Not for the CNN, whose fused cells run once
-            # per sample under vmap (5,746 → 6,818 there), nor on the CPU, where the C++ cell
-            # does too (small RNN: 3,333 → 3,344 ops/step); it stays available as
-            # --batched-fd.
+            # step, counted on the CUDA code path. Not on the CPU, where the C++ cell runs once
+            # per sample (small RNN: 3,333 → 3,344 ops/step), nor yet for the CNN: batched, its
+            # kernels run both samples too (5,746 → 5,091 launches a small step) but
+            # activations are copied where vmap's layouts meet (a concatenation's output
+            # comes sample-major, the convolutions' interleaved), and at the paper's size its
+            # step is bound by the device, not the launches: the GPU suite times both. It
+            # stays available as --batched-fd.
             filled["backend"] = "auto"
             filled["foreach"] = self.compat is None
             device = self.device or ("cuda" if torch.cuda.is_available() else "cpu")
