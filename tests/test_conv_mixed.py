@@ -1555,7 +1555,9 @@ TRITON_DISPATCH_SCRIPT = textwrap.dedent(
         loss_w = torch.randn(2, 4, 6 // stride, 6 // stride, generator=gen, dtype=torch.float64)
         compare_modules(ref, fused, [x, _probs(gen)], torch.float64, loss_w)
     # The batched w± pass: cells under vmap over two weight samples, the depthwise kernels
-    # reading each sample's weights.
+    # reading each sample's weights; the C++ kernels off, as on CUDA (torch's convolutions
+    # and BatchNorm, the latter under vmap through the fused op's rule).
+    cm._cpp = lambda x, name="": False
     calls = []
     forward = cm.triton_kernels("depthwise").forward
     cm.triton_kernels("depthwise").forward = lambda *a: calls.append(a[1][0].dim()) or forward(*a)
