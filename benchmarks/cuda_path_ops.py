@@ -135,8 +135,8 @@ def cuda_dispatch(
     if depthwise == "torch":
         impl = conv_mixed._impl
 
-        def torch_depthwise(x, op, beyond_cpp=False):
-            return "reference" if op.startswith("depthwise") else impl(x, op, beyond_cpp)
+        def torch_depthwise(x, op, samples=False):
+            return "reference" if op.startswith("depthwise") else impl(x, op, samples)
 
         saved.append((conv_mixed, "_impl", torch_depthwise))
     originals = [(owner, name, getattr(owner, name)) for owner, name, _ in saved]

@@ -80,11 +80,9 @@ _DW_SHAPES = "E1:i E2:i E3:i OFF0:i OFF1:i OFF2:i OFF3:i P0:i P1:i P2:i P3:i"
 _DW_CONSTS = "K0:c K1:c K2:c K3:c D0:c D1:c D2:c D3:c STRIDE:c RELU:c BLOCK:c"
 _DW_PLANES = "CIN:i H:i W:i COUT:i HO:i WO:i"
 _DW_ARGS = {
-    "forward": f"X:f W0:f W1:f W2:f W3:f OUT:f {_DW_PLANES} S:i VDIV:i REP:i CB:i {_DW_SHAPES}",
-    "grad_x": f"G:f X:f W0:f W1:f W2:f W3:f DX:f {_DW_PLANES} S:i VDIV:i REP:i CB:i {_DW_SHAPES}",
-    "grad_w": (
-        f"G:f X:f DW0:f DW1:f DW2:f DW3:f B:i {_DW_PLANES} VDIV:i BSTEP:i REP:i CB:i {_DW_SHAPES}"
-    ),
+    "forward": f"X:f W0:f W1:f W2:f W3:f OUT:f {_DW_PLANES} S:i VDIV:i {_DW_SHAPES}",
+    "grad_x": f"G:f X:f W0:f W1:f W2:f W3:f DX:f {_DW_PLANES} S:i VDIV:i {_DW_SHAPES}",
+    "grad_w": f"G:f X:f DW0:f DW1:f DW2:f DW3:f B:i {_DW_PLANES} VDIV:i BSTEP:i {_DW_SHAPES}",
 }
 # A group's two depthwise stages: the four first-stage shapes (3×3 and 5×5 at dilations 1
 # and 2) at stride 1 or 2 through the ReLU, and the sep convs' second stage (3×3, 5×5).

@@ -6,9 +6,7 @@ shape.
 
 x (N, Cin, H, W); shape t (at most 4) has weights (S, Ch_t, 1, K_t, K_t), padding, dilation
 and the first input channel it reads; output channel o of shape t (c = o − its first output
-channel) reads input channel OFF_t + (c // (REP·CB))·CB + c mod CB: each block of CB input
-channels is read by REP consecutive output blocks (a group's edges from one input; REP =
-CB = 1: input channel OFF_t + c); one stride; ``relu``: the shapes read relu(x). The
+channel) reads input channel OFF_t + c; one stride; ``relu``: the shapes read relu(x). The
 S weight samples (the batched w± passes' w⁺ and w⁻; S = 1 otherwise) split the N rows: row
 n takes sample (n // VDIV) mod S, and sample v's rows are v·VDIV + b·BSTEP for b < N / S
 (sample-major: VDIV = N / S, BSTEP = 1; interleaved, as torch's batched convolutions leave
@@ -17,8 +15,8 @@ them: VDIV = 1, BSTEP = S).
 - forward: one program per (b, o, block of output pixels), the taps of o's shape unrolled
   (K and dilation are constexprs per shape);
 - d_x: one program per (b, input channel, block of input pixels), gathering from the output
-  gradient of every output channel that reads it (written once: no padding, no sum of
-  per-shape or per-replica tensors), then relu's mask;
+  gradient of every shape that reads the channel (written once: no padding, no sum of
+  per-shape tensors), then relu's mask;
 - d_w: one program per (output channel, kernel row, sample), the row's taps as one 2-D tile
   over (tap, pixel), reduced over the sample's rows and the pixels in a fixed order (no
   atomics).
@@ -54,14 +52,8 @@ def _forward_taps(X, Wt, xbase, wr, oy, ox, mask, H, W, pad, acc, K: tl.constexp
 
 
 @triton.jit
-def _read_channel(c, REP, CB):
-    """The input channel (from the shape's first) that the shape's output channel c reads."""
-    return (c // (REP * CB)) * CB + c % CB
-
-
-@triton.jit
 def _forward_kernel(
-    X, W0, W1, W2, W3, OUT, CIN, H, W, COUT, HO, WO, S, VDIV, REP, CB,
+    X, W0, W1, W2, W3, OUT, CIN, H, W, COUT, HO, WO, S, VDIV,
     E1, E2, E3, OFF0, OFF1, OFF2, OFF3, P0, P1, P2, P3,
     K0: tl.constexpr, K1: tl.constexpr, K2: tl.constexpr, K3: tl.constexpr,
     D0: tl.constexpr, D1: tl.constexpr, D2: tl.constexpr, D3: tl.constexpr,
@@ -72,22 +64,22 @@ def _forward_kernel(
     acc = tl.zeros([BLOCK], dtype=OUT.dtype.element_ty)
     plane = H * W
     if o < E1:
-        xb = (b * CIN + OFF0 + _read_channel(o, REP, CB)) * plane
+        xb = (b * CIN + OFF0 + o) * plane
         wr = sv * E1 + o
         acc = _forward_taps(X, W0, xb, wr, oy, ox, mask, H, W, P0, acc, K0, D0, STRIDE, RELU)
     elif o < E2:
         c = o - E1
-        xb = (b * CIN + OFF1 + _read_channel(c, REP, CB)) * plane
+        xb = (b * CIN + OFF1 + c) * plane
         wr = sv * (E2 - E1) + c
         acc = _forward_taps(X, W1, xb, wr, oy, ox, mask, H, W, P1, acc, K1, D1, STRIDE, RELU)
     elif o < E3:
         c = o - E2
-        xb = (b * CIN + OFF2 + _read_channel(c, REP, CB)) * plane
+        xb = (b * CIN + OFF2 + c) * plane
         wr = sv * (E3 - E2) + c
         acc = _forward_taps(X, W2, xb, wr, oy, ox, mask, H, W, P2, acc, K2, D2, STRIDE, RELU)
     else:
         c = o - E3
-        xb = (b * CIN + OFF3 + _read_channel(c, REP, CB)) * plane
+        xb = (b * CIN + OFF3 + c) * plane
         wr = sv * (COUT - E3) + c
         acc = _forward_taps(X, W3, xb, wr, oy, ox, mask, H, W, P3, acc, K3, D3, STRIDE, RELU)
     tl.store(OUT + (b * COUT + o) * (HO * WO) + p, acc, mask=mask)
@@ -113,23 +105,8 @@ def _gather_taps(G, Wt, gbase, wr, y, x, mask, HO, WO, pad, acc, K: tl.constexpr
 
 
 @triton.jit
-def _gather_shape(G, Wt, b, c_in, first, ch, sv, y, x, mask, COUT, HO, WO, pad, acc, REP, CB,
-                  K: tl.constexpr, DIL: tl.constexpr, STRIDE: tl.constexpr):  # fmt: skip
-    # d_x of the input channel c_in (from the shape's first, whose output channels are
-    # first … first + ch − 1, sample sv's weights) from the REP output channels reading it.
-    if (c_in >= 0) & (c_in < ch // REP):
-        c0 = (c_in // CB) * (REP * CB) + c_in % CB
-        for r in range(REP):
-            c = c0 + r * CB
-            gb = (b * COUT + first + c) * (HO * WO)
-            acc = _gather_taps(G, Wt, gb, sv * ch + c, y, x, mask, HO, WO, pad, acc, K, DIL,
-                               STRIDE)  # fmt: skip
-    return acc
-
-
-@triton.jit
 def _grad_x_kernel(
-    G, X, W0, W1, W2, W3, DX, CIN, H, W, COUT, HO, WO, S, VDIV, REP, CB,
+    G, X, W0, W1, W2, W3, DX, CIN, H, W, COUT, HO, WO, S, VDIV,
     E1, E2, E3, OFF0, OFF1, OFF2, OFF3, P0, P1, P2, P3,
     K0: tl.constexpr, K1: tl.constexpr, K2: tl.constexpr, K3: tl.constexpr,
     D0: tl.constexpr, D1: tl.constexpr, D2: tl.constexpr, D3: tl.constexpr,
@@ -138,14 +115,26 @@ def _grad_x_kernel(
     b, ci, p, mask, y, x = plane_block(CIN, W, H * W, BLOCK)
     sv = (b // VDIV) % S
     acc = tl.zeros([BLOCK], dtype=DX.dtype.element_ty)
-    acc = _gather_shape(G, W0, b, ci - OFF0, 0, E1, sv, y, x, mask, COUT, HO, WO, P0, acc,
-                        REP, CB, K0, D0, STRIDE)  # fmt: skip
-    acc = _gather_shape(G, W1, b, ci - OFF1, E1, E2 - E1, sv, y, x, mask, COUT, HO, WO, P1,
-                        acc, REP, CB, K1, D1, STRIDE)  # fmt: skip
-    acc = _gather_shape(G, W2, b, ci - OFF2, E2, E3 - E2, sv, y, x, mask, COUT, HO, WO, P2,
-                        acc, REP, CB, K2, D2, STRIDE)  # fmt: skip
-    acc = _gather_shape(G, W3, b, ci - OFF3, E3, COUT - E3, sv, y, x, mask, COUT, HO, WO, P3,
-                        acc, REP, CB, K3, D3, STRIDE)  # fmt: skip
+    out_plane = HO * WO
+    c = ci - OFF0
+    if (c >= 0) & (c < E1):
+        gb = (b * COUT + c) * out_plane
+        acc = _gather_taps(G, W0, gb, sv * E1 + c, y, x, mask, HO, WO, P0, acc, K0, D0, STRIDE)
+    c = ci - OFF1
+    if (c >= 0) & (c < E2 - E1):
+        gb = (b * COUT + E1 + c) * out_plane
+        wr = sv * (E2 - E1) + c
+        acc = _gather_taps(G, W1, gb, wr, y, x, mask, HO, WO, P1, acc, K1, D1, STRIDE)
+    c = ci - OFF2
+    if (c >= 0) & (c < E3 - E2):
+        gb = (b * COUT + E2 + c) * out_plane
+        wr = sv * (E3 - E2) + c
+        acc = _gather_taps(G, W2, gb, wr, y, x, mask, HO, WO, P2, acc, K2, D2, STRIDE)
+    c = ci - OFF3
+    if (c >= 0) & (c < COUT - E3):
+        gb = (b * COUT + E3 + c) * out_plane
+        wr = sv * (COUT - E3) + c
+        acc = _gather_taps(G, W3, gb, wr, y, x, mask, HO, WO, P3, acc, K3, D3, STRIDE)
     if RELU:
         v = tl.load(X + (b * CIN + ci) * (H * W) + p, mask=mask, other=0)
         acc = tl.where(v > 0, acc, 0)
@@ -182,7 +171,7 @@ def _row_taps(G, X, DWt, o, wr, ci, i, n0, BSTEP, B, CIN, H, W, COUT, HO, WO, pa
 
 @triton.jit
 def _grad_w_kernel(
-    G, X, DW0, DW1, DW2, DW3, B, CIN, H, W, COUT, HO, WO, VDIV, BSTEP, REP, CB,
+    G, X, DW0, DW1, DW2, DW3, B, CIN, H, W, COUT, HO, WO, VDIV, BSTEP,
     E1, E2, E3, OFF0, OFF1, OFF2, OFF3, P0, P1, P2, P3,
     K0: tl.constexpr, K1: tl.constexpr, K2: tl.constexpr, K3: tl.constexpr,
     D0: tl.constexpr, D1: tl.constexpr, D2: tl.constexpr, D3: tl.constexpr,
@@ -194,27 +183,23 @@ def _grad_w_kernel(
     n0 = sv * VDIV
     if o < E1:
         if i < K0:
-            ci = OFF0 + _read_channel(o, REP, CB)
-            _row_taps(G, X, DW0, o, sv * E1 + o, ci, i, n0, BSTEP, B, CIN, H, W, COUT, HO, WO,
-                      P0, K0, D0, STRIDE, RELU, BLOCK)  # fmt: skip
+            _row_taps(G, X, DW0, o, sv * E1 + o, OFF0 + o, i, n0, BSTEP, B, CIN, H, W, COUT,
+                      HO, WO, P0, K0, D0, STRIDE, RELU, BLOCK)  # fmt: skip
     elif o < E2:
         if i < K1:
             c = o - E1
-            ci = OFF1 + _read_channel(c, REP, CB)
-            _row_taps(G, X, DW1, o, sv * (E2 - E1) + c, ci, i, n0, BSTEP, B, CIN, H, W, COUT,
-                      HO, WO, P1, K1, D1, STRIDE, RELU, BLOCK)  # fmt: skip
+            _row_taps(G, X, DW1, o, sv * (E2 - E1) + c, OFF1 + c, i, n0, BSTEP, B, CIN, H, W,
+                      COUT, HO, WO, P1, K1, D1, STRIDE, RELU, BLOCK)  # fmt: skip
     elif o < E3:
         if i < K2:
             c = o - E2
-            ci = OFF2 + _read_channel(c, REP, CB)
-            _row_taps(G, X, DW2, o, sv * (E3 - E2) + c, ci, i, n0, BSTEP, B, CIN, H, W, COUT,
-                      HO, WO, P2, K2, D2, STRIDE, RELU, BLOCK)  # fmt: skip
+            _row_taps(G, X, DW2, o, sv * (E3 - E2) + c, OFF2 + c, i, n0, BSTEP, B, CIN, H, W,
+                      COUT, HO, WO, P2, K2, D2, STRIDE, RELU, BLOCK)  # fmt: skip
     else:
         if i < K3:
             c = o - E3
-            ci = OFF3 + _read_channel(c, REP, CB)
-            _row_taps(G, X, DW3, o, sv * (COUT - E3) + c, ci, i, n0, BSTEP, B, CIN, H, W, COUT,
-                      HO, WO, P3, K3, D3, STRIDE, RELU, BLOCK)  # fmt: skip
+            _row_taps(G, X, DW3, o, sv * (COUT - E3) + c, OFF3 + c, i, n0, BSTEP, B, CIN, H,
+                      W, COUT, HO, WO, P3, K3, D3, STRIDE, RELU, BLOCK)  # fmt: skip
 
 
 def _geometry(
@@ -243,15 +228,6 @@ def _slots(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
     return list(tensors) + [tensors[0]] * (MAX_SHAPES - len(tensors))
 
 
-def _replicas(weights: list[torch.Tensor], replicas: tuple[int, int]) -> tuple[int, int]:
-    """(REP, CB), checked: every shape's channels whole blocks of REP·CB."""
-    rep, block = replicas
-    if rep < 1 or block < 1 or any(w.shape[-4] % (rep * block) for w in weights):
-        shapes = [tuple(w.shape) for w in weights]
-        raise ValueError(f"depthwise: replicas {replicas} do not divide the shapes {shapes}")
-    return rep, block
-
-
 def _samples(n: int, weights: list[torch.Tensor], interleaved: bool) -> tuple[int, int, int]:
     """(S, VDIV, BSTEP) for N = n rows: S weight samples (weights (S, Ch, 1, K, K); one for
     4-D weights), the rows of a sample sample-major or ``interleaved``."""
@@ -272,12 +248,10 @@ def forward(
     relu: bool,
     out: torch.Tensor,
     interleaved: bool = False,
-    replicas: tuple[int, int] = (1, 1),
 ) -> torch.Tensor:
     """Writes every element of ``out`` (N, Σ Ch_t, Ho, Wo) (contiguous) and returns it; x
     (N, Cin, H, W) contiguous, weights (Ch_t, 1, K_t, K_t) or S samples (S, Ch_t, 1, K_t,
-    K_t), contiguous (see the module docstring for the rows of each sample); ``replicas`` =
-    (REP, CB), each block of CB input channels read by REP consecutive output blocks."""
+    K_t), contiguous (see the module docstring for the rows of each sample)."""
     b, cin, h, w = x.shape
     cout, ho, wo = out.shape[1:]
     check_extent(x.numel(), out.numel())
@@ -286,8 +260,7 @@ def forward(
     grid = (b * cout, cdiv(ho * wo, BLOCK))
     with on_device(x):
         _forward_kernel[grid](
-            x, *_slots(weights), out, cin, h, w, cout, ho, wo, s, vdiv,
-            *_replicas(weights, replicas), *args,
+            x, *_slots(weights), out, cin, h, w, cout, ho, wo, s, vdiv, *args,
             STRIDE=stride, RELU=relu, BLOCK=BLOCK, **consts,
         )  # fmt: skip
     return out
@@ -304,29 +277,26 @@ def backward(
     grad_weights: bool,
     relu: bool,
     interleaved: bool = False,
-    replicas: tuple[int, int] = (1, 1),
 ) -> list[torch.Tensor]:
     """[d_x, *d_weights] ([d_x] without ``grad_weights``) for grad (N, Σ Ch_t, Ho, Wo), every
-    element written; grad, x and the weights contiguous (weight samples and replicas as in
+    element written; grad, x and the weights contiguous (weight samples as in
     :func:`forward`)."""
     b, cin, h, w = x.shape
     cout, ho, wo = grad.shape[1:]
     check_extent(x.numel(), grad.numel())
     args, consts = _geometry(weights, pads, dils, in_offsets)
     s, vdiv, bstep = _samples(b, weights, interleaved)
-    rep_cb = _replicas(weights, replicas)
     d_x = torch.empty_like(x)
     d_ws = [torch.empty_like(t) for t in weights] if grad_weights else []
     common = dict(STRIDE=stride, RELU=relu, BLOCK=BLOCK, **consts)
     with on_device(x):
         _grad_x_kernel[(b * cin, cdiv(h * w, BLOCK))](
-            grad, x, *_slots(weights), d_x, cin, h, w, cout, ho, wo, s, vdiv, *rep_cb, *args,
-            **common,
-        )  # fmt: skip
+            grad, x, *_slots(weights), d_x, cin, h, w, cout, ho, wo, s, vdiv, *args, **common
+        )
         if grad_weights:
             k_max = max(t.shape[-1] for t in weights)
             _grad_w_kernel[(cout, k_max, s)](
-                grad, x, *_slots(d_ws), b // s, cin, h, w, cout, ho, wo, vdiv, bstep, *rep_cb,
-                *args, **common,
+                grad, x, *_slots(d_ws), b // s, cin, h, w, cout, ho, wo, vdiv, bstep, *args,
+                **common,
             )  # fmt: skip
     return [d_x, *d_ws]

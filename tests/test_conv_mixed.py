@@ -797,7 +797,7 @@ def test_depthwise_weight_gradient_only_when_the_pass_uses_it(monkeypatch):
     flags, kernel = [], conv_mixed._dw_backward_op
 
     def spy(*args):
-        flags.append(args[-4])  # grad_weights
+        flags.append(args[-3])  # grad_weights
         return kernel(*args)
 
     monkeypatch.setattr(conv_mixed, "_dw_backward_op", spy)
@@ -873,21 +873,10 @@ def test_depthwise_gradcheck_gradgradcheck_and_vmap(relu):
     want = torch.stack([want_fn(a, ws) for a in xs])
     (g_want,) = torch.autograd.grad(want.square().sum(), [xs])
     assert_close(g_got, g_want, F64)
-    args = [x, ws, 1, pads, dils, offs, relu, False, [1, 1]]
+    args = [x, ws, 1, pads, dils, offs, relu, False]
     torch.library.opcheck(torch.ops.fastdarts.depthwise.default, args)
     grad = torch.randn(want.shape[1:], generator=gen, dtype=F64)
-    detached = [
-        x.detach(),
-        [w.detach() for w in ws],
-        1,
-        pads,
-        dils,
-        offs,
-        True,
-        relu,
-        False,
-        [1, 1],
-    ]
+    detached = [x.detach(), [w.detach() for w in ws], 1, pads, dils, offs, True, relu, False]
     torch.library.opcheck(torch.ops.fastdarts.depthwise_backward.default, [grad, *detached])
 
 
@@ -936,42 +925,8 @@ def test_depthwise_per_sample_weights_under_vmap(relu, x_dim, second_batched):
     # The op itself with weight samples, both row orders.
     rows = xs.flatten(0, 1)
     for interleaved in (False, True):
-        args = [rows, samples, 1, pads, dils, offs, relu, interleaved, [1, 1]]
+        args = [rows, samples, 1, pads, dils, offs, relu, interleaved]
         torch.library.opcheck(torch.ops.fastdarts.depthwise.default, args)
-
-
-@pytest.mark.parametrize("relu", [False, True])
-def test_depthwise_replicas_equal_the_replicated_input(relu):
-    """replicas = (REP, CB): each shape reads its input blocks of CB channels REP times in a
-    row, as if from the input with each block repeated (what the group's index_select made):
-    the output and the gradients of x and of every weight, forward and torch-op backward,
-    with weight samples too; and the op's fake shapes (opcheck)."""
-    gen, n_rep, block = _gen(37), 3, 2
-    x = torch.randn(2, 4 + 2 * block, 5, 6, generator=gen, dtype=F64)  # two blocks at offset 4
-    ws = [torch.randn(2 * n_rep * block, 1, k, k, generator=gen, dtype=F64) for k in (3, 5)]
-    pads, dils, offs = [1, 2], [1, 1], [4, 4]
-    inputs = [t.clone().requires_grad_() for t in (x, *ws)]
-    got = depthwise(inputs[0], inputs[1:], 1, pads, dils, offs, relu, replicas=(n_rep, block))
-    g = torch.randn(got.shape, generator=gen, dtype=F64)
-    got_grads = torch.autograd.grad(got, inputs, g, create_graph=True)
-    ref = [t.clone().requires_grad_() for t in (x, *ws)]
-    idx = torch.tensor([4 + (c // (n_rep * block)) * block + c % block for c in range(12)])
-    xr = ref[0].index_select(1, idx)
-    want = depthwise_reference(torch.relu(xr) if relu else xr, ref[1:], 1, pads, dils, [0, 0])
-    assert_close(got, want, F64)
-    for a, b in zip(got_grads, torch.autograd.grad(want, ref, g)):
-        assert_close(a, b, F64)
-    back = depthwise_backward_reference(
-        g, x, ws, 1, pads, dils, offs, True, relu, replicas=(n_rep, block)
-    )
-    for a, b in zip(back, got_grads):
-        assert_close(a, b.detach(), F64)
-    samples = [torch.stack([w, 2 * w]) for w in ws]
-    rows = torch.cat([x, x])
-    doubled = depthwise(rows, samples, 1, pads, dils, offs, relu, replicas=(n_rep, block))
-    assert_close(doubled, torch.cat([want, 2 * want]), F64)
-    args = [x, ws, 1, pads, dils, offs, relu, False, [n_rep, block]]
-    torch.library.opcheck(torch.ops.fastdarts.depthwise.default, args)
 
 
 def test_depthwise_weight_samples_must_split_the_rows():
@@ -1577,8 +1532,7 @@ TRITON_DISPATCH_SCRIPT = textwrap.dedent(
     """
     sys.path.insert(0, "tests")
     import fastdarts.ops.conv_mixed as cm
-    from test_conv_mixed import (
-        _gen, _probs, check_cell_under_vmap, compare_modules, make_cell, make_edge)
+    from test_conv_mixed import _gen, _probs, check_cell_under_vmap, compare_modules, make_edge
     cm.kernel_name = lambda device: "triton"
     gen = torch.Generator().manual_seed(25)
     routes = cm.Routes([0, 3, 2, 2, 4, 1, 4], [1, 0, 0, 2, 2, 1, 0], 6, 4)
@@ -1600,12 +1554,6 @@ TRITON_DISPATCH_SCRIPT = textwrap.dedent(
         x = torch.randn(2, 4, 6, 6, generator=gen, dtype=torch.float64)
         loss_w = torch.randn(2, 4, 6 // stride, 6 // stride, generator=gen, dtype=torch.float64)
         compare_modules(ref, fused, [x, _probs(gen)], torch.float64, loss_w)
-    # A normal cell (its groups' edges read their inputs through the depthwise kernels'
-    # replicas) against the reference.
-    ref, fused, _ = make_cell(2, False, False, torch.float64, seed=3, train=True, steps=3)
-    s0, s1 = (torch.randn(2, 2, 4, 4, generator=gen, dtype=torch.float64) for _ in range(2))
-    loss_w = torch.randn(2, 6, 4, 4, generator=gen, dtype=torch.float64)
-    compare_modules(ref, fused, [s0, s1, _probs(gen, 9)], torch.float64, loss_w)
     # The batched w± pass: cells under vmap over two weight samples, the depthwise kernels
     # reading each sample's weights; the C++ kernels off, as on CUDA (torch's convolutions
     # and BatchNorm, the latter under vmap through the fused op's rule).
@@ -1706,36 +1654,6 @@ TRITON_DEPTHWISE_SAMPLES_SCRIPT = TRITON_DEPTHWISE_PRELUDE + textwrap.dedent(
                 for name, u, v in zip(["out", "d_x", *["d_w"] * len(ws)], got, want):
                     msg = f"{name} samples {s} interleaved {interleaved}"
                     torch.testing.assert_close(u, v.to(dtype), rtol=rtol, atol=atol, msg=msg)
-    # Replicas (REP, CB): each block of CB input channels read by REP output blocks in a row,
-    # against the reference on the replicated input (a group's edges from its inputs); with
-    # two weight samples, a stride of 2 and an offset (float64: the dtypes are covered above).
-    for dtype, (rtol, atol) in list(tol.items())[:1]:
-        for n_rep, block, s, stride, off in ((4, 3, 1, 1, 0), (2, 2, 2, 2, 3), (3, 1, 1, 1, 1)):
-            cin = off + 2 * block
-            x = torch.randn(2 * s, cin, 7, 6, generator=gen, dtype=torch.float64)
-            ch = 2 * n_rep * block
-            ws = [torch.randn(s, ch, 1, k, k, generator=gen, dtype=torch.float64)
-                  for k in (3, 5, 3, 5)]
-            geo = ([1, 2, 2, 4], [1, 1, 2, 2], [off] * 4)
-            idx = torch.tensor([off + (c // (n_rep * block)) * block + c % block
-                                for c in range(ch)])
-            xr = x.index_select(1, idx)
-            ref = (stride, geo[0], geo[1], [0] * 4)
-            want = cm.depthwise_reference(xr, ws if s > 1 else [t[0] for t in ws], *ref, True)
-            g = torch.randn(want.shape, generator=gen, dtype=torch.float64)
-            back = cm.depthwise_backward_reference(
-                g, xr, ws if s > 1 else [t[0] for t in ws], *ref, True, True)
-            d_x = torch.zeros_like(x).index_add(1, idx, back[0])
-            want = [want, d_x, *back[1:]]
-            ws = [t.to(dtype) if s > 1 else t[0].to(dtype) for t in ws]
-            x, g = x.to(dtype), g.to(dtype)
-            out = torch.full(want[0].shape, math.nan, dtype=dtype)
-            rc = (n_rep, block)
-            got = [dw.forward(x, ws, stride, *geo, True, out, False, rc)]
-            got += dw.backward(g, x, ws, stride, *geo, True, True, False, rc)
-            for name, u, v in zip(["out", "d_x", *["d_w"] * 4], got, want):
-                msg = f"{name} replicas {rc} samples {s}"
-                torch.testing.assert_close(u, v.to(dtype), rtol=rtol, atol=atol, msg=msg)
     """
 )
 
@@ -1864,8 +1782,7 @@ def test_triton_depthwise_matches_reference_under_interpreter():
 def test_triton_depthwise_weight_samples_under_interpreter():
     """The same kernels with weight samples (2 and 3; rows sample-major and interleaved), as
     the batched w± passes run them: forward, d_x and each sample's d_w against the reference
-    on the sample's rows; and with replicas (input blocks read by several edges) against the
-    reference on the replicated input."""
+    on the sample's rows."""
     run_triton_interpreted(TRITON_DEPTHWISE_SAMPLES_SCRIPT)
 
 

@@ -390,13 +390,12 @@ def depthwise_reference(
     in_offsets: list[int],
     relu: bool = False,
     interleaved: bool = False,
-    replicas: tuple[int, int] = (1, 1),
 ) -> Tensor:
-    """:func:`depthwise` in torch ops (one grouped convolution per shape, concatenated; the
-    input's channel blocks replicated first; per weight sample, stacked)."""
+    """:func:`depthwise` in torch ops (one grouped convolution per shape, concatenated; per
+    weight sample, stacked)."""
     if weights[0].dim() == 5:
         rows = _sample_rows(x, weights[0].shape[0], interleaved)
-        geometry = (stride, pads, dils, in_offsets, relu, False, replicas)
+        geometry = (stride, pads, dils, in_offsets, relu)
         parts = [
             depthwise_reference(xv, [w[v] for w in weights], *geometry) for v, xv in enumerate(rows)
         ]
@@ -406,23 +405,9 @@ def depthwise_reference(
     outs = []
     for w, pad, dil, off in zip(weights, pads, dils, in_offsets):
         ch = w.shape[0]
-        xs = _replicate(_read_block(x, off, ch // replicas[0]), replicas)
+        xs = x if off == 0 and ch == x.shape[-3] else x[..., off : off + ch, :, :]
         outs.append(F.conv2d(xs, w, None, stride, pad, dil, ch))
     return torch.cat(outs, -3)
-
-
-def _read_block(x: Tensor, first: int, n: int) -> Tensor:
-    """Channels first … first + n − 1 of x (…, C, H, W) (x itself when that is all of them)."""
-    return x if first == 0 and n == x.shape[-3] else x[..., first : first + n, :, :]
-
-
-def _replicate(x: Tensor, replicas: tuple[int, int]) -> Tensor:
-    """x (…, J·CB, H, W) with each block of CB channels repeated REP times in place:
-    (…, J·REP·CB, H, W), for ``replicas`` = (REP, CB)."""
-    n, block = replicas
-    if n == 1:
-        return x
-    return x.unflatten(-3, (-1, block)).repeat_interleave(n, -4).flatten(-4, -3)
 
 
 def depthwise_backward_reference(
@@ -436,14 +421,13 @@ def depthwise_backward_reference(
     grad_weights: bool = True,
     relu: bool = False,
     interleaved: bool = False,
-    replicas: tuple[int, int] = (1, 1),
 ) -> list[Tensor]:
     """[d_x, *d_weights] of :func:`depthwise` ([d_x] without ``grad_weights``), in
     differentiable torch ops."""
     if weights[0].dim() == 5:
         n = weights[0].shape[0]
         pairs = zip(_sample_rows(grad, n, interleaved), _sample_rows(x, n, interleaved))
-        geometry = (stride, pads, dils, in_offsets, grad_weights, relu, False, replicas)
+        geometry = (stride, pads, dils, in_offsets, grad_weights, relu)
         parts = [
             depthwise_backward_reference(g, xv, [w[v] for w in weights], *geometry)
             for v, (g, xv) in enumerate(pairs)
@@ -454,17 +438,14 @@ def depthwise_backward_reference(
     if relu:
         mask, x = x > 0, torch.relu(x)
     d_x, d_ws, start, cin = None, [], 0, x.shape[-3]
-    n_rep, block = replicas
     for w, pad, dil, off in zip(weights, pads, dils, in_offsets):
         ch = w.shape[0]
         g = grad if len(weights) == 1 else grad[:, start : start + ch]
-        xs = _replicate(_read_block(x, off, ch // n_rep), replicas)
+        xs = x if off == 0 and ch == cin else x[:, off : off + ch]
         start += ch
         gx = torch.nn.grad.conv2d_input(xs.shape, w, g, stride, pad, dil, ch)
-        if n_rep > 1:  # each replica's gradient summed into its block
-            gx = gx.unflatten(1, (-1, n_rep, block)).sum(2).flatten(1, 2)
-        if ch // n_rep != cin:
-            gx = F.pad(gx, (0, 0, 0, 0, off, cin - off - ch // n_rep))
+        if ch != cin:
+            gx = F.pad(gx, (0, 0, 0, 0, off, cin - off - ch))
         d_x = gx if d_x is None else d_x + gx
         if grad_weights:
             d_ws.append(torch.nn.grad.conv2d_weight(xs, w.shape, g, stride, pad, dil, ch))
@@ -487,13 +468,13 @@ def _dw_out_shape(x: Tensor, weights: list[Tensor], stride: int, pads, dils) -> 
 # cuDNN (benchmarks/kernels.py's cnn_depthwise entry does it).
 
 
-def _impl(x: Tensor, cpp_op: str, beyond_cpp: bool = False) -> str:
+def _impl(x: Tensor, cpp_op: str, samples: bool = False) -> str:
     """Which implementation of a kernel with Triton and C++ versions runs for x: 'triton'
-    (CUDA), 'cpp' (the CPU, with the extension's ``cpp_op``, unless the call is
-    ``beyond_cpp``: the depthwise kernels' weight samples and replicas) or 'reference'."""
+    (CUDA), 'cpp' (the CPU, with the extension's ``cpp_op``, which takes no weight
+    ``samples``) or 'reference'."""
     if kernel_name(x.device) == "triton":
         return "triton"
-    return "cpp" if _cpp(x, cpp_op) and not beyond_cpp else "reference"
+    return "cpp" if _cpp(x, cpp_op) and not samples else "reference"
 
 
 def _dw_op(
@@ -505,18 +486,16 @@ def _dw_op(
     in_offsets: list[int],
     relu: bool,
     interleaved: bool,
-    replicas: list[int],
 ) -> Tensor:
-    kind = _impl(x, "depthwise_forward", weights[0].dim() == 5 or tuple(replicas) != (1, 1))
+    kind = _impl(x, "depthwise_forward", weights[0].dim() == 5)
     if kind == "reference":
-        args = (relu, interleaved, tuple(replicas))
-        return depthwise_reference(x, weights, stride, pads, dils, in_offsets, *args)
+        return depthwise_reference(x, weights, stride, pads, dils, in_offsets, relu, interleaved)
     if kind == "cpp":
         return extension().depthwise_forward(x, weights, stride, pads, dils, in_offsets, relu)
     weights = [w.contiguous() for w in weights]
     out = x.new_empty(_dw_out_shape(x, weights, stride, pads, dils))
-    args = (stride, pads, dils, in_offsets, relu, out, interleaved, tuple(replicas))
-    return triton_kernels("depthwise").forward(x, weights, *args)
+    kernels = triton_kernels("depthwise")
+    return kernels.forward(x, weights, stride, pads, dils, in_offsets, relu, out, interleaved)
 
 
 def _dw_backward_op(
@@ -530,31 +509,30 @@ def _dw_backward_op(
     grad_weights: bool,
     relu: bool,
     interleaved: bool,
-    replicas: list[int],
 ) -> list[Tensor]:
     args = (grad, x, weights, stride, pads, dils, in_offsets, grad_weights, relu)
-    kind = _impl(x, "depthwise_backward", weights[0].dim() == 5 or tuple(replicas) != (1, 1))
+    kind = _impl(x, "depthwise_backward", weights[0].dim() == 5)
     if kind == "reference":
-        return depthwise_backward_reference(*args, interleaved, tuple(replicas))
+        return depthwise_backward_reference(*args, interleaved)
     if kind == "cpp":
         return extension().depthwise_backward(*args)
     weights = [w.contiguous() for w in weights]
     args = (grad, x, weights, *args[3:])
-    return triton_kernels("depthwise").backward(*args, interleaved, tuple(replicas))
+    return triton_kernels("depthwise").backward(*args, interleaved)
 
 
 def _dw_setup_context(ctx, inputs, output) -> None:
-    x, weights, stride, pads, dils, in_offsets, relu, interleaved, replicas = inputs
+    x, weights, stride, pads, dils, in_offsets, relu, interleaved = inputs
     ctx.geometry = (stride, pads, dils, in_offsets)
-    ctx.relu, ctx.interleaved, ctx.replicas = relu, interleaved, tuple(replicas)
+    ctx.relu, ctx.interleaved = relu, interleaved
     ctx.save_for_backward(x, *weights)
 
 
 def _dw_op_backward(ctx, grad):
     x, *weights = ctx.saved_tensors
-    flags = (True, ctx.relu, ctx.interleaved, ctx.replicas)
+    flags = (True, ctx.relu, ctx.interleaved)
     grads = depthwise_backward_reference(grad, x, weights, *ctx.geometry, *flags)
-    return grads[0], grads[1:], None, None, None, None, None, None, None
+    return grads[0], grads[1:], None, None, None, None, None, None
 
 
 _dw_op = _kernel_op(
@@ -569,7 +547,7 @@ _dw_backward_op = _kernel_op(
     "depthwise_backward",
     _dw_backward_op,
     lambda grad, x, weights, *args: [
-        torch.empty_like(t) for t in (x, *(weights if args[-4] else []))
+        torch.empty_like(t) for t in (x, *(weights if args[-3] else []))
     ],
 )
 
@@ -608,15 +586,14 @@ class DepthwiseFunction(torch.autograd.Function):
     each sample's rows then read its own weights, in the same kernels."""
 
     @staticmethod
-    def forward(x, stride, pads, dils, in_offsets, relu, interleaved, replicas, *weights):
-        args = (stride, pads, dils, in_offsets, relu, interleaved, list(replicas))
-        return _dw_op(x, list(weights), *args)
+    def forward(x, stride, pads, dils, in_offsets, relu, interleaved, *weights):
+        return _dw_op(x, list(weights), stride, pads, dils, in_offsets, relu, interleaved)
 
     @staticmethod
     def setup_context(ctx, inputs, output) -> None:
-        x, stride, pads, dils, in_offsets, relu, interleaved, replicas, *weights = inputs
+        x, stride, pads, dils, in_offsets, relu, interleaved, *weights = inputs
         ctx.geometry = (stride, pads, dils, in_offsets)
-        ctx.relu, ctx.interleaved, ctx.replicas = relu, interleaved, replicas
+        ctx.relu, ctx.interleaved = relu, interleaved
         ctx.save_for_backward(x, *weights)
 
     @staticmethod
@@ -626,28 +603,24 @@ class DepthwiseFunction(torch.autograd.Function):
         # asks autograd.grad for α alone (the reference's convolution nodes skip it there
         # too). It was half of this kernel's time in a first-order step (small CNN, one
         # thread: 0.93 of 1.8 s, both passes).
-        want_w = any(_engine_wants(ctx, 8 + t, 1 + t) for t in range(len(weights)))
-        flags = (want_w, ctx.relu, ctx.interleaved)
+        want_w = any(_engine_wants(ctx, 7 + t, 1 + t) for t in range(len(weights)))
+        args = (grad, x, weights, *ctx.geometry, want_w, ctx.relu, ctx.interleaved)
         if torch.is_grad_enabled():
-            args = (grad, x, weights, *ctx.geometry, *flags, ctx.replicas)
             grads = depthwise_backward_reference(*args)
         else:
-            args = (grad.contiguous(), x, weights, *ctx.geometry, *flags, list(ctx.replicas))
-            grads = _dw_backward_op(*args)
+            grads = _dw_backward_op(grad.contiguous(), *args[1:])
         d_ws = grads[1:] or [None] * len(weights)
-        return grads[0], None, None, None, None, None, None, None, *d_ws
+        return grads[0], None, None, None, None, None, None, *d_ws
 
     @staticmethod
-    def vmap(
-        info, in_dims, x, stride, pads, dils, in_offsets, relu, interleaved, replicas, *weights
-    ):
-        size, w_dims = info.batch_size, in_dims[8:]
+    def vmap(info, in_dims, x, stride, pads, dils, in_offsets, relu, interleaved, *weights):
+        size, w_dims = info.batch_size, in_dims[7:]
         geometry = (stride, pads, dils, in_offsets, relu)
         if weights[0].dim() - (w_dims[0] is not None) == 5:
             # Weight samples already (a vmap inside the batched passes): torch's convolutions.
             x = _leading(x, in_dims[0], size)
             ws = [_leading(w, d, size) for w, d in zip(weights, w_dims)]
-            fn = functools.partial(depthwise_reference, interleaved=interleaved, replicas=replicas)
+            fn = functools.partial(depthwise_reference, interleaved=interleaved)
             return torch.vmap(lambda a, *b: fn(a, list(b), *geometry))(x, *ws), 0
         # The weights are one sample each here, so the op's rows need no sample layout of
         # their own: the fold's (interleaved when dim 1) is the weight samples' below.
@@ -655,7 +628,7 @@ class DepthwiseFunction(torch.autograd.Function):
         if any(d is not None for d in w_dims):
             # Per-sample weights (S, Ch, 1, K, K): the rows of sample v read weights[v].
             weights = [_leading(w, d, size).contiguous() for w, d in zip(weights, w_dims)]
-        out = DepthwiseFunction.apply(x.contiguous(), *geometry, dim == 1, replicas, *weights)
+        out = DepthwiseFunction.apply(x.contiguous(), *geometry, dim == 1, *weights)
         return _unfold(out, dim, size)
 
 
@@ -668,7 +641,6 @@ def depthwise(
     in_offsets: list[int],
     relu: bool = False,
     interleaved: bool = False,
-    replicas: tuple[int, int] = (1, 1),
 ) -> Tensor:
     """Depthwise convolutions of several shapes at once: x (N, Cin, H, W); shape t has
     weight (Ch_t, 1, k_t, k_t), padding, dilation and the first input channel it reads;
@@ -678,23 +650,16 @@ def depthwise(
 
     Weights (S, Ch_t, 1, k_t, k_t) are S samples, each for N / S of the rows: rows
     v·N/S … (v + 1)·N/S − 1 take sample v, or with ``interleaved`` rows v, v + S, v + 2S, …
-    (the batched w± passes run w⁺ and w⁻ so, under vmap).
-
-    ``replicas`` = (REP, CB): each shape reads Ch_t / REP input channels, each block of CB
-    of them REP times in a row (output channel c reads the shape's input channel (c // (REP·
-    CB))·CB + c mod CB): a group's edges from one input, without the replicated copy."""
+    (the batched w± passes run w⁺ and w⁻ so, under vmap)."""
     x = _contiguous(x)
-    replicas = tuple(replicas)
     if torch.compiler.is_compiling() and not (
         torch.is_grad_enabled() and any(t.requires_grad for t in (x, *weights))
     ):
         # Dynamo (torch 2.14) traces a Function that needs no gradient by inlining its
         # forward, and hands a forward with *args its ctx as the first argument (as x
         # here): the op that the forward calls, directly.
-        args = (stride, pads, dils, in_offsets, relu, interleaved, list(replicas))
-        return _dw_op(x, list(weights), *args)
-    geometry = (stride, pads, dils, in_offsets, relu, interleaved, replicas)
-    return DepthwiseFunction.apply(x, *geometry, *weights)
+        return _dw_op(x, list(weights), stride, pads, dils, in_offsets, relu, interleaved)
+    return DepthwiseFunction.apply(x, stride, pads, dils, in_offsets, relu, interleaved, *weights)
 
 
 # -- grouped pointwise (1×1) convolutions -------------------------------------------------
@@ -1043,10 +1008,6 @@ class _Group:
         self.offsets["skip"] = 6 * E * C + 2 * n_in * C
         self.n_src = self.offsets["skip"] + (E * C if self.fr else n_in * C)
         self.n_run = 4 * E * C + (E * C if self.fr else 0)
-        # The depthwise kernels' replicas (see replicate()), where each input's edges are
-        # consecutive, E / n_in of them (as in every group of a cell).
-        inputs = [i for _, i, _, _ in edges]
-        self.replicas = (E // n_in, C) if inputs == [e * n_in // E for e in range(E)] else None
 
     def shapes(self) -> dict[str, tuple[int, ...]]:
         """Parameter shapes, by name."""
@@ -1243,16 +1204,7 @@ class FusedEdges(nn.Module):
         grp, get = self._groups[g], functools.partial(self._get, g=g)
         C, E, s = self.C, grp.E, grp.stride
         x = inputs[0] if len(inputs) == 1 else torch.cat(inputs, 1)
-        rep, replicas = get("rep"), (1, 1)
-        if (
-            rep is not None
-            and grp.replicas
-            and not grp.fr
-            and _impl(x, "depthwise_forward") == "triton"
-        ):
-            # The Triton kernels read each input block once per edge from x itself: no
-            # replicated copy, nor its index_add backward (238 launches a small step).
-            rep, replicas = None, grp.replicas
+        rep = get("rep")
         xr = x if rep is None else x.index_select(1, rep)
         # The convolutions' ReLU runs inside the depthwise kernels (relu=True), except where
         # the FactorizedReduce convolutions read relu(x) too.
@@ -1265,7 +1217,6 @@ class FusedEdges(nn.Module):
             [dil for _, _, _, dil in _STAGE1],
             [0] * len(_STAGE1),
             relu=not grp.fr,
-            replicas=replicas,
         )
         y = pointwise(first, get("pw1"), 4 * E)
         training, track = self.training, self.track_running_stats
