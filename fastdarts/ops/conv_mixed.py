@@ -228,17 +228,15 @@ def _contiguous(x: Tensor) -> Tensor:
 
 
 def _sample_rows(x: Tensor, samples: int, interleaved: bool) -> tuple[Tensor, ...]:
-    """The rows (N, …) of each of ``samples`` weight samples (see :func:`depthwise`)."""
-    return (
-        x.unflatten(0, (-1, samples)).unbind(1)
-        if interleaved
-        else x.unflatten(0, (samples, -1)).unbind(0)
-    )
+    """The rows (N, …) of each of ``samples`` weight samples (see :func:`depthwise`): the
+    rows unfolded as :func:`_unfold` does, split."""
+    out, dim = _unfold(x, int(interleaved), samples)
+    return out.unbind(dim)
 
 
 def _join_rows(parts: list[Tensor], interleaved: bool) -> Tensor:
     """:func:`_sample_rows`' inverse."""
-    return torch.stack(parts, 1 if interleaved else 0).flatten(0, 1)
+    return torch.stack(parts, int(interleaved)).flatten(0, 1)
 
 
 def _check_routes_unbatched(in_dims, first: int) -> None:
@@ -510,15 +508,14 @@ def _dw_backward_op(
     relu: bool,
     interleaved: bool,
 ) -> list[Tensor]:
-    args = (grad, x, weights, stride, pads, dils, in_offsets, grad_weights, relu)
+    geometry = (stride, pads, dils, in_offsets, grad_weights, relu)
     kind = _impl(x, "depthwise_backward", weights[0].dim() == 5)
     if kind == "reference":
-        return depthwise_backward_reference(*args, interleaved)
+        return depthwise_backward_reference(grad, x, weights, *geometry, interleaved)
     if kind == "cpp":
-        return extension().depthwise_backward(*args)
+        return extension().depthwise_backward(grad, x, weights, *geometry)
     weights = [w.contiguous() for w in weights]
-    args = (grad, x, weights, *args[3:])
-    return triton_kernels("depthwise").backward(*args, interleaved)
+    return triton_kernels("depthwise").backward(grad, x, weights, *geometry, interleaved)
 
 
 def _dw_setup_context(ctx, inputs, output) -> None:
