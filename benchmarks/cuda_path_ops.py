@@ -12,6 +12,13 @@ Counted in one step after a first (lazily created state): every ATen op dispatch
 GPU), and the Triton launches. A cuDNN or cuBLAS call can launch more than one kernel, so
 launching ops + Triton launches is a floor on a step's kernel launches, not a count.
 
+Also counted, by op and by Triton kernel: the bytes of the tensors each launch takes and
+returns, every one once and whole (an in-place op's tensor twice, read and written; a
+broadcast dimension once). It is the traffic of a kernel that reads each input once and
+writes each output once, an estimate of what memory-bound kernels move: a convolution or a
+BatchNorm may read its input more than once, and a Triton kernel handed a whole tensor may
+read only some of its channels.
+
 ``--steps N`` also times N steps of each configuration on this path, interleaved (after
 ``--warmup`` untimed ones). With the Triton kernels not run, what is left is the host's work
 (Python, dispatch, autograd) plus the CPU's arithmetic, which at ``--config tiny`` is small:
@@ -36,6 +43,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
+from torch.utils._pytree import tree_leaves
 
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -91,6 +99,35 @@ def launches_kernel(op: str) -> bool:
     return namespace != "fastdarts" and base not in NO_LAUNCH
 
 
+def tensor_bytes(tree: object) -> int:
+    """Bytes of the tensors in ``tree`` (args, results), each once and whole: a dimension
+    of stride 0 (broadcast) counts once."""
+    total = 0
+    for t in tree_leaves(tree):
+        if isinstance(t, torch.Tensor):
+            elements = 1
+            for size, stride in zip(t.shape, t.stride()):
+                elements *= size if stride else min(size, 1)
+            total += elements * t.element_size()
+    return total
+
+
+class TrafficCounter(harness.OpCounter):
+    """:class:`harness.OpCounter` that also sums, by op, the :func:`tensor_bytes` of the
+    launching ops' arguments and results."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.bytes: collections.Counter[str] = collections.Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = super().__torch_dispatch__(func, types, args, kwargs)
+        name = str(func)
+        if launches_kernel(name):
+            self.bytes[name] += tensor_bytes((args, kwargs, out))
+        return out
+
+
 COLUMNS = [
     ("backend", "backend"),
     ("depthwise", "depthwise"),
@@ -101,25 +138,39 @@ COLUMNS = [
     ("launching ops/step", "launching_ops_per_step"),
     ("Triton launches/step", "triton_launches_per_step"),
     ("launches/step (floor)", "launches_floor_per_step"),
+    ("tensor MiB/step", "tensor_mib_per_step"),
     ("host s/step (median)", "host_s_median"),
 ]
 
 
+class Launches(collections.Counter):
+    """Triton launches by kernel ('depthwise._forward_kernel'); ``bytes``: the
+    :func:`tensor_bytes` of their arguments, by kernel too."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.bytes: collections.Counter[str] = collections.Counter()
+
+    def clear(self) -> None:
+        super().clear()
+        self.bytes.clear()
+
+
 @contextmanager
-def cuda_dispatch(
-    depthwise: str = "triton", run: bool = False
-) -> Iterator[collections.Counter[str]]:
-    """Within the block the ops take their CUDA branches on CPU tensors; yields the counter
-    of Triton launches (by kernel), which are counted and, with ``run`` (under
+def cuda_dispatch(depthwise: str = "triton", run: bool = False) -> Iterator[Launches]:
+    """Within the block the ops take their CUDA branches on CPU tensors; yields the count of
+    Triton launches (and their bytes), which are counted and, with ``run`` (under
     TRITON_INTERPRET=1, set before triton is imported), also run."""
     import triton.runtime.jit as jit
 
-    launches: collections.Counter[str] = collections.Counter()
+    launches = Launches()
     launcher = jit.KernelInterface.__getitem__
 
     def getitem(fn, grid):
         def launch(*args, **kwargs):
-            launches[f"{fn.fn.__module__.rsplit('.', 1)[-1]}.{fn.fn.__name__}"] += 1
+            name = f"{fn.fn.__module__.rsplit('.', 1)[-1]}.{fn.fn.__name__}"
+            launches[name] += 1
+            launches.bytes[name] += tensor_bytes((args, kwargs))
             if run:
                 launcher(fn, grid)(*args, **kwargs)
 
@@ -153,7 +204,9 @@ def count(args: argparse.Namespace, config, order: int, step, launches) -> dict:
     """One step's ops and Triton launches (``step`` run once before, for lazily created
     state such as the optimiser's)."""
     launches.clear()
-    ops = harness.count_ops(step)
+    with TrafficCounter() as counter:
+        step()
+    ops, traffic = counter.counts, counter.bytes + launches.bytes
     launching = sum(n for op, n in ops.items() if launches_kernel(op))
     triton_launches = sum(launches.values())
     return {
@@ -167,8 +220,10 @@ def count(args: argparse.Namespace, config, order: int, step, launches) -> dict:
         "launching_ops_per_step": launching,
         "triton_launches_per_step": triton_launches,
         "launches_floor_per_step": launching + triton_launches,
+        "tensor_mib_per_step": round(sum(traffic.values()) / 2**20, 1),
         "triton_launches": dict(launches.most_common()),
         "ops_by_name": dict(ops.most_common()),
+        "tensor_mib_by_name": {k: round(v / 2**20, 3) for k, v in traffic.most_common()},
     }
 
 
@@ -242,6 +297,9 @@ def main(argv: list[str] | None = None) -> dict:
             "triton_launches_per_step": "Triton kernel launches in that step",
             "launches_floor_per_step": "launching ops + Triton launches: a floor on kernel "
             "launches (a cuDNN or cuBLAS call may launch several)",
+            "tensor_mib_per_step": "MiB of the tensors the launches take and return, each once "
+            "and whole (an estimate of memory-bound kernels' traffic; by op and Triton kernel "
+            "in tensor_mib_by_name)",
             "host_s": "seconds per step on this path on the CPU, Triton kernels not run "
             "(--steps; interleaved): host work plus the CPU's arithmetic",
         },

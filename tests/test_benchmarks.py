@@ -900,11 +900,37 @@ def test_cuda_path_ops_count_triton_launches_and_restore_the_dispatch():
         # Each conv_mix call launches the mixture's forward kernel once.
         launches, calls = fast["triton_launches"], fast["ops_by_name"]
         assert launches["conv_mixed._forward_kernel"] == calls["fastdarts.conv_mix.default"]
+        # Bytes for every Triton kernel and launching op, none for the custom ops themselves
+        # (their launches inside count) nor for views.
+        traffic = fast["tensor_mib_by_name"]
+        assert all(traffic[k] > 0 for k in launches)
+        assert "fastdarts.conv_mix.default" not in traffic and "aten.view.default" not in traffic
+        assert fast["tensor_mib_per_step"] == pytest.approx(sum(traffic.values()), abs=0.1)
         assert ("depthwise._forward_kernel" in launches) == (depthwise == "triton")
         fused[depthwise] = fast
     assert fused["triton"]["launches_floor_per_step"] < fused["torch"]["launches_floor_per_step"]
     assert conv_mixed.kernel_name is kernel_name  # the dispatch is as it was
     assert conv_mixed.kernel_name(torch.device("cpu")) != "triton"
+
+
+def test_traffic_counts_each_tensor_once_and_whole():
+    """tensor_bytes: a broadcast dimension once, a view's own elements; the counter: the
+    launching ops' arguments and results (an in-place op's tensor read and written), views
+    and allocations nothing."""
+    from benchmarks import cuda_path_ops
+
+    a, b = torch.randn(10), torch.randn(10)
+    wide = torch.zeros(4, 6, dtype=torch.float64)
+    assert cuda_path_ops.tensor_bytes([a, (wide, 3.0)]) == 40 + 192
+    assert cuda_path_ops.tensor_bytes(wide[:, 1:3]) == 64
+    assert cuda_path_ops.tensor_bytes(torch.ones(1).expand(5, 7)) == 4
+    with cuda_path_ops.TrafficCounter() as counter:
+        c = a + b
+        c.add_(b)
+        c.view(2, 5).t()
+        torch.empty(100)
+    assert dict(counter.bytes) == {"aten.add.Tensor": 120, "aten.add_.Tensor": 120}
+    assert counter.counts["aten.view.default"] == 1
 
 
 def test_cuda_path_ops_writes_each_row_as_it_ends(tmp_path, restore_threads, monkeypatch):
@@ -913,13 +939,13 @@ def test_cuda_path_ops_writes_each_row_as_it_ends(tmp_path, restore_threads, mon
     pytest.importorskip("triton")
     out = tmp_path / "ops.json"
     on_disk = []
-    count_ops = harness.count_ops
+    count_step = cuda_path_ops.count
 
-    def count(fn):
+    def count(*args):
         on_disk.append([r["backend"] for r in _rows(out)] if out.exists() else [])
-        return count_ops(fn)
+        return count_step(*args)
 
-    monkeypatch.setattr(harness, "count_ops", count)
+    monkeypatch.setattr(cuda_path_ops, "count", count)
     args = ["--space", "rnn", "--config", "tiny", "--backends", "reference,fast", "--steps", "1"]
     doc = cuda_path_ops.main([*args, "--warmup", "0", "--threads", "1", "--json", str(out)])
     assert on_disk == [[], ["reference"]]
