@@ -267,13 +267,15 @@ def make_tarball(path: Path, tree: Path) -> Path:
 
 
 def assert_matches_colours(split_data: cifar.CIFAR10Split, split: str, per_class: int) -> None:
+    """A tree's images in the loader's order: the classes interleaved (image i is image
+    i // 10 of class i mod 10)."""
     n = len(split_data)
     assert n == per_class * 10
     images, labels = split_data.get(list(range(n)))
     assert images.shape == (n, 3, 32, 32) and images.dtype == torch.uint8
     assert labels.dtype == torch.int64
-    assert labels.tolist() == [i // per_class for i in range(n)]
-    expected = torch.tensor([colour(split, i // per_class, i % per_class) for i in range(n)])
+    assert labels.tolist() == [i % 10 for i in range(n)]
+    expected = torch.tensor([colour(split, i % 10, i // 10) for i in range(n)])
     assert (images.float().mean((2, 3)) - expected).abs().max() <= 3
 
 
@@ -288,6 +290,21 @@ def test_cifar_tree(tmp_path: Path, no_download: None) -> None:
     assert labels.tolist() == [9, 0] and images.shape == (2, 3, 32, 32)
     with pytest.raises(IndexError):
         train.get([20])
+
+
+def test_cifar_tree_search_halves_hold_every_class_equally(tmp_path: Path) -> None:
+    """The tree lists its images class by class; the loader interleaves them, so that the
+    search's halves (the first for the weights, the second for α) hold every class, in equal
+    numbers, and the order within a class is the files'."""
+    make_tree(tmp_path, per_class=4, splits=("train",))
+    train = load_cifar10(str(tmp_path))
+    for half in search_split(len(train)):
+        assert torch.bincount(train.get(half)[1], minlength=10).tolist() == [2] * 10
+    images, labels = train.get(list(range(len(train))))
+    for label in range(10):
+        seen = images[labels == label].float().mean((2, 3))
+        want = torch.tensor([colour("train", label, k) for k in range(len(seen))])
+        assert (seen - want).abs().max() <= 3
 
 
 def test_cifar_tree_decodes_lazily_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

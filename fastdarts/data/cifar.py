@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import collections
+
 import math
 import warnings
 from collections.abc import Sequence
@@ -96,7 +98,7 @@ def load_cifar10(data: str | None = None, train: bool = True) -> CIFAR10Split:
 
 def search_split(n: int, portion: float = 0.5) -> tuple[Tensor, Tensor]:
     """DARTS's split of ``n`` training images: the first floor(portion*n) train the weights,
-    the rest the architecture; no shuffling."""
+    the rest the architecture; no shuffling (the loaders' orders mix the classes)."""
     cut = math.floor(portion * n)
     if not 0 < cut < n:
         raise ValueError(f"search_split: portion {portion} of {n} images leaves an empty part")
@@ -222,8 +224,18 @@ def _load_tree(root: Path, train: bool) -> CIFAR10Split:
         raise DataError(
             f"{folder}: class folders are {', '.join(tree.classes)}; expected {', '.join(CLASSES)}"
         )
-    paths = [path for path, _ in tree.samples]
-    labels = torch.tensor(tree.targets, dtype=torch.int64)
+    # The tree lists its images class by class, which would give the search's halves
+    # (search_split: the first half trains the weights) disjoint classes. Interleaved — the
+    # k-th image of each class in class order, then the (k+1)-th — every prefix holds the
+    # classes in equal numbers (±1), as the binary batches' mixed order nearly does.
+    seen = collections.Counter()
+    rank = []
+    for _, label in tree.samples:
+        rank.append(seen[label])
+        seen[label] += 1
+    order = sorted(range(len(rank)), key=lambda i: (rank[i], tree.samples[i][1]))
+    paths = [tree.samples[i][0] for i in order]
+    labels = torch.tensor([tree.samples[i][1] for i in order], dtype=torch.int64)
     # Uninitialised until decoded; untouched pages of a large allocation cost no memory.
     images = torch.empty((len(paths), 3, _SIZE, _SIZE), dtype=torch.uint8)
     return CIFAR10Split(images, labels, paths)
