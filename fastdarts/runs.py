@@ -74,9 +74,11 @@ def check_settings(cfg: RunSettings, verb: str, more: list[tuple[bool, str]]) ->
 
 # The numeric settings' ranges, for those a run's settings have (and has set).
 _NON_NEGATIVE = (
-    *("lr", "weight_decay", "arch_lr", "arch_weight_decay", "lr_min", "clip", "grad_clip"),
+    *("lr", "weight_decay", "arch_lr", "arch_weight_decay", "lr_min"),
     *("tar", "momentum", "max_seq_len_delta", "auxiliary_weight"),
 )
+# A gradient-norm clip of 0 would zero every weight's gradient.
+_POSITIVE_REAL = ("clip", "grad_clip")
 _PROBABILITIES = ("dropout", "dropouth", "dropoutx", "dropouti", "dropoute", "drop_path")
 _POSITIVE = (
     *("epoch_steps", "eval_batches", "log_every", "eval_batch_size", "test_batch_size"),
@@ -86,8 +88,8 @@ _POSITIVE = (
 
 def _range_checks(cfg: RunSettings) -> list[tuple[bool, str]]:
     """(ok, message) for each numeric setting ``cfg`` has and has set: a learning rate,
-    decay, clip or weight non-negative, a dropout in [0, 1), a count positive, a seed
-    NumPy takes (NaN fails every check)."""
+    decay or weight non-negative and finite, a clip positive and finite, a dropout in
+    [0, 1), a count positive, a seed NumPy takes (NaN fails every check)."""
 
     def given(names: tuple[str, ...]):
         for name in names:
@@ -95,7 +97,14 @@ def _range_checks(cfg: RunSettings) -> list[tuple[bool, str]]:
             if value is not None:
                 yield f"--{name.replace('_', '-')}", value
 
-    checks = [(v >= 0, f"{f} must be non-negative, got {v}") for f, v in given(_NON_NEGATIVE)]
+    checks = [
+        (0 <= v < math.inf, f"{f} must be non-negative and finite, got {v}")
+        for f, v in given(_NON_NEGATIVE)
+    ]
+    checks += [
+        (0 < v < math.inf, f"{f} must be positive and finite, got {v}")
+        for f, v in given(_POSITIVE_REAL)
+    ]
     checks += [(0 <= v < 1, f"{f} must lie in [0, 1), got {v}") for f, v in given(_PROBABILITIES)]
     checks += [(v >= 1, f"{f} must be positive, got {v}") for f, v in given(_POSITIVE)]
     checks.append((0 <= cfg.seed < 2**32, f"--seed must lie in [0, 2^32), got {cfg.seed}"))

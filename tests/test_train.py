@@ -177,6 +177,8 @@ def test_drop_path_only_in_training():
         ([*RNN_TINY, "--nhid", "9"], ["--emsize and --nhid must be equal"]),
         ([*RNN_TINY, "--data", "/nonexistent"], ["/nonexistent"]),
         ([*CNN_TINY, "--drop-path", "1.5"], ["--drop-path"]),
+        ([*CNN_TINY, "--grad-clip", "0"], ["--grad-clip must be positive"]),
+        ([*RNN_TINY, "--clip", "0"], ["--clip must be positive"]),
         (["--space", "rnn", "--genotype", "DARTS_V2", "--device", "cuda:7"], ["cuda"]),
     ],
 )
