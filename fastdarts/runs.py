@@ -400,8 +400,11 @@ class EpochRun:
                 monitor.track(self.step, metrics)
                 bar.update(1)
                 logged = self.step % cfg.log_every == 0 or self.step == 1
-                checkpoint = self.step % cfg.checkpoint_every == 0
-                last = self._epoch_finished() or not self._budget_left()
+                # An epoch's last step checkpoints after the epoch's evaluation instead: one
+                # taken before it would, resumed, log the evaluation a second time.
+                finished = self._epoch_finished()
+                checkpoint = self.step % cfg.checkpoint_every == 0 and not finished
+                last = finished or not self._budget_left()
                 if not (logged or checkpoint or last):
                     continue
                 values = self._read(monitor)

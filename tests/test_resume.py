@@ -58,6 +58,31 @@ def test_stop_then_resume_equals_straight_run(tmp_path, args, steps, stop_at):
     assert_same_run(final_state(straight), final_state(split))
 
 
+def test_killed_after_an_epochs_evaluation_resumes_without_repeating_it(tmp_path, monkeypatch):
+    """--checkpoint-every on an epoch's last step: a run that dies between the epoch's
+    evaluation (logged) and its outputs resumes from a checkpoint taken before that step,
+    and logs the evaluation once, as a straight run does."""
+    from fastdarts.search.loop import Searcher
+
+    args = [*RNN_TINY, "--epoch-steps", "3", "--checkpoint-every", "3", "--max-steps", "7"]
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    assert main([*args, "--out", str(straight)]) == 0
+    outputs = Searcher._epoch_outputs
+
+    def die_in_the_second(self):
+        if self.epoch == 2:
+            raise KeyboardInterrupt
+        outputs(self)
+
+    monkeypatch.setattr(Searcher, "_epoch_outputs", die_in_the_second)
+    assert main([*args, "--out", str(killed)]) == 130
+    assert sum('"valid_loss"' in line for line in (killed / "metrics.jsonl").open()) == 2
+    assert torch.load(killed / "checkpoint.pt", weights_only=True)["step"] == 3
+    monkeypatch.setattr(Searcher, "_epoch_outputs", outputs)
+    assert main([*args, "--out", str(killed), "--resume"]) == 0
+    assert_same_run(final_state(straight), final_state(killed))
+
+
 def test_sigkill_then_resume_equals_straight_run(tmp_path):
     """Kill the process with SIGKILL mid-run (after a checkpoint, at a step that is not one),
     resume: metrics logged after the checkpoint are dropped and the run ends identical."""
