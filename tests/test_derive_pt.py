@@ -196,6 +196,29 @@ def test_argmax_writes_the_search_genotype(rnn_run, tmp_path, capsys):
     assert printed == json.loads((rnn_run / "genotype.json").read_text())
 
 
+def test_a_training_checkpoint_or_the_other_space_is_one_line(rnn_run, tmp_path, capsys):
+    """derive (every way) and search --resume refuse a training run's checkpoint (it has
+    no α), and derive a search of the other space than --space, in one line."""
+    from fastdarts.train.loop import KIND
+
+    run = copy_run(rnn_run, tmp_path / "t")
+    saved = torch.load(run / "checkpoint.pt", weights_only=True)
+    saved["kind"] = KIND
+    del saved["task"]["model"]["alphas_recurrent"]
+    torch.save(saved, run / "checkpoint.pt")
+    calls = [
+        (derive, [str(run)], "no α in this checkpoint"),
+        (derive, ["--run", str(run)], "no α in this checkpoint"),
+        (derive, ["--run", str(run), "--method", "pt"], "not a fastdarts search checkpoint"),
+        (derive, [str(rnn_run), "--space", "cnn"], "a search of the rnn space, but --space is cnn"),
+        (search, ["--resume", "--out", str(run)], "a training run's checkpoint, not a search's"),
+    ]
+    for main, args, fragment in calls:
+        assert main(args) == 2
+        err = capsys.readouterr().err
+        assert fragment in err and len(err.strip().splitlines()) == 1, err
+
+
 @pytest.mark.parametrize(
     ("args", "fragment"),
     [

@@ -33,15 +33,21 @@ from fastdarts.genotypes import (
 PROG = "python -m fastdarts.derive"
 
 
-def genotype_from_checkpoint(path: Path) -> Genotype:
-    """Derive the genotype from the α stored in a search checkpoint."""
+def genotype_from_checkpoint(path: Path, space: str | None = None) -> Genotype:
+    """Derive the genotype from the α stored in a search checkpoint (of ``space``, if
+    given)."""
     try:
         saved = torch.load(path, map_location="cpu", weights_only=True)
         model = saved["task"]["model"]
-        space = saved["config"]["space"]
+        saved_space = saved["config"]["space"]
     except Exception as e:  # any unreadable or foreign file: say so in one line
         raise ConfigError(f"{path}: not a readable fastdarts checkpoint ({e})") from e
-    if space == "rnn":
+    if space is not None and space != saved_space:
+        raise ConfigError(f"{path}: a search of the {saved_space} space, but --space is {space}")
+    names = ["alphas_recurrent"] if saved_space == "rnn" else ["alphas_normal", "alphas_reduce"]
+    if any(name not in model for name in names):
+        raise ConfigError(f"{path}: no α in this checkpoint (a training run's, not a search's?)")
+    if saved_space == "rnn":
         return derive_recurrent(model["alphas_recurrent"])
     return derive_conv(model["alphas_normal"], model["alphas_reduce"])
 
@@ -142,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
                 if not source.is_file():
                     raise ConfigError(f"{args.source}: no checkpoint.pt in this folder")
             if source.suffix == ".pt":
-                genotype = genotype_from_checkpoint(source)
+                genotype = genotype_from_checkpoint(source, args.space)
             else:
                 genotype = load_genotype(args.source, args.space)
     except FastDartsError as e:

@@ -234,7 +234,8 @@ def read_search_checkpoint(path: Path) -> dict:
     if not path.is_file():
         raise ConfigError(f"{path.parent}: no checkpoint.pt in this folder (not a search run?)")
     saved = load_state_file(path)
-    is_search = isinstance(saved, dict) and "task" in saved
+    # Only the training's checkpoints say what they are ("kind").
+    is_search = isinstance(saved, dict) and "task" in saved and "kind" not in saved
     if not is_search or saved.get("format") != CHECKPOINT_FORMAT:
         raise ConfigError(f"{path}: not a fastdarts search checkpoint")
     return saved

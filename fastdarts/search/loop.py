@@ -89,6 +89,8 @@ class Searcher(EpochRun):
         saved = self._load_checkpoint()
         if not isinstance(saved, dict) or saved.get("format") != CHECKPOINT_FORMAT:
             raise ConfigError(f"{self.ckpt_path}: not a fastdarts checkpoint (format unknown)")
+        if "kind" in saved:  # only the training's checkpoints say what they are
+            raise ConfigError(f"{self.ckpt_path}: a training run's checkpoint, not a search's")
         if saved["config"].get("space") != self.cfg.space:
             raise ConfigError(
                 f"{self.ckpt_path}: a checkpoint of the {saved['config'].get('space')} space, "
