@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import collections
-
 import math
 import warnings
 from collections.abc import Sequence
