@@ -28,7 +28,7 @@ from fastdarts.data import (
     ptb,
     search_split,
 )
-from fastdarts.errors import DataError
+from fastdarts.errors import ConfigError, DataError
 
 REPO = Path(__file__).resolve().parents[1]
 # Read before the autouse fixture clears the variable for each test.
@@ -220,6 +220,15 @@ def test_batchify_columns_are_contiguous_chunks() -> None:
     assert source.is_contiguous()
     with pytest.raises(ValueError, match="fewer than batch_size"):
         batchify(torch.arange(2), 3)
+
+
+def test_a_run_batch_size_past_the_split_is_a_config_error() -> None:
+    """A column needs an input and its target: two tokens; the error names the option."""
+    assert ptb.batchify_split(torch.arange(11), 5, "--batch-size", "train").shape == (2, 5)
+    for n in (9, 3):
+        with pytest.raises(ConfigError, match="--eval-batch-size 5: PTB's valid split") as info:
+            ptb.batchify_split(torch.arange(n), 5, "--eval-batch-size", "valid")
+        assert f"({n:,} tokens) leaves fewer than two tokens a column" in str(info.value)
 
 
 def test_get_batch_shapes_and_tail() -> None:

@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from ..errors import DataError
+from ..errors import ConfigError, DataError
 from . import _files
 
 SPLITS = ("train", "valid", "test")
@@ -55,6 +55,17 @@ def batchify(tokens: Tensor, batch_size: int) -> Tensor:
             f"batchify: {tokens.numel()} tokens are fewer than batch_size {batch_size}"
         )
     return tokens[: n_steps * batch_size].view(batch_size, n_steps).t().contiguous()
+
+
+def batchify_split(tokens: Tensor, batch_size: int, flag: str, split: str) -> Tensor:
+    """:func:`batchify` for a run: ConfigError naming ``flag`` (the batch size's option)
+    when PTB's ``split`` leaves fewer than two tokens a column (an input and its target)."""
+    if tokens.numel() // batch_size < 2:
+        raise ConfigError(
+            f"{flag} {batch_size}: PTB's {split} split ({tokens.numel():,} tokens) leaves fewer "
+            "than two tokens a column"
+        )
+    return batchify(tokens, batch_size)
 
 
 def get_batch(source: Tensor, i: int, seq_len: int) -> tuple[Tensor, Tensor]:

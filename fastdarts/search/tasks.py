@@ -193,11 +193,13 @@ class RNNTask(SearchTask):
         self.unroll_clip = cfg.clip
         super().__init__(cfg, model, device)
         # This rank's block of columns (all of them in one process).
-        self.train_data = distributed.shard(ptb.batchify(corpus.train, cfg.batch_size), 1)
-        self.search_data = distributed.shard(ptb.batchify(corpus.valid, cfg.batch_size), 1)
+        train = ptb.batchify_split(corpus.train, cfg.batch_size, "--batch-size", "train")
+        valid = ptb.batchify_split(corpus.valid, cfg.batch_size, "--batch-size", "valid")
+        self.train_data, self.search_data = distributed.shard(train, 1), distributed.shard(valid, 1)
         self.train_data, self.search_data = self.train_data.to(device), self.search_data.to(device)
         self.share = distributed.share(cfg.batch_size)
-        self.eval_data = ptb.batchify(corpus.valid, cfg.eval_batch_size).to(device)
+        valid = ptb.batchify_split(corpus.valid, cfg.eval_batch_size, "--eval-batch-size", "valid")
+        self.eval_data = valid.to(device)
         self.rng = np.random.default_rng(cfg.seed)
         self.pos = 0
         self.hidden = self.hidden_valid = None

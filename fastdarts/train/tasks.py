@@ -87,9 +87,14 @@ class RNNTrainTask:
         self.model = model.to(device)
         self.params = list(self.model.parameters())
         self.optimizer = torch.optim.SGD(self.params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-        self.train_data = ptb.batchify(corpus.train, cfg.batch_size).to(device)
-        self.valid_data = ptb.batchify(corpus.valid, cfg.eval_batch_size).to(device)
-        self.test_data = ptb.batchify(corpus.test, cfg.test_batch_size).to(device)
+        splits = [
+            (corpus.train, cfg.batch_size, "--batch-size", "train"),
+            (corpus.valid, cfg.eval_batch_size, "--eval-batch-size", "valid"),
+            (corpus.test, cfg.test_batch_size, "--test-batch-size", "test"),
+        ]
+        self.train_data, self.valid_data, self.test_data = (
+            ptb.batchify_split(*split).to(device) for split in splits
+        )
         self.sampler = MaskSampler(cfg.seed + 1, device)
         self.rng = np.random.default_rng(cfg.seed)
         self.pos = 0
