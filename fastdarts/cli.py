@@ -93,6 +93,11 @@ def saved_settings(settings: type, out: str) -> dict:
     return {k: v for k, v in base.items() if k in known}
 
 
+def run_folder(given: dict, kind: str) -> str:
+    """The run folder: ``--out``, else runs/KIND-SPACE (the space given, else rnn's)."""
+    return given.get("out") or f"runs/{kind}-{given.get('space', 'rnn')}"
+
+
 def run_reporting(prog: str, out: str, work: Callable[[], object]) -> int:
     """Run ``work()`` and print its result as JSON (none for None: a distributed run's other
     ranks) (exit 0); a FastDartsError is one line on stderr (its exit code), an interrupt says
@@ -102,7 +107,10 @@ def run_reporting(prog: str, out: str, work: Callable[[], object]) -> int:
     except FastDartsError as e:
         return report(prog, e)
     except KeyboardInterrupt:
-        print(f"{prog}: interrupted; continue with --resume --out {out}", file=sys.stderr)
+        if (Path(out) / "checkpoint.pt").is_file():
+            print(f"{prog}: interrupted; continue with --resume --out {out}", file=sys.stderr)
+        else:
+            print(f"{prog}: interrupted before a checkpoint (nothing to resume)", file=sys.stderr)
         return 130
     if result is not None:
         print(json.dumps(result))

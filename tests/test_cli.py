@@ -280,3 +280,23 @@ def test_published_genotype_by_name(cli):
     proc = cli("fastdarts.derive", "DARTS_V2", "--space", "cnn")
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout)["normal"][-1] == ["dil_conv_3x3", 2]
+
+
+def test_an_interrupt_says_how_to_resume_only_when_there_is_a_checkpoint(tmp_path, capsys):
+    """The hint names the run folder (without --out, the space's default: not 'SPACE'), and
+    offers --resume only once a checkpoint exists."""
+    from fastdarts.cli import run_folder, run_reporting
+
+    def interrupted():
+        raise KeyboardInterrupt
+
+    assert run_folder({"space": "cnn"}, "search") == "runs/search-cnn"
+    assert run_folder({}, "train") == "runs/train-rnn"
+    assert run_folder({"out": "x", "space": "cnn"}, "search") == "x"
+    out = tmp_path / "run"
+    assert run_reporting("prog", str(out), interrupted) == 130
+    assert capsys.readouterr().err == "prog: interrupted before a checkpoint (nothing to resume)\n"
+    out.mkdir()
+    (out / "checkpoint.pt").write_bytes(b"")
+    assert run_reporting("prog", str(out), interrupted) == 130
+    assert capsys.readouterr().err == f"prog: interrupted; continue with --resume --out {out}\n"

@@ -226,12 +226,29 @@ def test_a_training_checkpoint_or_the_other_space_is_one_line(rnn_run, tmp_path,
         (["DARTS_V2", "--space", "rnn", "--run", "x"], "either SOURCE or --run"),
         (["--run", "/nonexistent", "--method", "pt"], "no checkpoint.pt"),
         (["DARTS_V2", "--space", "rnn", "--method", "pt"], "--method goes with --run"),
+        (["--run", "x", "--method", "pt", "--seed", "-1"], "--seed must lie in [0, 2^32)"),
     ],
 )
 def test_derive_bad_input(capsys, args, fragment):
     assert derive(args) == 2
     err = capsys.readouterr().err
     assert fragment in err and len(err.strip().splitlines()) == 1
+
+
+def test_an_interrupted_selection_says_how_to_resume(rnn_run, tmp_path, capsys, monkeypatch):
+    """Ctrl-C: one line, exit 130, --resume offered once a decision was saved."""
+    import fastdarts.derive.pt as pt
+
+    def interrupted(cfg):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(pt, "run_pt", interrupted)
+    run = copy_run(rnn_run, tmp_path / "r")
+    assert derive(["--run", str(run), "--method", "pt"]) == 130
+    assert capsys.readouterr().err.endswith("interrupted; nothing to resume\n")
+    (run / STATE_FILE).write_bytes(b"")
+    assert derive(["--run", str(run), "--method", "pt"]) == 130
+    assert capsys.readouterr().err.endswith(f"continue with --run {run} --method pt --resume\n")
 
 
 @pytest.fixture(scope="module")

@@ -93,6 +93,12 @@ def build_parser() -> OneLineParser:
 
 
 def _derive_run(args: argparse.Namespace) -> Genotype | None:
+    for flag in ("tune_steps", "eval_batches", "max_decisions", "threads"):
+        value = getattr(args, flag)
+        if value is not None and value < (0 if flag == "tune_steps" else 1):
+            raise ConfigError(f"--{flag.replace('_', '-')} must be positive, got {value}")
+    if not 0 <= args.seed < 2**32:
+        raise ConfigError(f"--seed must lie in [0, 2^32), got {args.seed}")
     run = Path(args.run)
     if not (run / "checkpoint.pt").is_file():
         raise ConfigError(f"{args.run}: no checkpoint.pt in this folder (not a search run?)")
@@ -103,10 +109,6 @@ def _derive_run(args: argparse.Namespace) -> Genotype | None:
         return genotype
     from fastdarts.derive.pt import PTConfig, run_pt
 
-    for flag in ("tune_steps", "eval_batches", "max_decisions", "threads"):
-        value = getattr(args, flag)
-        if value is not None and value < (0 if flag == "tune_steps" else 1):
-            raise ConfigError(f"--{flag.replace('_', '-')} must be positive, got {value}")
     cfg = PTConfig(
         run=str(run),
         out=str(out),
@@ -140,7 +142,16 @@ def main(argv: list[str] | None = None) -> int:
             raise ConfigError("--method goes with --run RUN_DIR (see --help)")
         if args.run is not None:
             args.method = args.method or "argmax"
-            genotype = _derive_run(args)
+            try:
+                genotype = _derive_run(args)
+            except KeyboardInterrupt:
+                from fastdarts.derive.pt import STATE_FILE
+
+                hint = f"continue with --run {args.run} --method pt --resume"
+                if args.method != "pt" or not (Path(args.run) / STATE_FILE).is_file():
+                    hint = "nothing to resume"
+                print(f"{PROG}: interrupted; {hint}", file=sys.stderr)
+                return 130
         else:
             source = Path(args.source)
             if source.is_dir():

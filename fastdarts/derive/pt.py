@@ -376,12 +376,12 @@ def run_pt(cfg: PTConfig) -> tuple[Genotype | None, list[dict]]:
             "rng": rng_state(),
         }
         atomic_torch_save(state, state_path)
+        atomic_write_text(run / DECISIONS_FILE, json.dumps(records, indent=1) + "\n")
         bar.update(1)
         bar.set_postfix_str(
             f"{record['alpha']} {record['kind']} {record['index']}: {record['chosen']}"
         )
     bar.close()
-    atomic_write_text(run / DECISIONS_FILE, json.dumps(records, indent=1) + "\n")
     if len(records) < len(decisions):
         return None, records
     genotype = task.model.genotype()

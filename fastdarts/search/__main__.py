@@ -11,7 +11,7 @@ import argparse
 import sys
 
 from fastdarts import distributed
-from fastdarts.cli import RUN_HELP, dataclass_parser, run_reporting, saved_settings
+from fastdarts.cli import RUN_HELP, dataclass_parser, run_folder, run_reporting, saved_settings
 from fastdarts.genotypes import to_dict
 from fastdarts.search.config import SearchConfig
 from fastdarts.search.loop import run_search
@@ -74,7 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
 def make_config(given: dict) -> SearchConfig:
     """The run's settings: the flags given, over (with --resume) the run's saved settings,
     over the defaults — so ``--resume --out DIR`` alone continues a run as it was started."""
-    out = given.get("out") or f"runs/search-{given.get('space', 'rnn')}"
+    out = run_folder(given, "search")
     base = saved_settings(SearchConfig, out) if given.get("resume") else {}
     if base and given.get("space", base.get("space")) != base.get("space"):
         base = {}  # another space: let the checkpoint check say so
@@ -89,7 +89,7 @@ def search(cfg: SearchConfig) -> dict | None:
 
 def main(argv: list[str] | None = None) -> int:
     given = vars(build_parser().parse_args(argv))
-    out = given.get("out", "runs/search-SPACE")
+    out = run_folder(given, "search")
     try:
         return run_reporting(distributed.label(PROG), out, lambda: search(make_config(given)))
     finally:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from fastdarts.cli import RUN_HELP, dataclass_parser, run_reporting, saved_settings
+from fastdarts.cli import RUN_HELP, dataclass_parser, run_folder, run_reporting, saved_settings
 from fastdarts.errors import ConfigError
 from fastdarts.train.config import TrainConfig
 from fastdarts.train.loop import run_training
@@ -51,7 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def make_config(given: dict) -> TrainConfig:
     """The flags given, over (with --resume) the run's saved settings, over the defaults."""
-    out = given.get("out") or f"runs/train-{given.get('space', 'rnn')}"
+    out = run_folder(given, "train")
     base = saved_settings(TrainConfig, out) if given.get("resume") else {}
     if base and given.get("space", base.get("space")) != base.get("space"):
         raise ConfigError(
@@ -62,7 +62,7 @@ def make_config(given: dict) -> TrainConfig:
 
 def main(argv: list[str] | None = None) -> int:
     given = vars(build_parser().parse_args(argv))
-    out = given.get("out", "runs/train-SPACE")
+    out = run_folder(given, "train")
     return run_reporting(PROG, out, lambda: run_training(make_config(given)))
 
 
