@@ -124,6 +124,10 @@ def test_bad_flags(tmp_path, args, fragments, cli):
         (["--seeds", "0", "--rank-train", "--epochs 1 --help"], "the training's flags are"),
         (["--seeds", "0,-1"], "--seed must lie in [0, 2^32), got -1"),
         (["--emsize", "0", "--nhid", "0"], "--emsize must be positive, got 0"),
+        (["--fast", "--backend", "reference"], "--fast picks the fastest backend itself"),
+        (["--order", "1", "--hvp", "exact"], "are for --order 2"),
+        (["--order", "1", "--batched-fd"], "are for --order 2"),
+        (["--amp", "bf16", "--dtype", "float64"], "with --dtype float64 it does nothing"),
     ],
 )
 def test_bad_numbers_are_one_line_before_anything_runs(tmp_path, capsys, args, fragment):

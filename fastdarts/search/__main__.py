@@ -12,6 +12,7 @@ import sys
 
 from fastdarts import distributed
 from fastdarts.cli import RUN_HELP, dataclass_parser, run_folder, run_reporting, saved_settings
+from fastdarts.errors import ConfigError
 from fastdarts.genotypes import to_dict
 from fastdarts.search.config import SearchConfig
 from fastdarts.search.loop import run_search
@@ -75,6 +76,8 @@ def make_config(given: dict) -> SearchConfig:
     """The run's settings: the flags given, over (with --resume) the run's saved settings,
     over the defaults — so ``--resume --out DIR`` alone continues a run as it was started."""
     out = run_folder(given, "search")
+    if given.get("fast") and "backend" in given:
+        raise ConfigError("--fast picks the fastest backend itself: give --backend or --fast")
     base = saved_settings(SearchConfig, out) if given.get("resume") else {}
     if base and given.get("space", base.get("space")) != base.get("space"):
         base = {}  # another space: let the checkpoint check say so

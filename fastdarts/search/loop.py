@@ -62,6 +62,16 @@ class Searcher(EpochRun):
             (cfg.hvp in ("fd", "exact"), f"--hvp must be fd or exact, got {cfg.hvp}"),
             (not (cfg.compat and cfg.hvp == "exact"), "--compat darts needs --hvp fd"),
             (not (cfg.compat and cfg.cuda_graphs), "--compat darts cannot run in CUDA graphs"),
+            # Flags that would change nothing: said, not silently ignored.
+            (
+                not (cfg.order == 1 and (cfg.hvp == "exact" or cfg.batched_fd)),
+                "--hvp exact and --batched-fd are for --order 2 (first order has no "
+                "Hessian-vector product)",
+            ),
+            (
+                not (cfg.amp != "off" and cfg.dtype == "float64"),
+                f"--amp {cfg.amp} autocasts float32 weights; with --dtype float64 it does nothing",
+            ),
             (
                 cfg.batch_size % distributed.env_world_size() == 0,
                 f"--batch-size {cfg.batch_size} is not divisible by the "
