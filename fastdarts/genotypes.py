@@ -269,7 +269,8 @@ def from_dict(data: object, source: str = "genotype") -> Genotype:
 
 
 def load_genotype(spec: str | os.PathLike, space: str | None = None) -> Genotype:
-    """A genotype from a JSON file, or a published one by name (``DARTS_V1``, ``DARTS_V2``).
+    """A genotype from a JSON file (or a search's run folder: its genotype.json), or a
+    published one by name (``DARTS_V1``, ``DARTS_V2``).
 
     A name needs ``space``; a file's space is read from its keys and must match ``space``
     when one is given.
@@ -278,9 +279,20 @@ def load_genotype(spec: str | os.PathLike, space: str | None = None) -> Genotype
     if space is not None and name in NAMED_GENOTYPES.get(space, {}):
         return NAMED_GENOTYPES[space][name]
     path = Path(spec)
+    if path.is_dir() and (path / "genotype.json").is_file():
+        path = path / "genotype.json"
     if not path.is_file():
         known = ", ".join(sorted(RNN_GENOTYPES))
+        if name in known.split(", "):
+            raise ConfigError(f"{name}: a published genotype of both spaces; give --space")
+        if path.is_dir():
+            raise ConfigError(f"{name}: a folder without genotype.json (not a search run?)")
         raise ConfigError(f"{name}: no such genotype file (or a published name: {known})")
+    if path.suffix == ".pt":
+        raise ConfigError(
+            f"{path}: a checkpoint, not a genotype; python -m fastdarts.derive {path} prints "
+            "its genotype (or give its run folder)"
+        )
     try:
         data = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:

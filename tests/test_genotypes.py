@@ -536,6 +536,16 @@ def test_missing_file(tmp_path):
     assert "no such genotype file" in msg
 
 
-def test_directory_is_not_a_genotype_file(tmp_path):
-    with pytest.raises(ConfigError, match="no such genotype file"):
+def test_a_run_folder_gives_its_genotype_and_other_sources_say_what_they_are(tmp_path):
+    """A search's run folder stands for its genotype.json; a folder without one, a
+    checkpoint, and a published name without a space each get their own one-line error."""
+    with pytest.raises(ConfigError, match=r"a folder without genotype\.json"):
         load_genotype(tmp_path)
+    genotype = NAMED_GENOTYPES["cnn"]["DARTS_V1"]
+    save_genotype(genotype, tmp_path / "genotype.json")
+    assert load_genotype(tmp_path, space="cnn") == genotype
+    (tmp_path / "checkpoint.pt").write_bytes(b"")
+    with pytest.raises(ConfigError, match="a checkpoint, not a genotype; python -m fastdarts"):
+        load_genotype(tmp_path / "checkpoint.pt")
+    with pytest.raises(ConfigError, match="DARTS_V2: a published genotype of both spaces"):
+        load_genotype("DARTS_V2")
