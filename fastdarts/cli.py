@@ -7,6 +7,7 @@ import argparse
 import dataclasses
 import json
 import sys
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -102,8 +103,14 @@ def run_reporting(prog: str, out: str, work: Callable[[], object]) -> int:
     """Run ``work()`` and print its result as JSON (none for None: a distributed run's other
     ranks) (exit 0); a FastDartsError is one line on stderr (its exit code), an interrupt says
     how to resume (130)."""
+    def one_line(message, category, filename, lineno, file=None, line=None) -> None:
+        print(f"{prog}: warning: {message}", file=sys.stderr)
+
     try:
-        result = work()
+        with warnings.catch_warnings():
+            # A warning is one line too, not Python's file:line and source line.
+            warnings.showwarning = one_line
+            result = work()
     except FastDartsError as e:
         return report(prog, e)
     except KeyboardInterrupt:

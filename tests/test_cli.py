@@ -304,3 +304,17 @@ def test_an_interrupt_says_how_to_resume_only_when_there_is_a_checkpoint(tmp_pat
     (out / "checkpoint.pt").write_bytes(b"")
     assert run_reporting("prog", str(out), interrupted) == 130
     assert capsys.readouterr().err == f"prog: interrupted; continue with --resume --out {out}\n"
+
+
+def test_a_warning_inside_a_run_is_one_line(capsys):
+    """Not Python's file:line and source line: the program's name and the message."""
+    import warnings
+
+    from fastdarts.cli import run_reporting
+
+    def work():
+        warnings.warn("ignoring PTB in /x: md5 mismatch", stacklevel=1)
+
+    assert run_reporting("prog", "out", work) == 0
+    assert capsys.readouterr().err == "prog: warning: ignoring PTB in /x: md5 mismatch\n"
+    assert warnings.showwarning.__name__ != "one_line"  # restored

@@ -418,6 +418,19 @@ def test_cifar_broken_env_copy_is_named_when_offline(
     assert f"skipped the copy in {tmp_path / 'data' / 'cifar10'}: " in message
 
 
+def test_an_env_folder_without_the_data_is_named_when_offline(
+    tmp_path: Path, cache: Path, monkeypatch: pytest.MonkeyPatch, offline: None
+) -> None:
+    """$FASTDARTS_DATA pointing where there is nothing: the offline error says so."""
+    monkeypatch.setenv("FASTDARTS_DATA", str(tmp_path / "nowhere"))
+    for load, name in ((load_ptb, "ptb"), (load_cifar10, "cifar10")):
+        with pytest.raises(DataError, match="could not download") as info:
+            load()
+        assert f"skipped the copy in {tmp_path / 'nowhere' / name} ($FASTDARTS_DATA): no " in str(
+            info.value
+        )
+
+
 def test_cifar_offline_says_where_to_put_files(cache: Path, offline: None) -> None:
     with pytest.raises(DataError, match="could not download CIFAR-10") as info:
         load_cifar10()

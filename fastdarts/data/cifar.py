@@ -80,6 +80,8 @@ def load_cifar10(data: str | None = None, train: bool = True) -> CIFAR10Split:
     skipped = []
     for folder in ([env] if env else []) + [cache]:
         if _source_in(folder) is None:
+            if folder == env:
+                skipped.append(f"{folder} ($FASTDARTS_DATA): no CIFAR-10 there")
             continue
         try:
             return _load_from(folder, train)

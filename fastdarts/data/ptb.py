@@ -108,6 +108,8 @@ def _read_default() -> dict[str, bytes]:
     skipped = []
     for folder in ([env] if env else []) + [cache]:
         if not any((folder / f"ptb.{split}.txt").exists() for split in SPLITS):
+            if folder == env:
+                skipped.append(f"{folder} ($FASTDARTS_DATA): no PTB files there")
             continue
         try:
             return _read_folder(folder)
