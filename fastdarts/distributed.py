@@ -95,7 +95,11 @@ def init(device: torch.device) -> torch.device:
 
 
 def shutdown() -> None:
-    """Leave the process group (a no-op in one process)."""
+    """Leave the process group (a no-op in one process), and let a later SIGTERM end the
+    process quietly: the run's error is already said, and one raised while Python tears
+    down (an object's __del__) would print a traceback after it."""
+    if signal.getsignal(signal.SIGTERM) is _stopped_by_launcher:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
 

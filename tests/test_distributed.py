@@ -380,12 +380,23 @@ def test_killed_rank_stops_the_run_then_resume(tmp_path, monkeypatch):
     assert launcher.returncode != 0
     lines = [line for line in stderr.splitlines() if "[rank 0/2]: error: rank 0:" in line]
     assert len(lines) == 1 and "another process of the run" in lines[0], stderr
+    # The launcher's SIGTERM reaching rank 0 as it exits raises nothing more.
+    assert "Exception ignored" not in stderr, stderr
 
     # The killed run resumes from its checkpoint (here in one process: the state is global).
     step = torch.load(out / "checkpoint.pt", weights_only=True)["step"]
     monkeypatch.setattr(plot, "plot_alpha_history", lambda doc, path: None)
     assert main(["--resume", "--out", str(out), "--max-steps", str(step + 2)]) == 0
     assert torch.load(out / "checkpoint.pt", weights_only=True)["step"] == step + 2
+
+
+def test_shutdown_lets_a_late_sigterm_end_the_process_quietly():
+    previous = signal.signal(signal.SIGTERM, distributed._stopped_by_launcher)
+    try:
+        distributed.shutdown()
+        assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 # -- --seeds ---------------------------------------------------------------------------------
