@@ -103,6 +103,7 @@ def run_reporting(prog: str, out: str, work: Callable[[], object]) -> int:
     """Run ``work()`` and print its result as JSON (none for None: a distributed run's other
     ranks) (exit 0); a FastDartsError is one line on stderr (its exit code), an interrupt says
     how to resume (130)."""
+
     def one_line(message, category, filename, lineno, file=None, line=None) -> None:
         print(f"{prog}: warning: {message}", file=sys.stderr)
 
