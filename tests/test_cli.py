@@ -33,6 +33,9 @@ def check_outputs(cli, out: Path, proc, space: str, steps: int, epochs_done: int
 
     alpha = json.loads((out / "alpha.json").read_text())
     assert alpha["space"] == space and alpha["history"][-1]["step"] == steps
+    # Each α record's epoch is its step's in metrics.jsonl (mid-epoch too, at --max-steps).
+    epoch_of = {r["step"]: r["epoch"] for r in step_records}
+    assert [e["epoch"] for e in alpha["history"]] == [epoch_of[e["step"]] for e in alpha["history"]]
     names = ["recurrent"] if space == "rnn" else ["normal", "reduce"]
     for entry in alpha["history"]:
         assert sorted(entry["alphas"]) == sorted(names)
