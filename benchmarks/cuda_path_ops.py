@@ -58,7 +58,7 @@ from benchmarks.search_step import (
     step_fn,
 )
 from fastdarts.errors import ConfigError
-from fastdarts.ops import conv_mixed, recurrent_cell, recurrent_mixed
+from fastdarts.ops import conv_mixed, cross_entropy, recurrent_cell, recurrent_mixed
 from fastdarts.ops.backends import resolve
 
 # ATen ops that launch no kernel on a GPU (views, aliases, allocations), by base name; the
@@ -181,6 +181,7 @@ def cuda_dispatch(depthwise: str = "triton", run: bool = False) -> Iterator[Laun
         (conv_mixed, "kernel_name", lambda device: "triton"),
         (conv_mixed, "_cpp", lambda x, name="": False),
         (recurrent_mixed, "_triton_ready", lambda device: True),
+        (cross_entropy, "_triton_ready", lambda device: True),
         (recurrent_cell, "cell_kernel_ready", lambda device: False),
     ]
     if depthwise == "torch":

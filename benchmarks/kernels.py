@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 
 if __package__ in (None, ""):
     # Run as a script: make ``benchmarks`` and an uninstalled ``fastdarts`` importable.
@@ -34,6 +35,7 @@ if __package__ in (None, ""):
 from benchmarks import harness
 from fastdarts.genotypes import CNN_PRIMITIVES, CNN_STEPS, RNN_PRIMITIVES
 from fastdarts.ops import conv_mixed
+from fastdarts.ops import cross_entropy as cross_entropy_ops
 from fastdarts.ops import recurrent_mixed as recurrent_mixed_ops
 from fastdarts.ops.conv_mixed import MixedOp as FusedMixedOp
 from fastdarts.ops.conv_mixed import (
@@ -45,6 +47,7 @@ from fastdarts.ops.conv_mixed import (
     pools,
     pools_reference,
 )
+from fastdarts.ops.cross_entropy import cross_entropy
 from fastdarts.ops.recurrent_mixed import recurrent_mixed
 from fastdarts.spaces.cnn import MixedOp, SearchCell
 from fastdarts.spaces.rnn import recurrent_mixed_reference
@@ -479,6 +482,47 @@ BATCH_NORM = Kernel(
     "and x read, grad_x written)",
 )
 
+# -- the RNN language model's loss (fastdarts.ops.cross_entropy) ---------------------------
+
+
+def _make_logits(shape: dict[str, int], device: torch.device, dtype: torch.dtype) -> Inputs:
+    n, v = shape["N"], shape["V"]
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(n, v, generator=g, dtype=dtype).to(device).requires_grad_()
+    targets = torch.randint(0, v, (n,), generator=g).to(device)
+    return Inputs({"logits": logits, "targets": targets}, [logits])
+
+
+def _cross_entropy_bytes(shape: dict[str, int], pass_: str, size: int) -> int:
+    logits = shape["N"] * shape["V"]
+    return size * (logits if pass_ == "fwd" else 3 * logits)
+
+
+CROSS_ENTROPY = Kernel(
+    name="rnn_cross_entropy",
+    shapes={
+        # The search's logits: bptt 35 × batch 256 rows of PTB's 10,000 words (and a short
+        # sequence's 17).
+        "paper": [{"N": 35 * 256, "V": 10000}, {"N": 17 * 256, "V": 10000}],
+        "large": [{"N": 70 * 512, "V": 10000}],
+        "tiny": [{"N": 6, "V": 37}],
+    },
+    make=_make_logits,
+    impls={
+        # torch's log-softmax and NLL loss, and their backwards.
+        "reference": lambda a: F.cross_entropy(a["logits"], a["targets"]),
+        # One Triton kernel each way on CUDA (the mean a torch op); torch's op elsewhere.
+        "fused": lambda a: cross_entropy(a["logits"], a["targets"]),
+    },
+    fused_parts=lambda device: _both(
+        lambda way: "triton" if cross_entropy_ops._triton_ready(device) else "reference",
+        "cross_entropy",
+    ),
+    bytes_moved=_cross_entropy_bytes,
+    formula="fwd: N·V·size (the logits read once); fwd+bwd: 3·N·V·size (read again, their "
+    "gradient written)",
+)
+
 KERNELS: list[Kernel] = [
     RECURRENT,
     MIXED_OP,
@@ -488,6 +532,7 @@ KERNELS: list[Kernel] = [
     POINTWISE,
     POOLS,
     BATCH_NORM,
+    CROSS_ENTROPY,
 ]
 
 

@@ -109,7 +109,7 @@ _RNN_TILE = triton_kernels("recurrent_cell").tile_options(256)
 
 # Every launch the launchers in kernels/ make (conv_mixed's forward with and without an
 # accumulator, the depthwise kernels per stage, the pools per stride, the running BatchNorm
-# statistics); a test checks each argument list against the kernel's.
+# statistics, the cross-entropy); a test checks each argument list against the kernel's.
 LAUNCHES = {
     "conv_forward_acc": Launch("conv_mixed", "_forward_kernel", _CONV_FORWARD, {"HAS_ACC": True}),
     "conv_forward": Launch("conv_mixed", "_forward_kernel", _CONV_FORWARD, {"HAS_ACC": False}),
@@ -200,6 +200,14 @@ LAUNCHES = {
     # Triton makes an integer argument equal to 1 a constant: n = 1 (a batch of one 1×1 map).
     "bn_running_stats_n1": Launch(
         "running_stats", "_update_kernel", _RUNNING_STATS.replace("n:i", "n:c"), {"n": 1}
+    ),
+    "ce_forward": Launch(
+        "cross_entropy", "_forward_kernel", "X:f T:l LOSS:f LSE:f V:i NT:i BLOCK:c"
+    ),
+    "ce_backward": Launch(
+        "cross_entropy",
+        "_backward_kernel",
+        "X:f T:l LSE:f G:f DX:f V:i NT:i ROWS:i BLOCK:c",
     ),
     **{
         f"pools_{kernel}_s{stride}": Launch("pools", f"_{kernel}_kernel", args, {"STRIDE": stride})

@@ -29,7 +29,7 @@ from benchmarks import (  # noqa: E402
     summary,
     triton_resources,
 )
-from fastdarts.ops import backends, conv_mixed  # noqa: E402
+from fastdarts.ops import backends, conv_mixed, cross_entropy  # noqa: E402
 
 
 @torch.library.custom_op("fastdarts_bench_test::axpy", mutates_args=())
@@ -449,11 +449,16 @@ def test_kernels_json_schema(tmp_path, restore_threads):
     }
     assert doc["run"]["copy_gb_s"] > 0
     # What ran: the reference is torch's ops; the fused ops' C++ kernels on this CPU when the
-    # extension is built (their fallback, torch's ops, without it).
+    # extension is built (their fallback, torch's ops, without it); the cross-entropy is
+    # torch's op off CUDA.
     fused = "cpp" if conv_mixed._has_cpp() else "torch"
     assert {(r["backend"], r["implementation"]) for r in doc["rows"]} == {
         ("reference", "torch"),
         ("fused", fused),
+        ("fused", "torch"),
+    }
+    assert {r["implementation"] for r in doc["rows"] if r["kernel"] == "rnn_cross_entropy"} == {
+        "torch"
     }
 
 
@@ -472,6 +477,10 @@ def test_kernels_name_what_the_fused_version_runs(monkeypatch):
         "triton: mix, depthwise, pools; torch: pointwise, batch_norm"
     )
     assert kernels.implementation(by_name["cnn_cell_fused"], "reference", "fwd", cpu) == "torch"
+    ce = by_name["rnn_cross_entropy"]
+    assert kernels.implementation(ce, "fused", "fwd+bwd", cpu) == "torch"
+    monkeypatch.setattr(cross_entropy, "_triton_ready", lambda device: True)
+    assert kernels.implementation(ce, "fused", "fwd+bwd", cpu) == "triton"
     # An extension without one direction's kernel: that direction runs torch's op.
     monkeypatch.setattr(conv_mixed, "kernel_name", lambda device: "cpp")
     monkeypatch.setattr(conv_mixed, "_cpp", lambda x, name="": name != "pointwise_backward")
@@ -625,7 +634,14 @@ def test_gpu_suite_rehearsal_runs_every_command(tmp_path):
         assert [r["backend"] for r in memory] == ["reference", "fast"]  # graphs: no CUDA
         assert all(r["peak_mem_mb"] for r in memory)
     kernels_run = {row["kernel"] for row in _rows(tmp_path / "gpu-kernels.json")}
-    assert {"rnn_node_mixture", "cnn_cell_fused", "cnn_pools", "cnn_batch_norm"} <= kernels_run
+    kernels = {
+        "rnn_node_mixture",
+        "rnn_cross_entropy",
+        "cnn_cell_fused",
+        "cnn_pools",
+        "cnn_batch_norm",
+    }
+    assert kernels <= kernels_run
     for space in ("rnn", "cnn"):
         assert {r["space"] for r in _rows(tmp_path / f"gpu-alpha-grad-error-{space}.json")} == {
             space

@@ -154,8 +154,8 @@ def test_finite_difference_passes_run_in_full_float32(batched):
 
 
 # The RNN's whole --fast step as it runs on CUDA (the whole-cell op in torch ops around the
-# Triton node kernels, the batched w± passes' two samples in one), run on the CPU with the
-# kernels interpreted:
+# Triton node kernels, the fused cross-entropy, the batched w± passes' two samples in one),
+# run on the CPU with the kernels interpreted:
 # α and the weights follow the reference's. The CNN's step takes over ten minutes this way
 # (its kernels run thousands of programs); its edges and cells are checked on the same path
 # in test_conv_mixed.py.
@@ -174,8 +174,12 @@ with cuda_dispatch(run=True) as launches:
     for _ in range(steps):
         fast.step()
 assert set(launches) == {
-    f"recurrent_cell._{op}_kernel"
-    for op in ("bn_forward", "node_bn_backward", "s0_bn_backward", "hidden", "step_grads")
+    *(
+        f"recurrent_cell._{op}_kernel"
+        for op in ("bn_forward", "node_bn_backward", "s0_bn_backward", "hidden", "step_grads")
+    ),
+    "cross_entropy._forward_kernel",
+    "cross_entropy._backward_kernel",
 }
 start = make_task("rnn", 1).model.arch_parameters()
 for a, b, s in zip(fast.model.arch_parameters(), ref.model.arch_parameters(), start):

@@ -10,15 +10,17 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import torch.nn.functional as F
 from torch import nn
 
 from fastdarts.errors import ConfigError
 from fastdarts.ops.conv_mixed import fused_cell_ops, reference_cell_ops
+from fastdarts.ops.cross_entropy import cross_entropy
 from fastdarts.ops.extension import extension, unavailable_reason
 from fastdarts.ops.recurrent_cell import recurrent_cell
 from fastdarts.ops.recurrent_mixed import recurrent_mixed
 from fastdarts.spaces.cnn import SearchCell
-from fastdarts.spaces.rnn import RecurrentSearchCell, recurrent_mixed_reference
+from fastdarts.spaces.rnn import RecurrentSearchCell, RNNSearchModel, recurrent_mixed_reference
 
 
 @dataclass(frozen=True)
@@ -35,6 +37,8 @@ class Backend:
     # Builds a CNN search cell's edge module from the cell (see SearchCell.forward and
     # fastdarts.ops.conv_mixed); None keeps (or restores) the reference MixedOps.
     cnn_cell_ops: Callable | None = None
+    # The RNN language model's loss (see RNNSearchModel.cross_entropy); None keeps torch's.
+    rnn_cross_entropy: Callable | None = None
 
     def why_not(self, space: str, device_type: str) -> str | None:
         """None if this backend can run ``space`` on ``device_type``, else the reason."""
@@ -50,6 +54,8 @@ class Backend:
             if isinstance(module, RecurrentSearchCell):
                 module.node_op = self.rnn_node_op or recurrent_mixed_reference
                 module.cell_op = self.rnn_cell_op
+            if isinstance(module, RNNSearchModel):
+                module.cross_entropy = self.rnn_cross_entropy or F.cross_entropy
         for cell in [m for m in model.modules() if isinstance(m, SearchCell)]:
             cell._ops = (self.cnn_cell_ops or reference_cell_ops)(cell)
         return model
@@ -77,6 +83,7 @@ BACKENDS: dict[str, Backend] = {
         rnn_node_op=recurrent_mixed,
         rnn_cell_op=recurrent_cell,
         cnn_cell_ops=fused_cell_ops,
+        rnn_cross_entropy=cross_entropy,
     ),
 }
 # Fastest first; ``auto`` takes the first that can run.

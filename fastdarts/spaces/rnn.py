@@ -227,6 +227,8 @@ class RNNSearchModel(SearchModel, TiedLanguageModel):
 
     space = "rnn"
     tied_weight_names = ("encoder.weight",)
+    # The loss of logits (N, V) and targets (N,); a backend may put a fused one here.
+    cross_entropy = staticmethod(F.cross_entropy)
 
     def __init__(
         self,
@@ -270,7 +272,7 @@ class RNNSearchModel(SearchModel, TiedLanguageModel):
         probs = torch.softmax(self.alphas_recurrent, dim=-1)
         hiddens = self.rnns[0](emb, batch.state, probs, masks.get("x"), masks.get("h"))
         logits = self.decode(hiddens, masks)
-        loss = F.cross_entropy(logits.reshape(-1, self.ntoken), batch.targets.reshape(-1))
+        loss = self.cross_entropy(logits.reshape(-1, self.ntoken), batch.targets.reshape(-1))
         if hiddens.shape[0] > 1:
             penalty = self.tar * (hiddens[1:] - hiddens[:-1]).pow(2).mean()
         else:
