@@ -100,11 +100,16 @@ def launches_kernel(op: str) -> bool:
 
 
 def tensor_bytes(tree: object) -> int:
-    """Bytes of the tensors in ``tree`` (args, results), each once and whole: a dimension
-    of stride 0 (broadcast) counts once."""
-    total = 0
+    """Bytes of the tensors in ``tree``, each once and whole: a dimension of stride 0
+    (broadcast) counts once, and so does a tensor given twice (``mul(x, x)``, a kernel's
+    padded argument slots)."""
+    total, seen = 0, set()
     for t in tree_leaves(tree):
         if isinstance(t, torch.Tensor):
+            key = (t.data_ptr(), t.dtype, tuple(t.shape), t.stride())
+            if key in seen:
+                continue
+            seen.add(key)
             elements = 1
             for size, stride in zip(t.shape, t.stride()):
                 elements *= size if stride else min(size, 1)
@@ -124,7 +129,10 @@ class TrafficCounter(harness.OpCounter):
         out = super().__torch_dispatch__(func, types, args, kwargs)
         name = str(func)
         if launches_kernel(name):
-            self.bytes[name] += tensor_bytes((args, kwargs, out))
+            # Read: the arguments (an out= tensor is only written); written: the results (an
+            # in-place op's tensor so counts twice).
+            read = (args, {k: v for k, v in (kwargs or {}).items() if k != "out"})
+            self.bytes[name] += tensor_bytes(read) + tensor_bytes(out)
         return out
 
 

@@ -104,14 +104,15 @@ def run_reporting(prog: str, out: str, work: Callable[[], object]) -> int:
     ranks) (exit 0); a FastDartsError is one line on stderr (its exit code), an interrupt says
     how to resume (130)."""
 
-    def one_line(message, category, filename, lineno, file=None, line=None) -> None:
-        print(f"{prog}: warning: {message}", file=sys.stderr)
+    def one_line(message, category, filename, lineno, line=None) -> str:
+        kind = "warning" if category is UserWarning else category.__name__
+        return f"{prog}: {kind}: {message}\n"
 
+    # A warning shown is one line too, not Python's file:line and source line (formatting
+    # only: a recorder, such as pytest.warns, still records it).
+    formatwarning, warnings.formatwarning = warnings.formatwarning, one_line
     try:
-        with warnings.catch_warnings():
-            # A warning is one line too, not Python's file:line and source line.
-            warnings.showwarning = one_line
-            result = work()
+        result = work()
     except FastDartsError as e:
         return report(prog, e)
     except KeyboardInterrupt:
@@ -120,6 +121,8 @@ def run_reporting(prog: str, out: str, work: Callable[[], object]) -> int:
         else:
             print(f"{prog}: interrupted before a checkpoint (nothing to resume)", file=sys.stderr)
         return 130
+    finally:
+        warnings.formatwarning = formatwarning
     if result is not None:
         print(json.dumps(result))
     return 0

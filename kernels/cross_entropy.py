@@ -2,8 +2,9 @@
 
 loss[n] = logsumexp(x[n, :]) − x[n, t[n]] over V classes, for rows n of logits x (N, V).
 The forward runs one program per row, one pass over it (a running maximum and rescaled sum
-of exponentials, block by block), and keeps each row's log-sum-exp for the backward; the
-backward one program per (row, block of classes): d_x = (exp(x − lse) − [class = t]) · g,
+of exponentials, block by block; while a row's logits so far are all −inf it shifts by 0),
+and keeps each row's log-sum-exp for the backward; the backward one program per (row,
+block of classes): d_x = (exp(x − lse) − [class = t]) · g,
 g the upstream gradient of the row's sample scaled by 1/rows per sample. So the logits are
 read twice and their gradient written once, where log-softmax, NLL and their backwards
 read or write a logits-sized tensor eight times. Targets are read at row mod T, so S
@@ -28,14 +29,15 @@ def _forward_kernel(X, T, LOSS, LSE, V, NT, BLOCK: tl.constexpr):
     n = tl.program_id(0)
     row = X + n * V
     cols = tl.arange(0, BLOCK)
-    # The first block's maximum starts the running one: exp(x − m) never sees −inf − −inf.
-    x = tl.load(row + cols, mask=cols < V, other=-float("inf"))
-    m = tl.max(x, axis=0)
-    s = tl.sum(tl.exp(x - m), axis=0)
-    for start in range(BLOCK, V, BLOCK):
+    zero = tl.zeros([BLOCK], dtype=X.dtype.element_ty)
+    m = tl.max(zero - float("inf"), axis=0)  # −inf and 0 in the logits' dtype
+    s = tl.sum(zero, axis=0)
+    for start in range(0, V, BLOCK):
         x = tl.load(row + start + cols, mask=start + cols < V, other=-float("inf"))
         m_new = tl.maximum(m, tl.max(x, axis=0))
-        s = s * tl.exp(m - m_new) + tl.sum(tl.exp(x - m_new), axis=0)
+        # Shifted by 0 while every logit so far is −inf: exp(−inf − −inf) would be NaN.
+        shift = tl.where(m_new == -float("inf"), 0.0, m_new)
+        s = s * tl.exp(m - shift) + tl.sum(tl.exp(x - shift), axis=0)
         m = m_new
     lse = m + tl.log(s)
     t = tl.load(T + n % NT)

@@ -309,15 +309,23 @@ def test_an_interrupt_says_how_to_resume_only_when_there_is_a_checkpoint(tmp_pat
     assert capsys.readouterr().err == f"prog: interrupted; continue with --resume --out {out}\n"
 
 
-def test_a_warning_inside_a_run_is_one_line(capsys):
-    """Not Python's file:line and source line: the program's name and the message."""
+def test_a_warning_inside_a_run_is_one_line():
+    """Formatted as the program's name and the message (the category where it is not a
+    UserWarning), not Python's file:line and source line; still recorded by a recorder;
+    the formatting restored afterwards."""
     import warnings
 
     from fastdarts.cli import run_reporting
 
-    def work():
-        warnings.warn("ignoring PTB in /x: md5 mismatch", stacklevel=1)
+    shown = []
 
-    assert run_reporting("prog", "out", work) == 0
-    assert capsys.readouterr().err == "prog: warning: ignoring PTB in /x: md5 mismatch\n"
-    assert warnings.showwarning.__name__ != "one_line"  # restored
+    def work():
+        shown.append(warnings.formatwarning("md5 mismatch", UserWarning, "x.py", 3))
+        shown.append(warnings.formatwarning("old", DeprecationWarning, "x.py", 3))
+        warnings.warn("ignoring PTB in /x", stacklevel=1)
+
+    before = warnings.formatwarning
+    with pytest.warns(UserWarning, match="ignoring PTB"):
+        assert run_reporting("prog", "out", work) == 0
+    assert shown == ["prog: warning: md5 mismatch\n", "prog: DeprecationWarning: old\n"]
+    assert warnings.formatwarning is before

@@ -50,6 +50,18 @@ TRITON_SCRIPT = textwrap.dedent(
             (per_sample * g).sum().backward()
             d = ce.backward(x.to(dtype), t, lse, g.to(dtype))
             torch.testing.assert_close(d, xr.grad.to(dtype), rtol=tol[dtype], atol=tol[dtype])
+    # A row whose first block of logits is all −inf (exp(−inf − −inf) would be NaN).
+    for dtype in tol:
+        x = torch.randn(2, ce.BLOCK + 10, generator=gen, dtype=torch.float64)
+        x[0, : ce.BLOCK] = -math.inf
+        t = torch.tensor([ce.BLOCK + 1, 3])
+        loss, lse = ce.forward(x.to(dtype), t)
+        want = F.cross_entropy(x, t, reduction="none").to(dtype)
+        torch.testing.assert_close(loss, want, rtol=tol[dtype], atol=tol[dtype])
+        d = ce.backward(x.to(dtype), t, lse, torch.ones(1, dtype=dtype))
+        xr = x.clone().requires_grad_()
+        (F.cross_entropy(xr, t) * 2).backward()  # the mean over the rows' sample, g = 1
+        torch.testing.assert_close(d, (xr.grad / 2).to(dtype), rtol=tol[dtype], atol=tol[dtype])
     # A target out of range reads nothing: that row's loss is NaN, the others are kept.
     x = torch.randn(3, 9, generator=gen, dtype=torch.float64)
     loss, _ = ce.forward(x, torch.tensor([2, 9, -1]))
@@ -98,6 +110,12 @@ TRITON_DISPATCH_SCRIPT = textwrap.dedent(
             torch.testing.assert_close(u, v, rtol=1e-12, atol=1e-12)
     # Each vmapped call (one sample) went through the vmap rule: one call for both samples.
     assert calls[-4:] == [1, 2, 1, 2]
+    # Per-sample gradients with each sample's own targets (torch.func.grad under vmap: the
+    # backward's torch-op formula batched).
+    tt = torch.stack([t, t.flip(0)])
+    got = torch.vmap(torch.func.grad(fce.cross_entropy), in_dims=(0, 0))(x, tt)
+    want = torch.vmap(torch.func.grad(F.cross_entropy), in_dims=(0, 0))(x, tt)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
     # Double backward (the exact HVP): the gradient's own gradient along v.
     v = torch.randn(12, 37, generator=gen, dtype=torch.float64)
     hvps = []
@@ -137,6 +155,11 @@ def test_custom_ops_pass_opcheck():
     lse = torch.logsumexp(x, 1)
     grad = torch.randn(2, generator=gen, dtype=F64)
     torch.library.opcheck(torch.ops.fastdarts.cross_entropy_backward.default, (x, t, lse, grad))
+    # Transposed logits: the gradient comes contiguous, as the fake says.
+    xt = torch.randn(6, 4, generator=gen, dtype=F64).t()
+    torch.library.opcheck(torch.ops.fastdarts.cross_entropy_rows.default, (xt, t))
+    lse = torch.logsumexp(xt, 1)
+    torch.library.opcheck(torch.ops.fastdarts.cross_entropy_backward.default, (xt, t, lse, grad))
 
 
 def test_elsewhere_it_is_torchs_and_the_backends_choose_it():

@@ -224,11 +224,15 @@ def test_batchify_columns_are_contiguous_chunks() -> None:
 
 def test_a_run_batch_size_past_the_split_is_a_config_error() -> None:
     """A column needs an input and its target: two tokens; the error names the option."""
-    assert ptb.batchify_split(torch.arange(11), 5, "--batch-size", "train").shape == (2, 5)
+    assert ptb.batchify_split(torch.arange(11), 5, "--batch-size", "valid").shape == (2, 5)
     for n in (9, 3):
         with pytest.raises(ConfigError, match="--eval-batch-size 5: PTB's valid split") as info:
             ptb.batchify_split(torch.arange(n), 5, "--eval-batch-size", "valid")
-        assert f"({n:,} tokens) leaves fewer than two tokens a column" in str(info.value)
+        assert f"({n:,} tokens) leaves fewer than 2 tokens a column" in str(info.value)
+    # Training needs 3 rows: its epochs end 2 before the end.
+    assert ptb.batchify_split(torch.arange(15), 5, "--batch-size", "train", 3).shape == (3, 5)
+    with pytest.raises(ConfigError, match="leaves fewer than 3 tokens a column"):
+        ptb.batchify_split(torch.arange(14), 5, "--batch-size", "train", 3)
 
 
 def test_get_batch_shapes_and_tail() -> None:

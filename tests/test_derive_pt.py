@@ -211,6 +211,7 @@ def test_a_training_checkpoint_or_the_other_space_is_one_line(rnn_run, tmp_path,
         (derive, ["--run", str(run)], "no α in this checkpoint"),
         (derive, ["--run", str(run), "--method", "pt"], "not a fastdarts search checkpoint"),
         (derive, [str(rnn_run), "--space", "cnn"], "a search of the rnn space, but --space is cnn"),
+        (derive, ["--run", str(rnn_run), "--space", "cnn"], "but --space is cnn"),
         (search, ["--resume", "--out", str(run)], "a training run's checkpoint, not a search's"),
     ]
     for main, args, fragment in calls:

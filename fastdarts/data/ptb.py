@@ -57,13 +57,14 @@ def batchify(tokens: Tensor, batch_size: int) -> Tensor:
     return tokens[: n_steps * batch_size].view(batch_size, n_steps).t().contiguous()
 
 
-def batchify_split(tokens: Tensor, batch_size: int, flag: str, split: str) -> Tensor:
+def batchify_split(tokens: Tensor, batch_size: int, flag: str, split: str, rows: int = 2) -> Tensor:
     """:func:`batchify` for a run: ConfigError naming ``flag`` (the batch size's option)
-    when PTB's ``split`` leaves fewer than two tokens a column (an input and its target)."""
-    if tokens.numel() // batch_size < 2:
+    when PTB's ``split`` leaves fewer than ``rows`` tokens a column (an input and its target
+    to evaluate; the training's epochs end 2 rows before the end, so a step needs 3)."""
+    if tokens.numel() // batch_size < rows:
         raise ConfigError(
             f"{flag} {batch_size}: PTB's {split} split ({tokens.numel():,} tokens) leaves fewer "
-            "than two tokens a column"
+            f"than {rows} tokens a column"
         )
     return batchify(tokens, batch_size)
 

@@ -104,7 +104,7 @@ def _derive_run(args: argparse.Namespace) -> Genotype | None:
         raise ConfigError(f"{args.run}: no checkpoint.pt in this folder (not a search run?)")
     out = Path(args.out) if args.out else run / f"genotype-{args.method}.json"
     if args.method == "argmax":
-        genotype = genotype_from_checkpoint(run / "checkpoint.pt")
+        genotype = genotype_from_checkpoint(run / "checkpoint.pt", args.space)
         save_genotype(genotype, out)
         return genotype
     from fastdarts.derive.pt import PTConfig, run_pt

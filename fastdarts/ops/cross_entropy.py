@@ -47,7 +47,9 @@ def backward_reference(logits: Tensor, targets: Tensor, lse: Tensor, grad: Tenso
     rows = n // grad.numel()
     g = (grad / rows).repeat_interleave(rows)
     p = torch.exp(logits - lse[:, None])
-    return (p - F.one_hot(_row_targets(targets, n), v).to(p.dtype)) * g[:, None]
+    # A comparison, not F.one_hot, whose range check reads a value (refused under vmap).
+    hot = torch.arange(v, device=logits.device) == _row_targets(targets, n)[:, None]
+    return ((p - hot.to(p.dtype)) * g[:, None]).contiguous()
 
 
 @torch.library.custom_op("fastdarts::cross_entropy_rows", mutates_args=())
@@ -72,7 +74,7 @@ def _backward_op(logits: Tensor, targets: Tensor, lse: Tensor, grad: Tensor) -> 
 
 @_backward_op.register_fake
 def _(logits: Tensor, targets: Tensor, lse: Tensor, grad: Tensor) -> Tensor:
-    return torch.empty_like(logits)
+    return logits.new_empty(logits.shape)  # contiguous, as both implementations return it
 
 
 class CrossEntropyFunction(torch.autograd.Function):
@@ -124,8 +126,9 @@ def cross_entropy(logits: Tensor, targets: Tensor) -> Tensor:
     """F.cross_entropy(logits, targets) for logits (N, V) and targets (N,) class indices
     (mean reduction, no weights, ignore index or smoothing): the fused kernels on CUDA with
     Triton (float16/bfloat16 logits computed in float32, as autocast does; a target out of
-    range gives a NaN loss, where F.cross_entropy raises), else F.cross_entropy itself
-    (which also takes every other form of its arguments)."""
+    range, -100 included, gives a NaN loss, where F.cross_entropy raises, asserts on the
+    device or ignores the row), else F.cross_entropy itself (which also takes every other
+    form of its arguments). Forward-mode AD (jvp) is not implemented."""
     fused = logits.dim() == 2 and targets.dim() == 1 and targets.dtype == torch.long
     if not (fused and _triton_ready(logits.device) and targets.shape[0] == logits.shape[0]):
         return F.cross_entropy(logits, targets)

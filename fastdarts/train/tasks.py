@@ -88,7 +88,7 @@ class RNNTrainTask:
         self.params = list(self.model.parameters())
         self.optimizer = torch.optim.SGD(self.params, lr=cfg.lr, weight_decay=cfg.weight_decay)
         splits = [
-            (corpus.train, cfg.batch_size, "--batch-size", "train"),
+            (corpus.train, cfg.batch_size, "--batch-size", "train", 3),
             (corpus.valid, cfg.eval_batch_size, "--eval-batch-size", "valid"),
             (corpus.test, cfg.test_batch_size, "--test-batch-size", "test"),
         ]
