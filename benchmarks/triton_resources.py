@@ -70,8 +70,9 @@ class Launch:
         return given
 
 
+_CONV_SOURCES = "X0:f X1:f X2:f X3:f XB0:i XB1:i XB2:i XB3:i C1:i C2:i C3:i"
 _CONV_FORWARD = (
-    "SRC:f ALPHA:f SHIFT:f ACC:f ACC_B:i RSRC:l OPTR:l OUT:f S:i N:i P:i HAS_ACC:c BLOCK:c"
+    f"{_CONV_SOURCES} ALPHA:f SHIFT:f ACC:f ACC_B:i RSRC:l OPTR:l OUT:f N:i P:i HAS_ACC:c BLOCK:c"
 )
 
 _RUNNING_STATS = "MEAN:f INVSTD:f STAT:l RM:f RV:f NBT:l CONSTS:f R:i K:i n:i BLOCK:c"
@@ -121,7 +122,7 @@ LAUNCHES = {
     "conv_grad_coef": Launch(
         "conv_mixed",
         "_grad_coef_kernel",
-        "G:f SRC:f ALPHA:f SHIFT:f RSRC:l ROUT:l DALPHA:f DSHIFT:f B:i S:i N:i P:i BLOCK:c",
+        f"G:f {_CONV_SOURCES} ALPHA:f SHIFT:f RSRC:l ROUT:l DALPHA:f DSHIFT:f B:i N:i P:i BLOCK:c",
     ),
     "rnn_forward": Launch(
         "recurrent_mixed",

@@ -4,8 +4,10 @@ out[b, o] = acc[b, o] + Σ_{routes r into o} alpha_r · (src[b, s_r] − shift_r
 pixels. The forward runs one program per (b, o, block of pixels), looping over o's routes
 (CSR ``out_ptr``); the backward's d_src one per (b, s, block), looping over the routes that
 read s (``src_perm``/``src_ptr``), and d_alpha, d_shift one program per route, reducing over
-B and P in a fixed order (no atomics, so results are deterministic). Imported only on first
-use on CUDA (or under TRITON_INTERPRET=1 in the tests).
+B and P in a fixed order (no atomics, so results are deterministic). src is the channels of
+up to four source tensors, read in place (a group's stage-1 block, its normalised block
+and its inputs: no concatenated copy); d_src is written as one tensor of all of them.
+Imported only on first use on CUDA (or under TRITON_INTERPRET=1 in the tests).
 """
 
 from __future__ import annotations
@@ -20,22 +22,30 @@ from .tiles import cdiv
 BLOCK = 256
 
 
+MAX_SOURCES = 4
+
+
+@triton.jit
+def _source(X0, X1, X2, X3, XB0, XB1, XB2, XB3, C1, C2, C3, b, s, P):
+    """Plane (b, s) of the sources' channels: source t holds channels C_t … C_{t+1} − 1
+    (C_0 = 0), its rows XB_t elements apart."""
+    if s < C1:
+        plane = X0 + b * XB0 + s * P
+    elif s < C2:
+        plane = X1 + b * XB1 + (s - C1) * P
+    elif s < C3:
+        plane = X2 + b * XB2 + (s - C2) * P
+    else:
+        plane = X3 + b * XB3 + (s - C3) * P
+    return plane
+
+
 @triton.jit
 def _forward_kernel(
-    SRC,
-    ALPHA,
-    SHIFT,
-    ACC,
-    ACC_B,
-    RSRC,
-    OPTR,
-    OUT,
-    S,
-    N,
-    P,
-    HAS_ACC: tl.constexpr,
-    BLOCK: tl.constexpr,
-):
+    X0, X1, X2, X3, XB0, XB1, XB2, XB3, C1, C2, C3,
+    ALPHA, SHIFT, ACC, ACC_B, RSRC, OPTR, OUT, N, P,
+    HAS_ACC: tl.constexpr, BLOCK: tl.constexpr,
+):  # fmt: skip
     bo = tl.program_id(0)
     b = bo // N
     o = bo - b * N
@@ -51,7 +61,8 @@ def _forward_kernel(
         s = tl.load(RSRC + r)
         a = tl.load(ALPHA + r)
         h = tl.load(SHIFT + r)
-        x = tl.load(SRC + (b * S + s) * P + p, mask=mask, other=0)
+        plane = _source(X0, X1, X2, X3, XB0, XB1, XB2, XB3, C1, C2, C3, b, s, P)
+        x = tl.load(plane + p, mask=mask, other=0)
         y += a * (x - h)
     tl.store(OUT + bo * P + p, y, mask=mask)
 
@@ -76,8 +87,9 @@ def _grad_src_kernel(G, ALPHA, ROUT, PERM, SPTR, DSRC, S, N, P, BLOCK: tl.conste
 
 @triton.jit
 def _grad_coef_kernel(
-    G, SRC, ALPHA, SHIFT, RSRC, ROUT, DALPHA, DSHIFT, B, S, N, P, BLOCK: tl.constexpr
-):
+    G, X0, X1, X2, X3, XB0, XB1, XB2, XB3, C1, C2, C3,
+    ALPHA, SHIFT, RSRC, ROUT, DALPHA, DSHIFT, B, N, P, BLOCK: tl.constexpr,
+):  # fmt: skip
     r = tl.program_id(0)
     s = tl.load(RSRC + r)
     o = tl.load(ROUT + r)
@@ -85,19 +97,39 @@ def _grad_coef_kernel(
     sgx = tl.zeros([BLOCK], dtype=DALPHA.dtype.element_ty)
     sg = tl.zeros([BLOCK], dtype=DALPHA.dtype.element_ty)
     for b in range(B):
+        plane = _source(X0, X1, X2, X3, XB0, XB1, XB2, XB3, C1, C2, C3, b, s, P)
         for p0 in range(0, P, BLOCK):
             p = p0 + tl.arange(0, BLOCK)
             mask = p < P
             g = tl.load(G + (b * N + o) * P + p, mask=mask, other=0)  # zero past the end
-            x = tl.load(SRC + (b * S + s) * P + p, mask=mask, other=0)
+            x = tl.load(plane + p, mask=mask, other=0)
             sgx += g * (x - h)
             sg += g
     tl.store(DALPHA + r, tl.sum(sgx, axis=0))
     tl.store(DSHIFT + r, -tl.load(ALPHA + r) * tl.sum(sg, axis=0))
 
 
+def _sources(srcs: list[torch.Tensor], p: int) -> tuple[list, list[int]]:
+    """The kernels' source arguments (X0…X3, XB0…XB3, C1…C3) for ``srcs``, each read in place
+    where its planes are dense (a channel block of a larger tensor qualifies), with the
+    extents their offsets reach; past four sources the last ones are joined."""
+    if len(srcs) > MAX_SOURCES:
+        srcs = [*srcs[: MAX_SOURCES - 1], torch.cat(srcs[MAX_SOURCES - 1 :], 1)]
+    srcs = [x if planes_dense(x) else x.contiguous() for x in srcs]
+    starts, total = [], 0
+    for x in srcs[:-1]:
+        total += x.shape[1]
+        starts.append(total)
+    total += srcs[-1].shape[1]
+    starts += [total] * (MAX_SOURCES - 1 - len(starts))  # channels no source has
+    pad = MAX_SOURCES - len(srcs)
+    extents = [(x.shape[0] - 1) * x.stride(0) + x.shape[1] * p for x in srcs]
+    args = [*srcs, *[srcs[0]] * pad, *(x.stride(0) for x in srcs), *[0] * pad, *starts]
+    return args, extents
+
+
 def forward(
-    src: torch.Tensor,
+    srcs: list[torch.Tensor],
     alpha: torch.Tensor,
     shift: torch.Tensor,
     acc: torch.Tensor | None,
@@ -105,39 +137,29 @@ def forward(
     out_ptr: torch.Tensor,
     out: torch.Tensor,
 ) -> torch.Tensor:
-    """Writes every element of ``out`` (B, N, H, W) (contiguous) and returns it; src
-    (B, S, H, W), alpha and shift (R,), routes sorted by output channel; acc may be a channel
-    block of a larger tensor (read in place)."""
-    src, alpha, shift = src.contiguous(), alpha.contiguous(), shift.contiguous()
-    b, s, n, p = src.shape[0], src.shape[1], out.shape[1], src.shape[2] * src.shape[3]
+    """Writes every element of ``out`` (B, N, H, W) (contiguous) and returns it; src the
+    channels of ``srcs`` (each (B, S_t, H, W), in order), alpha and shift (R,), routes sorted
+    by output channel; acc may be a channel block of a larger tensor (read in place)."""
+    alpha, shift = alpha.contiguous(), shift.contiguous()
+    b, n, p = out.shape[0], out.shape[1], out.shape[2] * out.shape[3]
+    sources, extents = _sources(srcs, p)
     has_acc = acc is not None
     if has_acc and not planes_dense(acc):
         acc = acc.contiguous()
     acc_b = acc.stride(0) if has_acc else 0
-    check_extent(src.numel(), out.numel(), (b - 1) * acc_b + n * p)
+    check_extent(*extents, out.numel(), (b - 1) * acc_b + n * p)
     grid = (b * n, cdiv(p, BLOCK))
-    with on_device(src):
+    with on_device(out):
         _forward_kernel[grid](
-            src,
-            alpha,
-            shift,
-            acc if has_acc else out,
-            acc_b,
-            route_src,
-            out_ptr,
-            out,
-            s,
-            n,
-            p,
-            HAS_ACC=has_acc,
-            BLOCK=BLOCK,
-        )
+            *sources, alpha, shift, acc if has_acc else out, acc_b, route_src, out_ptr, out, n, p,
+            HAS_ACC=has_acc, BLOCK=BLOCK,
+        )  # fmt: skip
     return out
 
 
 def backward(
     grad: torch.Tensor,
-    src: torch.Tensor,
+    srcs: list[torch.Tensor],
     alpha: torch.Tensor,
     shift: torch.Tensor,
     route_src: torch.Tensor,
@@ -146,33 +168,25 @@ def backward(
     src_ptr: torch.Tensor,
     out: list[torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(d_src (B, S, H, W), d_alpha (R,), d_shift (R,)) for grad (B, N, H, W); ``out`` if
-    given (contiguous) receives them, every element written."""
-    grad, src = grad.contiguous(), src.contiguous()
+    """(d_src (B, S, H, W): all the sources' channels, d_alpha (R,), d_shift (R,)) for grad
+    (B, N, H, W); ``out`` if given (contiguous) receives them, every element written."""
+    grad = grad.contiguous()
     alpha, shift = alpha.contiguous(), shift.contiguous()
-    b, s, n, p = src.shape[0], src.shape[1], grad.shape[1], src.shape[2] * src.shape[3]
-    check_extent(grad.numel(), src.numel())
+    b, n, p = grad.shape[0], grad.shape[1], grad.shape[2] * grad.shape[3]
+    s = sum(x.shape[1] for x in srcs)
+    sources, extents = _sources(srcs, p)
+    check_extent(*extents, grad.numel(), b * s * p)
     if out is None:
-        out = [torch.empty_like(src), torch.empty_like(alpha), torch.empty_like(shift)]
+        d_src = grad.new_empty(b, s, *grad.shape[2:])
+        out = [d_src, torch.empty_like(alpha), torch.empty_like(shift)]
     d_src, d_alpha, d_shift = out
-    with on_device(src):
+    with on_device(grad):
         _grad_src_kernel[(b * s, cdiv(p, BLOCK))](
             grad, alpha, route_out, src_perm, src_ptr, d_src, s, n, p, BLOCK=BLOCK
         )
         if alpha.numel():
             _grad_coef_kernel[(alpha.numel(),)](
-                grad,
-                src,
-                alpha,
-                shift,
-                route_src,
-                route_out,
-                d_alpha,
-                d_shift,
-                b,
-                s,
-                n,
-                p,
+                grad, *sources, alpha, shift, route_src, route_out, d_alpha, d_shift, b, n, p,
                 BLOCK=BLOCK,
-            )
+            )  # fmt: skip
     return d_src, d_alpha, d_shift

@@ -937,15 +937,21 @@ def test_traffic_counts_each_tensor_once_and_whole():
 
     a, b = torch.randn(10), torch.randn(10)
     wide = torch.zeros(4, 6, dtype=torch.float64)
-    assert cuda_path_ops.tensor_bytes([a, (wide, 3.0)]) == 40 + 192
+    assert cuda_path_ops.tensor_bytes([a, (wide, 3.0), a]) == 40 + 192
     assert cuda_path_ops.tensor_bytes(wide[:, 1:3]) == 64
     assert cuda_path_ops.tensor_bytes(torch.ones(1).expand(5, 7)) == 4
+    out = torch.empty(10)
     with cuda_path_ops.TrafficCounter() as counter:
         c = a + b
         c.add_(b)
+        torch.mul(a, a, out=out)
         c.view(2, 5).t()
         torch.empty(100)
-    assert dict(counter.bytes) == {"aten.add.Tensor": 120, "aten.add_.Tensor": 120}
+    assert dict(counter.bytes) == {
+        "aten.add.Tensor": 120,  # a and b read, c written
+        "aten.add_.Tensor": 120,  # c and b read, c written
+        "aten.mul.out": 80,  # a read (once), out written
+    }
     assert counter.counts["aten.view.default"] == 1
 
 

@@ -530,6 +530,45 @@ def test_conv_mix_matches_reference_forward_and_backward():
             assert_close(x, y, F64)
 
 
+def test_conv_mix_reads_several_sources_as_one():
+    """src given as sources whose channels in order are src's: forward, each source's
+    gradient, double backward, and under vmap with the sources batched on different dims,
+    or some not at all; bad sources are one-line errors."""
+    gen = _gen(19)
+    routes, src, alpha, shift, acc = make_mix(gen, B=3, H=4, W=5)
+    rs, ro, _, _, _, n = routes.tables()
+    g = torch.randn_like(acc)
+    sizes = ([2, 3, 1], [1] * 6)  # three sources, and six (past the Function's four slots)
+    for split in sizes:
+        parts = [t.clone().requires_grad_() for t in src.split(split, 1)]
+        out = conv_mix(parts, alpha, shift, routes, acc)
+        assert_close(out, mix_reference(src, alpha, shift, acc, rs, ro, n), F64)
+        whole = src.clone().requires_grad_()
+        (want,) = torch.autograd.grad(mix_reference(whole, alpha, shift, acc, rs, ro, n), whole, g)
+        got = torch.autograd.grad(out, parts, g)
+        assert_close(torch.cat(got, 1), want, F64)
+    parts = [t.clone().requires_grad_() for t in src.split([2, 3, 1], 1)]
+    a = alpha.clone().requires_grad_()
+    assert torch.autograd.gradgradcheck(
+        lambda *p: conv_mix(p[:3], p[3], shift, routes), (*parts, a)
+    )
+    # vmap: source 0 batched on dim 0, source 1 on dim 1, source 2 shared.
+    V = 2
+    batch = torch.randn(V, *src.shape, generator=gen, dtype=F64)
+    b0, b1 = batch[:, :, :2], batch[:, :, 2:5].movedim(0, 1).contiguous()
+    fn = torch.vmap(lambda x, y: conv_mix([x, y, src[:, 5:]], alpha, shift, routes, acc), (0, 1))
+    got = fn(b0, b1)
+    batch[:, :, 5:] = src[:, 5:]
+    want = torch.stack([mix_reference(s, alpha, shift, acc, rs, ro, n) for s in batch])
+    assert_close(got, want, F64)
+    with pytest.raises(ValueError, match=r"the sources' channels must be \(B, 6, H, W\)"):
+        conv_mix([src[:, :2], src[:, 2:5]], alpha, shift, routes, acc)
+    with pytest.raises(ValueError, match="the sources must be"):
+        conv_mix([src[:, :2], src[:1, 2:]], alpha, shift, routes, acc)
+    with pytest.raises(ValueError, match="no source"):
+        conv_mix([], alpha, shift, routes, acc)
+
+
 def test_gradcheck_and_gradgradcheck():
     routes, src, alpha, shift, acc = make_mix(_gen(14), B=2, H=2, W=3)
     inputs = [t.requires_grad_() for t in (src, alpha, shift, acc)]
@@ -704,11 +743,16 @@ def test_torch_compile_fullgraph_matches_eager(train):
 def test_custom_op_registration_passes_opcheck():
     routes, src, alpha, shift, acc = make_mix(_gen(18))
     rs, ro, optr, perm, sptr, n = routes.tables()
-    inputs = [t.requires_grad_() for t in (src, alpha, shift, acc)]
-    torch.library.opcheck(torch.ops.fastdarts.conv_mix.default, [*inputs, rs, ro, optr, n])
-    g = torch.randn_like(acc)
-    args = [g, src.detach(), alpha.detach(), shift.detach(), rs, ro, perm, sptr]
-    torch.library.opcheck(torch.ops.fastdarts.conv_mix_backward.default, args)
+    for srcs in ([src], list(src.split([2, 3, 1], 1))):  # one source, and three
+        srcs = [t.contiguous().requires_grad_() for t in srcs]
+        inputs = [t.requires_grad_() for t in (alpha, shift, acc)]
+        torch.library.opcheck(
+            torch.ops.fastdarts.conv_mix.default, [srcs, *inputs, rs, ro, optr, n]
+        )
+        g = torch.randn_like(acc)
+        srcs = [t.detach() for t in srcs]
+        args = [g, srcs, alpha.detach(), shift.detach(), rs, ro, perm, sptr]
+        torch.library.opcheck(torch.ops.fastdarts.conv_mix_backward.default, args)
 
 
 # -- depthwise convolutions of several shapes --------------------------------------------
@@ -1507,16 +1551,26 @@ TRITON_SCRIPT = textwrap.dedent(
             wide = torch.randn(B, 7, H, W, generator=gen, dtype=torch.float64)
             wide[:, 2:6] = acc
             blocks = ((acc, lo[3]), (acc, wide.to(dtype)[:, 2:6]), (None, None))
-            for a, a_lo in blocks:
-                out = torch.full((B, 4, H, W), math.nan, dtype=dtype)
-                k.forward(lo[0], lo[1], lo[2], a_lo, rs, optr, out)
-                want = mix_reference(src, alpha, shift, a, rs, ro, n)
-                torch.testing.assert_close(out, want.to(dtype), rtol=tol, atol=tol)
-            outs = [torch.full_like(t, math.nan) for t in lo[:3]]
-            got = k.backward(lo[4], *lo[:3], rs, ro, perm, sptr, out=outs)
-            want = mix_backward_reference(g, src, alpha, shift, rs, ro)
-            for x, y in zip(got, want):
-                torch.testing.assert_close(x, y.to(dtype), rtol=tol, atol=10 * tol)
+            # src as one tensor; as three sources (one a channel block of a larger tensor,
+            # read in place; one whose planes are not dense); as six (more than the kernels'
+            # four: the last ones joined).
+            lo_src = lo[0]
+            wider = torch.randn(B, 9, H, W, generator=gen, dtype=dtype)
+            wider[:, 4:7] = lo_src[:, 2:5]
+            odd = lo_src[:, 5:].transpose(2, 3).contiguous().transpose(2, 3)
+            splits = [[lo_src], [lo_src[:, :2].clone(), wider[:, 4:7], odd]]
+            splits.append([lo_src[:, i : i + 1].clone() for i in range(6)])
+            for srcs in splits:
+                for a, a_lo in blocks:
+                    out = torch.full((B, 4, H, W), math.nan, dtype=dtype)
+                    k.forward(srcs, lo[1], lo[2], a_lo, rs, optr, out)
+                    want = mix_reference(src, alpha, shift, a, rs, ro, n)
+                    torch.testing.assert_close(out, want.to(dtype), rtol=tol, atol=tol)
+                outs = [torch.full_like(t, math.nan) for t in lo[:3]]
+                got = k.backward(lo[4], srcs, *lo[1:3], rs, ro, perm, sptr, out=outs)
+                want = mix_backward_reference(g, src, alpha, shift, rs, ro)
+                for x, y in zip(got, want):
+                    torch.testing.assert_close(x, y.to(dtype), rtol=tol, atol=10 * tol)
     """
 )
 
@@ -1540,9 +1594,11 @@ TRITON_DISPATCH_SCRIPT = textwrap.dedent(
     alpha, shift = torch.randn(2, 7, generator=gen, dtype=torch.float64)
     acc = torch.randn(2, 4, 3, 5, generator=gen, dtype=torch.float64)
     g = torch.randn(2, 4, 3, 5, generator=gen, dtype=torch.float64)
-    for a in (acc, None):
+    for a, split in ((acc, False), (None, False), (acc, True)):
         x = [t.clone().requires_grad_() for t in (src, alpha, shift)]
-        out = cm.conv_mix(*x, routes, a)
+        # src whole, or as three sources (channel blocks of it: their gradients join in it)
+        parts = x[0].split([2, 3, 1], 1) if split else x[0]
+        out = cm.conv_mix(parts, *x[1:], routes, a)
         got = [out, *torch.autograd.grad(out, x, g)]
         x = [t.clone().requires_grad_() for t in (src, alpha, shift)]
         want = cm.mix_reference(*x, a, routes.src, routes.out, routes.n_out)

@@ -84,7 +84,7 @@ class SearchConfig(RunSettings):
             # the whole-cell op runs both samples in one call: 8,955 → 7,237 launches a small
             # step, counted on the CUDA code path. Not on the CPU, where the C++ cell runs once
             # per sample (small RNN: 3,333 → 3,344 ops/step), nor yet for the CNN: batched, its
-            # kernels run both samples too (5,746 → 5,091 launches a small step), but the
+            # kernels run both samples too (5,586 → 5,010 launches a small step), but the
             # host's time on that path rises (tiny: 0.189 → 0.209 s, vmap's dispatch) and
             # activations are copied where vmap's layouts meet (a concatenation's output
             # comes sample-major, the convolutions' interleaved): the GPU suite times both.
