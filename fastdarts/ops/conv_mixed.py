@@ -269,8 +269,8 @@ def _check_routes_unbatched(in_dims, first: int) -> None:
 
 def _vmap_forward(call, info, src_dims, in_dims, srcs, alpha, shift, acc, *routes):
     """``call(srcs, alpha, shift, acc)`` on the vmap batch folded into B when alpha and
-    shift are shared; ``src_dims`` the sources' vmap dims, ``in_dims`` (alpha, shift, acc,
-    the route tables)'."""
+    shift are shared; ``src_dims`` the sources' vmap dims, ``in_dims`` those of alpha,
+    shift, acc and the route tables."""
     _check_routes_unbatched(in_dims, 3)
     size, n_out = info.batch_size, routes[-1]
     if in_dims[0] is not None or in_dims[1] is not None:
