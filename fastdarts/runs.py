@@ -28,6 +28,8 @@ from fastdarts.errors import ConfigError, DivergedError
 from fastdarts.utils import atomic_torch_save, atomic_write_text
 
 CHECKPOINT_FORMAT = 1
+TRAIN_KIND = "fastdarts-train"  # a training checkpoint's "kind"; a search's has no "kind"
+_KIND_NOUNS = {"search": "search", "train": "training run"}
 SPACES = {"rnn": "ptb", "cnn": "cifar10"}  # space -> its dataset
 
 # Settings that may differ between a run and its resumption: where things are and how long
@@ -191,12 +193,44 @@ def load_state_file(path: Path, what: str = "fastdarts checkpoint") -> Any:
         raise ConfigError(f"{path}: not a readable {what} ({e})") from e
 
 
+def checkpoint_kind(saved: Any) -> str | None:
+    """What a loaded checkpoint holds: "search", "train", or None (not a fastdarts
+    checkpoint of this format)."""
+    if not isinstance(saved, dict) or saved.get("format") != CHECKPOINT_FORMAT:
+        return None
+    if saved.get("kind") == TRAIN_KIND:
+        return "train"
+    if "kind" not in saved and all(isinstance(saved.get(k), dict) for k in ("task", "config")):
+        return "search"
+    return None
+
+
+def read_checkpoint(path: Path, kind: str) -> dict:
+    """The checkpoint at ``path``, which must be a ``kind`` ("search" or "train") one;
+    ConfigError in one line saying what it is otherwise."""
+    if not path.is_file():
+        raise ConfigError(f"{path.parent}: no checkpoint.pt in this folder")
+    saved = load_state_file(path)
+    found = checkpoint_kind(saved)
+    if found == kind:
+        return saved
+    if found is not None:
+        raise ConfigError(
+            f"{path}: a {_KIND_NOUNS[found]}'s checkpoint, not a {_KIND_NOUNS[kind]}'s"
+        )
+    if isinstance(saved, dict) and saved.get("format") not in (None, CHECKPOINT_FORMAT):
+        raise ConfigError(f"{path}: checkpoint format {saved['format']} unknown")
+    adjective = {"search": "search", "train": "training"}[kind]
+    raise ConfigError(f"{path}: not a fastdarts {adjective} checkpoint")
+
+
 class EpochRun:
     """The loop a search and a training run share, over a task with ``begin_epoch(epoch)``,
     ``steps_per_epoch()``, ``epoch_done()``, ``state_dict()``/``load_state_dict()`` and a
     ``model``. Subclasses say what a step, an epoch's end and a checkpoint's extras are."""
 
     noun = "run"  # what the run folder holds, for messages
+    kind = "train"  # its checkpoints' kind (checkpoint_kind)
     cfg: Any  # the run's settings (a RunSettings dataclass with the fields used here)
     task: Any
 
@@ -230,10 +264,17 @@ class EpochRun:
 
     # -- checkpoints -------------------------------------------------------------------------
 
-    def _load_checkpoint(self) -> dict:
+    def _read_checkpoint(self) -> dict:
+        """The checkpoint to resume from: this kind of run's, saved with these settings."""
         if not self.ckpt_path.is_file():
             raise ConfigError(f"--resume: no checkpoint.pt in {self.out} to resume from")
-        return load_state_file(self.ckpt_path)
+        saved = read_checkpoint(self.ckpt_path, self.kind)
+        self._check_saved(saved)
+        self._check_settings(saved)
+        return saved
+
+    def _check_saved(self, saved: dict) -> None:
+        """A subclass's checks of the checkpoint before its settings are compared."""
 
     def _check_settings(self, saved: dict) -> None:
         diff = trajectory_mismatch(saved["config"], self.cfg.to_dict())
@@ -243,10 +284,6 @@ class EpochRun:
                 f"{self.ckpt_path}: saved with other settings ({shown}); resume with the same "
                 "flags or choose another --out"
             )
-
-    def _read_checkpoint(self) -> dict:
-        """The checkpoint to resume from, checked to be this kind of run's (subclasses)."""
-        raise NotImplementedError
 
     def _checkpoint_extras(self) -> dict:
         """What a subclass adds to the checkpoint."""

@@ -14,7 +14,9 @@ from conftest import CNN_TINY, RNN_TINY
 
 from fastdarts.derive.__main__ import main as derive
 from fastdarts.derive.pt import CELLS, STATE_FILE, Selector, one_hot, plan, removed_op
+from fastdarts.errors import ConfigError
 from fastdarts.genotypes import RNN_PRIMITIVES, derive_recurrent, load_genotype, to_dict
+from fastdarts.runs import TRAIN_KIND, read_checkpoint
 from fastdarts.search.__main__ import main as search
 from fastdarts.spaces.cnn import MixedOp
 from fastdarts.spaces.rnn import recurrent_mixed_reference
@@ -199,25 +201,52 @@ def test_argmax_writes_the_search_genotype(rnn_run, tmp_path, capsys):
 def test_a_training_checkpoint_or_the_other_space_is_one_line(rnn_run, tmp_path, capsys):
     """derive (every way) and search --resume refuse a training run's checkpoint (it has
     no α), and derive a search of the other space than --space, in one line."""
-    from fastdarts.train.loop import KIND
-
     run = copy_run(rnn_run, tmp_path / "t")
     saved = torch.load(run / "checkpoint.pt", weights_only=True)
-    saved["kind"] = KIND
+    saved["kind"] = TRAIN_KIND
     del saved["task"]["model"]["alphas_recurrent"]
     torch.save(saved, run / "checkpoint.pt")
+    training = "a training run's checkpoint, not a search's"
     calls = [
-        (derive, [str(run)], "no α in this checkpoint"),
-        (derive, ["--run", str(run)], "no α in this checkpoint"),
-        (derive, ["--run", str(run), "--method", "pt"], "not a fastdarts search checkpoint"),
+        (derive, [str(run)], training),
+        (derive, ["--run", str(run)], training),
+        (derive, ["--run", str(run), "--method", "pt"], training),
         (derive, [str(rnn_run), "--space", "cnn"], "a search of the rnn space, but --space is cnn"),
         (derive, ["--run", str(rnn_run), "--space", "cnn"], "but --space is cnn"),
-        (search, ["--resume", "--out", str(run)], "a training run's checkpoint, not a search's"),
+        (search, ["--resume", "--out", str(run)], training),
     ]
     for main, args, fragment in calls:
         assert main(args) == 2
         err = capsys.readouterr().err
         assert fragment in err and len(err.strip().splitlines()) == 1, err
+
+
+@pytest.mark.parametrize(
+    ("saved", "kind", "fragment"),
+    [
+        ({"format": 1, "task": {}, "config": {}, "kind": TRAIN_KIND}, "search", "a training run's"),
+        ({"format": 1, "task": {}, "config": {}}, "train", "a search's checkpoint, not a"),
+        ({"format": 2, "task": {}, "config": {}}, "search", "checkpoint format 2 unknown"),
+        ({"format": 1, "config": {}}, "search", "not a fastdarts search checkpoint"),
+        ({"format": 1, "task": {}, "config": {}, "kind": "x"}, "train", "not a fastdarts training"),
+        ([1, 2], "train", "not a fastdarts training checkpoint"),
+    ],
+)
+def test_read_checkpoint_says_what_a_file_is(tmp_path, saved, kind, fragment):
+    """The one check every reader of checkpoints (search --resume, train --resume, derive,
+    DARTS-PT) shares: the wrong kind, format or contents is named in one line."""
+    path = tmp_path / "checkpoint.pt"
+    torch.save(saved, path)
+    with pytest.raises(ConfigError, match=fragment):
+        read_checkpoint(path, kind)
+
+
+def test_read_checkpoint_returns_its_kind(tmp_path):
+    path = tmp_path / "checkpoint.pt"
+    for kind, extra in (("search", {}), ("train", {"kind": TRAIN_KIND})):
+        saved = {"format": 1, "task": {"step": 3}, "config": {"space": "rnn"}, **extra}
+        torch.save(saved, path)
+        assert read_checkpoint(path, kind) == saved
 
 
 @pytest.mark.parametrize(

@@ -215,6 +215,9 @@ def test_existing_run_and_foreign_checkpoints(tmp_path, capsys):
     assert code == 2 and "no checkpoint.pt" in err
     search = tmp_path / "search"
     search.mkdir()
+    torch.save({"format": 1, "config": {"space": "rnn"}, "task": {}}, search / "checkpoint.pt")
+    code, _, err = run(capsys, *RNN_TINY, "--resume", "--out", str(search))
+    assert code == 2 and "a search's checkpoint, not a training run's" in err
     torch.save({"format": 1, "config": {"space": "rnn"}}, search / "checkpoint.pt")
     code, _, err = run(capsys, *RNN_TINY, "--resume", "--out", str(search))
     assert code == 2 and "not a fastdarts training checkpoint" in err

@@ -17,8 +17,6 @@ import json
 import sys
 from pathlib import Path
 
-import torch
-
 from fastdarts.cli import OneLineParser, report
 from fastdarts.errors import ConfigError, FastDartsError
 from fastdarts.genotypes import (
@@ -29,6 +27,7 @@ from fastdarts.genotypes import (
     save_genotype,
     to_dict,
 )
+from fastdarts.runs import read_checkpoint
 
 PROG = "python -m fastdarts.derive"
 
@@ -36,17 +35,13 @@ PROG = "python -m fastdarts.derive"
 def genotype_from_checkpoint(path: Path, space: str | None = None) -> Genotype:
     """Derive the genotype from the α stored in a search checkpoint (of ``space``, if
     given)."""
-    try:
-        saved = torch.load(path, map_location="cpu", weights_only=True)
-        model = saved["task"]["model"]
-        saved_space = saved["config"]["space"]
-    except Exception as e:  # any unreadable or foreign file: say so in one line
-        raise ConfigError(f"{path}: not a readable fastdarts checkpoint ({e})") from e
+    saved = read_checkpoint(path, "search")
+    model, saved_space = saved["task"].get("model", {}), saved["config"].get("space")
     if space is not None and space != saved_space:
         raise ConfigError(f"{path}: a search of the {saved_space} space, but --space is {space}")
     names = ["alphas_recurrent"] if saved_space == "rnn" else ["alphas_normal", "alphas_reduce"]
     if any(name not in model for name in names):
-        raise ConfigError(f"{path}: no α in this checkpoint (a training run's, not a search's?)")
+        raise ConfigError(f"{path}: no α in this search checkpoint (damaged?)")
     if saved_space == "rnn":
         return derive_recurrent(model["alphas_recurrent"])
     return derive_conv(model["alphas_normal"], model["alphas_reduce"])

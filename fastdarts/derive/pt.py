@@ -38,8 +38,8 @@ from fastdarts.data import cifar, ptb
 from fastdarts.errors import ConfigError, DivergedError
 from fastdarts.genotypes import CNN_STEPS, PRIMITIVES, RNN_STEPS, Genotype, save_genotype
 from fastdarts.runs import (
-    CHECKPOINT_FORMAT,
     load_state_file,
+    read_checkpoint,
     resolve_device,
     rng_state,
     seed_everything,
@@ -229,18 +229,6 @@ class PTConfig:
         return {k: getattr(self, k) for k in keys}
 
 
-def read_search_checkpoint(path: Path) -> dict:
-    """A search checkpoint's contents; ConfigError if it is not one."""
-    if not path.is_file():
-        raise ConfigError(f"{path.parent}: no checkpoint.pt in this folder (not a search run?)")
-    saved = load_state_file(path)
-    # Only the training's checkpoints say what they are ("kind").
-    is_search = isinstance(saved, dict) and "task" in saved and "kind" not in saved
-    if not is_search or saved.get("format") != CHECKPOINT_FORMAT:
-        raise ConfigError(f"{path}: not a fastdarts search checkpoint")
-    return saved
-
-
 class TaskSupernet:
     """The search task's supernet as DARTS-PT uses it: measured on the validation data,
     fine-tuned with the search's own weight steps (α fixed)."""
@@ -312,7 +300,7 @@ def run_pt(cfg: PTConfig) -> tuple[Genotype | None, list[dict]]:
     by ``max_decisions``) and the decisions so far, and writes both. Progress is saved
     atomically after each decision; ``cfg.resume`` continues it exactly."""
     run = Path(cfg.run)
-    saved = read_search_checkpoint(run / "checkpoint.pt")
+    saved = read_checkpoint(run / "checkpoint.pt", "search")
     known = {f.name for f in dataclasses.fields(SearchConfig)}
     settings = {k: v for k, v in saved["config"].items() if k in known}
     space = settings["space"]

@@ -26,7 +26,7 @@ import torch
 from fastdarts import distributed, genotypes
 from fastdarts.errors import ConfigError
 from fastdarts.ops.backends import resolve as resolve_backend
-from fastdarts.runs import CHECKPOINT_FORMAT, EpochRun, check_settings
+from fastdarts.runs import EpochRun, check_settings
 from fastdarts.search.config import SearchConfig
 from fastdarts.search.tasks import TASKS, SearchTask
 from fastdarts.utils import atomic_write_text
@@ -38,6 +38,7 @@ class Searcher(EpochRun):
     """Runs (or resumes) one search as ``cfg`` says; ``run()`` returns the final genotype."""
 
     noun = "search"
+    kind = "search"
 
     def __init__(self, cfg: SearchConfig) -> None:
         cfg = cfg.resolved()
@@ -95,12 +96,7 @@ class Searcher(EpochRun):
 
     # -- checkpoints -------------------------------------------------------------------------
 
-    def _read_checkpoint(self) -> dict:
-        saved = self._load_checkpoint()
-        if not isinstance(saved, dict) or saved.get("format") != CHECKPOINT_FORMAT:
-            raise ConfigError(f"{self.ckpt_path}: not a fastdarts checkpoint (format unknown)")
-        if "kind" in saved:  # only the training's checkpoints say what they are
-            raise ConfigError(f"{self.ckpt_path}: a training run's checkpoint, not a search's")
+    def _check_saved(self, saved: dict) -> None:
         if saved["config"].get("space") != self.cfg.space:
             raise ConfigError(
                 f"{self.ckpt_path}: a checkpoint of the {saved['config'].get('space')} space, "
@@ -108,8 +104,6 @@ class Searcher(EpochRun):
             )
         # A checkpoint from before --sync-bn existed ran without it.
         saved["config"].setdefault("sync_bn", False)
-        self._check_settings(saved)
-        return saved
 
     def _checkpoint_extras(self) -> dict:
         return {"history": json.dumps(self.history), "world_size": distributed.world_size()}

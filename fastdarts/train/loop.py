@@ -14,13 +14,10 @@ from __future__ import annotations
 import json
 
 from fastdarts import genotypes
-from fastdarts.errors import ConfigError
-from fastdarts.runs import CHECKPOINT_FORMAT, EpochRun, check_settings, load_state_file
+from fastdarts.runs import TRAIN_KIND, EpochRun, check_settings, load_state_file
 from fastdarts.train.config import TrainConfig
 from fastdarts.train.tasks import TASKS, resolve_backend
 from fastdarts.utils import atomic_torch_save, atomic_write_text
-
-KIND = "fastdarts-train"  # tells a training checkpoint from a search one
 
 
 class Trainer(EpochRun):
@@ -55,17 +52,8 @@ class Trainer(EpochRun):
 
     # -- checkpoints -------------------------------------------------------------------------
 
-    def _read_checkpoint(self) -> dict:
-        saved = self._load_checkpoint()
-        if not isinstance(saved, dict) or saved.get("kind") != KIND:
-            raise ConfigError(f"{self.ckpt_path}: not a fastdarts training checkpoint")
-        if saved.get("format") != CHECKPOINT_FORMAT:
-            raise ConfigError(f"{self.ckpt_path}: checkpoint format {saved.get('format')} unknown")
-        self._check_settings(saved)
-        return saved
-
     def _checkpoint_extras(self) -> dict:
-        return {"kind": KIND}
+        return {"kind": TRAIN_KIND}
 
     def _keep_record(self, record: dict, step: int) -> bool:
         # The test results come again at the end of the resumed run.
