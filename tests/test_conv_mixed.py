@@ -530,6 +530,18 @@ def test_conv_mix_matches_reference_forward_and_backward():
             assert_close(x, y, F64)
 
 
+def test_the_function_has_a_slot_for_each_source_the_kernels_read():
+    """ConvMixFunction's source slots mirror the Triton kernels' MAX_SOURCES (kept apart so
+    that fastdarts imports without triton)."""
+    import inspect
+
+    from fastdarts.ops import conv_mixed as cm
+    from fastdarts.ops.extension import triton_kernels
+
+    slots = [p for p in inspect.signature(cm.ConvMixFunction.forward).parameters if p[1:].isdigit()]
+    assert cm._MAX_SOURCES == triton_kernels("conv_mixed").MAX_SOURCES == len(slots)
+
+
 def test_conv_mix_reads_several_sources_as_one():
     """src given as sources whose channels in order are src's: forward, each source's
     gradient, double backward, and under vmap with the sources batched on different dims,
