@@ -77,6 +77,7 @@ def test_short_run_writes_outputs_and_tests(tmp_path, capsys, args, key):
     assert saved["step"] == 4 and saved["epoch"] == 2
     config = json.loads((out / "config.json").read_text())
     assert config["genotype"] == "DARTS_V2" and config["epochs"] == 2
+    assert config["resolved"] == {"device": "cpu", "backend": "reference"}
     if key == "test_ppl":
         assert (out / "best.pt").is_file() and result["weights"] == "best"
 

@@ -31,7 +31,7 @@ class Trainer(EpochRun):
         spec = genotype_file if cfg.resume and genotype_file.is_file() else cfg.genotype
         self.genotype = genotypes.load_genotype(spec, cfg.space)
         self.device = self._prepare(saved)
-        resolve_backend(cfg.backend, cfg.space, self.device)
+        self.backend = resolve_backend(cfg.backend, cfg.space, self.device)
         self.task = TASKS[cfg.space](cfg, self.genotype, self.device)
         if saved:
             self._restore(saved)
@@ -54,6 +54,9 @@ class Trainer(EpochRun):
 
     def _checkpoint_extras(self) -> dict:
         return {"kind": TRAIN_KIND}
+
+    def _resolved(self) -> dict:
+        return {"resolved": {"device": str(self.device), "backend": self.backend.name}}
 
     def _keep_record(self, record: dict, step: int) -> bool:
         # The test results come again at the end of the resumed run.
