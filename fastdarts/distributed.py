@@ -90,16 +90,28 @@ def init(device: torch.device) -> torch.device:
             timeout=datetime.timedelta(seconds=timeout),
             device_id=device if device.type == "cuda" else None,
         )
-    signal.signal(signal.SIGTERM, _stopped_by_launcher)
+    _catch_launcher_sigterm()
     return device
 
 
+# SIGTERM's handler before init() took it: shutdown() gives it back.
+_sigterm_before: object = signal.SIG_DFL
+
+
+def _catch_launcher_sigterm() -> None:
+    global _sigterm_before
+    before = signal.signal(signal.SIGTERM, _stopped_by_launcher)
+    if before is not _stopped_by_launcher:
+        _sigterm_before = signal.SIG_DFL if before is None else before
+
+
 def shutdown() -> None:
-    """Leave the process group (a no-op in one process), and let a later SIGTERM end the
-    process quietly: the run's error is already said, and one raised while Python tears
-    down (an object's __del__) would print a traceback after it."""
+    """Leave the process group (a no-op in one process), and give SIGTERM back the handler
+    init() found (by default, ending the process quietly): the run's error is already
+    said, and a PeerFailure raised while Python tears down (an object's __del__) would print
+    a traceback after it."""
     if signal.getsignal(signal.SIGTERM) is _stopped_by_launcher:
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        signal.signal(signal.SIGTERM, _sigterm_before)
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
 

@@ -390,11 +390,23 @@ def test_killed_rank_stops_the_run_then_resume(tmp_path, monkeypatch):
     assert torch.load(out / "checkpoint.pt", weights_only=True)["step"] == step + 2
 
 
-def test_shutdown_lets_a_late_sigterm_end_the_process_quietly():
-    previous = signal.signal(signal.SIGTERM, distributed._stopped_by_launcher)
+def test_shutdown_gives_sigterm_back_its_handler_before(monkeypatch):
+    """By default a late SIGTERM then ends the process quietly; a handler the embedding
+    program installed is the one restored (taking it twice keeps the first one's)."""
+
+    def own(signum, frame):
+        return None
+
+    previous = signal.getsignal(signal.SIGTERM)
+    monkeypatch.setattr(distributed, "_sigterm_before", signal.SIG_DFL)
     try:
-        distributed.shutdown()
-        assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+        for handler in (signal.SIG_DFL, own):
+            signal.signal(signal.SIGTERM, handler)
+            distributed._catch_launcher_sigterm()
+            distributed._catch_launcher_sigterm()
+            assert signal.getsignal(signal.SIGTERM) is distributed._stopped_by_launcher
+            distributed.shutdown()
+            assert signal.getsignal(signal.SIGTERM) is handler
     finally:
         signal.signal(signal.SIGTERM, previous)
 
