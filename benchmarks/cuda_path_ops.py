@@ -117,6 +117,12 @@ def tensor_bytes(tree: object) -> int:
     return total
 
 
+# In-place ops that write their first argument without reading it.
+WRITE_ONLY_SELF = frozenset(
+    {"aten.copy_.default", "aten.fill_.Scalar", "aten.fill_.Tensor", "aten.zero_.default"}
+)
+
+
 class TrafficCounter(harness.OpCounter):
     """:class:`harness.OpCounter` that also sums, by op, the :func:`tensor_bytes` of the
     launching ops' arguments and results."""
@@ -129,8 +135,11 @@ class TrafficCounter(harness.OpCounter):
         out = super().__torch_dispatch__(func, types, args, kwargs)
         name = str(func)
         if launches_kernel(name):
-            # Read: the arguments (an out= tensor is only written); written: the results (an
-            # in-place op's tensor so counts twice).
+            # Read: the arguments (an out= tensor, and the tensor a copy_ or fill_ overwrites,
+            # are only written); written: the results (an in-place op's tensor so counts
+            # twice).
+            if name in WRITE_ONLY_SELF:
+                args = args[1:]
             read = (args, {k: v for k, v in (kwargs or {}).items() if k != "out"})
             self.bytes[name] += tensor_bytes(read) + tensor_bytes(out)
         return out

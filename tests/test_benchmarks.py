@@ -931,8 +931,8 @@ def test_cuda_path_ops_count_triton_launches_and_restore_the_dispatch():
 
 def test_traffic_counts_each_tensor_once_and_whole():
     """tensor_bytes: a broadcast dimension once, a view's own elements; the counter: the
-    launching ops' arguments and results (an in-place op's tensor read and written), views
-    and allocations nothing."""
+    launching ops' arguments and results (an in-place op's tensor read and written, but
+    the one a copy_ or zero_ overwrites only written), views and allocations nothing."""
     from benchmarks import cuda_path_ops
 
     a, b = torch.randn(10), torch.randn(10)
@@ -947,10 +947,15 @@ def test_traffic_counts_each_tensor_once_and_whole():
         torch.mul(a, a, out=out)
         c.view(2, 5).t()
         torch.empty(100)
+        wide[:, :2].copy_(torch.ones(4, 2))
+        wide.zero_()
     assert dict(counter.bytes) == {
         "aten.add.Tensor": 120,  # a and b read, c written
         "aten.add_.Tensor": 120,  # c and b read, c written
         "aten.mul.out": 80,  # a read (once), out written
+        "aten.ones.default": 32,  # written
+        "aten.copy_.default": 32 + 64,  # the ones read, the view of wide written
+        "aten.zero_.default": 192,  # wide written
     }
     assert counter.counts["aten.view.default"] == 1
 

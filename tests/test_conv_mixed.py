@@ -1888,6 +1888,96 @@ def test_cuda_edge_and_cell_match_reference(dtype, monkeypatch):
     check_edges_and_cells(dtype, "cuda")
 
 
+def test_block_share_gradients_equal_slicing():
+    """run_group hands the stage-1 block whole to the depthwise kernel (which reads only
+    channels below c) and its channels from c on to the mixture, through one Function whose
+    backward writes the block's gradient into the whole's: gradients (with either output
+    unused, second order, under vmap) equal plain slicing's, and the first-order backward
+    is one copy (no add, no concatenation)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from fastdarts.ops.conv_mixed import _ShareBlock
+
+    gen = _gen(28)
+    y = torch.randn(3, 12, 4, 5, generator=gen, dtype=F64, requires_grad=True)
+    w_whole = torch.randn(3, 12, 4, 5, generator=gen, dtype=F64)
+    w_whole[:, 5:] = 0  # the whole's consumer reads channels 0..4 only, as the kernel does
+    w_block = torch.randn(3, 7, 4, 5, generator=gen, dtype=F64)
+
+    def loss(share, t, use=("whole", "block")):
+        whole, block = share(t)
+        total = 0.0
+        if "whole" in use:
+            total = total + (whole.sin() * w_whole).sum()
+        if "block" in use:
+            total = total + (block.pow(2) * w_block).sum()
+        return total
+
+    def plain(t):
+        return t, t[:, 5:]
+
+    def shared(t):
+        return _ShareBlock.apply(t, 5, 1)
+
+    whole, block = shared(y)
+    assert whole.data_ptr() == y.data_ptr() == block.data_ptr() - 5 * 20 * 8  # views
+    for use in (("whole", "block"), ("whole",), ("block",)):
+        grads = {}
+        for name, share in (("plain", plain), ("shared", shared)):
+            (g,) = torch.autograd.grad(loss(share, y, use), y, create_graph=True)
+            grads[name] = (g, *torch.autograd.grad(g.sum(), y))
+            grads[name + " first"] = torch.autograd.grad(loss(share, y, use), y)
+        for got, want in zip(grads["shared"], grads["plain"]):
+            torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(grads["shared first"], grads["plain first"], rtol=0, atol=0)
+
+    class Ops(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            seen.append(func.name())
+            return func(*args, **(kwargs or {}))
+
+    seen: list[str] = []
+    whole, block = shared(y)
+    # The whole's gradient is zero from c on, as the depthwise kernel's is (and, as there,
+    # a tensor nothing else holds: the backward writes into it).
+    g_whole = torch.zeros(3, 12, 4, 5, dtype=F64)
+    g_whole[:, :5] = 1
+    grads = (g_whole, torch.full((3, 7, 4, 5), 2.0, dtype=F64))
+    with Ops():
+        (g,) = torch.autograd.grad((whole, block), y, grads)
+    assert seen == ["aten::slice.Tensor", "aten::copy_"], seen
+    assert g[:, :5].eq(1).all() and g[:, 5:].eq(2).all()
+    per_sample = torch.randn(2, 3, 12, 4, 5, generator=gen, dtype=F64)
+    want = torch.func.vmap(torch.func.grad(lambda t: loss(plain, t)))(per_sample)
+    got = torch.func.vmap(torch.func.grad(lambda t: loss(shared, t)))(per_sample)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    assert_vmapped_then_backward_equal(shared, plain, loss, per_sample)
+
+
+def assert_vmapped_then_backward_equal(fused, plain, loss, per_sample) -> None:
+    """A loss per sample by vmap (vmap dim 0 and 1), then one autograd pass over it (as
+    the batched w± passes do): the gradient equals plain slicing's, and the pass meets the
+    Function's backward (no slice_backward), not the ops of its vmap rule."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Ops(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            seen.append(func.name())
+            return func(*args, **(kwargs or {}))
+
+    for bdim in (0, 1):
+        grads = []
+        for split in (fused, plain):
+            t = per_sample.movedim(0, bdim).clone().requires_grad_()
+            losses = torch.func.vmap(lambda u, split=split: loss(split, u), in_dims=bdim)(t)
+            seen: list[str] = []
+            with Ops():
+                grads.append(torch.autograd.grad(losses.sum(), t))
+            if split is fused:
+                assert "aten::slice_backward" not in seen, seen
+        torch.testing.assert_close(grads[0], grads[1], rtol=1e-12, atol=1e-12)
+
+
 def test_node_split_gradients_equal_slicing():
     """FusedCellOps splits each group's output into its node and the rest with one Function
     whose backward concatenates: gradients (first and second order, and under vmap) equal
@@ -1907,7 +1997,7 @@ def test_node_split_gradients_equal_slicing():
         return t[:, :4], t[:, 4:]
 
     def fused(t):
-        return _SplitNode.apply(t, 4)
+        return _SplitNode.apply(t, 4, 1)
 
     node, rest = fused(out)
     assert node.data_ptr() == out.data_ptr() and tuple(rest.shape) == (3, 8, 4, 5)  # views
@@ -1922,4 +2012,5 @@ def test_node_split_gradients_equal_slicing():
     want = torch.func.vmap(torch.func.grad(lambda t: loss(plain, t)))(per_sample)
     got = torch.func.vmap(torch.func.grad(lambda t: loss(fused, t)))(per_sample)
     torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    assert_vmapped_then_backward_equal(fused, plain, loss, per_sample)
     assert torch.autograd.gradcheck(lambda t: fused(t)[1].sum() + fused(t)[0].prod(), (out,))

@@ -1081,10 +1081,10 @@ class _Group:
         self.bn_keys += ["_ops.4.op.3", "_ops.4.op.7", "_ops.5.op.3", "_ops.5.op.7"]
         self.bn_keys += ["_ops.6.op.3", "_ops.7.op.3"]
         E = self.E
-        # The dil convs are the last 2EC channels of the whole stage-1 block (4EC), which
-        # the mixture reads in place (no slice of it, forward or backward).
-        self.offsets = {"dil": 2 * E * C, "sep": 4 * E * C, "pools": 6 * E * C}
-        self.offsets["skip"] = 6 * E * C + 2 * n_in * C
+        # The mixture's sources: the dil convs (the stage-1 block's last 2EC channels, read
+        # in place), then the normalised block [sep convs | pools | FR], then the inputs.
+        self.offsets = {"dil": 0, "sep": 2 * E * C, "pools": 4 * E * C}
+        self.offsets["skip"] = 4 * E * C + 2 * n_in * C
         self.n_src = self.offsets["skip"] + (E * C if self.fr else n_in * C)
         self.n_run = 4 * E * C + (E * C if self.fr else 0)
 
@@ -1307,8 +1307,9 @@ class FusedEdges(nn.Module):
         else:
             args = (get("run1_mean"), get("run1_var"), False, BN_MOMENTUM, BN_EPS)
             y = torch.native_batch_norm(y, None, None, *args)[0]
-        # The sep convs' second stage reads its channels of the whole block (a slice would
-        # cost a slice and a slice_backward per pass), through the kernel's ReLU.
+        # The sep convs' second stage reads its channels of the whole block (by offsets,
+        # through the kernel's ReLU), the mixture the dil convs' block.
+        y, dil = _ShareBlock.apply(y, 2 * E * C, 1)
         second = depthwise(
             y,
             [get(f"dw2_{k}") for k, _, _ in _STAGE2],
@@ -1332,13 +1333,13 @@ class FusedEdges(nn.Module):
                 self._update_running(g, mean, invstd, normed)
             # The mixture reads its sources in place: no concatenated copy (2.1 GiB of a
             # small step's 27.6 moved on the CUDA path, counted).
-            src = [y, normed, *([] if grp.fr else [skip])]
+            src = [dil, normed, *([] if grp.fr else [skip])]
             return conv_mix(src, alpha, get("zeros"), get("routes"), acc)
         # Eval: the running statistics folded into the mixture's coefficients.
         stat = get("st_eval")
         shift = F.pad(get("run2_mean"), (0, 1))[stat]
         invstd = F.pad(torch.rsqrt(get("run2_var") + BN_EPS), (0, 1), value=1.0)[stat]
-        src = [y, *final, *([] if grp.fr else [skip])]
+        src = [dil, *final, *([] if grp.fr else [skip])]
         return conv_mix(src, alpha * invstd, shift, get("routes"), acc)
 
     @torch.no_grad()
@@ -1538,27 +1539,77 @@ class MixedOp(FusedEdges):
         return self.run_group(0, [x], self.route_alphas(weights)[0])
 
 
-class _SplitNode(torch.autograd.Function):
-    """A group's output (B, n_out·C, H, W) → (its node's block [:, :C], the rest [:, C:]), both
-    views. The backward concatenates the two gradients: autograd's own slices would give each
-    a zero-filled gradient of the whole output (a slice_backward each) and add the two."""
+class _ShareBlock(torch.autograd.Function):
+    """y → (y whole, its channels from c on along ``dim``), both views, for a consumer of
+    the whole that reads no channel from c on (the depthwise kernel, by channel offsets)
+    and one of the block. The backward writes the block's gradient into the whole's, zero
+    there: autograd's slice would give the block a zero-filled gradient of all the channels
+    and add the two (an add of them all per pass: 1.7 GiB of a small step's 25.5 moved on
+    the CUDA path, counted)."""
 
     @staticmethod
-    def forward(out: Tensor, c: int) -> tuple[Tensor, Tensor]:
-        return out[:, :c], out[:, c:]
+    def forward(y: Tensor, c: int, dim: int) -> tuple[Tensor, Tensor]:
+        return y.view_as(y), y.narrow(dim, c, y.shape[dim] - c)
 
     @staticmethod
     def setup_context(ctx, inputs, output) -> None:
-        """Nothing to keep: the backward only concatenates."""
+        ctx.c, ctx.dim = inputs[1:]
+
+    @staticmethod
+    def backward(ctx, g_whole: Tensor | None, g_block: Tensor | None):
+        c, dim = ctx.c, ctx.dim
+        if g_block is None:
+            return g_whole, None, None
+        if g_whole is None:
+            shape = list(g_block.shape)
+            shape[dim] = c
+            return torch.cat([g_block.new_zeros(shape), g_block], dim), None, None
+        # In place where the whole's gradient is a plain tensor of this backward's own (the
+        # kernels' fresh output); under create_graph, a torch.func transform or
+        # torch.compile (whose tracer cannot ask about functorch), a new one.
+        wrapped = torch._C._functorch.is_functorch_wrapped_tensor
+        functional = torch.compiler.is_compiling() or torch.is_grad_enabled()
+        if functional or wrapped(g_whole) or wrapped(g_block):
+            return torch.cat([g_whole.narrow(dim, 0, c), g_block], dim), None, None
+        g_whole.narrow(dim, c, g_block.shape[dim]).copy_(g_block)
+        return g_whole, None, None
+
+    @staticmethod
+    def vmap(info, in_dims, y, c, dim):
+        # The Function again on the batched tensor, so that an autograd pass over the vmap
+        # meets its backward, not a slice's; the vmap dim stays where it is.
+        bdim = in_dims[0]
+        return _ShareBlock.apply(y, c, _physical(dim, bdim)), (bdim, bdim)
+
+
+class _SplitNode(torch.autograd.Function):
+    """A group's output (B, n_out·C, H, W) → (its node's block [:, :C], the rest [:, C:]) along
+    ``dim``, both views. The backward concatenates the two gradients: autograd's own slices
+    would give each a zero-filled gradient of the whole output (a slice_backward each) and
+    add the two."""
+
+    @staticmethod
+    def forward(out: Tensor, c: int, dim: int) -> tuple[Tensor, Tensor]:
+        return out.narrow(dim, 0, c), out.narrow(dim, c, out.shape[dim] - c)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        ctx.dim = inputs[2]
 
     @staticmethod
     def backward(ctx, g_node: Tensor, g_rest: Tensor):
-        return torch.cat([g_node, g_rest], 1), None
+        return torch.cat([g_node, g_rest], ctx.dim), None, None
 
     @staticmethod
-    def vmap(info, in_dims, out, c):
-        out = _leading(out, in_dims[0], info.batch_size)
-        return (out[:, :, :c], out[:, :, c:]), (0, 0)
+    def vmap(info, in_dims, out, c, dim):
+        # As _ShareBlock's: an autograd pass over the vmap meets this backward.
+        bdim = in_dims[0]
+        return _SplitNode.apply(out, c, _physical(dim, bdim)), (bdim, bdim)
+
+
+def _physical(dim: int, bdim: int | None) -> int:
+    """A tensor's dim ``dim`` (non-negative) as stored under a vmap dim at ``bdim``."""
+    return dim if bdim is None or bdim > dim else dim + 1
 
 
 class FusedCellOps(FusedEdges):
@@ -1610,7 +1661,7 @@ class FusedCellOps(FusedEdges):
                 break
             # Channel blocks of out, read in place (the next group's ReLU writes a new tensor,
             # the pools and the mixture's acc take a batch stride, the concatenations copy).
-            node, acc = _SplitNode.apply(out, C)
+            node, acc = _SplitNode.apply(out, C, 1)
             states.append(node)
         return torch.cat(states[-self.multiplier :], dim=1)
 
