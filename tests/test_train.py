@@ -362,18 +362,22 @@ def test_fused_rnn_model_equals_the_reference(name):
 
 
 def test_backend_flag(tmp_path, capsys):
+    import torch.nn.functional as F
+
+    from fastdarts.ops.cross_entropy import cross_entropy
     from fastdarts.ops.recurrent_mixed import recurrent_mixed
     from fastdarts.train.config import TrainConfig
     from fastdarts.train.tasks import RNNTrainTask
 
     fused_here = BACKENDS["fused"].why_not("rnn", "cpu") is None
     # auto keeps the reference on the CPU, where the fused node op is slower.
-    options = [("reference", None), ("auto", None)]
-    options += [("fused", recurrent_mixed)] if fused_here else []
-    for backend, want in options:
+    options = [("reference", None, F.cross_entropy), ("auto", None, F.cross_entropy)]
+    options += [("fused", recurrent_mixed, cross_entropy)] if fused_here else []
+    for backend, want, loss in options:
         cfg = TrainConfig(emsize=8, nhid=8, batch_size=4, backend=backend).resolved()
         task = RNNTrainTask(cfg, NAMED_GENOTYPES["rnn"]["DARTS_V2"], torch.device("cpu"))
         assert task.model.rnns[0].node_op is want, backend
+        assert task.cross_entropy is loss, backend
     code, _, err = run(capsys, *CNN_TINY, "--backend", "fused", "--out", str(tmp_path / "c"))
     assert code == 2 and "one op per edge" in err and not (tmp_path / "c").exists()
     args = [*RNN_TINY, "--max-steps", "2", "--epoch-steps", "2"]

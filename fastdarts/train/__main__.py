@@ -24,8 +24,9 @@ HELP = {
     "epochs": "epochs (paper: 8000 rnn, an upper limit; 600 cnn)",
     "batch_size": "batch size (paper: 64 rnn, 96 cnn)",
     "out": "run folder (default: runs/train-SPACE)",
-    "backend": "rnn cell nodes: reference, fused (one kernel per node), auto (fused on GPUs "
-    "where it runs, else reference); cnn: reference or auto",
+    "backend": "rnn cell nodes and loss: reference, fused (one kernel per node; on GPUs the "
+    "fused cross-entropy), auto (fused on GPUs where it runs, else reference); cnn: "
+    "reference or auto",
     "eval_batches": "cap validation and test at N batches (quick trials; the test is partial)",
     "lr": "learning rate (paper: 20 rnn, 0.025 cnn)",
     "weight_decay": "weight decay (paper: 8e-7 rnn, 3e-4 cnn)",

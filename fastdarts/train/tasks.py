@@ -77,7 +77,10 @@ class RNNTrainTask:
 
     def __init__(self, cfg: TrainConfig, genotype: RecurrentGenotype, device: torch.device):
         self.cfg, self.device = cfg, device
-        node_op = resolve_backend(cfg.backend, "rnn", device).rnn_node_op
+        backend = resolve_backend(cfg.backend, "rnn", device)
+        node_op = backend.rnn_node_op
+        # The decoder's loss: the fused backend's kernels where they run, else torch's.
+        self.cross_entropy = backend.rnn_cross_entropy or F.cross_entropy
         corpus = ptb.load_ptb(cfg.data)
         torch.manual_seed(cfg.seed)
         dropouts = {k: getattr(cfg, k) for k in DROPOUTS}
@@ -123,7 +126,7 @@ class RNNTrainTask:
         data, targets = ptb.get_batch(self.train_data, self.pos, seq_len)
         masks = self.sampler.draw(self.model.mask_specs(cfg.batch_size), torch.float32)
         logits, hiddens = self.model(data, self.hidden, masks)
-        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
+        loss = self.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
         penalty = cfg.tar * (hiddens[1:] - hiddens[:-1]).pow(2).mean()
         self.optimizer.zero_grad(set_to_none=True)
         (loss + penalty).backward()
@@ -159,7 +162,7 @@ class RNNTrainTask:
             data, targets = ptb.get_batch(source, i, self.cfg.bptt)
             logits, hiddens = self.model(data, hidden)
             hidden = hiddens[-1]
-            loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
+            loss = self.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
             total += loss.item() * len(data)
             count += len(data)
         self.model.train()
