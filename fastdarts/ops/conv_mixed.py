@@ -1066,8 +1066,8 @@ class _Group:
     edges[e] = (state_dict key prefix, input index, output slot, row of α). Channel layouts
     (t the op, e the edge, c the channel, i the input): stage-1 outputs [t][e][c] (4EC),
     stage-2 [t][e][c] (2EC), pools [p][i][c], FactorizedReduce [half][e][c'] (EC). The
-    mixture's sources: [the stage-1 block (4EC; its last 2EC, the dil convs, are read) | sep
-    convs (2EC) | pools (2·n_in·C) | skip: the inputs (n_in·C) or FR (EC)]. Running
+    mixture's sources: [dil convs (the stage-1 block's last 2EC) | sep convs (2EC) | pools
+    (2·n_in·C) | skip: the inputs (n_in·C) or FR (EC)]. Running
     statistics of the BNs folded into the mixture: [sep convs (2EC) | pools [p][e][c] (2EC) |
     FR [e][c] (EC)]. Every reference state_dict entry is a basic slice of one tensor (see
     :meth:`state_map`), so state_dict() can return views.
