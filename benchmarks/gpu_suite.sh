@@ -19,17 +19,26 @@
 # (a skipped one is not a failure).
 set -u -o pipefail
 
+USAGE="usage: $0 [--rehearse] OUTDIR"
 REHEARSE=0
 if [[ ${1:-} == --rehearse ]]; then
     REHEARSE=1
     shift
 fi
-if [[ $# -ne 1 ]]; then
-    echo "usage: $0 [--rehearse] OUTDIR" >&2
+if [[ ${1:-} == -h || ${1:-} == --help ]]; then
+    echo "$USAGE"
+    sed -n '2,/^set /{/^#/s/^# \{0,1\}//p}' "$0"
+    exit 0
+fi
+# An option in OUTDIR's place is a mistake, not a folder to run the suite into.
+if [[ $# -ne 1 || $1 == -* ]]; then
+    echo "$USAGE" >&2
     exit 2
 fi
-mkdir -p "$1"
-OUT=$(cd "$1" && pwd)
+if ! mkdir -p -- "$1" || ! OUT=$(cd -- "$1" && pwd); then
+    echo "gpu_suite: cannot write to OUTDIR $1" >&2
+    exit 2
+fi
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$REPO"
 # The checkout is what runs (see the build below).

@@ -683,6 +683,25 @@ def _suite_with_a_stub_python(tmp_path: Path, budget: str | None = None):
     return proc, commands
 
 
+@pytest.mark.parametrize(
+    ("args", "code"),
+    [(["-h"], 0), (["--rehearse", "--help"], 0), (["--bogus"], 2), (["a", "b"], 2), ([], 2)],
+)
+def test_gpu_suite_help_and_bad_arguments_run_nothing(tmp_path, args, code):
+    """-h prints the usage and what the suite does; an option or a second folder in OUTDIR's
+    place is refused: neither starts a command or writes a file (in the working folder)."""
+    env = {**os.environ, "PYTHON": str(tmp_path / "no-python")}
+    proc = subprocess.run(
+        ["bash", str(REPO / "benchmarks" / "gpu_suite.sh"), *args],
+        capture_output=True, text=True, env=env, cwd=tmp_path, timeout=60,
+    )  # fmt: skip
+    assert proc.returncode == code, proc.stdout + proc.stderr
+    assert "usage:" in (proc.stdout if code == 0 else proc.stderr)
+    if code == 0:
+        assert "--rehearse runs the same commands on the CPU" in proc.stdout
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_gpu_suite_counts_a_build_without_extension_as_failed(tmp_path):
     """setup.py exits 0 when its compile fails ("could not build", a pure-Python build): the
     suite says the build failed and does not run the extension's test, which would skip."""
