@@ -23,6 +23,7 @@ from matplotlib.backend_bases import FigureCanvasBase
 from fastdarts.cli import OneLineParser, report
 from fastdarts.errors import ConfigError, FastDartsError
 from fastdarts.genotypes import NAMED_GENOTYPES, Genotype, RecurrentGenotype, load_genotype
+from fastdarts.utils import atomic_write
 
 PROG = "python -m fastdarts.plot"
 
@@ -91,10 +92,10 @@ def alpha_history_figure(doc: dict) -> plt.Figure:
 def plot_alpha_history(doc: dict, path: str | os.PathLike) -> None:
     """Writes :func:`alpha_history_figure` to ``path`` (PNG), atomically."""
     fig = alpha_history_figure(doc)
-    tmp = f"{path}.tmp.png"
-    fig.savefig(tmp, dpi=80)
-    plt.close(fig)
-    os.replace(tmp, path)
+    try:
+        atomic_write(path, lambda f: fig.savefig(f, dpi=80, format="png"))
+    finally:
+        plt.close(fig)
 
 
 # -- cell pictures ------------------------------------------------------------------------------
@@ -189,15 +190,13 @@ def plot_genotype(genotype: Genotype, path: str | os.PathLike, engine: str = "au
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fmt = path.suffix.lstrip(".") or "png"
-    tmp = path.with_name(f".{path.name}.tmp.{fmt}")
     dot = shutil.which("dot")
     if engine == "dot" and dot is None:
         raise ConfigError("--engine dot: Graphviz 'dot' is not installed")
     if engine != "matplotlib" and dot is not None:
-        subprocess.run(
-            [dot, f"-T{fmt}", "-o", str(tmp)], input=genotype_dot(genotype), text=True, check=True
-        )
-        os.replace(tmp, path)
+        source = genotype_dot(genotype).encode()
+        image = subprocess.run([dot, f"-T{fmt}"], input=source, capture_output=True, check=True)
+        atomic_write(path, lambda f: f.write(image.stdout))
         return "dot"
     cells = _cells(genotype)
     supported = FigureCanvasBase.get_supported_filetypes()
@@ -209,9 +208,10 @@ def plot_genotype(genotype: Genotype, path: str | os.PathLike, engine: str = "au
     for ax, cell in zip(axes[:, 0], cells):
         _draw_cell(ax, genotype, cell)
     fig.tight_layout()
-    fig.savefig(tmp, dpi=100, format=fmt)
-    plt.close(fig)
-    os.replace(tmp, path)
+    try:
+        atomic_write(path, lambda f: fig.savefig(f, dpi=100, format=fmt))
+    finally:
+        plt.close(fig)
     return "matplotlib"
 
 

@@ -5,13 +5,14 @@ from __future__ import annotations
 import math
 import os
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import torch
 
 
-def _atomic_replace(path: str | os.PathLike, write) -> None:
+def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], Any]) -> None:
     """Write through ``write(file)`` to a temp file beside ``path``, then rename over it.
 
     A crash at any moment leaves either the old file or the new one, never a torn one. The
@@ -47,12 +48,12 @@ _UMASK = _read_umask()
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     """Replace ``path`` with ``text`` atomically."""
-    _atomic_replace(path, lambda f: f.write(text.encode()))
+    atomic_write(path, lambda f: f.write(text.encode()))
 
 
 def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
     """``torch.save`` that replaces ``path`` atomically."""
-    _atomic_replace(path, lambda f: torch.save(obj, f))
+    atomic_write(path, lambda f: torch.save(obj, f))
 
 
 def perplexity(loss: float | torch.Tensor) -> float | torch.Tensor:

@@ -76,6 +76,19 @@ def test_cli_bad_input_is_one_line(tmp_path, capsys, args, out, fragment):
     assert not (tmp_path / out).exists()
 
 
+@pytest.mark.parametrize("engine", ["matplotlib", "auto"])
+def test_cli_cannot_write_leaves_nothing(tmp_path, capsys, engine):
+    """A picture that cannot replace its path (a folder there) is one line, and no temp
+    file stays behind."""
+    (tmp_path / "taken").mkdir()
+    args = ["DARTS_V2", "--space", "cnn", "--engine", engine, "-o", str(tmp_path / "taken")]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "cannot write the picture" in err and len(err.strip().splitlines()) == 1
+    assert [p.name for p in tmp_path.iterdir()] == ["taken"]
+    assert list((tmp_path / "taken").iterdir()) == []
+
+
 def test_cli_draws_a_run_folder(tmp_path):
     """A search's run folder, as derive takes it: its genotype.json (and an upper-case
     extension, which matplotlib takes)."""
