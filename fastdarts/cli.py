@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import re
 import sys
 import warnings
 from collections.abc import Callable
@@ -101,8 +102,8 @@ def run_folder(given: dict, kind: str) -> str:
 
 def run_reporting(prog: str, out: str, work: Callable[[], object]) -> int:
     """Run ``work()`` and print its result as JSON (none for None: a distributed run's other
-    ranks) (exit 0); a FastDartsError is one line on stderr (its exit code), an interrupt says
-    how to resume (130)."""
+    ranks) (exit 0); a FastDartsError, or running out of memory, is one line on stderr (its
+    exit code; 2), an interrupt says how to resume (130)."""
 
     def one_line(message, category, filename, lineno, line=None) -> str:
         kind = "warning" if category is UserWarning else category.__name__
@@ -115,6 +116,17 @@ def run_reporting(prog: str, out: str, work: Callable[[], object]) -> int:
         result = work()
     except FastDartsError as e:
         return report(prog, e)
+    except RuntimeError as e:  # torch's OutOfMemoryError (CUDA) or the CPU allocator's
+        tried = re.search(r"[Tt]ried to allocate ([\d.]+ ?\w+)", str(e))
+        if tried is None or not re.search(r"out of memory|can't allocate memory", str(e)):
+            raise
+        return report(
+            prog,
+            ConfigError(
+                f"out of memory (tried to allocate {tried.group(1)}): a smaller --batch-size, "
+                "or model (--bptt, --nhid; --init-channels, --layers), fits"
+            ),
+        )
     except KeyboardInterrupt:
         if (Path(out) / "checkpoint.pt").is_file():
             print(f"{prog}: interrupted; continue with --resume --out {out}", file=sys.stderr)

@@ -309,6 +309,29 @@ def test_an_interrupt_says_how_to_resume_only_when_there_is_a_checkpoint(tmp_pat
     assert capsys.readouterr().err == f"prog: interrupted; continue with --resume --out {out}\n"
 
 
+def test_running_out_of_memory_is_one_line(capsys):
+    """The CPU allocator's error and CUDA's OutOfMemoryError say how much and what to lower
+    in one line (exit 2); any other RuntimeError is not swallowed."""
+    from fastdarts.cli import run_reporting
+
+    def cpu():
+        torch.empty(2**60, dtype=torch.uint8)
+
+    def cuda():
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB. GPU 0 …")
+
+    def other():
+        raise RuntimeError("shape mismatch")
+
+    for work, amount in ((cpu, f"{2**60} bytes"), (cuda, "20.00 GiB")):
+        assert run_reporting("prog", "out", work) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"prog: error: out of memory (tried to allocate {amount})"), err
+        assert "--batch-size" in err and len(err.strip().splitlines()) == 1
+    with pytest.raises(RuntimeError, match="shape mismatch"):
+        run_reporting("prog", "out", other)
+
+
 def test_a_warning_inside_a_run_is_one_line():
     """Formatted as the program's name and the message (the category where it is not a
     UserWarning), not Python's file:line and source line; still recorded by a recorder;

@@ -181,6 +181,7 @@ def test_drop_path_only_in_training():
         ([*CNN_TINY, "--grad-clip", "0"], ["--grad-clip must be positive"]),
         ([*RNN_TINY, "--clip", "0"], ["--clip must be positive"]),
         (["--space", "rnn", "--genotype", "DARTS_V2", "--device", "cuda:7"], ["cuda"]),
+        ([*RNN_TINY, "--batch-size", "4", "--bptt", "300000"], ["--bptt 300000: longer than"]),
     ],
 )
 def test_bad_input_is_one_line(tmp_path, capsys, args, fragments):

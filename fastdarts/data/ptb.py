@@ -69,6 +69,16 @@ def batchify_split(tokens: Tensor, batch_size: int, flag: str, split: str, rows:
     return batchify(tokens, batch_size)
 
 
+def check_bptt(bptt: int, train: Tensor, batch_flag: str) -> None:
+    """ConfigError unless a ``bptt``-token sequence fits the batchified training split's
+    columns (the epochs end 2 rows before their end)."""
+    if bptt > len(train) - 2:
+        raise ConfigError(
+            f"--bptt {bptt}: longer than the training split's columns ({len(train) - 2:,} "
+            f"tokens to step over at this {batch_flag})"
+        )
+
+
 def get_batch(source: Tensor, i: int, seq_len: int) -> tuple[Tensor, Tensor]:
     """Rows ``i:i+seq_len`` of a batchified source and the same rows shifted by one (targets)."""
     seq_len = min(seq_len, len(source) - 1 - i)

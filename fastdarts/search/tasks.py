@@ -194,6 +194,7 @@ class RNNTask(SearchTask):
         super().__init__(cfg, model, device)
         # This rank's block of columns (all of them in one process).
         train = ptb.batchify_split(corpus.train, cfg.batch_size, "--batch-size", "train", 3)
+        ptb.check_bptt(cfg.bptt, train, "--batch-size")
         valid = ptb.batchify_split(corpus.valid, cfg.batch_size, "--batch-size", "valid", 3)
         self.train_data, self.search_data = distributed.shard(train, 1), distributed.shard(valid, 1)
         self.train_data, self.search_data = self.train_data.to(device), self.search_data.to(device)

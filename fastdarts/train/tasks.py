@@ -98,6 +98,7 @@ class RNNTrainTask:
         self.train_data, self.valid_data, self.test_data = (
             ptb.batchify_split(*split).to(device) for split in splits
         )
+        ptb.check_bptt(cfg.bptt, self.train_data, "--batch-size")
         self.sampler = MaskSampler(cfg.seed + 1, device)
         self.rng = np.random.default_rng(cfg.seed)
         self.pos = 0
