@@ -89,6 +89,13 @@ def main(argv: list[str] | None = None) -> str:
         p.error(f"{path}: no such folder or file")
     if not path.is_dir() and not path.is_file():
         p.error(f"{path}: not a folder or a file")
+    if path.is_file():  # a file named is a results file or a mistake (a folder may mix)
+        try:
+            doc = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            p.error(f"{path}: unreadable ({e})")
+        if not isinstance(doc, dict) or not isinstance(doc.get("rows"), list):
+            p.error(f"{path}: not a results file (no rows)")
     text = summarize(path)
     print(text)
     return text

@@ -15,12 +15,14 @@ multiprocessor keeps resident (an H100/H200 SM has 65,536 registers for at most 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import re
 import shutil
 import subprocess
 import sys
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -312,6 +314,32 @@ def archs(text: str) -> list[int]:
         ) from None
 
 
+@contextlib.contextmanager
+def _silenced() -> Iterator[None]:
+    """This process's stdout and stderr (the file descriptors: compilers print from C++ too)
+    sent to /dev/null for the block."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = [os.dup(1), os.dup(2)]
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 1)
+            os.dup2(null.fileno(), 2)
+            yield
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        for fd, copy in zip((1, 2), saved):
+            os.dup2(copy, fd)
+            os.close(copy)
+
+
+def _fatal_line(lines: list[str]) -> str:
+    """The line of a compiler's message that says what failed (ptxas's "fatal"), else its
+    first."""
+    return next((ln.strip() for ln in lines if "fatal" in ln), lines[0].strip())
+
+
 def main(argv: list[str] | None = None) -> dict:
     """Compiles every launch for each target; returns (and optionally writes) the document."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
@@ -329,6 +357,13 @@ def main(argv: list[str] | None = None) -> dict:
         raise SystemExit(
             "no cuobjdump here: Triton's NVIDIA backend ships one (pip install triton)"
         )
+    for arch in args.archs:  # one launch first: a target this ptxas lacks is one line
+        try:
+            with _silenced():  # what LLVM and Triton print of a failure on their own
+                compile_launch(next(iter(LAUNCHES)), DTYPES[0], arch)
+        except Exception as e:  # Triton's PTXASError, or its backend refusing the target
+            lines = str(e).splitlines() or [type(e).__name__]
+            p.error(f"--archs: {arch} does not compile here: {_fatal_line(lines)}")
     rows = [row(n, d, a, tool) for a in args.archs for n in LAUNCHES for d in DTYPES]
     argv = sys.argv[1:] if argv is None else argv
     doc = {

@@ -799,6 +799,25 @@ def test_summary_cli(tmp_path, capsys):
     assert "| a | cnn_pools |" in one and "cnn_depthwise" not in one
     both = summary.main([str(tmp_path)])
     assert "| a | cnn_pools |" in both and "| b | cnn_depthwise |" in both
+    # A file named that is not a results file is a usage error; in a folder, a note.
+    (tmp_path / "bad.json").write_text("{")
+    (tmp_path / "other.json").write_text(json.dumps({"name": "x"}))
+    for name, message in (("bad", "unreadable ("), ("other", "not a results file")):
+        with pytest.raises(SystemExit) as stop:
+            summary.main([str(tmp_path / f"{name}.json")])
+        assert stop.value.code == 2 and message in capsys.readouterr().err
+    assert "bad.json: unreadable" in summary.main([str(tmp_path)])
+
+
+def test_triton_resources_refuses_a_target_it_cannot_compile(capsys):
+    """An --archs value this Triton's ptxas lacks is one line before the work (it was a
+    traceback after ptxas's and the PTX's whole text)."""
+    pytest.importorskip("triton")
+    with pytest.raises(SystemExit) as stop:
+        triton_resources.main(["--archs", "90,999"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert stop.value.code == 2 and "error: --archs: 999 does not compile here" in err[-1]
+    assert len(err) == 2  # the usage line, then the error
 
 
 # -- before/after timing of two versions ------------------------------------------------------
