@@ -398,6 +398,12 @@ class EpochRun:
     def _budget_left(self) -> bool:
         return self.cfg.max_steps is None or self.step < self.cfg.max_steps
 
+    @property
+    def last_epoch(self) -> int:
+        """The epoch (from 1) of the last step taken, as metrics.jsonl labels it: the one under
+        way (a run stopped by --max-steps), else the last finished (0 before any)."""
+        return self.epoch + 1 if self.epoch_started else self.epoch
+
     def _epoch_finished(self) -> bool:
         cap = self.cfg.epoch_steps
         return self.task.epoch_done() or bool(cap and self.epoch_step >= cap)

@@ -82,6 +82,21 @@ def test_short_run_writes_outputs_and_tests(tmp_path, capsys, args, key):
         assert (out / "best.pt").is_file() and result["weights"] == "best"
 
 
+def test_a_test_row_carries_its_last_steps_epoch(tmp_path, capsys):
+    """Stopped mid-epoch by --max-steps, the test row and result.json name the epoch its
+    last step was in, as the step rows do (they said the epochs finished: one fewer)."""
+    out = tmp_path / "run"
+    args = ["--epochs", "3", "--epoch-steps", "3", "--max-steps", "4", "--out", str(out)]
+    code, stdout, err = run(capsys, *RNN_TINY, *args)
+    assert code == 0, err
+    rows = records(out)
+    steps = [r for r in rows if "loss" in r]
+    assert [r["epoch"] for r in steps] == [1, 1, 1, 2]
+    assert rows[-1]["split"] == "test" and rows[-1]["epoch"] == 2
+    assert json.loads(stdout)["epoch"] == json.loads((out / "result.json").read_text())["epoch"]
+    assert json.loads(stdout)["epoch"] == 2
+
+
 @pytest.mark.parametrize(
     ("args", "steps", "stop_at"),
     [

@@ -126,9 +126,8 @@ class Searcher(EpochRun):
     # -- outputs -----------------------------------------------------------------------------
 
     def _alpha_record(self) -> dict:
-        # Mid-epoch (a run stopped by --max-steps) the epoch under way, as metrics.jsonl has it.
-        epoch = self.epoch + 1 if self.epoch_started else self.epoch
-        return {"epoch": epoch, "step": self.step, "alphas": self.task.model.alpha_probs()}
+        alphas = self.task.model.alpha_probs()
+        return {"epoch": self.last_epoch, "step": self.step, "alphas": alphas}
 
     def _write_outputs(self, final: bool) -> genotypes.Genotype:
         from fastdarts.plot import plot_alpha_history

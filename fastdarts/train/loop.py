@@ -89,7 +89,7 @@ class Trainer(EpochRun):
         result = self.task.test(best, self.cfg.eval_batches)
         self._check_finite(result)
         weights = "best" if best is not None else "final"
-        record = {"step": self.step, "epoch": self.epoch, "split": "test", **result}
+        record = {"step": self.step, "epoch": self.last_epoch, "split": "test", **result}
         self._log(record)
         doc = {**record, "weights": weights, "complete": self.cfg.eval_batches is None}
         atomic_write_text(self.out / "result.json", json.dumps(doc, indent=1) + "\n")
