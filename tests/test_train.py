@@ -227,7 +227,14 @@ def test_existing_run_and_foreign_checkpoints(tmp_path, capsys):
     assert code == 2 and "--resume" in err
     code, _, err = run(capsys, "--resume", "--out", str(out), "--lr", "3")
     assert code == 2 and "other settings" in err
+    code, _, err = run(capsys, "--resume", "--out", str(out), "--genotype", "DARTS_V1")
+    assert code == 2 and "other settings (genotype='DARTS_V2')" in err
     assert snapshot(out) == before
+    # The same genotype by its file, and a backend auto resolves to here, are the same run.
+    same = ["--genotype", str(out / "genotype.json"), "--backend", "reference"]
+    code, _, err = run(capsys, "--resume", "--out", str(out), "--max-steps", "2", *same)
+    assert code == 0, err
+    assert torch.load(out / "checkpoint.pt", weights_only=True)["step"] == 2
     code, _, err = run(capsys, "--resume", "--out", str(tmp_path / "none"), "--space", "rnn")
     assert code == 2 and "no checkpoint.pt" in err
     search = tmp_path / "search"

@@ -20,7 +20,7 @@ HELP = {
     **RUN_HELP,
     "space": "rnn (recurrent cell, PTB language model) or cnn (convolutional cell, CIFAR-10)",
     "genotype": "a published genotype's name (DARTS_V1, DARTS_V2), a genotype JSON file, or "
-    "a search's run folder",
+    "a search's run folder (required, except with --resume)",
     "epochs": "epochs (paper: 8000 rnn, an upper limit; 600 cnn)",
     "batch_size": "batch size (paper: 64 rnn, 96 cnn)",
     "out": "run folder (default: runs/train-SPACE)",

@@ -14,7 +14,8 @@ from __future__ import annotations
 import json
 
 from fastdarts import genotypes
-from fastdarts.runs import TRAIN_KIND, EpochRun, check_settings, load_state_file
+from fastdarts.errors import ConfigError
+from fastdarts.runs import TRAIN_KIND, EpochRun, check_settings, load_state_file, resolve_device
 from fastdarts.train.config import TrainConfig
 from fastdarts.train.tasks import TASKS, resolve_backend
 from fastdarts.utils import atomic_torch_save, atomic_write_text
@@ -51,6 +52,25 @@ class Trainer(EpochRun):
         check_settings(cfg, "trains", more)
 
     # -- checkpoints -------------------------------------------------------------------------
+
+    def _check_saved(self, saved: dict) -> None:
+        # A setting given another way that trains the same network the same way is the same:
+        # the run's genotype by another name or file, a backend resolving (on this run's
+        # device) to the one the saved one resolves to.
+        config, cfg = saved["config"], self.cfg
+        run_genotype = self.out / "genotype.json"
+        if cfg.genotype != config.get("genotype") and run_genotype.is_file():
+            ours = genotypes.load_genotype(run_genotype, cfg.space)
+            if genotypes.load_genotype(cfg.genotype, cfg.space) == ours:
+                config["genotype"] = cfg.genotype
+        if cfg.backend != config.get("backend"):
+            device = resolve_device(cfg.device)
+            try:
+                before = resolve_backend(config.get("backend"), cfg.space, device)
+            except ConfigError:  # the saved one cannot run here: no equal to compare with
+                return
+            if resolve_backend(cfg.backend, cfg.space, device) is before:
+                config["backend"] = cfg.backend
 
     def _checkpoint_extras(self) -> dict:
         return {"kind": TRAIN_KIND}
