@@ -1420,6 +1420,63 @@ def test_modules_on_meta_give_shapes():
         assert out.shape == (2, 16, 3, 3) and out.is_meta
 
 
+@pytest.mark.parametrize("stride", [1, 2])
+def test_meta_init_then_materialise(stride):
+    """The usual ways to build a module without memory and fill it: built under
+    ``torch.device("meta")`` and loaded with ``assign=True``, or moved by ``to_empty`` and
+    loaded; the index tables (constants, not in the state_dict) are rebuilt on the
+    parameters' device, and the result computes as the module the state_dict came from.
+    Also a cell, and ``double()`` (the zero shifts follow the dtype)."""
+    gen = _gen(34)
+    x, w = torch.randn(2, 4, 6, 6, generator=gen), _probs(gen, dtype=torch.float32)
+    source = MixedOp(4, stride)
+    state, want = source.state_dict(), source(x, w)
+    with torch.device("meta"):
+        built = MixedOp(4, stride)
+    assert built.routes_g0.src.is_meta and built.w_idx.is_meta
+    assert built(x.to("meta"), w.to("meta")).shape == want.shape
+    built.load_state_dict(state, assign=True)
+    emptied = MixedOp(4, stride).to("meta").to_empty(device="cpu")
+    emptied.load_state_dict(state)
+    for edge in (built, emptied):
+        assert {t.device.type for t in [*edge.parameters(), *edge.buffers()]} == {"cpu"}
+        torch.testing.assert_close(edge(x, w), want, rtol=0, atol=0)
+    doubled = copy.deepcopy(source).double()
+    assert doubled.zeros_g0.dtype == F64
+    torch.testing.assert_close(doubled(x.double(), w.double()), want.double(), rtol=1e-6, atol=1e-6)
+    with torch.device("meta"):
+        cell = FusedCellOps(4, 4, 4, stride == 2)
+    reference = FusedCellOps(4, 4, 4, stride == 2)
+    cell.load_state_dict(reference.state_dict(), assign=True)
+    states, weights = [x, x.clone()], _probs(gen, 14, dtype=torch.float32)
+    torch.testing.assert_close(cell(states, weights), reference(states, weights), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+def test_flop_counter_counts_the_kernels_convolutions(stride):
+    """FlopCounterMode counts the fused edge's forward as the reference's (its convolutions,
+    now in the depthwise and pointwise ops), and the kernels' backward as twice their
+    forward (both gradients), group by group (it counted nothing: ops of their own)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    gen = _gen(36)
+    x = torch.randn(2, 4, 8, 8, generator=gen, requires_grad=True)
+    w = _probs(gen, dtype=torch.float32)
+    counts = {}
+    for name, edge in (("fused", MixedOp(4, stride)), ("reference", ReferenceMixedOp(4, stride))):
+        with FlopCounterMode(display=False) as forward:
+            out = edge(x, w).sum()
+        with FlopCounterMode(display=False) as backward:
+            out.backward()
+        counts[name] = (forward.get_flop_counts()["Global"], backward.get_flop_counts()["Global"])
+    ops = torch.ops.fastdarts
+    (fwd, bwd), (ref_fwd, _) = counts["fused"], counts["reference"]
+    assert sum(fwd.values()) == sum(ref_fwd.values()) > 0
+    assert fwd[ops.depthwise] > 0 and fwd[ops.pointwise] > 0
+    for op in ("depthwise", "pointwise"):
+        assert bwd[getattr(ops, op + "_backward")] == 2 * fwd[getattr(ops, op)]
+
+
 def test_edge_under_autocast_runs_in_the_weights_dtype():
     gen = _gen(33)
     _, edge = make_edge(4, 1, torch.float32, seed=10, train=False)

@@ -615,3 +615,26 @@ def test_cuda_vmap_over_weight_samples():
     cuda = [None if t is None else t.cuda() for t in (x, h, probs, xm, hm, grad)]
     got = _stacked_run(fused.cuda(), *cuda)
     assert_close([g.cpu() for g in got], want, torch.float64)
+
+
+def test_flop_counter_counts_the_cell_as_the_reference():
+    """FlopCounterMode counts the fused cell's products as it counts the reference's matrix
+    multiplications, forward and backward (it counted nothing: the kernels are one op)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    gen = torch.Generator().manual_seed(35)
+    counts = []
+    for op in (None, recurrent_cell):
+        cell = RecurrentSearchCell(6, 5)
+        cell.cell_op = op
+        x = torch.randn(4, 3, 6, generator=gen, requires_grad=True)
+        h = torch.randn(3, 5, generator=gen, requires_grad=True)
+        probs = torch.softmax(torch.randn(36, 5, generator=gen), -1).requires_grad_()
+        with FlopCounterMode(display=False) as counter:
+            forward = cell(x, h, probs).sum()
+        total = counter.get_total_flops()
+        with FlopCounterMode(display=False) as counter:
+            forward.backward()
+        counts.append((total, counter.get_total_flops()))
+    steps = 4 * (2 * 3 * 11 * 10 + sum(2 * (j + 1) * 3 * 5 * 10 for j in range(8)))
+    assert counts[0] == counts[1] == (steps, 2 * steps)

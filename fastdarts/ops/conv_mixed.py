@@ -46,6 +46,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.flop_counter import conv_flop_count, register_flop_formula
 
 from fastdarts.genotypes import CNN_PRIMITIVES
 from fastdarts.ops.extension import extension, has_triton, triton_kernels
@@ -377,16 +378,32 @@ class Routes(nn.Module):
     def __init__(self, src: list[int], out: list[int], n_src: int, n_out: int):
         super().__init__()
         order = sorted(range(len(out)), key=lambda r: (out[r], r))
-        src_t = torch.tensor([src[r] for r in order], dtype=torch.long)
-        out_t = torch.tensor([out[r] for r in order], dtype=torch.long)
         self.order = order  # route index in the caller's order → position here
+        self._src, self._out = [src[r] for r in order], [out[r] for r in order]
         self.n_src, self.n_out = n_src, n_out
-        self.register_buffer("src", src_t, persistent=False)
-        self.register_buffer("out", out_t, persistent=False)
-        self.register_buffer("out_ptr", _csr(out_t, n_out), persistent=False)
+        self.build(torch.get_default_device())  # where a buffer made here would go
+
+    def build(self, device: torch.device) -> None:
+        """(Re)make the tables on ``device``: computed on the CPU (also under a meta default
+        device, which has no bincount), then moved."""
+        src_t = torch.tensor(self._src, dtype=torch.long, device="cpu")
+        out_t = torch.tensor(self._out, dtype=torch.long, device="cpu")
         perm = torch.sort(src_t, stable=True).indices
-        self.register_buffer("src_perm", perm, persistent=False)
-        self.register_buffer("src_ptr", _csr(src_t[perm], n_src), persistent=False)
+        tables = {
+            "src": src_t,
+            "out": out_t,
+            "out_ptr": _csr(out_t, self.n_out),
+            "src_perm": perm,
+            "src_ptr": _csr(src_t[perm], self.n_src),
+        }
+        for name, t in tables.items():
+            self.register_buffer(name, t.to(device), persistent=False)
+
+    def _apply(self, fn, recurse=True):
+        # Constants, rebuilt where fn put them: to_empty() leaves them uninitialised.
+        super()._apply(fn, recurse)
+        self.build(self.src.device)
+        return self
 
     def tables(self) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, int]:
         return self.src, self.out, self.out_ptr, self.src_perm, self.src_ptr, self.n_out
@@ -1209,6 +1226,11 @@ class FusedEdges(nn.Module):
     child, torch passes it no metadata but its own entry, so there a checkpoint counts as
     older only when it lacks every ``num_batches_tracked`` key of the module.
 
+    The route and index tables are constants made from the layout, not state: built under a
+    meta default device, moved by ``to``/``to_empty`` or loaded with ``assign=True`` (which
+    materialises a meta module on the values' device), the module remakes them where its
+    parameters are.
+
     ``track_running_stats`` plays the role of BatchNorm's: False (see
     :meth:`SearchModel.frozen_bn_stats`) normalises by batch statistics and updates none.
     """
@@ -1216,6 +1238,7 @@ class FusedEdges(nn.Module):
     def __init__(self, C: int, groups: list[_Group]):
         super().__init__()
         self.C, self._groups, self.track_running_stats = C, groups, True
+        self._tables: dict[str, list[int] | None] = {}  # index tables, as lists (see below)
         w_idx: list[int] = []  # every group's routes' α-weight, as flat indices, in order
         self._route_counts: list[int] = []
         for g, grp in enumerate(groups):
@@ -1239,15 +1262,11 @@ class FusedEdges(nn.Module):
             w_idx += [r[2] for r in ordered]
             self._route_counts.append(len(ordered))
             # Eval: index n_run is the (mean 0, invstd 1) slot of ops without a folded BN.
-            stat = torch.tensor([grp.n_run if r[3] < 0 else r[3] for r in ordered])
-            self.register_buffer(f"st_eval_g{g}", stat, persistent=False)
-            self.register_buffer(f"zeros_g{g}", torch.zeros(len(routes)), persistent=False)
-            run = torch.tensor(grp.running_sources())
-            self.register_buffer(f"runstat_g{g}", run, persistent=False)
-            rep = grp.replicate()
-            rep = None if rep is None else torch.tensor(rep)
-            self.register_buffer(f"rep_g{g}", rep, persistent=False)
-        self.register_buffer("w_idx", torch.tensor(w_idx), persistent=False)
+            self._tables[f"st_eval_g{g}"] = [grp.n_run if r[3] < 0 else r[3] for r in ordered]
+            self._tables[f"runstat_g{g}"] = grp.running_sources()
+            self._tables[f"rep_g{g}"] = grp.replicate()
+        self._tables["w_idx"] = w_idx
+        self._build_tables()
         # (edge row, group, reference key, storage, index), in the reference's order.
         self._entries = sorted(
             (
@@ -1258,6 +1277,26 @@ class FusedEdges(nn.Module):
             ),
             key=lambda entry: entry[0],
         )  # edge order, stable within
+
+    def _build_tables(self) -> None:
+        """(Re)make the constant tables (non-persistent buffers) where the parameters are, in
+        their dtype for the zero shifts; built on the CPU (a meta default device too)."""
+        first = self.pw1_g0
+        for name, values in self._tables.items():
+            t = None if values is None else torch.tensor(values, device="cpu")
+            self.register_buffer(name, _to_device(t, first.device), persistent=False)
+        for g in range(len(self._groups)):
+            n_routes = self._route_counts[g]
+            zeros = torch.zeros(n_routes, dtype=first.dtype, device="cpu")
+            self.register_buffer(f"zeros_g{g}", zeros.to(first.device), persistent=False)
+            self._get("routes", g).build(first.device)
+
+    def _apply(self, fn, recurse=True):
+        # The tables are constants, rebuilt where fn put the parameters: to_empty() leaves
+        # them uninitialised (and a module built on meta has no values to move).
+        super()._apply(fn, recurse)
+        self._build_tables()
+        return self
 
     def _get(self, name: str, g: int) -> Tensor:
         return getattr(self, f"{name}_g{g}")
@@ -1407,6 +1446,8 @@ class FusedEdges(nn.Module):
     ) -> None:
         own = self._own_state()
         whole = {name for name in own if prefix + name in state_dict}
+        if local_metadata.get("assign_to_params_buffers", False):
+            own = self._assign_storage(state_dict, prefix, whole)
         optional = self._optional_nbt(state_dict, prefix, local_metadata)
         expected = set()
         with torch.no_grad():
@@ -1430,6 +1471,31 @@ class FusedEdges(nn.Module):
             if head[0] not in (self._modules if len(head) > 1 else own):
                 unexpected_keys.append(key)
 
+    def _assign_storage(self, state_dict, prefix: str, whole: set[str]) -> dict[str, Tensor]:
+        """load_state_dict(assign=True): each batched tensor the state_dict fills becomes a
+        new one on its values' device and of their dtype (a module built on meta is
+        materialised), the values it lacks kept from the old one where it has any. The
+        entries are then copied in as usual. Returns the new own state."""
+        incoming: dict[str, Tensor] = {}
+        for _, g, key, name, _ in self._entries:
+            value = state_dict.get(prefix + key)
+            if isinstance(value, Tensor):
+                incoming.setdefault(f"{name}_g{g}", value)
+        for name in whole:
+            if isinstance(state_dict[prefix + name], Tensor):
+                incoming[name] = state_dict[prefix + name]
+        for name, value in incoming.items():
+            old = getattr(self, name)
+            new = torch.empty(old.shape, dtype=value.dtype, device=value.device)
+            if old.device.type != "meta":
+                new.copy_(old.detach())
+            if name in self._parameters:
+                self._parameters[name] = nn.Parameter(new, requires_grad=old.requires_grad)
+            else:
+                self._buffers[name] = new
+        self._build_tables()
+        return self._own_state()
+
 
 _NBT = ".num_batches_tracked"
 
@@ -1449,6 +1515,10 @@ def _copy_in(target: Tensor, key: str, value, errors: list[str]) -> None:
         )
     else:
         target.copy_(value)
+
+
+def _to_device(t: Tensor | None, device: torch.device) -> Tensor | None:
+    return None if t is None else t.to(device)
 
 
 def _to(t: Tensor | None, dtype: torch.dtype) -> Tensor | None:
@@ -1694,3 +1764,57 @@ def reference_cell_ops(cell: nn.Module) -> nn.Module:
     ops.load_state_dict(fused.state_dict())
     ops.train(cell.training)
     return ops
+
+
+# -- FLOP counts (torch.utils.flop_counter.FlopCounterMode) ----------------------------------
+# The kernels' convolutions, each group a convolution of its own: the forward as torch counts
+# the reference's convolutions; the backward twice that where both gradients are made (torch's
+# formula for a grouped convolution's weight gradient leaves the groups out: it counts a
+# depthwise one C times over). The mixture, the pools and the BatchNorms, elementwise, count
+# nothing, as the reference's elementwise ops do not.
+
+
+def _group_convs(x, w, out, groups: int) -> tuple[list[int], list[int], list[int]]:
+    """(input, weight, output) shapes of one group of a grouped convolution."""
+    return [x[0], x[1] // groups, *x[2:]], list(w), [out[0], out[1] // groups, *out[2:]]
+
+
+def _conv_backward_flops(grad, x, w, groups: int, grad_weight: bool) -> int:
+    """A grouped convolution's backward, group by group: the input's gradient a transposed
+    convolution, the weight's a convolution of the input by the output's gradient."""
+    x, w, grad = _group_convs(x, w, grad, groups)
+    flops = conv_flop_count(grad, [w[0] // groups, *w[1:]], x, transposed=True)
+    if grad_weight:
+        swap = lambda s: [s[1], s[0], *s[2:]]  # noqa: E731
+        flops += conv_flop_count(swap(x), swap(grad), swap([w[0] // groups, *w[1:]]))
+    return groups * flops
+
+
+def _dw_convs(x, weights: list, out):
+    """(input, weight, output) shapes of the depthwise convolution each weight shape is."""
+    for w in weights:
+        ch, k = w[-4], w[-1]  # (Ch, 1, K, K), or weight samples (S, Ch, 1, K, K)
+        yield (x[0], ch, *x[2:]), (ch, 1, k, k), (out[0], ch, *out[2:])
+
+
+@register_flop_formula(torch.ops.fastdarts.depthwise)
+def _dw_flops(x, weights, *args, out_shape=None, **kwargs) -> int:
+    convs = _dw_convs(x, weights, out_shape)
+    return sum(conv_flop_count(list(i), list(w), list(o)) for i, w, o in convs)
+
+
+@register_flop_formula(torch.ops.fastdarts.depthwise_backward)
+def _dw_backward_flops(grad, x, weights, *args, out_shape=None, **kwargs) -> int:
+    grad_weights = args[4]  # after stride, pads, dils, in_offsets
+    convs = _dw_convs(x, weights, grad)
+    return sum(_conv_backward_flops(o, i, w, i[1], grad_weights) for i, w, o in convs)
+
+
+@register_flop_formula(torch.ops.fastdarts.pointwise)
+def _pw_flops(x, weight, groups, *args, out_shape=None, **kwargs) -> int:
+    return conv_flop_count(list(x), list(weight), list(out_shape))
+
+
+@register_flop_formula(torch.ops.fastdarts.pointwise_backward)
+def _pw_backward_flops(grad, x, weight, groups, grad_weight, *args, **kwargs) -> int:
+    return _conv_backward_flops(grad, x, weight, groups, grad_weight)

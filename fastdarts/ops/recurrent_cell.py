@@ -40,6 +40,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.utils.flop_counter import register_flop_formula
 
 from fastdarts.ops import recurrent_mixed as recurrent_mixed_ops
 from fastdarts.ops.extension import extension, triton_kernels
@@ -764,3 +765,27 @@ def recurrent_cell(
             bn_args, inputs.contiguous(), hidden.contiguous(), probs.contiguous(), *masks,
             cell._W0.contiguous(), *(w.contiguous() for w in cell._Ws),
         )[0]  # fmt: skip
+
+
+# -- FLOP counts (torch.utils.flop_counter.FlopCounterMode) ----------------------------------
+# The cell's matrix products, as torch counts the reference's (2·m·k·n each): per time step
+# [x, h]·W0 and, for node j, its j + 1 predecessors' states times W_j; the backward makes
+# both operands' gradients, twice that. The mixtures and the BatchNorm, elementwise, count
+# nothing, as the reference's do not.
+
+
+def _cell_flops(inputs, hidden, w0, ws) -> int:
+    steps, batch = inputs[0], inputs[1]
+    flops = 2 * batch * w0[0] * w0[1]
+    flops += sum(2 * (j + 1) * batch * w[0] * w[1] for j, w in enumerate(ws))
+    return steps * flops
+
+
+@register_flop_formula(torch.ops.fastdarts.recurrent_cell)
+def _forward_flops(inputs, hidden, probs, x_mask, h_mask, w0, ws, *args, **kwargs) -> int:
+    return _cell_flops(inputs, hidden, w0, ws)
+
+
+@register_flop_formula(torch.ops.fastdarts.recurrent_cell_backward)
+def _backward_flops(grad, inputs, hidden, probs, x_mask, h_mask, w0, ws, *args, **kwargs) -> int:
+    return 2 * _cell_flops(inputs, hidden, w0, ws)
