@@ -276,6 +276,19 @@ class EpochRun:
     def _check_saved(self, saved: dict) -> None:
         """A subclass's checks of the checkpoint before its settings are compared."""
 
+    def _accept_equal_backend(self, config: dict, resolve: Callable[[str], object]) -> None:
+        """A backend given on resume that ``resolve`` (on this run's device) makes the one the
+        saved setting makes is the same setting: recorded as given, so the comparison of
+        settings passes."""
+        if self.cfg.backend == config.get("backend"):
+            return
+        try:
+            before = resolve(config.get("backend"))
+        except ConfigError:  # the saved one cannot run here: nothing to be equal to
+            return
+        if resolve(self.cfg.backend) is before:
+            config["backend"] = self.cfg.backend
+
     def _check_settings(self, saved: dict) -> None:
         diff = trajectory_mismatch(saved["config"], self.cfg.to_dict())
         if diff:

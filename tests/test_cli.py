@@ -12,6 +12,7 @@ import torch
 from conftest import CNN_TINY, RNN_TINY, snapshot
 
 from fastdarts.genotypes import load_genotype, to_dict
+from fastdarts.ops.backends import BACKENDS
 
 SEARCH = "fastdarts.search"
 
@@ -174,6 +175,12 @@ def test_resume_says_where_it_goes_on_and_when_nothing_is_left(tmp_path, capsys)
         assert main(["--resume", "--max-steps", "2", "--out", str(out)]) == 0
         err = capsys.readouterr().err
         assert "at step 1" in err and "already at" not in err
+        # A backend auto resolves to here is the run's setting; another one is not.
+        assert main(["--resume", "--backend", "reference", "--out", str(out)]) == 0
+        assert "already at --max-steps 2" in capsys.readouterr().err
+        if BACKENDS["fused"].why_not("rnn", "cpu") is None:
+            assert main(["--resume", "--backend", "fused", "--out", str(out)]) == 2
+            assert "other settings (backend=" in capsys.readouterr().err
     finally:
         os.umask(old)
     config = json.loads((out / "config.json").read_text())

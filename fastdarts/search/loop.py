@@ -26,7 +26,7 @@ import torch
 from fastdarts import distributed, genotypes
 from fastdarts.errors import ConfigError
 from fastdarts.ops.backends import resolve as resolve_backend
-from fastdarts.runs import EpochRun, check_settings
+from fastdarts.runs import EpochRun, check_settings, resolve_device
 from fastdarts.search.config import SearchConfig
 from fastdarts.search.tasks import TASKS, SearchTask
 from fastdarts.utils import atomic_write_text
@@ -104,6 +104,10 @@ class Searcher(EpochRun):
             )
         # A checkpoint from before --sync-bn existed ran without it.
         saved["config"].setdefault("sync_bn", False)
+        device_type = resolve_device(self.cfg.device).type
+        self._accept_equal_backend(
+            saved["config"], lambda b: resolve_backend(b, self.cfg.space, device_type)
+        )
 
     def _checkpoint_extras(self) -> dict:
         return {"history": json.dumps(self.history), "world_size": distributed.world_size()}

@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 
 from fastdarts import genotypes
-from fastdarts.errors import ConfigError
 from fastdarts.runs import TRAIN_KIND, EpochRun, check_settings, load_state_file, resolve_device
 from fastdarts.train.config import TrainConfig
 from fastdarts.train.tasks import TASKS, resolve_backend
@@ -63,14 +62,8 @@ class Trainer(EpochRun):
             ours = genotypes.load_genotype(run_genotype, cfg.space)
             if genotypes.load_genotype(cfg.genotype, cfg.space) == ours:
                 config["genotype"] = cfg.genotype
-        if cfg.backend != config.get("backend"):
-            device = resolve_device(cfg.device)
-            try:
-                before = resolve_backend(config.get("backend"), cfg.space, device)
-            except ConfigError:  # the saved one cannot run here: no equal to compare with
-                return
-            if resolve_backend(cfg.backend, cfg.space, device) is before:
-                config["backend"] = cfg.backend
+        device = resolve_device(cfg.device)
+        self._accept_equal_backend(config, lambda b: resolve_backend(b, cfg.space, device))
 
     def _checkpoint_extras(self) -> dict:
         return {"kind": TRAIN_KIND}
