@@ -147,6 +147,38 @@ def test_function_gradients_on_the_cpu():
     assert not lse.requires_grad
 
 
+def test_forward_mode_matches_torch():
+    """jvp (torch.func and forward-mode duals), forward-over-reverse (an HVP as
+    torch.func.jvp of torch.func.grad) and gradcheck's forward-mode check, against
+    F.cross_entropy in float64."""
+    import torch.autograd.forward_ad as fwad
+
+    gen = torch.Generator().manual_seed(43)
+    x = torch.randn(6, 7, generator=gen, dtype=F64)
+    v = torch.randn(6, 7, generator=gen, dtype=F64)
+    t = torch.randint(0, 7, (3,), generator=gen)
+
+    def fused(x):
+        return CrossEntropyFunction.apply(x, t, 2)[0]
+
+    def torchs(x):
+        return F.cross_entropy(x, t.repeat(2), reduction="none").view(2, 3).mean(1)
+
+    (got, d_got), (want, d_want) = (torch.func.jvp(f, (x,), (v,)) for f in (fused, torchs))
+    torch.testing.assert_close(got, want, rtol=1e-14, atol=1e-14)
+    torch.testing.assert_close(d_got, d_want, rtol=1e-12, atol=1e-14)
+    with fwad.dual_level():
+        tangent = fwad.unpack_dual(fused(fwad.make_dual(x, v))).tangent
+    torch.testing.assert_close(tangent, d_want, rtol=1e-12, atol=1e-14)
+
+    def hvp(f):
+        return torch.func.jvp(torch.func.grad(lambda y: f(y).sum()), (x,), (v,))[1]
+
+    torch.testing.assert_close(hvp(fused), hvp(torchs), rtol=1e-12, atol=1e-14)
+    leaf = x.clone().requires_grad_()
+    assert torch.autograd.gradcheck(fused, leaf, check_forward_ad=True, check_backward_ad=False)
+
+
 def test_custom_ops_pass_opcheck():
     gen = torch.Generator().manual_seed(43)
     x = torch.randn(4, 6, generator=gen, dtype=F64)

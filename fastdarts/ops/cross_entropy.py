@@ -95,6 +95,8 @@ class CrossEntropyFunction(torch.autograd.Function):
         # No zeros made for the log-sum-exp's gradient (a launch per backward on CUDA).
         ctx.set_materialize_grads(False)
         ctx.save_for_backward(logits, targets, output[1])
+        ctx.save_for_forward(logits, targets, output[1])
+        ctx.samples = inputs[2]
 
     @staticmethod
     def backward(ctx, grad: Tensor | None, _grad_lse: None):
@@ -107,6 +109,18 @@ class CrossEntropyFunction(torch.autograd.Function):
             lse = torch.logsumexp(logits, 1)
             return backward_reference(logits, targets, lse, grad), None, None
         return _backward_op(logits, targets, lse, grad), None, None
+
+    @staticmethod
+    def jvp(ctx, t_logits: Tensor | None, _t_targets: None, _t_samples: None):
+        """Forward mode (torch.func.jvp, forward-over-reverse), in torch ops: a row's loss
+        moves by Σ_v softmax(x)_v t_v − t[target] (the log-sum-exp is not differentiable)."""
+        logits, targets, lse = ctx.saved_tensors
+        if t_logits is None:
+            return None, None
+        p = torch.exp(logits - lse[:, None])
+        t = _row_targets(targets, logits.shape[0])
+        t_rows = (p * t_logits).sum(1) - t_logits.gather(1, t[:, None])[:, 0]
+        return t_rows.view(ctx.samples, -1).mean(1), None
 
     @staticmethod
     def vmap(info, in_dims, logits: Tensor, targets: Tensor, samples: int):
@@ -128,7 +142,7 @@ def cross_entropy(logits: Tensor, targets: Tensor) -> Tensor:
     Triton (float16/bfloat16 logits computed in float32, as autocast does; a target out of
     range, -100 included, gives a NaN loss, where F.cross_entropy raises, asserts on the
     device or ignores the row), else F.cross_entropy itself (which also takes every other
-    form of its arguments). Forward-mode AD (jvp) is not implemented."""
+    form of its arguments)."""
     fused = logits.dim() == 2 and targets.dim() == 1 and targets.dtype == torch.long
     if not (fused and _triton_ready(logits.device) and targets.shape[0] == logits.shape[0]):
         return F.cross_entropy(logits, targets)
