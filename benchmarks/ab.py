@@ -103,7 +103,9 @@ def worker(args: argparse.Namespace) -> None:
         from benchmarks.cuda_path_ops import cuda_dispatch
 
         path = cuda_dispatch()
-    with path:
+    with path as launches:
+        if launches is not None:
+            launches.count_bytes = False  # timing: the stub alone
         (config,) = parse_backends(args.backend)
         cfg = search_config(args.space, args.order, args.config, config.overrides())
         task = build_task(cfg, device, DTYPES[args.dtype], args.steps)

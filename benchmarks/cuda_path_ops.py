@@ -162,11 +162,14 @@ COLUMNS = [
 
 class Launches(collections.Counter):
     """Triton launches by kernel ('depthwise._forward_kernel'); ``bytes``: the
-    :func:`tensor_bytes` of their arguments, by kernel too."""
+    :func:`tensor_bytes` of their arguments, by kernel too, while ``count_bytes`` (off for
+    host timing: summing the bytes of every launch's arguments costs the host more than the
+    launch stub itself, a third of a tiny RNN step's time)."""
 
     def __init__(self) -> None:
         super().__init__()
         self.bytes: collections.Counter[str] = collections.Counter()
+        self.count_bytes = True
 
     def clear(self) -> None:
         super().clear()
@@ -187,7 +190,8 @@ def cuda_dispatch(depthwise: str = "triton", run: bool = False) -> Iterator[Laun
         def launch(*args, **kwargs):
             name = f"{fn.fn.__module__.rsplit('.', 1)[-1]}.{fn.fn.__name__}"
             launches[name] += 1
-            launches.bytes[name] += tensor_bytes((args, kwargs))
+            if launches.count_bytes:
+                launches.bytes[name] += tensor_bytes((args, kwargs))
             if run:
                 launcher(fn, grid)(*args, **kwargs)
 
@@ -274,6 +278,7 @@ def measure(
             rows.append(count(args, config, cfg.order, steps[config.name], launches))
             progress(rows)
         if args.steps:
+            launches.count_bytes = False
             harness.interleaved(steps, args.steps, args.warmup, after_round=timed)
     return rows
 
