@@ -998,6 +998,24 @@ def test_traffic_counts_each_tensor_once_and_whole():
     assert counter.counts["aten.view.default"] == 1
 
 
+def test_launch_stub_sums_bytes_only_while_counting():
+    """A Triton launch on the CUDA path is counted; its arguments' bytes are summed only while
+    ``count_bytes`` (off in timed steps, where summing them was most of the stub's cost)."""
+    pytest.importorskip("triton")
+    from fastdarts.ops.extension import triton_kernels
+
+    kernel = triton_kernels("cross_entropy")._forward_kernel
+    x = torch.zeros(4, 8)
+    with cuda_path_ops.cuda_dispatch() as launches:
+        kernel[(1,)](x, x, x, x)
+        assert launches["cross_entropy._forward_kernel"] == 1
+        assert launches.bytes["cross_entropy._forward_kernel"] == 128
+        launches.count_bytes = False
+        kernel[(1,)](x, x, x, x)
+        assert launches["cross_entropy._forward_kernel"] == 2
+        assert launches.bytes["cross_entropy._forward_kernel"] == 128
+
+
 def test_cuda_path_ops_writes_each_row_as_it_ends(tmp_path, restore_threads, monkeypatch):
     """A run stopped by a time limit keeps the configurations it counted: the JSON is
     rewritten after each one's counts and each timed round."""
