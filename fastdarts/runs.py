@@ -278,8 +278,9 @@ class EpochRun:
 
     def _accept_equal_backend(self, config: dict, resolve: Callable[[str], object]) -> None:
         """A backend given on resume that ``resolve`` (on this run's device) makes the one the
-        saved setting makes is the same setting: recorded as given, so the comparison of
-        settings passes."""
+        saved setting makes is the same setting: the run goes on with its saved name (which
+        it keeps saving: ``auto`` given for ``reference`` must not become the run's ``auto``,
+        which another device would resolve otherwise)."""
         if self.cfg.backend == config.get("backend"):
             return
         try:
@@ -287,7 +288,7 @@ class EpochRun:
         except ConfigError:  # the saved one cannot run here: nothing to be equal to
             return
         if resolve(self.cfg.backend) is before:
-            config["backend"] = self.cfg.backend
+            self.cfg = dataclasses.replace(self.cfg, backend=config["backend"])
 
     def _check_settings(self, saved: dict) -> None:
         diff = trajectory_mismatch(saved["config"], self.cfg.to_dict())

@@ -146,6 +146,26 @@ def test_bad_numbers_are_one_line_before_anything_runs(tmp_path, capsys, args, f
     assert not (out / "seed-0" / "checkpoint.pt").exists() and not (out / "checkpoint.pt").exists()
 
 
+@pytest.mark.skipif(
+    BACKENDS["fused"].why_not("rnn", "cpu") is not None, reason="no fused backend here"
+)
+def test_resume_takes_a_backend_resolving_to_the_runs_as_the_same(tmp_path, capsys):
+    """--backend auto, which resolves to fused here, resumes a fused run, which keeps its own
+    name (auto would resolve otherwise on another device); reference does not."""
+    from fastdarts.search.__main__ import main
+
+    out = tmp_path / "r"
+    assert main([*RNN_TINY, "--backend", "fused", "--max-steps", "1", "--out", str(out)]) == 0
+    capsys.readouterr()
+    assert main(["--resume", "--backend", "auto", "--max-steps", "2", "--out", str(out)]) == 0
+    assert "at step 1" in capsys.readouterr().err
+    config = json.loads((out / "config.json").read_text())
+    assert config["backend"] == "fused" and config["max_steps"] == 2
+    assert torch.load(out / "checkpoint.pt", weights_only=True)["config"]["backend"] == "fused"
+    assert main(["--resume", "--backend", "reference", "--out", str(out)]) == 2
+    assert "other settings (backend='fused')" in capsys.readouterr().err
+
+
 def test_out_that_is_a_file_is_refused(tmp_path, capsys):
     from fastdarts.search.__main__ import main
 
@@ -175,12 +195,6 @@ def test_resume_says_where_it_goes_on_and_when_nothing_is_left(tmp_path, capsys)
         assert main(["--resume", "--max-steps", "2", "--out", str(out)]) == 0
         err = capsys.readouterr().err
         assert "at step 1" in err and "already at" not in err
-        # A backend auto resolves to here is the run's setting; another one is not.
-        assert main(["--resume", "--backend", "reference", "--out", str(out)]) == 0
-        assert "already at --max-steps 2" in capsys.readouterr().err
-        if BACKENDS["fused"].why_not("rnn", "cpu") is None:
-            assert main(["--resume", "--backend", "fused", "--out", str(out)]) == 2
-            assert "other settings (backend=" in capsys.readouterr().err
     finally:
         os.umask(old)
     config = json.loads((out / "config.json").read_text())

@@ -234,7 +234,11 @@ def test_existing_run_and_foreign_checkpoints(tmp_path, capsys):
     same = ["--genotype", str(out / "genotype.json"), "--backend", "reference"]
     code, _, err = run(capsys, "--resume", "--out", str(out), "--max-steps", "2", *same)
     assert code == 0, err
-    assert torch.load(out / "checkpoint.pt", weights_only=True)["step"] == 2
+    saved = torch.load(out / "checkpoint.pt", weights_only=True)
+    assert saved["step"] == 2
+    # The run keeps its own names (auto: another device could resolve it otherwise).
+    for config in (saved["config"], json.loads((out / "config.json").read_text())):
+        assert (config["genotype"], config["backend"]) == ("DARTS_V2", "auto")
     code, _, err = run(capsys, "--resume", "--out", str(tmp_path / "none"), "--space", "rnn")
     assert code == 2 and "no checkpoint.pt" in err
     search = tmp_path / "search"

@@ -44,6 +44,7 @@ class Searcher(EpochRun):
         cfg = cfg.resolved()
         self.validate(cfg)
         saved = self._open(cfg)
+        cfg = self.cfg  # a resume keeps the run's own name for a setting given another way
         self.device = distributed.init(self._prepare(saved))
         if cfg.cuda_graphs and self.device.type != "cuda":
             raise ConfigError(f"--cuda-graphs needs a CUDA device; this run is on {self.device}")

@@ -11,6 +11,7 @@ Run folder (the search's conventions):
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 from fastdarts import genotypes
@@ -27,6 +28,7 @@ class Trainer(EpochRun):
         cfg = cfg.resolved()
         self.validate(cfg)
         saved = self._open(cfg)
+        cfg = self.cfg  # a resume keeps the run's own name for a setting given another way
         genotype_file = self.out / "genotype.json"
         spec = genotype_file if cfg.resume and genotype_file.is_file() else cfg.genotype
         self.genotype = genotypes.load_genotype(spec, cfg.space)
@@ -53,15 +55,15 @@ class Trainer(EpochRun):
     # -- checkpoints -------------------------------------------------------------------------
 
     def _check_saved(self, saved: dict) -> None:
-        # A setting given another way that trains the same network the same way is the same:
-        # the run's genotype by another name or file, a backend resolving (on this run's
-        # device) to the one the saved one resolves to.
+        # A setting given another way that trains the same network the same way is the same
+        # (the run goes on with its saved one): the run's genotype by another name or file,
+        # a backend resolving (on this run's device) to the one the saved one resolves to.
         config, cfg = saved["config"], self.cfg
         run_genotype = self.out / "genotype.json"
         if cfg.genotype != config.get("genotype") and run_genotype.is_file():
             ours = genotypes.load_genotype(run_genotype, cfg.space)
             if genotypes.load_genotype(cfg.genotype, cfg.space) == ours:
-                config["genotype"] = cfg.genotype
+                self.cfg = dataclasses.replace(cfg, genotype=config["genotype"])
         device = resolve_device(cfg.device)
         self._accept_equal_backend(config, lambda b: resolve_backend(b, cfg.space, device))
 
