@@ -209,7 +209,7 @@ def read_checkpoint(path: Path, kind: str) -> dict:
     """The checkpoint at ``path``, which must be a ``kind`` ("search" or "train") one;
     ConfigError in one line saying what it is otherwise."""
     if not path.is_file():
-        raise ConfigError(f"{path.parent}: no checkpoint.pt in this folder")
+        raise ConfigError(f"{path}: no such file")
     saved = load_state_file(path)
     found = checkpoint_kind(saved)
     if found == kind:

@@ -242,6 +242,8 @@ def test_read_checkpoint_says_what_a_file_is(tmp_path, saved, kind, fragment):
 
 
 def test_read_checkpoint_returns_its_kind(tmp_path):
+    with pytest.raises(ConfigError, match=f"{tmp_path / 'best.pt'}: no such file"):
+        read_checkpoint(tmp_path / "best.pt", "search")
     path = tmp_path / "checkpoint.pt"
     for kind, extra in (("search", {}), ("train", {"kind": TRAIN_KIND})):
         saved = {"format": 1, "task": {"step": 3}, "config": {"space": "rnn"}, **extra}
