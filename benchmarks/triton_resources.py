@@ -357,13 +357,17 @@ def main(argv: list[str] | None = None) -> dict:
         raise SystemExit(
             "no cuobjdump here: Triton's NVIDIA backend ships one (pip install triton)"
         )
+    from triton.runtime.errors import PTXASError
+
     for arch in args.archs:  # one launch first: a target this ptxas lacks is one line
         try:
             with _silenced():  # what LLVM and Triton print of a failure on their own
                 compile_launch(next(iter(LAUNCHES)), DTYPES[0], arch)
-        except Exception as e:  # Triton's PTXASError, or its backend refusing the target
+        except PTXASError as e:
             lines = str(e).splitlines() or [type(e).__name__]
-            p.error(f"--archs: {arch} does not compile here: {_fatal_line(lines)}")
+            if any("is not defined for option 'gpu-name'" in line for line in lines):
+                p.error(f"--archs: {arch} does not compile here: {_fatal_line(lines)}")
+            raise  # the kernel's, not the target's: ptxas's whole message
     rows = [row(n, d, a, tool) for a in args.archs for n in LAUNCHES for d in DTYPES]
     argv = sys.argv[1:] if argv is None else argv
     doc = {
