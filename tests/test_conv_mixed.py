@@ -2009,6 +2009,17 @@ def test_block_share_gradients_equal_slicing():
     got = torch.func.vmap(torch.func.grad(lambda t: loss(shared, t)))(per_sample)
     torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
     assert_vmapped_then_backward_equal(shared, plain, loss, per_sample)
+    # The backward vmapped over batched output gradients, grad mode off (a Jacobian's rows):
+    # the whole's gradient unbatched, the block's batched, so no copy into the former.
+    g_block = torch.randn(4, 3, 7, 4, 5, generator=gen, dtype=F64)
+    for share in (plain, shared):
+        whole, block = share(y)
+        g_whole = torch.zeros_like(whole)
+        g = torch.autograd.grad(
+            (whole, block), y, (g_whole.expand(4, *g_whole.shape), g_block),
+            is_grads_batched=True,
+        )[0]  # fmt: skip
+        assert g[:, :, :5].eq(0).all() and torch.equal(g[:, :, 5:], g_block)
 
 
 def assert_vmapped_then_backward_equal(fused, plain, loss, per_sample) -> None:

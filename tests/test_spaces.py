@@ -601,6 +601,34 @@ def test_cnn_alpha_gradient_matches_finite_difference():
 # Import without CUDA
 
 
+@pytest.mark.parametrize("flop_counter_first", [False, True], ids=["ours-first", "torch-first"])
+def test_flop_formulas_register_whenever_the_flop_counter_is_imported(flop_counter_first):
+    """fastdarts' FLOP formulas reach FlopCounterMode whether torch.utils.flop_counter (which
+    imports triton) is imported before fastdarts or after it: importing fastdarts alone
+    imports neither."""
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "PYTHONPATH": str(root)}
+    imports = ["import fastdarts", "from torch.utils.flop_counter import FlopCounterMode"]
+    code = "\n".join(
+        [
+            "import sys, torch",
+            *(imports[::-1] if flop_counter_first else imports[:1]),
+            "assert ('torch.utils.flop_counter' in sys.modules) is " + str(flop_counter_first),
+            imports[1],
+            "edge = fastdarts.MixedOp(4, 1)",
+            "x, w = torch.randn(2, 4, 8, 8), torch.softmax(torch.randn(8), 0)",
+            "with FlopCounterMode(display=False) as counter:",
+            "    edge(x, w)",
+            "print(sorted(str(k) for k in counter.get_flop_counts()['Global']))",
+        ]
+    )
+    res = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert res.returncode == 0, res.stderr
+    assert "['fastdarts.depthwise', 'fastdarts.pointwise']" in res.stdout
+
+
 def test_import_does_not_initialise_cuda_or_load_kernels():
     """``import fastdarts`` touches no GPU and loads neither Triton, nor the compiled
     extension, nor any kernel module: each is loaded on first use."""

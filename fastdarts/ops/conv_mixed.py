@@ -46,10 +46,10 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.utils.flop_counter import conv_flop_count, register_flop_formula
 
 from fastdarts.genotypes import CNN_PRIMITIVES
 from fastdarts.ops.extension import extension, has_triton, triton_kernels
+from fastdarts.ops.flops import flop_formula
 
 K = len(CNN_PRIMITIVES)
 BN_MOMENTUM, BN_EPS = 0.1, 1e-5
@@ -1635,11 +1635,11 @@ class _ShareBlock(torch.autograd.Function):
             shape[dim] = c
             return torch.cat([g_block.new_zeros(shape), g_block], dim), None, None
         # In place where the whole's gradient is a plain tensor of this backward's own (the
-        # kernels' fresh output); under create_graph, a torch.func transform or
-        # torch.compile (whose tracer cannot ask about functorch), a new one.
-        wrapped = torch._C._functorch.is_functorch_wrapped_tensor
+        # kernels' fresh output, no view); under create_graph, a torch.func transform, the
+        # batched gradients of autograd.grad(is_grads_batched=True) or torch.compile (whose
+        # tracer cannot ask about functorch), a new one.
         functional = torch.compiler.is_compiling() or torch.is_grad_enabled()
-        if functional or wrapped(g_whole) or wrapped(g_block):
+        if functional or not (_plain(g_whole) and _plain(g_block)) or g_whole._base is not None:
             return torch.cat([g_whole.narrow(dim, 0, c), g_block], dim), None, None
         g_whole.narrow(dim, c, g_block.shape[dim]).copy_(g_block)
         return g_whole, None, None
@@ -1675,6 +1675,12 @@ class _SplitNode(torch.autograd.Function):
         # As _ShareBlock's: an autograd pass over the vmap meets this backward.
         bdim = in_dims[0]
         return _SplitNode.apply(out, c, _physical(dim, bdim)), (bdim, bdim)
+
+
+def _plain(t: Tensor) -> bool:
+    """t is not a tensor of a transform: functorch's or autograd's batched gradients."""
+    functorch = torch._C._functorch
+    return not (functorch.is_functorch_wrapped_tensor(t) or functorch.is_legacy_batchedtensor(t))
 
 
 def _physical(dim: int, bdim: int | None) -> int:
@@ -1766,7 +1772,7 @@ def reference_cell_ops(cell: nn.Module) -> nn.Module:
     return ops
 
 
-# -- FLOP counts (torch.utils.flop_counter.FlopCounterMode) ----------------------------------
+# -- FLOP counts (FlopCounterMode; see fastdarts.ops.flops) -----------------------------------
 # The kernels' convolutions, each group a convolution of its own: the forward as torch counts
 # the reference's convolutions; the backward twice that where both gradients are made (torch's
 # formula for a grouped convolution's weight gradient leaves the groups out: it counts a
@@ -1782,6 +1788,8 @@ def _group_convs(x, w, out, groups: int) -> tuple[list[int], list[int], list[int
 def _conv_backward_flops(grad, x, w, groups: int, grad_weight: bool) -> int:
     """A grouped convolution's backward, group by group: the input's gradient a transposed
     convolution, the weight's a convolution of the input by the output's gradient."""
+    from torch.utils.flop_counter import conv_flop_count
+
     x, w, grad = _group_convs(x, w, grad, groups)
     flops = conv_flop_count(grad, [w[0] // groups, *w[1:]], x, transposed=True)
     if grad_weight:
@@ -1797,24 +1805,28 @@ def _dw_convs(x, weights: list, out):
         yield (x[0], ch, *x[2:]), (ch, 1, k, k), (out[0], ch, *out[2:])
 
 
-@register_flop_formula(torch.ops.fastdarts.depthwise)
+@flop_formula("depthwise")
 def _dw_flops(x, weights, *args, out_shape=None, **kwargs) -> int:
+    from torch.utils.flop_counter import conv_flop_count
+
     convs = _dw_convs(x, weights, out_shape)
     return sum(conv_flop_count(list(i), list(w), list(o)) for i, w, o in convs)
 
 
-@register_flop_formula(torch.ops.fastdarts.depthwise_backward)
+@flop_formula("depthwise_backward")
 def _dw_backward_flops(grad, x, weights, *args, out_shape=None, **kwargs) -> int:
     grad_weights = args[4]  # after stride, pads, dils, in_offsets
     convs = _dw_convs(x, weights, grad)
     return sum(_conv_backward_flops(o, i, w, i[1], grad_weights) for i, w, o in convs)
 
 
-@register_flop_formula(torch.ops.fastdarts.pointwise)
+@flop_formula("pointwise")
 def _pw_flops(x, weight, groups, *args, out_shape=None, **kwargs) -> int:
+    from torch.utils.flop_counter import conv_flop_count
+
     return conv_flop_count(list(x), list(weight), list(out_shape))
 
 
-@register_flop_formula(torch.ops.fastdarts.pointwise_backward)
+@flop_formula("pointwise_backward")
 def _pw_backward_flops(grad, x, weight, groups, grad_weight, *args, **kwargs) -> int:
     return _conv_backward_flops(grad, x, weight, groups, grad_weight)

@@ -40,10 +40,10 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torch.utils.flop_counter import register_flop_formula
 
 from fastdarts.ops import recurrent_mixed as recurrent_mixed_ops
 from fastdarts.ops.extension import extension, triton_kernels
+from fastdarts.ops.flops import flop_formula
 from fastdarts.ops.recurrent_mixed import K, recurrent_mixed
 from fastdarts.spaces.rnn import RecurrentSearchCell, cell_forward_nodes
 
@@ -767,7 +767,7 @@ def recurrent_cell(
         )[0]  # fmt: skip
 
 
-# -- FLOP counts (torch.utils.flop_counter.FlopCounterMode) ----------------------------------
+# -- FLOP counts (FlopCounterMode; see fastdarts.ops.flops) -----------------------------------
 # The cell's matrix products, as torch counts the reference's (2·m·k·n each): per time step
 # [x, h]·W0 and, for node j, its j + 1 predecessors' states times W_j; the backward makes
 # both operands' gradients, twice that. The mixtures and the BatchNorm, elementwise, count
@@ -781,11 +781,11 @@ def _cell_flops(inputs, hidden, w0, ws) -> int:
     return steps * flops
 
 
-@register_flop_formula(torch.ops.fastdarts.recurrent_cell)
+@flop_formula("recurrent_cell")
 def _forward_flops(inputs, hidden, probs, x_mask, h_mask, w0, ws, *args, **kwargs) -> int:
     return _cell_flops(inputs, hidden, w0, ws)
 
 
-@register_flop_formula(torch.ops.fastdarts.recurrent_cell_backward)
+@flop_formula("recurrent_cell_backward")
 def _backward_flops(grad, inputs, hidden, probs, x_mask, h_mask, w0, ws, *args, **kwargs) -> int:
     return 2 * _cell_flops(inputs, hidden, w0, ws)
