@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 
 import matplotlib.pyplot as plt
@@ -47,6 +48,25 @@ def test_dot_engine(tmp_path):
     path = tmp_path / "cell.png"
     assert plot_genotype(NAMED_GENOTYPES["cnn"]["DARTS_V2"], path, engine="dot") == "dot"
     assert path.read_bytes()[:8] == PNG
+
+
+def test_dot_output_is_written_atomically(tmp_path, capsys, monkeypatch):
+    """The dot engine's picture (here a stub dot on PATH, which reads the graph and prints
+    bytes) replaces its path whole; a path it cannot replace is one line, nothing left."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    stub = bin_dir / "dot"
+    stub.write_text("#!/bin/sh\ngrep -q digraph && printf 'picture'\n")
+    stub.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    out = tmp_path / "pics" / "cell.png"
+    assert plot_genotype(NAMED_GENOTYPES["cnn"]["DARTS_V2"], out, engine="dot") == "dot"
+    assert out.read_bytes() == b"picture" and os.listdir(out.parent) == ["cell.png"]
+    (out.parent / "taken").mkdir()
+    args = ["DARTS_V2", "--space", "cnn", "--engine", "dot", "-o", str(out.parent / "taken")]
+    assert main(args) == 2
+    assert "cannot write the picture" in capsys.readouterr().err
+    assert sorted(os.listdir(out.parent)) == ["cell.png", "taken"]
 
 
 def test_cli_draws_a_file_and_a_name(tmp_path, capsys):
