@@ -29,7 +29,8 @@ from fastdarts.utils import atomic_torch_save, atomic_write_text
 
 CHECKPOINT_FORMAT = 1
 TRAIN_KIND = "fastdarts-train"  # a training checkpoint's "kind"; a search's has no "kind"
-_KIND_NOUNS = {"search": "search", "train": "training run"}
+# Each kind's noun and adjective, for messages.
+_KIND_WORDS = {"search": ("search", "search"), "train": ("training run", "training")}
 SPACES = {"rnn": "ptb", "cnn": "cifar10"}  # space -> its dataset
 
 # Settings that may differ between a run and its resumption: where things are and how long
@@ -215,13 +216,11 @@ def read_checkpoint(path: Path, kind: str) -> dict:
     if found == kind:
         return saved
     if found is not None:
-        raise ConfigError(
-            f"{path}: a {_KIND_NOUNS[found]}'s checkpoint, not a {_KIND_NOUNS[kind]}'s"
-        )
+        noun, wanted = _KIND_WORDS[found][0], _KIND_WORDS[kind][0]
+        raise ConfigError(f"{path}: a {noun}'s checkpoint, not a {wanted}'s")
     if isinstance(saved, dict) and saved.get("format") not in (None, CHECKPOINT_FORMAT):
         raise ConfigError(f"{path}: checkpoint format {saved['format']} unknown")
-    adjective = {"search": "search", "train": "training"}[kind]
-    raise ConfigError(f"{path}: not a fastdarts {adjective} checkpoint")
+    raise ConfigError(f"{path}: not a fastdarts {_KIND_WORDS[kind][1]} checkpoint")
 
 
 class EpochRun:

@@ -163,7 +163,7 @@ def _mix_op(
     if kind == "cpp":
         src = _joined(srcs).contiguous()
         return extension().conv_mix_forward(src, alpha, shift, acc, route_src, out_ptr)
-    out = srcs[0].new_empty(srcs[0].shape[0], n_out, *srcs[0].shape[2:])
+    out = _mix_fake(srcs, n_out)
     return triton_kernels("conv_mixed").forward(srcs, alpha, shift, acc, route_src, out_ptr, out)
 
 
@@ -185,8 +185,7 @@ def _mix_backward_op(
     if kind == "cpp":
         args = (grad, _joined(srcs).contiguous(), alpha, shift, route_src, route_out)
         return extension().conv_mix_backward(*args, src_perm, src_ptr)
-    d_src = grad.new_empty(grad.shape[0], sum(x.shape[1] for x in srcs), *grad.shape[2:])
-    grads = [d_src, torch.empty_like(alpha), torch.empty_like(shift)]
+    grads = _mix_backward_fake(grad, srcs, alpha, shift)
     args = (grad, srcs, alpha, shift, route_src, route_out, src_perm, src_ptr)
     return list(triton_kernels("conv_mixed").backward(*args, out=grads))
 
@@ -208,10 +207,12 @@ def _mix_op_backward(ctx, grad):
 
 
 def _mix_fake(srcs: list[Tensor], *args) -> Tensor:
+    """The output, unwritten (the op's fake, and the Triton kernel's out): n_out = args[-1]."""
     return srcs[0].new_empty(srcs[0].shape[0], args[-1], *srcs[0].shape[2:])
 
 
 def _mix_backward_fake(grad: Tensor, srcs: list[Tensor], alpha: Tensor, shift: Tensor, *_):
+    """[d_src, d_alpha, d_shift] unwritten (the op's fake, and the Triton kernels' outs)."""
     d_src = grad.new_empty(grad.shape[0], sum(x.shape[1] for x in srcs), *grad.shape[2:])
     return [d_src, torch.empty_like(alpha), torch.empty_like(shift)]
 
@@ -1278,9 +1279,10 @@ class FusedEdges(nn.Module):
             key=lambda entry: entry[0],
         )  # edge order, stable within
 
-    def _build_tables(self) -> None:
+    def _build_tables(self, routes: bool = True) -> None:
         """(Re)make the constant tables (non-persistent buffers) where the parameters are, in
-        their dtype for the zero shifts; built on the CPU (a meta default device too)."""
+        their dtype for the zero shifts, and (``routes``) the route tables; built on the CPU
+        (a meta default device too)."""
         first = self.pw1_g0
         for name, values in self._tables.items():
             t = None if values is None else torch.tensor(values, device="cpu")
@@ -1289,13 +1291,15 @@ class FusedEdges(nn.Module):
             n_routes = self._route_counts[g]
             zeros = torch.zeros(n_routes, dtype=first.dtype, device="cpu")
             self.register_buffer(f"zeros_g{g}", zeros.to(first.device), persistent=False)
-            self._get("routes", g).build(first.device)
+            if routes:
+                self._get("routes", g).build(first.device)
 
     def _apply(self, fn, recurse=True):
         # The tables are constants, rebuilt where fn put the parameters: to_empty() leaves
-        # them uninitialised (and a module built on meta has no values to move).
+        # them uninitialised (and a module built on meta has no values to move). The route
+        # tables, child modules, remade themselves (Routes._apply) when recursed into.
         super()._apply(fn, recurse)
-        self._build_tables()
+        self._build_tables(routes=not recurse)
         return self
 
     def _get(self, name: str, g: int) -> Tensor:
