@@ -89,7 +89,8 @@ setup(
     packages=[*find_packages(include=["fastdarts", "fastdarts.*"]), "fastdarts.kernels"],
     package_dir={"fastdarts.kernels": "kernels"},
     python_requires=">=3.10",
-    install_requires=["torch>=2.4", "numpy", "tqdm", "matplotlib"],
+    # The oldest torch tested (the fp32_precision API the search uses came in 2.9).
+    install_requires=["torch>=2.11", "numpy", "tqdm", "matplotlib"],
     extras_require={
         "cifar": ["torchvision"],
         "test": ["pytest", "ruff", "torchvision"],

@@ -201,8 +201,8 @@ def cuda_dispatch(depthwise: str = "triton", run: bool = False) -> Iterator[Laun
         (jit.KernelInterface, "__getitem__", getitem),
         (conv_mixed, "kernel_name", lambda device: "triton"),
         (conv_mixed, "_cpp", lambda x, name="": False),
-        (recurrent_mixed, "_triton_ready", lambda device: True),
-        (cross_entropy, "_triton_ready", lambda device: True),
+        (recurrent_mixed, "triton_ready", lambda device: True),
+        (cross_entropy, "triton_ready", lambda device: True),
         (recurrent_cell, "cell_kernel_ready", lambda device: False),
     ]
     if depthwise == "torch":

@@ -515,7 +515,7 @@ CROSS_ENTROPY = Kernel(
         "fused": lambda a: cross_entropy(a["logits"], a["targets"]),
     },
     fused_parts=lambda device: _both(
-        lambda way: "triton" if cross_entropy_ops._triton_ready(device) else "reference",
+        lambda way: "triton" if cross_entropy_ops.triton_ready(device) else "reference",
         "cross_entropy",
     ),
     bytes_moved=_cross_entropy_bytes,

@@ -232,6 +232,8 @@ class EpochRun:
     kind = "train"  # its checkpoints' kind (checkpoint_kind)
     cfg: Any  # the run's settings (a RunSettings dataclass with the fields used here)
     task: Any
+    device: torch.device  # where it runs, and its backend (fastdarts.ops.backends.Backend)
+    backend: Any
 
     def _open(self, cfg) -> dict | None:
         """Set up the run folder's paths; read the checkpoint to resume from (or None)."""
@@ -354,11 +356,17 @@ class EpochRun:
         """Drop the metrics a resume from ``step`` will log again."""
         if not distributed.is_main() or not self.metrics_path.exists():
             return
-        kept = [
-            line
-            for line in self.metrics_path.read_text().splitlines()
-            if line.strip() and self._keep_record(json.loads(line), step)
-        ]
+        lines = [line for line in self.metrics_path.read_text().splitlines() if line.strip()]
+        kept = []
+        for number, line in enumerate(lines, 1):
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                if number == len(lines):
+                    break  # the record being appended when the run was killed
+                raise ConfigError(f"{self.metrics_path}, line {number}: not JSON ({e})") from e
+            if self._keep_record(record, step):
+                kept.append(line)
         atomic_write_text(self.metrics_path, "".join(f"{line}\n" for line in kept))
 
     # -- outputs and checks ------------------------------------------------------------------
@@ -376,8 +384,8 @@ class EpochRun:
 
     def _resolved(self) -> dict:
         """What the settings left to the run and it chose (the device, the backend), under
-        ``resolved`` in config.json (a subclass's)."""
-        return {}
+        ``resolved`` in config.json."""
+        return {"resolved": {"device": str(self.device), "backend": self.backend.name}}
 
     def _log(self, record: dict) -> None:
         if not distributed.is_main():

@@ -152,15 +152,22 @@ def test_finite_difference_matches_exact_second_order(case, backend, batched_fd,
 
 
 @pytest.mark.parametrize("foreach", [False, True])
-def test_second_order_uses_momentum_buffer(foreach):
+@pytest.mark.parametrize("held", ["all", "some"])
+def test_second_order_uses_momentum_buffer(foreach, held):
+    """Each weight's buffer where it has one ("some": weights that had no gradient yet have
+    none)."""
     gen = torch.Generator().manual_seed(SEED + 1)
     model, train, val = cnn_case(gen)
     rule = UnrollRule(0.9, 3e-4, None)
     wopt = torch.optim.SGD(model.weights(), lr=0.025, momentum=0.9, weight_decay=3e-4)
-    for p in model.weights():
-        p.grad = torch.randn(p.shape, generator=gen, dtype=p.dtype)
+    for i, p in enumerate(model.weights()):
+        if held == "all" or i % 2:
+            p.grad = torch.randn(p.shape, generator=gen, dtype=p.dtype)
     wopt.step()
-    bufs = [wopt.state[p]["momentum_buffer"] for p in model.weights()]
+    bufs = [
+        wopt.state[p]["momentum_buffer"] if p in wopt.state else torch.zeros_like(p)
+        for p in model.weights()
+    ]
     total, _, _ = exact_parts(model, rule, 0.025, train, val, {}, {}, bufs)
     arch = make_architect(model, rule, hvp="exact", foreach=foreach)
     _, exact = arch.alpha_grads(train, val, 0.025, wopt)
@@ -203,6 +210,35 @@ def test_hvp_passes_leave_bn_statistics(compat):
     assert bn_counts(model)[0] == per_pass * (1 if compat is None else 3)
     if compat is None:
         torch.testing.assert_close(model.rnns[0].bn.running_mean, ref.rnns[0].bn.running_mean)
+
+
+def test_in_place_hvp_puts_the_weights_back_when_a_pass_raises():
+    """compat's w± passes move w in place; a pass that raises (out of memory, say) must not
+    leave w at w − εv for the caller that catches it."""
+    gen = torch.Generator().manual_seed(SEED + 6)
+    model, train, val = rnn_case(gen)
+    arch = make_architect(model, UnrollRule(0.0, 5e-7, 0.25), compat="darts")
+    calls, forward = [], model.forward
+
+    def counting(*args, **kwargs):
+        calls.append(None)
+        return forward(*args, **kwargs)
+
+    model.forward = counting
+    arch.alpha_grads(train, val, lr=20.0)
+    last = len(calls)  # the w⁻ pass is the last forward
+    before = [p.detach().clone() for p in model.weights()]
+
+    def failing(*args, **kwargs):
+        calls.append(None)
+        if len(calls) == 2 * last:
+            raise RuntimeError("out of memory")
+        return forward(*args, **kwargs)
+
+    model.forward = failing
+    with pytest.raises(RuntimeError, match="out of memory"):
+        arch.alpha_grads(train, val, lr=20.0)
+    torch.testing.assert_close(flat(model.weights()), flat(before), rtol=0, atol=1e-15)
 
 
 # -- the published algorithm, transcribed -------------------------------------------------

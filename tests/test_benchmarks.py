@@ -479,7 +479,7 @@ def test_kernels_name_what_the_fused_version_runs(monkeypatch):
     assert kernels.implementation(by_name["cnn_cell_fused"], "reference", "fwd", cpu) == "torch"
     ce = by_name["rnn_cross_entropy"]
     assert kernels.implementation(ce, "fused", "fwd+bwd", cpu) == "torch"
-    monkeypatch.setattr(cross_entropy, "_triton_ready", lambda device: True)
+    monkeypatch.setattr(cross_entropy, "triton_ready", lambda device: True)
     assert kernels.implementation(ce, "fused", "fwd+bwd", cpu) == "triton"
     # An extension without one direction's kernel: that direction runs torch's op.
     monkeypatch.setattr(conv_mixed, "kernel_name", lambda device: "cpp")

@@ -130,6 +130,8 @@ def test_bad_flags(tmp_path, args, fragments, cli):
         (["--emsize", "0", "--nhid", "0"], "--emsize must be positive, got 0"),
         (["--fast", "--backend", "reference"], "--fast picks the fastest backend itself"),
         (["--order", "1", "--hvp", "exact"], "are for --order 2"),
+        (["--compat", "darts", "--order", "2", "--batched-fd"], "w+ and w- one after the other"),
+        (["--compat", "darts", "--foreach"], "steps the weights one by one"),
         (["--order", "1", "--batched-fd"], "are for --order 2"),
         (["--amp", "bf16", "--dtype", "float64"], "with --dtype float64 it does nothing"),
     ],
@@ -164,6 +166,18 @@ def test_resume_takes_a_backend_resolving_to_the_runs_as_the_same(tmp_path, caps
     assert torch.load(out / "checkpoint.pt", weights_only=True)["config"]["backend"] == "fused"
     assert main(["--resume", "--backend", "reference", "--out", str(out)]) == 2
     assert "other settings (backend='fused')" in capsys.readouterr().err
+
+
+def test_resume_of_a_fast_run_refuses_a_backend(tmp_path, capsys):
+    """--fast's run picks its backend itself, so a --backend given to its resume (which the
+    settings would drop) is refused."""
+    from fastdarts.search.__main__ import main
+
+    out = tmp_path / "r"
+    assert main([*RNN_TINY, "--fast", "--max-steps", "1", "--out", str(out)]) == 0
+    capsys.readouterr()
+    assert main(["--resume", "--backend", "reference", "--out", str(out)]) == 2
+    assert "was started with --fast" in capsys.readouterr().err
 
 
 def test_out_that_is_a_file_is_refused(tmp_path, capsys):

@@ -125,6 +125,13 @@ def test_fast_follows_reference_for_20_steps(space, order, steps):
     assert max((a - s).abs().max() for a, s in zip(ref.model.arch_parameters(), start)) > 1e-4
 
 
+def test_cnn_momentum_reaches_the_optimiser_and_the_unrolled_step():
+    task = make_task("cnn", 1, momentum=0.5)
+    assert [g["momentum"] for g in task.weight_optimizer.param_groups] == [0.5]
+    assert task.architect.rule.momentum == 0.5
+    assert make_task("rnn", 1).architect.rule.momentum == 0.0
+
+
 @pytest.mark.parametrize("batched", [False, True], ids=["separate", "batched"])
 def test_finite_difference_passes_run_in_full_float32(batched):
     """TF32 (torch's default for cuDNN convolutions) is off in the w± passes only: at its
@@ -674,7 +681,7 @@ def test_search_step_keeps_every_tensor_on_the_models_device(space, options, mon
     meta = torch.device("meta")
     for name, backend in list(backends.BACKENDS.items()):
         devices = backend.device_types | {"meta"}
-        patched = dataclasses.replace(backend, device_types=devices, unavailable=lambda d: None)
+        patched = dataclasses.replace(backend, device_types=devices, unavailable=lambda s, d: None)
         monkeypatch.setitem(backends.BACKENDS, name, patched)
     _masks_drawn_on_the_cpu(monkeypatch)
     for module in (architect, tasks):

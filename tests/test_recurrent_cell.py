@@ -411,7 +411,7 @@ def test_vmap_double_backward(impl):
 TRITON_SCRIPT = textwrap.dedent(
     """
     from kernels import recurrent_cell as k
-    from fastdarts.ops.recurrent_mixed import forward_reference
+    from fastdarts.spaces.rnn import recurrent_mixed_reference
     gen = torch.Generator().manual_seed(47)
 
     def guarded(shape, dtype, fill=math.nan):
@@ -456,7 +456,7 @@ TRITON_SCRIPT = textwrap.dedent(
                         c, h0 = leaves[0][..., :D], leaves[0][..., D:]
                         x = leaves[1] + torch.sigmoid(c) * (torch.tanh(h0) - leaves[1])
                     else:
-                        x = forward_reference(*leaves)
+                        x = recurrent_mixed_reference(*leaves)
                     x = x.reshape(B, nd)
                     want_y = batch_norm(x, train, mean, istd)
                     g_all = g + gm * mask_flat if masked else g

@@ -289,6 +289,22 @@ def test_backends_resolve_and_apply():
     assert model.rnns[0].cell_op is None
 
 
+def test_fused_on_cuda_without_triton_only_for_the_rnn_with_the_cuda_extension(monkeypatch):
+    """Without Triton the CNN's fused ops would run their torch-op formulas on CUDA (slower
+    than the reference), so 'auto' must not pick them; the RNN has the extension's kernels."""
+    monkeypatch.setattr(backends, "has_triton", lambda: False)
+    with_cuda = type("Ext", (), {"recurrent_mixed_forward_cuda": None})()
+    monkeypatch.setattr(backends, "extension", lambda: with_cuda)
+    fused = backends.BACKENDS["fused"]
+    assert fused.why_not("rnn", "cuda") is None
+    assert fused.why_not("cnn", "cuda") == "needs Triton on cuda (triton does not import)"
+    assert backends.resolve("auto", "cnn", "cuda").name == "reference"
+    monkeypatch.setattr(backends, "extension", lambda: None)
+    assert "Triton or the extension built with CUDA" in fused.why_not("rnn", "cuda")
+    monkeypatch.setattr(backends, "has_triton", lambda: True)
+    assert fused.why_not("cnn", "cuda") is None
+
+
 def test_missing_extension_warns_once_and_falls_back(monkeypatch):
     # None in sys.modules makes importing the extension raise ModuleNotFoundError (patching
     # importlib.import_module instead also broke torch's own lazy imports).

@@ -58,6 +58,25 @@ def test_stop_then_resume_equals_straight_run(tmp_path, args, steps, stop_at):
     assert_same_run(final_state(straight), final_state(split))
 
 
+def test_resume_drops_a_torn_last_metrics_line_and_names_a_bad_one(tmp_path, capsys):
+    """A run killed while appending a record leaves half a line: the resume drops it. A bad
+    line before the last is not the kill's and is named, not dropped."""
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    assert main([*RNN_RUN, "--max-steps", "5", "--out", str(straight)]) == 0
+    assert main([*RNN_RUN, "--max-steps", "3", "--out", str(split)]) == 0
+    metrics = split / "metrics.jsonl"
+    good = metrics.read_text()
+    metrics.write_text(good + '{"step": 4, "lo')
+    assert main(["--resume", "--out", str(split), "--max-steps", "5"]) == 0
+    assert_same_run(final_state(straight), final_state(split))
+
+    lines = metrics.read_text().splitlines()
+    metrics.write_text("\n".join([lines[0], "{oops", *lines[1:]]) + "\n")
+    capsys.readouterr()
+    assert main(["--resume", "--out", str(split), "--max-steps", "6"]) == 2
+    assert f"{metrics}, line 2: not JSON" in capsys.readouterr().err
+
+
 def test_killed_after_an_epochs_evaluation_resumes_without_repeating_it(tmp_path, monkeypatch):
     """--checkpoint-every on an epoch's last step: a run that dies between the epoch's
     evaluation (logged) and its outputs resumes from a checkpoint taken before that step,

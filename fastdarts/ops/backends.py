@@ -16,7 +16,7 @@ from torch import nn
 from fastdarts.errors import ConfigError
 from fastdarts.ops.conv_mixed import fused_cell_ops, reference_cell_ops
 from fastdarts.ops.cross_entropy import cross_entropy
-from fastdarts.ops.extension import extension, unavailable_reason
+from fastdarts.ops.extension import extension, has_triton, unavailable_reason
 from fastdarts.ops.recurrent_cell import recurrent_cell
 from fastdarts.ops.recurrent_mixed import recurrent_mixed
 from fastdarts.spaces.cnn import SearchCell
@@ -28,8 +28,8 @@ class Backend:
     name: str
     spaces: frozenset[str]
     device_types: frozenset[str]
-    # Returns None when usable on that device type, else the reason it is not.
-    unavailable: Callable[[str], str | None] = lambda device_type: None
+    # (space, device type) → None when usable there, else the reason it is not.
+    unavailable: Callable[[str, str], str | None] = lambda space, device_type: None
     # The RNN cell's node op and whole-cell op (see RecurrentSearchCell.node_op and
     # cell_op); None keeps the reference.
     rnn_node_op: Callable | None = None
@@ -46,7 +46,7 @@ class Backend:
             return f"does not implement the {space} space"
         if device_type not in self.device_types:
             return f"does not run on {device_type}"
-        return self.unavailable(device_type)
+        return self.unavailable(space, device_type)
 
     def apply(self, model: nn.Module) -> nn.Module:
         """Make ``model``'s search cells use this backend's ops (in place); returns it."""
@@ -61,16 +61,18 @@ class Backend:
         return model
 
 
-def _fused_unavailable(device_type: str) -> str | None:
+def _fused_unavailable(space: str, device_type: str) -> str | None:
+    """On the CPU the C++ kernels; on CUDA the Triton kernels, or for the RNN the extension's
+    CUDA mixture (without Triton the CNN's fused ops would run torch-op formulas: slower
+    than the reference)."""
     if device_type == "cpu":
         return unavailable_reason()
-    try:
-        import triton  # noqa: F401
-    except ImportError as e:
-        if hasattr(extension(), "recurrent_mixed_forward_cuda"):
-            return None
-        return f"needs Triton ({e}) or the extension built with CUDA on {device_type}"
-    return None
+    if has_triton():
+        return None
+    if space == "rnn" and hasattr(extension(), "recurrent_mixed_forward_cuda"):
+        return None
+    needs = "Triton or the extension built with CUDA" if space == "rnn" else "Triton"
+    return f"needs {needs} on {device_type} (triton does not import)"
 
 
 BACKENDS: dict[str, Backend] = {

@@ -48,8 +48,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fastdarts.genotypes import CNN_PRIMITIVES
-from fastdarts.ops.extension import extension, has_triton, triton_kernels
+from fastdarts.ops.extension import extension, triton_kernels, triton_ready
 from fastdarts.ops.flops import flop_formula
+from fastdarts.ops.vmap import batch_first
 
 K = len(CNN_PRIMITIVES)
 BN_MOMENTUM, BN_EPS = 0.1, 1e-5
@@ -117,7 +118,7 @@ def _cpp(x: Tensor, name: str) -> bool:
 
 def kernel_name(device: torch.device) -> str:
     """Which mixture kernel runs on ``device``: 'triton', 'cpp' or 'reference'."""
-    if device.type == "cuda" and has_triton():
+    if triton_ready(device):
         return "triton"
     if device.type == "cpu" and _has_cpp():
         return "cpp"
@@ -221,13 +222,6 @@ _mix_op = _kernel_op("conv_mix", _mix_op, _mix_fake, (_mix_op_backward, _mix_set
 _mix_backward_op = _kernel_op("conv_mix_backward", _mix_backward_op, _mix_backward_fake)
 
 
-def _leading(x: Tensor, bdim: int | None, size: int) -> Tensor:
-    """x with its vmap batch dim first, of ``size`` (expanded when x is not batched)."""
-    if bdim is None:
-        return x.expand(size, *x.shape)
-    return x.movedim(bdim, 0)
-
-
 def _fold(x: Tensor, bdim: int | None, size: int, dim: int | None = None) -> tuple[Tensor, int]:
     """x (B, ·, H, W) with a vmap dim of ``size`` folded into its rows → ((size·B, ·, H, W),
     the dim the rows unfold to): interleaved (memory (B, size), dim 1) when x's vmap dim is
@@ -235,8 +229,7 @@ def _fold(x: Tensor, bdim: int | None, size: int, dim: int | None = None) -> tup
     folds without a copy; ``dim`` imposes one (to fold a second tensor as the first)."""
     if dim is None:
         dim = 1 if bdim == 1 else 0
-    x = x.expand(size, *x.shape) if bdim is None else x.movedim(bdim, 0)
-    x = x.movedim(0, dim)
+    x = batch_first(x, bdim, size).movedim(0, dim)
     return x.reshape(-1, *x.shape[2:]), dim
 
 
@@ -277,9 +270,9 @@ def _vmap_forward(call, info, src_dims, in_dims, srcs, alpha, shift, acc, *route
     size, n_out = info.batch_size, routes[-1]
     if in_dims[0] is not None or in_dims[1] is not None:
         # Per-sample coefficients do not fold into B: batched torch ops (no per-sample loop).
-        s = _joined([_leading(x, d, size) for x, d in zip(srcs, src_dims)])
-        a, h = _leading(alpha, in_dims[0], size), _leading(shift, in_dims[1], size)
-        c = None if acc is None else _leading(acc, in_dims[2], size)
+        s = _joined([batch_first(x, d, size) for x, d in zip(srcs, src_dims)])
+        a, h = batch_first(alpha, in_dims[0], size), batch_first(shift, in_dims[1], size)
+        c = None if acc is None else batch_first(acc, in_dims[2], size)
         return mix_reference(s, a, h, c, routes[0], routes[1], n_out), 0
     first, dim = _fold(srcs[0], src_dims[0], size)
     # The others folded as the first (a copy only where one's layout differs).
@@ -306,8 +299,8 @@ def _(info, in_dims, grad, srcs, alpha, shift, route_src, route_out, src_perm, s
     _check_routes_unbatched(in_dims, 4)
     size = info.batch_size
     src_dims = in_dims[1] if in_dims[1] is not None else [None] * len(srcs)
-    src = _joined([_leading(x, d, size) for x, d in zip(srcs, src_dims)])
-    g, a, h = (_leading(x, in_dims[i], size) for i, x in ((0, grad), (2, alpha), (3, shift)))
+    src = _joined([batch_first(x, d, size) for x, d in zip(srcs, src_dims)])
+    g, a, h = (batch_first(x, in_dims[i], size) for i, x in ((0, grad), (2, alpha), (3, shift)))
     return list(mix_backward_reference(g, src, a, h, route_src, route_out)), [0, 0, 0]
 
 
@@ -379,7 +372,7 @@ class Routes(nn.Module):
     def __init__(self, src: list[int], out: list[int], n_src: int, n_out: int):
         super().__init__()
         order = sorted(range(len(out)), key=lambda r: (out[r], r))
-        self.order = order  # route index in the caller's order → position here
+        self.order = order  # position here → the route's index in the caller's order
         self._src, self._out = [src[r] for r in order], [out[r] for r in order]
         self.n_src, self.n_out = n_src, n_out
         self.build(torch.get_default_device())  # where a buffer made here would go
@@ -715,8 +708,8 @@ class DepthwiseFunction(torch.autograd.Function):
         geometry = (stride, pads, dils, in_offsets, relu)
         if weights[0].dim() - (w_dims[0] is not None) == 5:
             # Weight samples already (a vmap inside the batched passes): torch's convolutions.
-            x = _leading(x, in_dims[0], size)
-            ws = [_leading(w, d, size) for w, d in zip(weights, w_dims)]
+            x = batch_first(x, in_dims[0], size)
+            ws = [batch_first(w, d, size) for w, d in zip(weights, w_dims)]
             fn = functools.partial(depthwise_reference, interleaved=interleaved)
             return torch.vmap(lambda a, *b: fn(a, list(b), *geometry))(x, *ws), 0
         # The weights are one sample each here, so the op's rows need no sample layout of
@@ -724,7 +717,7 @@ class DepthwiseFunction(torch.autograd.Function):
         x, dim = _fold(x, in_dims[0], size)
         if any(d is not None for d in w_dims):
             # Per-sample weights (S, Ch, 1, K, K): the rows of sample v read weights[v].
-            weights = [_leading(w, d, size).contiguous() for w, d in zip(weights, w_dims)]
+            weights = [batch_first(w, d, size).contiguous() for w, d in zip(weights, w_dims)]
         out = DepthwiseFunction.apply(x.contiguous(), *geometry, dim == 1, *weights)
         return _unfold(out, dim, size)
 
@@ -844,7 +837,7 @@ class PointwiseFunction(torch.autograd.Function):
             return _unfold(pointwise(x, weight, groups), dim, size)
         # Per-sample weights: each sample's groups are more groups of one convolution, over
         # x as (B, size·G·Ci, H, W) (a view when x comes interleaved, as from the kernels).
-        x, weight = _leading(x, in_dims[0], size).movedim(0, 1), weight.movedim(in_dims[1], 0)
+        x, weight = batch_first(x, in_dims[0], size).movedim(0, 1), weight.movedim(in_dims[1], 0)
         out = pointwise(x.flatten(1, 2), weight.flatten(0, 1), size * groups)
         return out.unflatten(1, (size, -1)), 1
 
@@ -1044,7 +1037,7 @@ class BatchNormFunction(torch.autograd.Function):
         # (B, V, C, H, W) → (B, V·C, H, W): each sample's channels are channels of their own
         # (a view when x comes interleaved, as from the depthwise and pointwise rules).
         v = info.batch_size
-        x = _leading(x, in_dims[0], v).movedim(0, 1)
+        x = batch_first(x, in_dims[0], v).movedim(0, 1)
         y, mean, invstd = BatchNormFunction.apply(
             x.flatten(1, 2).contiguous(), eps, None, None, momentum
         )

@@ -19,13 +19,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from fastdarts.ops.extension import has_triton, triton_kernels
+from fastdarts.ops.extension import triton_kernels, triton_ready
+from fastdarts.ops.vmap import batch_first
 
 _DTYPES = (torch.float32, torch.float64)
-
-
-def _triton_ready(device: torch.device) -> bool:
-    return device.type == "cuda" and has_triton()
 
 
 def _row_targets(targets: Tensor, rows: int) -> Tensor:
@@ -54,7 +51,7 @@ def backward_reference(logits: Tensor, targets: Tensor, lse: Tensor, grad: Tenso
 
 @torch.library.custom_op("fastdarts::cross_entropy_rows", mutates_args=())
 def _rows_op(logits: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
-    if _triton_ready(logits.device):
+    if triton_ready(logits.device):
         return triton_kernels("cross_entropy").forward(logits.contiguous(), targets.contiguous())
     return rows_reference(logits, targets)
 
@@ -66,7 +63,7 @@ def _(logits: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
 
 @torch.library.custom_op("fastdarts::cross_entropy_backward", mutates_args=())
 def _backward_op(logits: Tensor, targets: Tensor, lse: Tensor, grad: Tensor) -> Tensor:
-    if _triton_ready(logits.device):
+    if triton_ready(logits.device):
         args = (logits.contiguous(), targets.contiguous(), lse.contiguous(), grad.contiguous())
         return triton_kernels("cross_entropy").backward(*args)
     return backward_reference(logits, targets, lse, grad)
@@ -125,7 +122,7 @@ class CrossEntropyFunction(torch.autograd.Function):
     @staticmethod
     def vmap(info, in_dims, logits: Tensor, targets: Tensor, samples: int):
         size, (d_logits, d_targets, _) = info.batch_size, in_dims
-        x = logits.expand(size, *logits.shape) if d_logits is None else logits.movedim(d_logits, 0)
+        x = batch_first(logits, d_logits, size)
         if d_targets is not None:
             # Each vmap sample's own targets: its rows' (T < N repeated, as row n reads n mod T).
             targets = targets.movedim(d_targets, 0)
@@ -144,7 +141,7 @@ def cross_entropy(logits: Tensor, targets: Tensor) -> Tensor:
     device or ignores the row), else F.cross_entropy itself (which also takes every other
     form of its arguments)."""
     fused = logits.dim() == 2 and targets.dim() == 1 and targets.dtype == torch.long
-    if not (fused and _triton_ready(logits.device) and targets.shape[0] == logits.shape[0]):
+    if not (fused and triton_ready(logits.device) and targets.shape[0] == logits.shape[0]):
         return F.cross_entropy(logits, targets)
     if logits.dtype not in _DTYPES:
         logits = logits.float()

@@ -15,6 +15,8 @@ import warnings
 from pathlib import Path
 from types import ModuleType
 
+import torch
+
 
 @functools.cache
 def _load() -> tuple[ModuleType | None, str | None]:
@@ -47,6 +49,11 @@ def has_triton() -> bool:
     except ImportError:
         return False
     return True
+
+
+def triton_ready(device: torch.device) -> bool:
+    """Whether the Triton kernels run for tensors on ``device`` (CUDA, with Triton)."""
+    return device.type == "cuda" and has_triton()
 
 
 @functools.cache

@@ -45,6 +45,7 @@ from fastdarts.ops import recurrent_mixed as recurrent_mixed_ops
 from fastdarts.ops.extension import extension, triton_kernels
 from fastdarts.ops.flops import flop_formula
 from fastdarts.ops.recurrent_mixed import K, recurrent_mixed
+from fastdarts.ops.vmap import batch_first
 from fastdarts.spaces.rnn import RecurrentSearchCell, cell_forward_nodes
 
 aten = torch.ops.aten
@@ -69,6 +70,13 @@ def _float32(like: Tensor) -> contextlib.AbstractContextManager:
     if not torch.amp.is_autocast_available(device_type):
         return contextlib.nullcontext()
     return torch.autocast(device_type, enabled=False)
+
+
+def _check_bn_batch(training: bool, batch: int) -> None:
+    if training and batch < 2:
+        raise ValueError(
+            f"recurrent_cell: BatchNorm in training needs a batch of 2 or more, got {batch}"
+        )
 
 
 def _check_cell(inputs, hidden, probs, x_mask, h_mask, w0, ws) -> None:
@@ -181,11 +189,7 @@ def _forward_torch(
 ) -> None:  # fmt: skip
     """The C++ kernel's forward in torch ops (any device), into the same outputs."""
     _check_cell(inputs, hidden, probs, x_mask, h_mask, w0, ws)
-    if training and inputs.shape[1] < 2:
-        raise ValueError(
-            "recurrent_cell: BatchNorm in training needs a batch of more than one, got "
-            f"{inputs.shape[1]}"
-        )
+    _check_bn_batch(training, inputs.shape[1])
     _cell_forward(
         inputs.unsqueeze(0), hidden.unsqueeze(1), probs, x_mask, h_mask, w0.unsqueeze(0),
         [w.unsqueeze(0) for w in ws], (running_mean, running_var, num_batches_tracked,
@@ -631,7 +635,7 @@ def _vmap_batched(size: int, dims, bn, tensors):
     in_inputs, in_hidden, _, _, _, in_w0, *in_ws = dims
 
     def leading(x: Tensor, dim: int | None) -> Tensor:
-        return (x.expand(size, *x.shape) if dim is None else x.movedim(dim, 0)).contiguous()
+        return batch_first(x, dim, size).contiguous()
 
     inputs, hidden, w0 = leading(inputs, in_inputs), leading(hidden, in_hidden), leading(w0, in_w0)
     ws = list(map(leading, ws, in_ws))
@@ -744,11 +748,7 @@ def recurrent_cell(
     the reference would. In the inputs' dtype, under autocast too (see the module's
     docstring). A ``RecurrentSearchCell.cell_op``."""
     bn = cell.bn
-    if bn.training and inputs.shape[1] < 2:
-        raise ValueError(
-            "recurrent_cell: BatchNorm in training needs a batch of 2 or more, got "
-            f"{inputs.shape[1]}"
-        )
+    _check_bn_batch(bn.training, inputs.shape[1])
     momentum = -1.0 if bn.momentum is None else float(bn.momentum)
     bn_args = (
         bn.running_mean,
@@ -774,7 +774,7 @@ def recurrent_cell(
 # nothing, as the reference's do not.
 
 
-def _cell_flops(inputs, hidden, w0, ws) -> int:
+def _cell_flops(inputs, w0, ws) -> int:
     steps, batch = inputs[0], inputs[1]
     flops = 2 * batch * w0[0] * w0[1]
     flops += sum(2 * (j + 1) * batch * w[0] * w[1] for j, w in enumerate(ws))
@@ -783,9 +783,9 @@ def _cell_flops(inputs, hidden, w0, ws) -> int:
 
 @flop_formula("recurrent_cell")
 def _forward_flops(inputs, hidden, probs, x_mask, h_mask, w0, ws, *args, **kwargs) -> int:
-    return _cell_flops(inputs, hidden, w0, ws)
+    return _cell_flops(inputs, w0, ws)
 
 
 @flop_formula("recurrent_cell_backward")
 def _backward_flops(grad, inputs, hidden, probs, x_mask, h_mask, w0, ws, *args, **kwargs) -> int:
-    return 2 * _cell_flops(inputs, hidden, w0, ws)
+    return 2 * _cell_flops(inputs, w0, ws)

@@ -21,7 +21,9 @@ import torch
 from torch import Tensor, nn
 
 from fastdarts.genotypes import RNN_PRIMITIVES
-from fastdarts.ops.extension import extension, has_triton, triton_kernels
+from fastdarts.ops.extension import extension, triton_kernels, triton_ready
+from fastdarts.ops.vmap import batch_first
+from fastdarts.spaces.rnn import recurrent_mixed_reference
 
 K = len(RNN_PRIMITIVES)
 _DTYPES = (torch.float32, torch.float64)
@@ -59,16 +61,6 @@ def check_inputs(states: Tensor, ch: Tensor, probs: Tensor) -> None:
         )
 
 
-def forward_reference(states: Tensor, ch: Tensor, probs: Tensor) -> Tensor:
-    """:func:`recurrent_mixed_reference`'s ops, over any leading batch dims (…, n, B, D)."""
-    c, h = ch.chunk(2, dim=-1)
-    c = torch.sigmoid(c)
-    out = torch.zeros_like(states[..., 0, :, :])
-    for k, f in enumerate((torch.tanh, torch.relu, torch.sigmoid, lambda x: x), start=1):
-        out = out + (probs[..., k, None, None] * (states + c * (f(h) - states))).sum(-3)
-    return out
-
-
 def backward_reference(
     grad: Tensor, states: Tensor, ch: Tensor, probs: Tensor
 ) -> tuple[Tensor, Tensor, Tensor]:
@@ -92,13 +84,9 @@ def backward_reference(
     return d_states, torch.cat([d_c, d_h], -1), torch.cat([d_none, d_p], -1)
 
 
-def _triton_ready(device: torch.device) -> bool:
-    return device.type == "cuda" and has_triton()
-
-
 def kernel_name(device: torch.device) -> str:
     """Which implementation runs on ``device``: 'triton', 'cuda', 'cpp' or 'reference'."""
-    if _triton_ready(device):
+    if triton_ready(device):
         return "triton"
     ext = extension()
     if device.type == "cuda" and hasattr(ext, "recurrent_mixed_forward_cuda"):
@@ -118,7 +106,7 @@ def _forward_op(states: Tensor, ch: Tensor, probs: Tensor) -> Tensor:
         fn = "recurrent_mixed_forward" + ("_cuda" if kind == "cuda" else "")
         getattr(extension(), fn)(states, ch, probs, out)
         return out
-    return forward_reference(states, ch, probs)
+    return recurrent_mixed_reference(states, ch, probs)
 
 
 @_forward_op.register_fake
@@ -144,16 +132,9 @@ def _(grad: Tensor, states: Tensor, ch: Tensor, probs: Tensor) -> list[Tensor]:
     return [torch.empty_like(states), torch.empty_like(ch), torch.empty_like(probs)]
 
 
-def _leading(x: Tensor, bdim: int | None, size: int, dims: int) -> Tensor:
-    """x with its batch dim first, of ``size`` (expanded when x is not batched)."""
-    if bdim is None:
-        return x.expand(size, *x.shape[-dims:])
-    return x.movedim(bdim, 0)
-
-
 def _fold(x: Tensor, bdim: int | None, size: int) -> Tensor:
     """(n, B, D) with a batch dim at ``bdim`` → (n, size·B, D): the batch folded into B."""
-    x = _leading(x, bdim, size, 3).transpose(0, 1)
+    x = batch_first(x, bdim, size).transpose(0, 1)
     return x.reshape(x.shape[0], size * x.shape[2], x.shape[3])
 
 
@@ -161,8 +142,8 @@ def _fold(x: Tensor, bdim: int | None, size: int) -> Tensor:
 def _(info, in_dims, grad: Tensor, states: Tensor, ch: Tensor, probs: Tensor):
     # dP sums over B, so a kernel over the folded batch would mix the samples: batched
     # torch ops instead (no per-sample loop).
-    size, ranks = info.batch_size, (2, 3, 3, 2)
-    args = [_leading(x, d, size, r) for x, d, r in zip((grad, states, ch, probs), in_dims, ranks)]
+    size = info.batch_size
+    args = [batch_first(x, d, size) for x, d in zip((grad, states, ch, probs), in_dims)]
     return list(backward_reference(*args)), [0, 0, 0]
 
 
@@ -197,9 +178,8 @@ def _vmap_forward(fn, info, in_dims, states: Tensor, ch: Tensor, probs: Tensor):
     size = info.batch_size
     if in_dims[2] is not None:
         # Per-sample weights do not fold into B: batched torch ops (no per-sample loop).
-        ranks = (3, 3, 2)
-        args = [_leading(x, d, size, r) for x, d, r in zip((states, ch, probs), in_dims, ranks)]
-        return forward_reference(*args), 0
+        args = [batch_first(x, d, size) for x, d in zip((states, ch, probs), in_dims)]
+        return recurrent_mixed_reference(*args), 0
     out = fn(_fold(states, in_dims[0], size), _fold(ch, in_dims[1], size), probs)
     return out.view(size, -1, out.shape[-1]), 0
 

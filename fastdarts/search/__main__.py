@@ -14,6 +14,7 @@ from fastdarts import distributed
 from fastdarts.cli import RUN_HELP, dataclass_parser, run_folder, run_reporting, saved_settings
 from fastdarts.errors import ConfigError
 from fastdarts.genotypes import to_dict
+from fastdarts.search.architect import AMP_MODES, COMPAT_MODES, HVP_MODES
 from fastdarts.search.config import SearchConfig
 from fastdarts.search.loop import run_search
 from fastdarts.search.seeds import run_seeds
@@ -60,9 +61,9 @@ CHOICES = {
     "dataset": ("ptb", "cifar10"),
     "order": (1, 2),
     "dtype": ("float32", "float64"),
-    "compat": ("darts",),
-    "hvp": ("fd", "exact"),
-    "amp": ("off", "bf16"),
+    "compat": COMPAT_MODES,
+    "hvp": HVP_MODES,
+    "amp": AMP_MODES,
 }
 
 
@@ -81,6 +82,11 @@ def make_config(given: dict) -> SearchConfig:
     base = saved_settings(SearchConfig, out) if given.get("resume") else {}
     if base and given.get("space", base.get("space")) != base.get("space"):
         base = {}  # another space: let the checkpoint check say so
+    if base.get("fast") and "backend" in given:
+        raise ConfigError(
+            f"{out} was started with --fast, which picks the backend itself: resume it "
+            "without --backend"
+        )
     return SearchConfig(**{**base, **given, "out": out})
 
 

@@ -258,9 +258,13 @@ class Architect:
         with torch.no_grad():
             step = torch._foreach_mul(g, c_step) if rule.clip is not None else list(g)
             step = torch._foreach_add(step, weights, alpha=rule.weight_decay)
+            # Momentum where a weight has a buffer, as _virtual (a weight without a gradient
+            # yet has none).
             bufs = [self._momentum_buffer(weight_optimizer, p) for p in weights]
-            if rule.momentum and all(b is not None for b in bufs):
-                torch._foreach_add_(step, bufs, alpha=rule.momentum)
+            held = [(s, b) for s, b in zip(step, bufs) if b is not None]
+            if rule.momentum and held:
+                steps, held_bufs = zip(*held)
+                torch._foreach_add_(list(steps), list(held_bufs), alpha=rule.momentum)
             return torch._foreach_sub(weights, torch._foreach_mul(step, lr))
 
     @staticmethod
@@ -325,16 +329,19 @@ class Architect:
         """The published code's version: w moved in place, new masks for each pass."""
         model, alphas, weights = self.model, self.model.arch_parameters(), self.model.weights()
         eps = self.fd_radius / _norm(v)
-        diffs = []
-        for shift in (eps, -2 * eps):
+        diffs, moved = [], 0.0
+        try:
+            for shift in (float(eps), -2 * float(eps)):
+                with torch.no_grad():
+                    for p, t in zip(weights, v):
+                        p.add_(t, alpha=shift)
+                moved += shift
+                loss = model(train, self._masks(train)).loss
+                diffs.append(torch.autograd.grad(distributed.scale(loss, train.share), alphas))
+        finally:  # w back where it was, also when a pass raises (out of memory, say)
             with torch.no_grad():
                 for p, t in zip(weights, v):
-                    p.add_(t, alpha=float(shift))
-            loss = model(train, self._masks(train)).loss
-            diffs.append(torch.autograd.grad(distributed.scale(loss, train.share), alphas))
-        with torch.no_grad():
-            for p, t in zip(weights, v):
-                p.add_(t, alpha=float(eps))
+                    p.add_(t, alpha=-moved)
         return [(gp - gn) / (2 * eps) for gp, gn in zip(*diffs)]
 
 

@@ -81,14 +81,14 @@ class SearchConfig(RunSettings):
             # The fastest settings that compute the same function: the fastest backend that
             # runs here, multi-tensor weight arithmetic (equal up to rounding), and for the
             # RNN on GPUs (second order, finite differences) w± in one batched pass, where
-            # the whole-cell op runs both samples in one call: 8,955 → 7,237 launches a small
-            # step, counted on the CUDA code path. Not on the CPU, where the C++ cell runs once
-            # per sample (small RNN: 3,333 → 3,344 ops/step), nor yet for the CNN: batched, its
-            # kernels run both samples too (5,586 → 5,010 launches a small step), but the
-            # host's time on that path rises (tiny: 0.189 → 0.209 s, vmap's dispatch) and
-            # activations are copied where vmap's layouts meet (a concatenation's output
-            # comes sample-major, the convolutions' interleaved): the GPU suite times both.
-            # It stays available as --batched-fd.
+            # the whole-cell op runs both samples in one call: 4,150 → 3,356 launches a small
+            # step, counted on the CUDA code path (cuda-path-ops-rnn-small.json). Not on the
+            # CPU, where the C++ cell runs once per sample, nor yet for the CNN: batched, its
+            # kernels run both samples too (5,586 → 4,906 launches a small step), but the
+            # host's time on that path rises (tiny: 0.226 → 0.249 s, vmap's dispatch;
+            # cuda-path-host-cnn-tiny.json) and activations are copied where vmap's layouts
+            # meet (25,624 MiB a small step against 23,448): the GPU suite times both. It
+            # stays available as --batched-fd.
             filled["backend"] = "auto"
             filled["foreach"] = self.compat is None
             device = self.device or ("cuda" if torch.cuda.is_available() else "cpu")

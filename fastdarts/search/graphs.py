@@ -35,7 +35,7 @@ StepFn = Callable[[Batch, Batch, torch.Tensor], tuple[SearchOutput, SearchOutput
 
 @dataclass
 class _Graph:
-    graph: torch.cuda.CUDAGraph | None
+    graph: torch.cuda.CUDAGraph
     train: Batch
     val: Batch
     outputs: tuple[SearchOutput, SearchOutput]

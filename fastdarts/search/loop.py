@@ -27,6 +27,7 @@ from fastdarts import distributed, genotypes
 from fastdarts.errors import ConfigError
 from fastdarts.ops.backends import resolve as resolve_backend
 from fastdarts.runs import EpochRun, check_settings, resolve_device
+from fastdarts.search.architect import AMP_MODES, COMPAT_MODES, HVP_MODES
 from fastdarts.search.config import SearchConfig
 from fastdarts.search.tasks import TASKS, SearchTask
 from fastdarts.utils import atomic_write_text
@@ -60,10 +61,23 @@ class Searcher(EpochRun):
         more = [
             (cfg.order in (1, 2), f"--order must be 1 or 2, got {cfg.order}"),
             (cfg.dtype in DTYPES, f"--dtype must be float32 or float64, got {cfg.dtype}"),
-            (cfg.compat in (None, "darts"), f"--compat must be 'darts', got {cfg.compat}"),
-            (cfg.hvp in ("fd", "exact"), f"--hvp must be fd or exact, got {cfg.hvp}"),
+            (
+                cfg.compat in (None, *COMPAT_MODES),
+                f"--compat must be one of {', '.join(COMPAT_MODES)}, got {cfg.compat}",
+            ),
+            (cfg.hvp in HVP_MODES, f"--hvp must be one of {', '.join(HVP_MODES)}, got {cfg.hvp}"),
+            (cfg.amp in AMP_MODES, f"--amp must be one of {', '.join(AMP_MODES)}, got {cfg.amp}"),
             (not (cfg.compat and cfg.hvp == "exact"), "--compat darts needs --hvp fd"),
             (not (cfg.compat and cfg.cuda_graphs), "--compat darts cannot run in CUDA graphs"),
+            (
+                not (cfg.compat and cfg.batched_fd),
+                "--compat darts runs w+ and w- one after the other (not --batched-fd)",
+            ),
+            (
+                not (cfg.compat and cfg.foreach),
+                "--compat darts steps the weights one by one, as the published code (not "
+                "--foreach)",
+            ),
             # Flags that would change nothing: said, not silently ignored.
             (
                 not (cfg.order == 1 and (cfg.hvp == "exact" or cfg.batched_fd)),
@@ -112,9 +126,6 @@ class Searcher(EpochRun):
 
     def _checkpoint_extras(self) -> dict:
         return {"history": json.dumps(self.history), "world_size": distributed.world_size()}
-
-    def _resolved(self) -> dict:
-        return {"resolved": {"device": str(self.device), "backend": self.backend.name}}
 
     def _restore(self, saved: dict) -> None:
         super()._restore(saved)

@@ -15,7 +15,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import shlex
-import shutil
 import sys
 from pathlib import Path
 
@@ -80,7 +79,7 @@ def run_seeds(cfg: SearchConfig) -> dict | None:
         "ranking": results,
     }
     atomic_write_text(root / "summary.json", json.dumps(summary, indent=1) + "\n")
-    shutil.copyfile(results[0]["genotype"], root / "genotype.json")
+    atomic_write_text(root / "genotype.json", Path(results[0]["genotype"]).read_text())
     return summary
 
 

@@ -280,14 +280,14 @@ class RNNTask(SearchTask):
 class CNNTask(SearchTask):
     """DARTS on CIFAR-10: a 50/50 split of the training set for weights and α.
 
-    Cosine learning rate (0.025 → 0.001 over the epochs), momentum 0.9, weight decay 3e-4,
-    weight gradients clipped to norm 5; α by Adam (3e-4, betas (0.5, 0.999), wd 1e-3). Both
+    Cosine learning rate (0.025 → 0.001 over the epochs), momentum 0.9 (``--momentum``: the
+    weight optimiser's and the unrolled step's), weight decay 3e-4, weight gradients clipped
+    to norm 5; α by Adam (3e-4, betas (0.5, 0.999), wd 1e-3). Both
     splits get the search augmentation (random crop with padding 4, horizontal flip). The
     α batches cycle through a shuffled validation half (the paper's code instead takes the
     first batch of a fresh shuffle at every step).
     """
 
-    momentum = 0.9
     arch_betas = (0.5, 0.999)
 
     def __init__(
@@ -301,7 +301,7 @@ class CNNTask(SearchTask):
         self.images = images if images is not None else cifar.load_cifar10(cfg.data, train=True)
         torch.manual_seed(cfg.seed)
         model = ConvSearchModel(cfg.init_channels, len(self.images.classes), cfg.layers)
-        self.weight_clip = cfg.grad_clip
+        self.momentum, self.weight_clip = cfg.momentum, cfg.grad_clip
         super().__init__(cfg, model.to(device, dtype), device)
         self.scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(
             self.weight_optimizer, float(cfg.epochs), eta_min=cfg.lr_min

@@ -53,15 +53,16 @@ def recurrent_mixed_reference(
     states (n, B, D) the predecessors s_i; ch (n, B, 2D) their projections [C_i, H_i];
     probs (n, K) the edges' op weights, K = len(RNN_PRIMITIVES) with ``none`` first.
     Returns (B, D) = Σ_i Σ_{k≠none} probs[i, k] · (s_i + σ(C_i) · (f_k(H_i) − s_i)).
+    Leading dims (…, n, B, D) are batch dims (the fused op's vmap rules batch it so).
     """
     c, h = ch.chunk(2, dim=-1)
     c = torch.sigmoid(c)
-    out = torch.zeros_like(states[0])
+    out = torch.zeros_like(states[..., 0, :, :])
     for k, name in enumerate(RNN_PRIMITIVES):
         if name == "none":
             continue
         candidate = states + c * (ACTIVATIONS[name](h) - states)
-        out = out + (probs[:, k, None, None] * candidate).sum(0)
+        out = out + (probs[..., k, None, None] * candidate).sum(-3)
     return out
 
 

@@ -70,9 +70,6 @@ class Trainer(EpochRun):
     def _checkpoint_extras(self) -> dict:
         return {"kind": TRAIN_KIND}
 
-    def _resolved(self) -> dict:
-        return {"resolved": {"device": str(self.device), "backend": self.backend.name}}
-
     def _keep_record(self, record: dict, step: int) -> bool:
         # The test results come again at the end of the resumed run.
         return super()._keep_record(record, step) and record.get("split") != "test"
