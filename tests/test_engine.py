@@ -407,7 +407,11 @@ def test_loop_names_the_first_bad_step_when_it_reads_later(tmp_path):
     run = EpochRun()
     cfg = SearchConfig(log_every=5, checkpoint_every=10, out=str(tmp_path), epochs=1)
     run._open(cfg)
-    run.task = _Diverging()
+    run.task, run.device, run.backend = (
+        _Diverging(),
+        torch.device("cpu"),
+        backends.BACKENDS["reference"],
+    )
     run._start_folder()
     with pytest.raises(DivergedError, match=r"diverged at step 3 .*loss=nan.*no checkpoint"):
         run._run_epochs(run.task.step, lambda: {})
