@@ -7,6 +7,8 @@ import io
 import os
 import shutil
 import tarfile
+import threading
+import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -442,6 +444,119 @@ def test_cifar_offline_says_where_to_put_files(cache: Path, offline: None) -> No
     assert str(cache / "cifar10") in message and "--data" in message
     assert cifar.TARBALL in message
     assert leftovers(cache) == []
+
+
+def fake_binary_archive(monkeypatch: pytest.MonkeyPatch, per_batch: int = 3) -> bytes:
+    """torchvision's cifar-10-python.tar.gz in miniature (image i of a batch all value i),
+    with torchvision's checksums patched to match it."""
+    import hashlib
+    import pickle
+
+    from torchvision.datasets import CIFAR10
+
+    files, lists = {}, {"train_list": [], "test_list": []}
+    for name, which in [*((f"data_batch_{k}", "train_list") for k in range(1, 6)),
+                        ("test_batch", "test_list")]:  # fmt: skip
+        data = torch.arange(per_batch, dtype=torch.uint8)[:, None].expand(per_batch, 3072)
+        blob = {"data": data.numpy().copy(), "labels": list(range(per_batch))}
+        files[name] = pickle.dumps(blob)
+        lists[which].append([name, hashlib.md5(files[name]).hexdigest()])
+    files["batches.meta"] = pickle.dumps({"label_names": list(cifar.CLASSES)})
+    meta = {**CIFAR10.meta, "md5": hashlib.md5(files["batches.meta"]).hexdigest()}
+    archive = io.BytesIO()
+    with tarfile.open(fileobj=archive, mode="w:gz") as tar:
+        for name, blob in files.items():
+            member = tarfile.TarInfo(f"{cifar.BINARY}/{name}")
+            member.size = len(blob)
+            tar.addfile(member, io.BytesIO(blob))
+    payload = archive.getvalue()
+    for attr, value in (*lists.items(), ("meta", meta)):
+        monkeypatch.setattr(CIFAR10, attr, value)
+    monkeypatch.setattr(CIFAR10, "tgz_md5", hashlib.md5(payload).hexdigest())
+    return payload
+
+
+def test_cifar_download_by_processes_started_together_happens_once(
+    cache: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two loaders at once (threads here; the lock is a file lock, as between torchrun's
+    ranks): one downloads and unpacks, the other waits and finds the batches."""
+    from torchvision.datasets import CIFAR10
+
+    payload = fake_binary_archive(monkeypatch)
+    fetched = serve(monkeypatch, {CIFAR10.filename: payload})
+    barrier = threading.Barrier(2)
+    results: list[cifar.CIFAR10Split | BaseException] = []
+
+    def load() -> None:
+        barrier.wait()
+        try:
+            results.append(load_cifar10())
+        except BaseException as e:  # reported by the assertion below
+            results.append(e)
+
+    threads = [threading.Thread(target=load) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert all(isinstance(r, cifar.CIFAR10Split) for r in results), results
+    assert len(fetched) == 1
+    for split in results:
+        images, labels = split.get(list(range(15)))
+        assert labels.tolist() == [0, 1, 2] * 5
+        assert images[:, 0, 0, 0].tolist() == [0, 1, 2] * 5
+    assert not (cache / "cifar10" / CIFAR10.filename).exists()
+    assert leftovers(cache) == []
+
+
+def test_cache_lock_makes_a_second_holder_wait(cache: Path) -> None:
+    entry, order = cache / "entry", []
+    held, release = threading.Event(), threading.Event()
+
+    def first() -> None:
+        with _files.cache_lock(entry):
+            held.set()
+            release.wait(10)
+            order.append("first out")
+
+    def second() -> None:
+        held.wait(10)
+        with _files.cache_lock(entry):
+            order.append("second in")
+
+    threads = [threading.Thread(target=first), threading.Thread(target=second)]
+    for thread in threads:
+        thread.start()
+    held.wait(10)
+    time.sleep(0.2)
+    assert order == []  # the second is still waiting
+    release.set()
+    for thread in threads:
+        thread.join()
+    assert order == ["first out", "second in"]
+
+
+def test_an_unwritable_cache_is_one_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    afile = tmp_path / "afile"
+    afile.write_text("not a folder")
+    monkeypatch.setenv("FASTDARTS_CACHE", str(afile))
+    archive = make_tarball(tmp_path / "data" / "tiny.tar.gz", make_tree(tmp_path / "tree", 1))
+    for load in (lambda: load_cifar10(str(archive)), load_cifar10, load_ptb):
+        with pytest.raises(DataError, match=f"cannot write the cache folder {afile}") as info:
+            load()
+        assert "FASTDARTS_CACHE" in str(info.value) and "\n" not in str(info.value)
+
+
+def test_an_unpacked_tarball_is_found_without_data_and_a_killed_unpack_is_cleared(
+    tmp_path: Path, cache: Path, no_download: None
+) -> None:
+    left = cache / ".cifar10-jpeg.x1.part" / "train"
+    left.mkdir(parents=True)
+    archive = make_tarball(tmp_path / "data" / "tiny.tar.gz", make_tree(tmp_path / "tree", 1))
+    load_cifar10(str(archive))
+    assert leftovers(cache) == []
+    assert_matches_colours(load_cifar10(train=False), "test", 1)
 
 
 @needs_cifar

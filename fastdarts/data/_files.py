@@ -1,12 +1,15 @@
 """Shared file plumbing for the datasets: where data lives, checksums, downloads, extraction.
 
 Everything that writes goes through a temporary name beside the target and ``os.replace``, so
-an interrupted download or extraction never leaves something that looks complete.
+an interrupted download or extraction never leaves something that looks complete; writers to
+one cache entry take its lock (:func:`cache_lock`), so processes started together (torchrun's
+ranks on a fresh machine) fetch and unpack it once.
 """
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import http.client
 import os
@@ -44,6 +47,26 @@ def cache_dir() -> Path:
     if xdg and os.path.isabs(xdg):
         return Path(xdg) / "fastdarts"
     return Path.home() / ".cache" / "fastdarts"
+
+
+@contextlib.contextmanager
+def cache_lock(entry: Path) -> Iterator[None]:
+    """Hold the exclusive lock of the cache entry ``entry`` (a file beside it) for the block;
+    DataError in one line when the cache folder cannot be written."""
+    lock = entry.parent / f".{entry.name}.lock"
+    try:
+        entry.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as e:
+        raise DataError(
+            f"cannot write the cache folder {entry.parent} ({e.strerror or e}); set "
+            "FASTDARTS_CACHE to a writable folder, or pass --data DIR"
+        ) from e
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)  # released when the descriptor closes, or the process ends
+        yield
+    finally:
+        os.close(fd)
 
 
 def env_data_dir(name: str) -> Path | None:
@@ -123,12 +146,23 @@ def extract_tar_once(archive: Path, dest: Path, stamp: str) -> Path:
     """Extract ``archive`` into ``dest`` unless ``dest`` already holds it (same ``stamp``).
 
     Extraction goes to a temporary folder beside ``dest`` that is renamed into place, so a
-    killed run leaves no half tree; ``stamp`` identifies the archive so a different one is
-    extracted afresh instead of reusing a stale tree.
+    killed run leaves no half tree (the next extraction removes what it left); ``stamp``
+    identifies the archive so a different one is extracted afresh instead of reusing a stale
+    tree. Under ``dest``'s cache lock: a second process waits, then finds the tree.
     """
     if _read_stamp(dest) == stamp:
         return dest
-    dest.parent.mkdir(parents=True, exist_ok=True)
+    with cache_lock(dest):
+        if _read_stamp(dest) == stamp:
+            return dest
+        # What a killed extraction left (no other one runs: this process holds the lock).
+        for pattern in (f".{dest.name}.*.part", f".{dest.name}.*.old"):
+            for left in dest.parent.glob(pattern):
+                shutil.rmtree(left, ignore_errors=True)
+        return _extract(archive, dest, stamp)
+
+
+def _extract(archive: Path, dest: Path, stamp: str) -> Path:
     tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".part"))
     # mkdtemp makes the folder private (0700); the tree should read like any other cache entry.
     tmp.chmod(0o755)
@@ -140,7 +174,7 @@ def extract_tar_once(archive: Path, dest: Path, stamp: str) -> Path:
         except (tarfile.TarError, OSError, EOFError, zlib.error) as e:
             raise DataError(f"{archive}: cannot extract ({e}); replace the archive") from e
         (tmp / _STAMP).write_text(stamp)
-        _swap_into_place(tmp, dest, stamp)
+        _swap_into_place(tmp, dest)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return dest
@@ -153,11 +187,8 @@ def _read_stamp(tree: Path) -> str | None:
         return None
 
 
-def _swap_into_place(tmp: Path, dest: Path, stamp: str) -> None:
+def _swap_into_place(tmp: Path, dest: Path) -> None:
     if dest.exists():
-        # Another process may have finished the same extraction meanwhile: keep its tree.
-        if _read_stamp(dest) == stamp:
-            return
         # os.replace cannot overwrite a non-empty folder: move the stale tree aside first.
         stale = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".old"))
         os.replace(dest, stale / dest.name)

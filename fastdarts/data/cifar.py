@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+import contextlib
 import math
 import warnings
 from collections.abc import Sequence
@@ -37,6 +38,7 @@ STD = (0.24703233, 0.24348505, 0.26158768)
 TARBALL = "cifar10-jpeg.tar.gz"
 TARBALL_SHA256 = "18cf13217cdd1384f1ab13c525d157cd7a581d94ddb13a5558540968f3d9c582"
 BINARY = "cifar-10-batches-py"
+_UNPACKED = "cifar10-jpeg"  # the cache folder a tarball given to --data unpacks into
 _SIZE = 32
 _WHAT = f"train/ and test/ JPEG class folders, {TARBALL} or {BINARY}"
 
@@ -72,13 +74,14 @@ class CIFAR10Split:
 
 def load_cifar10(data: str | None = None, train: bool = True) -> CIFAR10Split:
     """Load a CIFAR-10 split from ``data`` (never downloads), else $FASTDARTS_DATA/cifar10,
-    the cache, or torchvision's download into the cache."""
+    the cache (its download, or a tarball's tree that ``data`` once unpacked there), or
+    torchvision's download into the cache."""
     if data is not None:
         return _load_explicit(Path(data), train)
     cache = _files.cache_dir() / "cifar10"
     env = _files.env_data_dir("cifar10")
     skipped = []
-    for folder in ([env] if env else []) + [cache]:
+    for folder in ([env] if env else []) + [cache, _files.cache_dir() / _UNPACKED]:
         if _source_in(folder) is None:
             if folder == env:
                 skipped.append(f"{folder} ($FASTDARTS_DATA): no CIFAR-10 there")
@@ -206,7 +209,7 @@ def _load_tarball(archive: Path, train: bool) -> CIFAR10Split:
     digest = _files.file_digest(archive, "sha256")
     if archive.name == TARBALL and digest != TARBALL_SHA256:
         raise DataError(f"{archive}: sha256 mismatch (corrupt or not the CIFAR-10 JPEG tarball)")
-    tree = _files.extract_tar_once(archive, _files.cache_dir() / "cifar10-jpeg", f"sha256:{digest}")
+    tree = _files.extract_tar_once(archive, _files.cache_dir() / _UNPACKED, f"sha256:{digest}")
     return _load_tree(tree, train)
 
 
@@ -262,18 +265,24 @@ def _binary_split(dataset: CIFAR10) -> CIFAR10Split:
 def _download_binary(cache: Path, train: bool) -> CIFAR10Split:
     from torchvision.datasets import CIFAR10
 
-    # Our own download (timeout, atomic write, md5) of the archive torchvision expects; the
-    # torchvision call below then finds it verified and only extracts it.
-    archive = cache / CIFAR10.filename
-    if not (archive.is_file() and _files.file_digest(archive, "md5") == CIFAR10.tgz_md5):
-        try:
-            _files.download(CIFAR10.url, archive, "md5", CIFAR10.tgz_md5)
-        except _files.DownloadError as e:
-            raise DataError(
-                f"could not download CIFAR-10 ({e}); put {TARBALL} or {BINARY} in {cache}"
-                " or pass --data DIR"
-            ) from e
-    split = _binary_split(CIFAR10(str(cache), train=train, download=True))
-    # The extracted batches are all later runs need.
-    archive.unlink()
-    return split
+    # Under the cache's lock: torchvision unpacks into the cache folder itself, so processes
+    # started together (torchrun's ranks) take turns, and the later ones find the batches.
+    with _files.cache_lock(cache):
+        if (cache / BINARY).is_dir():
+            with contextlib.suppress(DataError):
+                return _load_binary(cache, train)
+        # Our own download (timeout, atomic write, md5) of the archive torchvision expects;
+        # the torchvision call below then finds it verified and only extracts it.
+        archive = cache / CIFAR10.filename
+        if not (archive.is_file() and _files.file_digest(archive, "md5") == CIFAR10.tgz_md5):
+            try:
+                _files.download(CIFAR10.url, archive, "md5", CIFAR10.tgz_md5)
+            except _files.DownloadError as e:
+                raise DataError(
+                    f"could not download CIFAR-10 ({e}); put {TARBALL} or {BINARY} in {cache}"
+                    " or pass --data DIR"
+                ) from e
+        split = _binary_split(CIFAR10(str(cache), train=train, download=True))
+        # The extracted batches are all later runs need.
+        archive.unlink()
+        return split

@@ -128,17 +128,18 @@ def _read_default() -> dict[str, bytes]:
             # Fall back to the next place, but say why this one was skipped.
             warnings.warn(f"ignoring PTB in {folder}: {e}", stacklevel=3)
             skipped.append(f"{folder}: {e}")
-    for split in SPLITS:
-        path = cache / f"ptb.{split}.txt"
-        if path.is_file() and _files.file_digest(path, "md5") == MD5[split]:
-            continue
-        try:
-            _files.download(URL.format(split=split), path, "md5", MD5[split])
-        except _files.DownloadError as e:
-            raise DataError(
-                f"could not download PTB ({e}); put {_NAMES} in {cache} or pass --data DIR"
-                + _files.skipped_note(skipped)
-            ) from e
+    with _files.cache_lock(cache):  # processes started together download once
+        for split in SPLITS:
+            path = cache / f"ptb.{split}.txt"
+            if path.is_file() and _files.file_digest(path, "md5") == MD5[split]:
+                continue
+            try:
+                _files.download(URL.format(split=split), path, "md5", MD5[split])
+            except _files.DownloadError as e:
+                raise DataError(
+                    f"could not download PTB ({e}); put {_NAMES} in {cache} or pass --data DIR"
+                    + _files.skipped_note(skipped)
+                ) from e
     return _read_folder(cache)
 
 
