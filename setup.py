@@ -6,9 +6,11 @@ torch 2.11 with triton 3.6, CPU machines 2.14 with triton 3.8.
 The optional C++ extension ``fastdarts._C`` (csrc/) is built with torch.utils.cpp_extension
 when torch is importable at build time (``pip install -e . --no-build-isolation``); a CUDA
 build adds csrc/*.cu when CUDA is available (or FORCE_CUDA=1, for a machine without a GPU).
-Without a compiler, or with FASTDARTS_SKIP_EXT=1,
-the package installs as pure Python and the fast ops fall back to Triton or the reference.
-MAX_JOBS and TORCH_CUDA_ARCH_LIST are read by torch's build as usual.
+A failed CUDA compile falls back to the extension without CUDA, a failed C++ compile (no
+compiler) to a pure-Python install, where the fast ops fall back to Triton or the reference;
+pip shows why with -v. Where that must not happen, FASTDARTS_REQUIRE_EXT=1 (or FORCE_CUDA=1,
+for the CUDA part) makes a failed compile fail the install. FASTDARTS_SKIP_EXT=1 skips the
+build. MAX_JOBS and TORCH_CUDA_ARCH_LIST are read by torch's build as usual.
 """
 
 import os
@@ -39,6 +41,9 @@ def _cpu_flags() -> list[str]:
     return []
 
 
+_CXX = ["-O3", "-g0", *_cpu_flags()]
+
+
 def _extensions() -> tuple[list, dict]:
     """The extension modules and build command, or none (with the reason printed)."""
     if os.environ.get("FASTDARTS_SKIP_EXT") == "1":
@@ -54,29 +59,59 @@ def _extensions() -> tuple[list, dict]:
         )
         return [], {}
 
-    class OptionalBuildExtension(BuildExtension):
-        """A failed compile leaves a working pure-Python install instead of an error."""
-
-        def run(self):
-            try:
-                super().run()
-            except Exception as e:  # compiler missing or failing: any error means "skip"
-                _say(f"could not build the C++ extension ({e}); installing pure Python")
-
     sources = sorted(str(p.relative_to(HERE)) for p in (HERE / "csrc").glob("*.cpp"))
     cuda_sources = sorted(str(p.relative_to(HERE)) for p in (HERE / "csrc").glob("*.cu"))
-    flags = {"cxx": ["-O3", "-g0", *_cpu_flags()]}
-    want_cuda = torch.cuda.is_available() or os.environ.get("FORCE_CUDA") == "1"
+    cpu_ext = CppExtension("fastdarts._C", sources, extra_compile_args={"cxx": _CXX})
+    required = os.environ.get("FASTDARTS_REQUIRE_EXT") == "1"
+    forced = os.environ.get("FORCE_CUDA") == "1"
+
+    class OptionalBuildExtension(BuildExtension):
+        """A failed CUDA compile retries without CUDA; a failed C++ compile leaves a working
+        pure-Python install (unless the environment requires the extension)."""
+
+        def run(self):
+            cuda, inplace = self.extensions[0] is not cpu_ext, self.inplace
+            try:
+                super().run()
+                return
+            except Exception as e:  # compiler missing or failing, a bad TORCH_CUDA_ARCH_LIST
+                if required or (cuda and forced):
+                    raise
+                reason = e
+            self.inplace = inplace  # setuptools' run() clears it while it builds
+            if cuda:
+                _say(f"could not build the CUDA extension ({reason}); building it without CUDA")
+                # The same module without CUDA, with what finalising the options set on the
+                # CUDA one (setuptools' per-extension state, "_"-named), and a fresh compiler
+                # (run() made the option an object, patched for nvcc).
+                failed = self.extensions[0]
+                for name, value in vars(failed).items():
+                    if name.startswith("_"):
+                        setattr(cpu_ext, name, value)
+                self.ext_map = {k: cpu_ext if v is failed else v for k, v in self.ext_map.items()}
+                self.extensions, self.compiler = [cpu_ext], None
+                try:
+                    super().run()
+                    return
+                except Exception as e:
+                    reason = e
+                self.inplace = inplace
+            said = ""
+            if inplace:  # an earlier build's module would load in this one's place
+                stale = Path(self.get_ext_fullpath(cpu_ext.name))
+                said = f", removed the earlier build's {stale.name}" if stale.exists() else ""
+                stale.unlink(missing_ok=True)
+            _say(f"could not build the C++ extension ({reason}); installing pure Python{said}")
+
+    want_cuda = torch.cuda.is_available() or forced
+    ext = cpu_ext
     if cuda_sources and want_cuda and CUDA_HOME is not None:
-        flags["nvcc"] = ["-O3"]
         ext = CUDAExtension(
             "fastdarts._C",
             sources + cuda_sources,
-            extra_compile_args=flags,
+            extra_compile_args={"cxx": _CXX, "nvcc": ["-O3"]},
             define_macros=[("FASTDARTS_WITH_CUDA", None)],
         )
-    else:
-        ext = CppExtension("fastdarts._C", sources, extra_compile_args=flags)
     return [ext], {"build_ext": OptionalBuildExtension.with_options(use_ninja=True)}
 
 
