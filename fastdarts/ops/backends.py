@@ -66,7 +66,8 @@ def _fused_unavailable(space: str, device_type: str) -> str | None:
     CUDA mixture (without Triton the CNN's fused ops would run torch-op formulas: slower
     than the reference)."""
     if device_type == "cpu":
-        return unavailable_reason()
+        reason = unavailable_reason()
+        return None if reason is None else f"needs the C++ kernels on the CPU: {reason}"
     if has_triton():
         return None
     if space == "rnn" and hasattr(extension(), "recurrent_mixed_forward_cuda"):

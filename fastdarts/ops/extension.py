@@ -27,7 +27,10 @@ def _load() -> tuple[ModuleType | None, str | None]:
             f"the C++ extension fastdarts._C is not available ({e}); build it with "
             "'pip install -e . --no-build-isolation' (needs a C++ compiler)"
         )
-        warnings.warn(f"fastdarts: {reason}; using the reference ops on the CPU", stacklevel=3)
+        warnings.warn(
+            f"fastdarts: {reason}; without it the fused ops run the reference's on the CPU",
+            stacklevel=3,
+        )
         return None, reason
 
 
