@@ -63,8 +63,9 @@ def world_size() -> int:
 
 
 def is_main() -> bool:
-    """Whether this process writes the run's files and prints its progress (rank 0)."""
-    return rank() == 0
+    """Whether this process writes the run's files and prints its progress (rank 0; before
+    the process group exists, the rank torchrun gave it)."""
+    return rank() == 0 if active() else os.environ.get("RANK", "0") == "0"
 
 
 def label(prog: str) -> str:

@@ -450,3 +450,16 @@ def test_seeds_must_be_integers(cli, tmp_path):
     result = cli("fastdarts.search", *RNN_TINY, "--seeds", "0,x", "--out", str(tmp_path / "s"))
     assert result.returncode == 2
     assert "--seeds must be comma-separated integers" in result.stderr
+
+
+def test_before_the_process_group_only_torchruns_rank_0_is_main(monkeypatch):
+    """--seeds prints and writes before the first search joins the group: rank 1 must not."""
+    from fastdarts import distributed
+
+    assert not distributed.active()
+    monkeypatch.delenv("RANK", raising=False)
+    assert distributed.is_main()
+    monkeypatch.setenv("RANK", "1")
+    assert not distributed.is_main()
+    monkeypatch.setenv("RANK", "0")
+    assert distributed.is_main()
