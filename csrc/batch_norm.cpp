@@ -187,6 +187,8 @@ std::vector<at::Tensor> batch_norm_forward(const at::Tensor& x, double eps,
   TORCH_CHECK(x.size(0) * x.size(2) * x.size(3) > 1,
               "batch_norm: expected more than 1 value per channel, got ", x.sizes());
   TORCH_CHECK(eps >= 0, "batch_norm: eps must be non-negative, got ", eps);
+  TORCH_CHECK(momentum >= 0 && momentum <= 1, "batch_norm: momentum must lie in [0, 1], got ",
+              momentum);
   TORCH_CHECK(running_mean.has_value() == running_var.has_value(),
               "batch_norm: give both running_mean and running_var, or neither");
   if (running_mean.has_value()) {

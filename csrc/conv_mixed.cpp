@@ -59,14 +59,14 @@ std::vector<at::Tensor> outputs(const std::optional<std::vector<at::Tensor>>& ou
 
 void check_same(const at::Tensor& t, const at::Tensor& like, const char* name) {
   TORCH_CHECK(t.device() == like.device() && t.scalar_type() == like.scalar_type(),
-              "conv_mix: ", name, " must be ", like.scalar_type(), " on ", like.device(),
+              name, " must be ", like.scalar_type(), " on ", like.device(),
               ", got ", t.scalar_type(), " on ", t.device());
 }
 
 void check_index(const at::Tensor& t, int64_t size, const char* name) {
   TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == at::kLong && t.dim() == 1 &&
                   t.size(0) == size && t.is_contiguous(),
-              "conv_mix: ", name, " must be a contiguous int64 cpu tensor of size ", size,
+              name, " must be a contiguous int64 cpu tensor of size ", size,
               ", got ", t.scalar_type(), " ", t.sizes(), " on ", t.device());
 }
 
@@ -74,7 +74,7 @@ void check_out(const at::Tensor& t, const at::Tensor& like, at::IntArrayRef size
                const char* name) {
   TORCH_CHECK(t.device() == like.device() && t.scalar_type() == like.scalar_type() &&
                   t.sizes() == sizes && t.is_contiguous(),
-              "conv_mix: ", name, " must be a contiguous tensor on ", like.device(), " of shape ",
+              name, " must be a contiguous tensor on ", like.device(), " of shape ",
               sizes, " and dtype ", like.scalar_type(), ", got ", t.sizes(), " ",
               t.scalar_type(), " on ", t.device());
 }
@@ -106,8 +106,8 @@ void check_common(const at::Tensor& src, const at::Tensor& alpha, const at::Tens
                   shift.is_contiguous(),
               "conv_mix: alpha and shift must be contiguous (R,) tensors, got ", alpha.sizes(),
               " and ", shift.sizes());
-  check_same(alpha, src, "alpha");
-  check_same(shift, src, "shift");
+  check_same(alpha, src, "conv_mix: alpha");
+  check_same(shift, src, "conv_mix: shift");
 }
 
 // Checks that every route reads a source channel in [0, S) and ptr is a valid CSR over R.
@@ -231,12 +231,14 @@ at::Tensor forward(const at::Tensor& src, const at::Tensor& alpha, const at::Ten
   TORCH_CHECK(out_ptr.dim() == 1 && out_ptr.size(0) >= 1,
               "conv_mix: out_ptr must have n_out + 1 entries");
   const int64_t R = alpha.size(0), N = out_ptr.size(0) - 1;
-  check_index(route_src, R, "route_src");
-  check_index(out_ptr, N + 1, "out_ptr");
+  check_index(route_src, R, "conv_mix: route_src");
+  check_index(out_ptr, N + 1, "conv_mix: out_ptr");
   const at::Tensor out = output(out_arg, src, {B, N, src.size(2), src.size(3)});
-  check_out(out, src, {B, N, src.size(2), src.size(3)}, "out");
+  check_out(out, src, {B, N, src.size(2), src.size(3)}, "conv_mix: out");
   std::optional<at::Tensor> acc;
-  if (acc_arg.has_value()) acc = planes(*acc_arg, src, {B, N, src.size(2), src.size(3)}, "acc");
+  if (acc_arg.has_value()) {
+    acc = planes(*acc_arg, src, {B, N, src.size(2), src.size(3)}, "conv_mix: acc");
+  }
   check_routes(route_src.data_ptr<int64_t>(), R, S, out_ptr.data_ptr<int64_t>(), N);
   AT_DISPATCH_FLOATING_TYPES(src.scalar_type(), "conv_mix_forward", [&] {
     forward_kernel<scalar_t>(src.data_ptr<scalar_t>(), alpha.data_ptr<scalar_t>(),
@@ -265,15 +267,15 @@ std::vector<at::Tensor> backward(const at::Tensor& grad, const at::Tensor& src,
                   grad.size(3) == src.size(3) && grad.is_contiguous(),
               "conv_mix backward: grad must be a contiguous (", B, ", n_out, ", src.size(2), ", ",
               src.size(3), ") tensor, got ", grad.sizes());
-  check_same(grad, src, "grad");
+  check_same(grad, src, "conv_mix: grad");
   const int64_t N = grad.size(1);
-  check_index(route_src, R, "route_src");
-  check_index(route_out, R, "route_out");
-  check_index(src_perm, R, "src_perm");
-  check_index(src_ptr, S + 1, "src_ptr");
-  check_out(d_src, src, src.sizes(), "d_src");
-  check_out(d_alpha, src, alpha.sizes(), "d_alpha");
-  check_out(d_shift, src, alpha.sizes(), "d_shift");
+  check_index(route_src, R, "conv_mix: route_src");
+  check_index(route_out, R, "conv_mix: route_out");
+  check_index(src_perm, R, "conv_mix: src_perm");
+  check_index(src_ptr, S + 1, "conv_mix: src_ptr");
+  check_out(d_src, src, src.sizes(), "conv_mix: d_src");
+  check_out(d_alpha, src, alpha.sizes(), "conv_mix: d_alpha");
+  check_out(d_shift, src, alpha.sizes(), "conv_mix: d_shift");
   check_routes(route_src.data_ptr<int64_t>(), R, S, src_ptr.data_ptr<int64_t>(), S);
   check_routes(route_out.data_ptr<int64_t>(), R, N, src_ptr.data_ptr<int64_t>(), S);
   check_routes(src_perm.data_ptr<int64_t>(), R, R, src_ptr.data_ptr<int64_t>(), S);
@@ -316,8 +318,9 @@ std::vector<Shape> shapes_of(at::TensorList weights, at::IntArrayRef pads, at::I
   int64_t out_off = 0;
   for (int64_t t = 0; t < n; ++t) {
     const auto& w = weights[t];
-    TORCH_CHECK(w.dim() == 4 && w.size(1) == 1 && w.size(2) == w.size(3) && w.is_contiguous(),
-                "depthwise: weight ", t, " must be a contiguous (Ch, 1, k, k) tensor, got ",
+    TORCH_CHECK(w.dim() == 4 && w.size(1) == 1 && w.size(2) == w.size(3) && w.size(2) >= 1 &&
+                    w.is_contiguous(),
+                "depthwise: weight ", t, " must be a contiguous (Ch, 1, k, k) tensor, k >= 1, got ",
                 w.sizes());
     TORCH_CHECK(in_offsets[t] >= 0 && in_offsets[t] + w.size(0) <= Cin, "depthwise: shape ", t,
                 " reads channels [", in_offsets[t], ", ", in_offsets[t] + w.size(0),
@@ -858,7 +861,7 @@ DwGeometry dw_check(const at::Tensor& x, at::TensorList weights, int64_t stride,
   DwGeometry geo;
   geo.B = x.size(0), geo.Cin = x.size(1), geo.H = x.size(2), geo.W = x.size(3);
   geo.shapes = shapes_of(weights, pads, dils, in_offsets, geo.Cin);
-  for (const auto& w : weights) check_same(w, x, "each weight");
+  for (const auto& w : weights) check_same(w, x, "depthwise: each weight");
   const Shape& last = geo.shapes.back();
   geo.Cout = last.out_off + last.ch;
   geo.Ho = out_size(geo.H, geo.shapes[0], stride);
@@ -879,7 +882,7 @@ at::Tensor depthwise_forward(const at::Tensor& x, const std::vector<at::Tensor>&
                              const std::optional<at::Tensor>& out_arg) {
   const auto geo = dw_check(x, weights, stride, pads, dils, in_offsets);
   const at::Tensor out = output(out_arg, x, {geo.B, geo.Cout, geo.Ho, geo.Wo});
-  check_out(out, x, {geo.B, geo.Cout, geo.Ho, geo.Wo}, "out");
+  check_out(out, x, {geo.B, geo.Cout, geo.Ho, geo.Wo}, "depthwise: out");
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "depthwise_forward", [&] {
     std::vector<const scalar_t*> w;
     for (const auto& t : weights) w.push_back(t.data_ptr<scalar_t>());
@@ -902,7 +905,7 @@ std::vector<at::Tensor> depthwise_backward(const at::Tensor& grad, const at::Ten
                                            bool grad_weights, bool relu,
                                            const std::optional<std::vector<at::Tensor>>& out) {
   const auto geo = dw_check(x, weights, stride, pads, dils, in_offsets);
-  check_out(grad, x, {geo.B, geo.Cout, geo.Ho, geo.Wo}, "grad");
+  check_out(grad, x, {geo.B, geo.Cout, geo.Ho, geo.Wo}, "depthwise: grad");
   std::vector<std::vector<int64_t>> sizes{x.sizes().vec()};
   for (const auto& w : weights) {
     if (grad_weights) sizes.push_back(w.sizes().vec());
@@ -910,9 +913,9 @@ std::vector<at::Tensor> depthwise_backward(const at::Tensor& grad, const at::Ten
   const auto grads = outputs(out, x, sizes, "depthwise backward");
   const at::Tensor& d_x = grads[0];
   const at::TensorList d_weights = at::TensorList(grads).slice(1);
-  check_out(d_x, x, x.sizes(), "d_x");
+  check_out(d_x, x, x.sizes(), "depthwise: d_x");
   for (size_t t = 0; t < d_weights.size(); ++t) {
-    check_out(d_weights[t], x, weights[t].sizes(), "d_weight");
+    check_out(d_weights[t], x, weights[t].sizes(), "depthwise: d_weight");
   }
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "depthwise_backward", [&] {
     std::vector<const scalar_t*> w;
@@ -1053,7 +1056,7 @@ PwGeometry pw_check(const at::Tensor& x, const at::Tensor& weight, int64_t group
               x.sizes(), " on ", x.device());
   TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble,
               "pointwise: dtype must be float32 or float64, got ", x.scalar_type());
-  check_same(weight, x, "weight");
+  check_same(weight, x, "pointwise: weight");
   TORCH_CHECK(groups >= 1 && weight.dim() == 4 && weight.size(2) == 1 && weight.size(3) == 1 &&
                   weight.size(0) % groups == 0 && weight.size(1) * groups == x.size(1) &&
                   weight.is_contiguous(),
@@ -1068,7 +1071,7 @@ at::Tensor pointwise_forward(const at::Tensor& x, const at::Tensor& weight, int6
                              const std::optional<at::Tensor>& out_arg) {
   const auto s = pw_check(x, weight, groups);
   const at::Tensor out = output(out_arg, x, {s.B, s.G * s.Co, x.size(2), x.size(3)});
-  check_out(out, x, {s.B, s.G * s.Co, x.size(2), x.size(3)}, "out");
+  check_out(out, x, {s.B, s.G * s.Co, x.size(2), x.size(3)}, "pointwise: out");
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "pointwise_forward", [&] {
     const scalar_t* xp = x.data_ptr<scalar_t>();
     const scalar_t* wp = weight.data_ptr<scalar_t>();
@@ -1090,15 +1093,16 @@ std::vector<at::Tensor> pointwise_backward(const at::Tensor& grad_arg, const at:
                                            bool grad_weight,
                                            const std::optional<std::vector<at::Tensor>>& out) {
   const auto s = pw_check(x, weight, groups);
-  const at::Tensor grad = planes(grad_arg, x, {s.B, s.G * s.Co, x.size(2), x.size(3)}, "grad");
+  const at::Tensor grad =
+      planes(grad_arg, x, {s.B, s.G * s.Co, x.size(2), x.size(3)}, "pointwise: grad");
   const int64_t g_batch = batch_stride(grad);
   std::vector<std::vector<int64_t>> sizes{x.sizes().vec()};
   if (grad_weight) sizes.push_back(weight.sizes().vec());
   const auto grads = outputs(out, x, sizes, "pointwise backward");
   const at::Tensor& d_x = grads[0];
   const at::TensorList d_weight = at::TensorList(grads).slice(1);
-  check_out(d_x, x, x.sizes(), "d_x");
-  if (!d_weight.empty()) check_out(d_weight[0], x, weight.sizes(), "d_weight");
+  check_out(d_x, x, x.sizes(), "pointwise: d_x");
+  if (!d_weight.empty()) check_out(d_weight[0], x, weight.sizes(), "pointwise: d_weight");
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "pointwise_backward", [&] {
     const scalar_t* gp = grad.data_ptr<scalar_t>();
     const scalar_t* xp = x.data_ptr<scalar_t>();
@@ -1254,10 +1258,10 @@ void row_pass(const PoolGeometry& g, const T* row, T* mx, T* arg, T* sum) {
 at::Tensor pools_forward(const at::Tensor& x_arg, int64_t stride,
                          const std::optional<at::Tensor>& out_arg) {
   const auto g = pool_check(x_arg, stride);
-  const at::Tensor x = planes(x_arg, x_arg, x_arg.sizes(), "x");
+  const at::Tensor x = planes(x_arg, x_arg, x_arg.sizes(), "pools: x");
   const int64_t x_batch = batch_stride(x);
   const at::Tensor out = output(out_arg, x, {g.B, 2 * g.C, g.Ho, g.Wo});
-  check_out(out, x, {g.B, 2 * g.C, g.Ho, g.Wo}, "out");
+  check_out(out, x, {g.B, 2 * g.C, g.Ho, g.Wo}, "pools: out");
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "pools_forward", [&] {
     const scalar_t* xp = x.data_ptr<scalar_t>();
     scalar_t* op = out.data_ptr<scalar_t>();
@@ -1298,12 +1302,12 @@ at::Tensor pools_forward(const at::Tensor& x_arg, int64_t stride,
 at::Tensor pools_backward(const at::Tensor& grad_arg, const at::Tensor& x_arg, int64_t stride,
                           const std::optional<at::Tensor>& out_arg) {
   const auto g = pool_check(x_arg, stride);
-  const at::Tensor x = planes(x_arg, x_arg, x_arg.sizes(), "x");
+  const at::Tensor x = planes(x_arg, x_arg, x_arg.sizes(), "pools: x");
   const int64_t x_batch = batch_stride(x);
-  const at::Tensor grad = planes(grad_arg, x, {g.B, 2 * g.C, g.Ho, g.Wo}, "grad");
+  const at::Tensor grad = planes(grad_arg, x, {g.B, 2 * g.C, g.Ho, g.Wo}, "pools: grad");
   const int64_t g_batch = batch_stride(grad);
   const at::Tensor d_x = output(out_arg, x, x.sizes());
-  check_out(d_x, x, x.sizes(), "d_x");
+  check_out(d_x, x, x.sizes(), "pools: d_x");
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "pools_backward", [&] {
     const scalar_t* xp = x.data_ptr<scalar_t>();
     const scalar_t* gp = grad.data_ptr<scalar_t>();

@@ -895,6 +895,11 @@ def test_cpp_depthwise_checks_its_inputs():
         forward(x, ws, 1, [1, 1], dils, offs, out=out)
     with pytest.raises(RuntimeError, match="stride must be 1 or 2"):
         forward(x, ws, 3, pads, dils, offs)
+    with pytest.raises(RuntimeError, match=r"^depthwise: out must be a contiguous tensor"):
+        forward(x, ws, 1, pads, dils, offs, out=out[:, :7])
+    empty = [w[:, :, :0, :0].contiguous() for w in ws]
+    with pytest.raises(RuntimeError, match=r"\(Ch, 1, k, k\) tensor, k >= 1"):
+        forward(x, empty, 1, pads, dils, offs)
 
 
 @pytest.mark.parametrize("relu", [False, True])
@@ -1046,7 +1051,7 @@ def test_cpp_pointwise_checks_its_inputs():
     out = torch.empty(2, 8, 5, 5, dtype=F64)
     with pytest.raises(RuntimeError, match="for 3 groups of an input with 6 channels"):
         _C().pointwise_forward(x, w, 3, out=out)
-    with pytest.raises(RuntimeError, match="out must be"):
+    with pytest.raises(RuntimeError, match="^pointwise: out must be"):
         _C().pointwise_forward(x, w, 2, out=out[:, :7])
 
 
@@ -1150,9 +1155,9 @@ def test_cpp_pools_check_their_inputs():
         _C().pools_forward(x, 3)
     with pytest.raises(RuntimeError, match="dtype must be float32 or float64"):
         _C().pools_forward(x.int(), 1)
-    with pytest.raises(RuntimeError, match="out must be"):
+    with pytest.raises(RuntimeError, match="^pools: out must be"):
         _C().pools_forward(x, 1, out=torch.empty(2, 6, 4, 3, dtype=F64))
-    with pytest.raises(RuntimeError, match="grad must be"):
+    with pytest.raises(RuntimeError, match="^pools: grad must be"):
         _C().pools_backward(torch.empty(2, 3, 4, 4, dtype=F64), x, 1)
 
 
@@ -1306,6 +1311,10 @@ def test_cpp_batch_norm_checks_its_inputs():
         _C().batch_norm_forward(x[:1, :, :1, :1].contiguous(), 1e-5)
     with pytest.raises(RuntimeError, match="must be on the cpu"):
         _C().batch_norm_forward(x.to("meta"), 1e-5)
+    stats = torch.zeros(3, dtype=F64), torch.ones(3, dtype=F64)
+    for momentum in (math.nan, -0.1, 1.5):
+        with pytest.raises(RuntimeError, match=r"momentum must lie in \[0, 1\]"):
+            _C().batch_norm_forward(x, 1e-5, *stats, momentum=momentum)
     with pytest.raises(RuntimeError, match="grad must be a tensor like x"):
         _C().batch_norm_backward(x[:1], x, torch.zeros(3, dtype=F64), torch.ones(3, dtype=F64))
     with pytest.raises(RuntimeError, match=r"invstd must be a contiguous \(3,\)"):
