@@ -1051,7 +1051,7 @@ def test_cpp_pointwise_checks_its_inputs():
     out = torch.empty(2, 8, 5, 5, dtype=F64)
     with pytest.raises(RuntimeError, match="for 3 groups of an input with 6 channels"):
         _C().pointwise_forward(x, w, 3, out=out)
-    with pytest.raises(RuntimeError, match="^pointwise: out must be"):
+    with pytest.raises(RuntimeError, match=r"^pointwise: out must be"):
         _C().pointwise_forward(x, w, 2, out=out[:, :7])
 
 
@@ -1155,9 +1155,9 @@ def test_cpp_pools_check_their_inputs():
         _C().pools_forward(x, 3)
     with pytest.raises(RuntimeError, match="dtype must be float32 or float64"):
         _C().pools_forward(x.int(), 1)
-    with pytest.raises(RuntimeError, match="^pools: out must be"):
+    with pytest.raises(RuntimeError, match=r"^pools: out must be"):
         _C().pools_forward(x, 1, out=torch.empty(2, 6, 4, 3, dtype=F64))
-    with pytest.raises(RuntimeError, match="^pools: grad must be"):
+    with pytest.raises(RuntimeError, match=r"^pools: grad must be"):
         _C().pools_backward(torch.empty(2, 3, 4, 4, dtype=F64), x, 1)
 
 
