@@ -189,6 +189,16 @@ def test_ptb_download_verifies_and_caches(
     assert torch.equal(load_ptb().valid, corpus.valid)
 
 
+def test_a_download_cut_short_says_so(cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    class Short(io.BytesIO):
+        length = 100  # what the server announced; 8 bytes come
+
+    monkeypatch.setattr(urllib.request, "urlopen", lambda request, timeout: Short(b"not ptb\n"))
+    with pytest.raises(DataError, match="connection dropped after 8 of 100 bytes"):
+        load_ptb()
+    assert leftovers(cache) == [] and not (cache / "ptb" / "ptb.train.txt").exists()
+
+
 @needs_ptb
 def test_ptb_corrupt_download_leaves_nothing(cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     serve(monkeypatch, {name: b"not ptb\n" for name in PTB_FILES})

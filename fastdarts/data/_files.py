@@ -122,11 +122,14 @@ def download(url: str, dest: Path, algorithm: str, expected: str) -> None:
                 disable=None,  # no bar when stderr is not a terminal
             ) as bar,
         ):
-            digest = hashlib.new(algorithm)
+            digest, size, received = hashlib.new(algorithm), getattr(response, "length", None), 0
             while chunk := response.read(_CHUNK):
                 digest.update(chunk)
                 out.write(chunk)
                 bar.update(len(chunk))
+                received += len(chunk)
+            if size is not None and received < size:
+                raise DownloadError(f"{url}: connection dropped after {received} of {size} bytes")
             if digest.hexdigest() != expected:
                 # Raising inside the block makes atomic_write discard the temporary file.
                 raise DownloadError(f"{url}: {algorithm} mismatch")
