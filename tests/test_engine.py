@@ -125,6 +125,23 @@ def test_fast_follows_reference_for_20_steps(space, order, steps):
     assert max((a - s).abs().max() for a, s in zip(ref.model.arch_parameters(), start)) > 1e-4
 
 
+def test_rnn_step_learning_rate_follows_its_sequence_length():
+    """The paper's variable-length BPTT: a step of bptt / 2 (5 → 2 here) scales ξ by
+    seq_len / bptt. Seed 1 draws one at the second step."""
+    task = make_task("rnn", 3, seed=1, order=1)
+    lrs = [task.step()["lr"] for _ in range(3)]
+    assert lrs == [20.0, 20.0 * 2 / 5, 20.0]
+
+
+def test_cnn_alpha_batches_cycle_through_the_whole_validation_half():
+    task = make_task("cnn", 3)
+    per_cycle = len(task.val_idx) // task.cfg.batch_size
+    assert per_cycle >= 3
+    for _ in range(2):  # each cycle a fresh shuffle of every validation image
+        seen = torch.cat([task._next_val_indices() for _ in range(per_cycle)])
+        assert sorted(seen.tolist()) == sorted(task.val_idx.tolist())
+
+
 def test_cnn_momentum_reaches_the_optimiser_and_the_unrolled_step():
     task = make_task("cnn", 1, momentum=0.5)
     assert [g["momentum"] for g in task.weight_optimizer.param_groups] == [0.5]
@@ -202,7 +219,7 @@ def test_rnn_step_on_the_cuda_code_path_follows_the_reference():
 
 # The α-gradient error of each precision mode against float64 with the exact HVP (measured:
 # benchmarks/results/cpu-alpha-grad-error-*.json). On the tiny RNN, bf16 autocast is held to
-# 10 % (measured: 2 %); at the small configuration it reaches ~70 % (README), so the bound
+# 10 % (measured: 2 %); at the small configuration it reaches ~75 % (README), so the bound
 # is the tiny model's.
 AMP_BOUND, FP32_BOUND = 0.1, 1e-3
 
@@ -211,8 +228,11 @@ def _check_errors(rows):
     errors = {(r["dtype"], r["amp"], r["hvp"]): r["rel_error"] for r in rows}
     assert errors[("float32", "off", "exact")] < FP32_BOUND
     assert errors[("float32", "off", "fd")] < FP32_BOUND
-    assert 0 < errors[("float32", "bf16", "fd")] < AMP_BOUND  # autocast did something
-    assert errors[("float32", "bf16", "exact")] < AMP_BOUND
+    for hvp in ("fd", "exact"):
+        # Autocast did something: bf16 rounding, far above float32's (measured: 0.02 against
+        # 2e-5 on the tiny RNN).
+        bf16 = errors[("float32", "bf16", hvp)]
+        assert 10 * errors[("float32", "off", hvp)] < bf16 < AMP_BOUND
 
 
 def test_amp_alpha_gradient_error_is_bounded():

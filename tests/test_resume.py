@@ -32,6 +32,8 @@ def final_state(out: Path) -> dict:
     return {
         "step": ckpt["step"],
         "model": ckpt["task"]["model"],
+        # The rest of the task's state: optimisers, generators, data positions.
+        "task": {k: v for k, v in ckpt["task"].items() if k != "model"},
         "genotype": (out / "genotype.json").read_text(),
         "alpha": json.loads((out / "alpha.json").read_text()),
         "metrics": metrics,
@@ -43,12 +45,39 @@ def assert_same_run(a: dict, b: dict) -> None:
     assert a["model"].keys() == b["model"].keys()
     for name, tensor in a["model"].items():
         assert torch.equal(tensor, b["model"][name]), name
+    _assert_equal_state(a["task"], b["task"], "task")
     assert a["genotype"] == b["genotype"]
     assert a["alpha"] == b["alpha"]
     assert a["metrics"] == b["metrics"]
 
 
-@pytest.mark.parametrize(("args", "steps", "stop_at"), [(RNN_RUN, 7, 3), (CNN_RUN, 5, 3)])
+def _assert_equal_state(a, b, where: str) -> None:
+    assert type(a) is type(b), where
+    if isinstance(a, dict):
+        assert a.keys() == b.keys(), where
+        for key in a:
+            _assert_equal_state(a[key], b[key], f"{where}.{key}")
+    elif isinstance(a, list | tuple):
+        assert len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b)):
+            _assert_equal_state(x, y, f"{where}[{i}]")
+    elif isinstance(a, torch.Tensor):
+        assert torch.equal(a, b), where
+    else:
+        assert a == b, where
+
+
+@pytest.mark.parametrize(
+    ("args", "steps", "stop_at"),
+    [
+        (RNN_RUN, 7, 3),
+        # Seed 1 draws a half-length step (bptt / 2) at step 2 and at step 5 (after the stop):
+        # its draws must continue where they were.
+        ([*RNN_RUN, "--seed", "1"], 7, 3),
+        (CNN_RUN, 5, 3),
+    ],
+    ids=["rnn", "rnn-short-steps", "cnn"],
+)
 def test_stop_then_resume_equals_straight_run(tmp_path, args, steps, stop_at):
     straight, split = tmp_path / "straight", tmp_path / "split"
     assert main([*args, "--max-steps", str(steps), "--out", str(straight)]) == 0
