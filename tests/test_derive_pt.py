@@ -12,12 +12,22 @@ import pytest
 import torch
 from conftest import CNN_TINY, RNN_TINY
 
+from fastdarts.data import cifar
 from fastdarts.derive.__main__ import main as derive
-from fastdarts.derive.pt import CELLS, STATE_FILE, Selector, one_hot, plan, removed_op
+from fastdarts.derive.pt import (
+    CELLS,
+    STATE_FILE,
+    Selector,
+    TaskSupernet,
+    one_hot,
+    plan,
+    removed_op,
+)
 from fastdarts.errors import ConfigError
 from fastdarts.genotypes import RNN_PRIMITIVES, derive_recurrent, load_genotype, to_dict
 from fastdarts.runs import TRAIN_KIND, read_checkpoint
 from fastdarts.search.__main__ import main as search
+from fastdarts.spaces import Batch
 from fastdarts.spaces.cnn import MixedOp
 from fastdarts.spaces.rnn import recurrent_mixed_reference
 
@@ -84,10 +94,13 @@ def test_plan_covers_every_edge_then_every_node():
         assert nodes == [(a, n) for a, s in cells.items() for n in range(1, s.steps)]
 
 
-def test_pt_finds_the_op_that_matters_where_argmax_does_not():
+@pytest.mark.parametrize("crit", ["loss", "acc"])
+def test_pt_finds_the_op_that_matters_where_argmax_does_not(crit):
     """A hand-built supernet: on the first edge α favours identity, but identity's weights
     were trained to nothing and relu carries the whole output. Every other edge is
-    irrelevant. argmax keeps identity; removing relu hurts most, so DARTS-PT keeps relu."""
+    irrelevant. argmax keeps identity; removing relu hurts most, so DARTS-PT keeps relu.
+    By accuracy (the points fitted within 0.1) with the loss held at 0, the same: only the
+    accuracy can tell the removals apart there."""
     alpha = torch.nn.Parameter(torch.zeros(36, 5, dtype=torch.float64))
     with torch.no_grad():
         alpha[0] = torch.tensor([0.0, 0.0, 0.5, 0.0, 3.0])  # none tanh relu sigmoid identity
@@ -105,23 +118,62 @@ def test_pt_finds_the_op_that_matters_where_argmax_does_not():
     def evaluate() -> dict[str, float]:
         p = torch.softmax(alpha.detach()[0], -1)
         y = sum(p[k] * scale[op] * acts[op](x) for k, op in enumerate(RNN_PRIMITIVES) if k)
-        return {"loss": float(((y - target) ** 2).mean())}
+        loss = float(((y - target) ** 2).mean())
+        acc = float(((y - target).abs() < 0.1).double().mean())
+        return {"loss": loss if crit == "loss" else 0.0, "acc": acc}
 
     assert evaluate()["loss"] < 1e-20  # the supernet fits the target
     argmax = derive_recurrent(alpha)
-    selector = Selector({"alphas_recurrent": alpha}, CELLS["rnn"], evaluate, RNN_PRIMITIVES)
+    selector = Selector(
+        {"alphas_recurrent": alpha}, CELLS["rnn"], evaluate, RNN_PRIMITIVES, crit=crit
+    )
     records = [selector.decide(d) for d in plan(CELLS["rnn"], seed=0)]
     pt = derive_recurrent(alpha)
     assert argmax.recurrent[0] == ("identity", 0)
     assert pt.recurrent[0] == ("relu", 0)
     first = next(r for r in records if r["kind"] == "op" and r["index"] == 0)
     assert first["chosen"] == ["relu"]
-    assert first["scores"][1]["loss"] > 0.5  # relu removed: the output is gone
+    if crit == "loss":
+        assert first["scores"][1]["loss"] > 0.5  # relu removed: the output is gone
+    else:
+        assert first["scores"][1]["acc"] < 0.6 and first["scores"][0]["acc"] == 1.0
     # Every α row is now exactly one-hot: on the kept op, or on none for a dropped edge.
     probs = torch.softmax(alpha.detach(), -1)
     assert torch.equal(probs, (probs == 1).double())
     kept = [int((probs[e, 1:] == 1).any()) for e in range(36)]
     assert sum(kept) == 8  # one edge per node
+
+
+def test_cnn_supernet_is_measured_on_batch_statistics_without_updating_them():
+    """DARTS-PT measures a perturbed CNN supernet with each batch's own BatchNorm statistics
+    (running ones do not fit it) and leaves the running ones as they were."""
+    import copy
+
+    from test_engine import make_task
+
+    task = make_task("cnn", 2)
+    for _ in range(2):
+        task.step()
+    model = task.model
+    buffers = {k: v.clone() for k, v in model.named_buffers()}
+    got = TaskSupernet(task, "cnn", eval_batches=None).evaluate()
+    for name, value in model.named_buffers():
+        assert torch.equal(value, buffers[name]), name
+
+    def mean_loss(twin: torch.nn.Module) -> float:
+        total, count = 0.0, 0
+        with torch.no_grad():
+            for start in range(0, len(task.val_idx), task.cfg.batch_size):
+                idx = task.val_idx[start : start + task.cfg.batch_size]
+                images, labels = task.images.get(idx)
+                logits = twin(Batch(cifar.normalize(images, dtype=task.dtype), labels)).logits
+                total += float(torch.nn.functional.cross_entropy(logits, labels)) * len(labels)
+                count += len(labels)
+        return total / count
+
+    assert math.isclose(got["loss"], mean_loss(copy.deepcopy(model).train()), rel_tol=1e-12)
+    # The running statistics would give another loss.
+    assert abs(got["loss"] - mean_loss(copy.deepcopy(model).eval())) > 1e-6
 
 
 # -- end to end on real search checkpoints ------------------------------------------------------
