@@ -125,6 +125,44 @@ def test_fast_follows_reference_for_20_steps(space, order, steps):
     assert max((a - s).abs().max() for a, s in zip(ref.model.arch_parameters(), start)) > 1e-4
 
 
+def test_rnn_weight_step_is_sgd_on_the_loss_and_penalty_clipped():
+    """One weight step against the formula written out: the dropout masks the sampler draws
+    next, ∇w of the loss plus the activation penalties, the gradient norm clipped to --clip,
+    then w − ξ·(c·g + λ·w) (no momentum in the RNN search)."""
+    import copy
+
+    from fastdarts.search.masks import MaskSampler
+
+    task = make_task("rnn", 1)
+    batch, lr, cfg = task_batch(task), 20.0, task.cfg
+    twin = copy.deepcopy(task.model)
+    sampler = MaskSampler(0)
+    sampler.generator.set_state(task.sampler.generator.get_state())
+    out = twin(batch, sampler.draw(twin.mask_specs(batch), torch.float64))
+    assert out.penalty > 0
+    weights = twin.weights()
+    grads = torch.autograd.grad(out.loss + out.penalty, weights)
+    norm = torch.sqrt(sum((g**2).sum() for g in grads))
+    c = min(1.0, cfg.clip / (float(norm) + 1e-6))
+    assert c < 1  # the clip is active
+    task.weight_step(batch, lr)
+    for p, w, g in zip(task.model.weights(), weights, grads):
+        want = w.detach() - lr * (c * g + cfg.weight_decay * w.detach())
+        torch.testing.assert_close(p.detach(), want, rtol=1e-10, atol=1e-13)
+
+
+def test_masks_drop_at_their_rate_and_scale_what_they_keep():
+    from fastdarts.search.masks import MaskSampler
+    from fastdarts.spaces.base import MaskSpec
+
+    specs = {"a": MaskSpec((200, 300), 0.25), "off": MaskSpec((3,), 0.0)}
+    masks = MaskSampler(5).draw(specs, torch.float64)
+    assert masks.keys() == {"a"}
+    values = masks["a"].unique().tolist()
+    assert values == [0.0, 1 / 0.75]
+    assert abs((masks["a"] == 0).double().mean().item() - 0.25) < 0.01
+
+
 def test_rnn_step_learning_rate_follows_its_sequence_length():
     """The paper's variable-length BPTT: a step of bptt / 2 (5 → 2 here) scales ξ by
     seq_len / bptt. Seed 1 draws one at the second step."""
