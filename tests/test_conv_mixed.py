@@ -1241,6 +1241,23 @@ def test_batch_norm_matches_torch(shape, dtype):
     assert torch.equal(d_x, _C().batch_norm_backward(g, xs[0].detach(), *got[1:]))
 
 
+@needs_cpp
+def test_cpp_batch_norm_backward_keeps_float32_accuracy_far_from_zero_mean():
+    """x = 1000 + 0.01·noise in float32: the mean the kernel centres on is float32's, off the
+    exact one by about an ulp of 1000 (≈ 6e-5, a large fraction of the spread); the
+    backward corrects for that offset (the k·δ term). Measured: 4e-8 relative to float64,
+    torch's own float32 backward 3e-4, without the correction 1e-4."""
+    gen = _gen(62)
+    x = (1000 + 0.01 * torch.randn(4, 3, 5, 5, generator=gen, dtype=F64)).float()
+    g = torch.randn(4, 3, 5, 5, generator=gen, dtype=F64).float()
+    _, mean, invstd = _C().batch_norm_forward(x, 1e-5)
+    got = _C().batch_norm_backward(g, x, mean, invstd).double()
+    x64 = x.double()
+    _, mean64, invstd64 = torch.native_batch_norm(x64, None, None, None, None, True, 0.0, 1e-5)
+    want = batch_norm_backward_reference(g.double(), x64, mean64, invstd64, 1e-5)
+    assert ((got - want).norm() / want.norm()).item() < 1e-6
+
+
 def test_batch_norm_gradcheck_vmap_and_opcheck():
     gen = _gen(61)
     x = torch.randn(3, 2, 4, 3, generator=gen, dtype=F64, requires_grad=True)
