@@ -9,13 +9,16 @@ writes them (and shows the progress bar); every rank reads the checkpoint to res
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
 import random
+import signal
 import sys
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -221,6 +224,38 @@ def read_checkpoint(path: Path, kind: str) -> dict:
     if isinstance(saved, dict) and saved.get("format") not in (None, CHECKPOINT_FORMAT):
         raise ConfigError(f"{path}: checkpoint format {saved['format']} unknown")
     raise ConfigError(f"{path}: not a fastdarts {_KIND_WORDS[kind][1]} checkpoint")
+
+
+@contextlib.contextmanager
+def _stop_on_interrupt(noun: str) -> Iterator[list[bool]]:
+    """Within the block a first Ctrl-C only sets the flag yielded (the loop checkpoints at the
+    next step boundary and stops: a long step's work is kept); a second stops at once. In
+    one process's main thread with Python's own SIGINT handler only (ranks under torchrun
+    could stop at different steps and wait on each other)."""
+    stop = [False]
+    own = (
+        distributed.world_size() == 1
+        and threading.current_thread() is threading.main_thread()
+        and signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    )
+    if not own:
+        yield stop
+        return
+
+    def first(signum, frame) -> None:
+        stop[0] = True
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        print(
+            f"\ninterrupted: the {noun} stops after this step, with a checkpoint (Ctrl-C again "
+            "to stop now)",
+            file=sys.stderr,
+        )
+
+    signal.signal(signal.SIGINT, first)
+    try:
+        yield stop
+    finally:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 class EpochRun:
@@ -438,10 +473,18 @@ class EpochRun:
         """Epochs until ``epochs`` or ``max_steps``: ``step()`` takes one step and returns
         its metrics; after an epoch's last step ``end_epoch()`` evaluates (its metrics are
         logged) and ``epoch_outputs()`` writes what the epoch produced before the checkpoint."""
+        with _stop_on_interrupt(self.noun) as stop:
+            self._epochs(step, end_epoch, epoch_outputs, stop)
+
+    def _epochs(self, step, end_epoch, epoch_outputs, stop: list[bool]) -> None:
+        """:meth:`_run_epochs`' loop; ``stop[0]`` set (Ctrl-C): a checkpoint at the next step
+        boundary, then KeyboardInterrupt."""
         cfg, task = self.cfg, self.task
         task.model.train()
         start = time.perf_counter()
         while self.epoch < cfg.epochs and self._budget_left():
+            if stop[0]:  # the epoch's end checkpointed
+                raise KeyboardInterrupt
             if not self.epoch_started:
                 task.begin_epoch(self.epoch)
                 self.epoch_started, self.epoch_step = True, 0
@@ -458,6 +501,10 @@ class EpochRun:
             bar.update(self.epoch_step)
             monitor = StepMonitor(self._watched)
             while not self._epoch_finished() and self._budget_left():
+                if stop[0]:
+                    self._read(monitor)  # a diverged step is not checkpointed
+                    self._checkpoint()
+                    raise KeyboardInterrupt
                 metrics = step()
                 self.step += 1
                 self.epoch_step += 1

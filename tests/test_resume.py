@@ -131,6 +131,44 @@ def test_killed_after_an_epochs_evaluation_resumes_without_repeating_it(tmp_path
     assert_same_run(final_state(straight), final_state(killed))
 
 
+@pytest.mark.parametrize("presses", [1, 2])
+def test_ctrl_c_checkpoints_at_the_next_step_then_resumes_exactly(
+    tmp_path, monkeypatch, capsys, presses
+):
+    """Ctrl-C during step 2 (no checkpoint due until step 100): the step finishes, a
+    checkpoint is taken, the run stops (130) and resumes to the straight run's end. A second
+    Ctrl-C stops at once, with nothing to resume."""
+    from fastdarts.search.tasks import RNNTask
+
+    args = [*RNN_RUN, "--checkpoint-every", "100", "--max-steps", "7"]
+    straight, stopped = tmp_path / "straight", tmp_path / "stopped"
+    assert main([*args, "--out", str(straight)]) == 0
+    calls, step = [], RNNTask.step
+
+    def pressed_during_the_second(self):
+        calls.append(None)
+        if len(calls) == 2:
+            for _ in range(presses):
+                os.kill(os.getpid(), signal.SIGINT)
+        return step(self)
+
+    monkeypatch.setattr(RNNTask, "step", pressed_during_the_second)
+    capsys.readouterr()
+    assert main([*args, "--out", str(stopped)]) == 130
+    err = capsys.readouterr().err
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    if presses == 2:
+        assert "interrupted before a checkpoint (nothing to resume)" in err
+        assert not (stopped / "checkpoint.pt").exists()
+        return
+    assert "stops after this step, with a checkpoint" in err
+    assert f"interrupted; continue with --resume --out {stopped}" in err
+    assert torch.load(stopped / "checkpoint.pt", weights_only=True)["step"] == 2
+    monkeypatch.setattr(RNNTask, "step", step)
+    assert main([*args, "--out", str(stopped), "--resume"]) == 0
+    assert_same_run(final_state(straight), final_state(stopped))
+
+
 def test_sigkill_then_resume_equals_straight_run(tmp_path):
     """Kill the process with SIGKILL mid-run (after a checkpoint, at a step that is not one),
     resume: metrics logged after the checkpoint are dropped and the run ends identical."""
