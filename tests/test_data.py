@@ -520,6 +520,22 @@ def test_cifar_download_by_processes_started_together_happens_once(
     assert leftovers(cache) == []
 
 
+def test_a_corrupt_binary_folder_is_named_without_torchvisions_advice(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, no_download: None
+) -> None:
+    payload = fake_binary_archive(monkeypatch)
+    with tarfile.open(fileobj=io.BytesIO(payload)) as tar:
+        tar.extractall(tmp_path, filter="data")
+    batch = tmp_path / cifar.BINARY / "data_batch_2"
+    assert len(load_cifar10(str(tmp_path))) == 15  # intact: 5 batches of 3
+    batch.write_bytes(batch.read_bytes()[:-1])
+    with pytest.raises(DataError) as info:
+        load_cifar10(str(tmp_path))
+    message = str(info.value)
+    assert message.startswith(f"{tmp_path / cifar.BINARY}: a file is missing or its md5")
+    assert "download=True" not in message
+
+
 def test_cache_lock_makes_a_second_holder_wait(cache: Path) -> None:
     entry, order = cache / "entry", []
     held, release = threading.Event(), threading.Event()

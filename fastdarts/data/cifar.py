@@ -252,7 +252,9 @@ def _load_binary(root: Path, train: bool) -> CIFAR10Split:
         dataset = CIFAR10(str(root), train=train, download=False)
     except RuntimeError as e:
         raise DataError(
-            f"{root / BINARY}: missing or corrupt files ({e}); delete it or pass --data DIR"
+            # Not torchvision's message: it advises download=True, which --data never does.
+            f"{root / BINARY}: a file is missing or its md5 is not CIFAR-10's; "
+            "delete it or pass --data DIR"
         ) from e
     return _binary_split(dataset)
 
