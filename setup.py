@@ -70,34 +70,45 @@ def _extensions() -> tuple[list, dict]:
         pure-Python install (unless the environment requires the extension)."""
 
         def run(self):
-            cuda, inplace = self.extensions[0] is not cpu_ext, self.inplace
+            cuda = self.extensions[0] is not cpu_ext
+            reason = self._build()
+            if reason is not None and cuda and forced:
+                raise reason
+            if reason is not None and cuda:
+                _say(f"could not build the CUDA extension ({reason}); building it without CUDA")
+                self._without_cuda()
+                reason = self._build()
+            if reason is not None:
+                self._pure_python(reason)
+
+        def _build(self) -> Exception | None:
+            """The build, or why it failed (a compiler missing or failing, a bad
+            TORCH_CUDA_ARCH_LIST)."""
+            inplace = self.inplace
             try:
                 super().run()
-                return
-            except Exception as e:  # compiler missing or failing, a bad TORCH_CUDA_ARCH_LIST
-                if required or (cuda and forced):
+            except Exception as e:
+                if required:
                     raise
-                reason = e
-            self.inplace = inplace  # setuptools' run() clears it while it builds
-            if cuda:
-                _say(f"could not build the CUDA extension ({reason}); building it without CUDA")
-                # The same module without CUDA, with what finalising the options set on the
-                # CUDA one (setuptools' per-extension state, "_"-named), and a fresh compiler
-                # (run() made the option an object, patched for nvcc).
-                failed = self.extensions[0]
-                for name, value in vars(failed).items():
-                    if name.startswith("_"):
-                        setattr(cpu_ext, name, value)
-                self.ext_map = {k: cpu_ext if v is failed else v for k, v in self.ext_map.items()}
-                self.extensions, self.compiler = [cpu_ext], None
-                try:
-                    super().run()
-                    return
-                except Exception as e:
-                    reason = e
-                self.inplace = inplace
+                return e
+            finally:
+                self.inplace = inplace  # setuptools' run() clears it while it builds
+            return None
+
+        def _without_cuda(self) -> None:
+            """The same module without CUDA, with what finalising the options set on the CUDA
+            one (setuptools' per-extension state, "_"-named), and a fresh compiler (run()
+            made the option an object, patched for nvcc)."""
+            failed = self.extensions[0]
+            for name, value in vars(failed).items():
+                if name.startswith("_"):
+                    setattr(cpu_ext, name, value)
+            self.ext_map = {k: cpu_ext if v is failed else v for k, v in self.ext_map.items()}
+            self.extensions, self.compiler = [cpu_ext], None
+
+        def _pure_python(self, reason: Exception) -> None:
             said = ""
-            if inplace:  # an earlier build's module would load in this one's place
+            if self.inplace:  # an earlier build's module would load in this one's place
                 stale = Path(self.get_ext_fullpath(cpu_ext.name))
                 said = f", removed the earlier build's {stale.name}" if stale.exists() else ""
                 stale.unlink(missing_ok=True)
