@@ -408,8 +408,8 @@ class EpochRun:
 
     def _start_folder(self) -> None:
         """Create the run folder; a new run writes its settings and empties the metrics."""
-        if not distributed.is_main():
-            return
+        if not distributed.is_main() or (self.cfg.resume and not self._budget_left()):
+            return  # a resume already at its --max-steps keeps the settings its steps had
         self.out.mkdir(parents=True, exist_ok=True)
         # Rewritten on resume too: the flags a resume may change (--max-steps, …) are current.
         settings = {**self.cfg.to_dict(), **self._resolved()}

@@ -194,7 +194,7 @@ def test_out_that_is_a_file_is_refused(tmp_path, capsys):
 def test_resume_says_where_it_goes_on_and_when_nothing_is_left(tmp_path, capsys):
     """A resume names its step; one at its --max-steps says to pass a larger one. The run's
     files take the umask's mode (not mkstemp's 0600), and config.json the current flags
-    and what the run chose."""
+    and what the run chose, unless nothing is left to run."""
     from fastdarts.search.__main__ import main
 
     out = tmp_path / "r"
@@ -216,9 +216,14 @@ def test_resume_says_where_it_goes_on_and_when_nothing_is_left(tmp_path, capsys)
     assert config["resolved"] == {"device": "cpu", "backend": "reference"}
     for name in ("config.json", "alpha.json", "genotype.json", "checkpoint.pt"):
         assert (out / name).stat().st_mode & 0o777 == 0o644, name
+    # A resume with nothing left to run (here a smaller --max-steps) leaves config.json.
+    assert main(["--resume", "--max-steps", "1", "--out", str(out)]) == 0
+    assert "already at --max-steps 1" in capsys.readouterr().err
+    assert json.loads((out / "config.json").read_text()) == config
     # A file replaced keeps its mode.
     (out / "config.json").chmod(0o640)
-    assert main(["--resume", "--max-steps", "2", "--out", str(out)]) == 0
+    assert main(["--resume", "--max-steps", "3", "--out", str(out)]) == 0
+    assert json.loads((out / "config.json").read_text())["max_steps"] == 3
     assert (out / "config.json").stat().st_mode & 0o777 == 0o640
 
 
