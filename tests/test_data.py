@@ -520,6 +520,42 @@ def test_cifar_download_by_processes_started_together_happens_once(
     assert leftovers(cache) == []
 
 
+def test_cifar_download_moves_the_batches_into_place_whole(
+    cache: Path, monkeypatch: pytest.MonkeyPatch, recwarn: pytest.WarningsRecorder
+) -> None:
+    """Unpacked beside the cache entry, so a process looking without the lock never finds
+    half the batches (it used to warn that it was ignoring them, then wait); an unpack that
+    fails leaves neither batches nor temporary folders, and keeps the verified archive."""
+    from torchvision.datasets import CIFAR10
+
+    payload = fake_binary_archive(monkeypatch)
+    fetched = serve(monkeypatch, {CIFAR10.filename: payload})
+    batches = cache / "cifar10" / cifar.BINARY
+    extract_all, seen = _files.extract_all, []
+
+    def watched(archive: Path, folder: Path) -> None:
+        extract_all(archive, folder)
+        seen.append((batches.exists(), (folder / cifar.BINARY / "data_batch_5").is_file()))
+
+    monkeypatch.setattr(_files, "extract_all", watched)
+    assert len(load_cifar10()) == 15
+    assert seen == [(False, True)]
+    assert len(fetched) == 1 and recwarn.list == []
+    assert not (cache / "cifar10" / CIFAR10.filename).exists() and leftovers(cache) == []
+
+    shutil.rmtree(batches)
+
+    def killed(archive: Path, folder: Path) -> None:
+        extract_all(archive, folder)
+        raise DataError("killed")
+
+    monkeypatch.setattr(_files, "extract_all", killed)
+    with pytest.raises(DataError, match="killed"):
+        load_cifar10()
+    assert not batches.exists() and leftovers(cache) == []
+    assert (cache / "cifar10" / CIFAR10.filename).is_file()
+
+
 def test_a_corrupt_binary_folder_is_named_without_torchvisions_advice(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, no_download: None
 ) -> None:

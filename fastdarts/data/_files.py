@@ -158,29 +158,39 @@ def extract_tar_once(archive: Path, dest: Path, stamp: str) -> Path:
     with cache_lock(dest):
         if _read_stamp(dest) == stamp:
             return dest
-        # What a killed extraction left (no other one runs: this process holds the lock).
-        for pattern in (f".{dest.name}.*.part", f".{dest.name}.*.old"):
-            for left in dest.parent.glob(pattern):
-                shutil.rmtree(left, ignore_errors=True)
-        return _extract(archive, dest, stamp)
+        with staging_dir(dest) as tmp:
+            extract_all(archive, tmp)
+            (tmp / _STAMP).write_text(stamp)
+            swap_into_place(tmp, dest)
+        return dest
 
 
-def _extract(archive: Path, dest: Path, stamp: str) -> Path:
+def extract_all(archive: Path, folder: Path) -> None:
+    """Extract the tar ``archive`` into ``folder`` (members that would land outside it are
+    refused); DataError if it cannot."""
+    try:
+        with tarfile.open(archive) as tar:
+            members = tqdm(tar, desc=f"extracting {archive.name}", unit=" files", disable=None)
+            tar.extractall(folder, members=members, filter="data")
+    except (tarfile.TarError, OSError, EOFError, zlib.error) as e:
+        raise DataError(f"{archive}: cannot extract ({e}); replace the archive") from e
+
+
+@contextlib.contextmanager
+def staging_dir(dest: Path) -> Iterator[Path]:
+    """A temporary folder beside ``dest`` to build its new content in, removed afterwards
+    (once moved into place by :func:`swap_into_place`, nothing is left to remove). The caller
+    holds ``dest``'s cache lock, so what a killed build left beside it is removed first."""
+    for pattern in (f".{dest.name}.*.part", f".{dest.name}.*.old"):
+        for left in dest.parent.glob(pattern):
+            shutil.rmtree(left, ignore_errors=True)
     tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".part"))
     # mkdtemp makes the folder private (0700); the tree should read like any other cache entry.
     tmp.chmod(0o755)
     try:
-        try:
-            with tarfile.open(archive) as tar:
-                members = tqdm(tar, desc=f"extracting {archive.name}", unit=" files", disable=None)
-                tar.extractall(tmp, members=members, filter="data")
-        except (tarfile.TarError, OSError, EOFError, zlib.error) as e:
-            raise DataError(f"{archive}: cannot extract ({e}); replace the archive") from e
-        (tmp / _STAMP).write_text(stamp)
-        _swap_into_place(tmp, dest)
+        yield tmp
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    return dest
 
 
 def _read_stamp(tree: Path) -> str | None:
@@ -190,7 +200,8 @@ def _read_stamp(tree: Path) -> str | None:
         return None
 
 
-def _swap_into_place(tmp: Path, dest: Path) -> None:
+def swap_into_place(tmp: Path, dest: Path) -> None:
+    """Replace ``dest`` (a folder, or nothing) by the folder ``tmp`` beside it."""
     if dest.exists():
         # os.replace cannot overwrite a non-empty folder: move the stale tree aside first.
         stale = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".old"))

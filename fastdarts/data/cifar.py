@@ -267,8 +267,9 @@ def _binary_split(dataset: CIFAR10) -> CIFAR10Split:
 def _download_binary(cache: Path, train: bool) -> CIFAR10Split:
     from torchvision.datasets import CIFAR10
 
-    # Under the cache's lock: torchvision unpacks into the cache folder itself, so processes
-    # started together (torchrun's ranks) take turns, and the later ones find the batches.
+    # Under the cache's lock, so processes started together (torchrun's ranks) take turns and
+    # the later ones find the batches; unpacked beside them and moved into place whole, so a
+    # process looking without the lock (load_cifar10's search) never sees half of them.
     with _files.cache_lock(cache):
         if (cache / BINARY).is_dir():
             with contextlib.suppress(DataError):
@@ -284,7 +285,9 @@ def _download_binary(cache: Path, train: bool) -> CIFAR10Split:
                     f"could not download CIFAR-10 ({e}); put {TARBALL} or {BINARY} in {cache}"
                     " or pass --data DIR"
                 ) from e
-        split = _binary_split(CIFAR10(str(cache), train=train, download=True))
+        with _files.staging_dir(cache / BINARY) as tmp:
+            _files.extract_all(archive, tmp)
+            _files.swap_into_place(tmp / BINARY, cache / BINARY)
         # The extracted batches are all later runs need.
         archive.unlink()
-        return split
+        return _load_binary(cache, train)
