@@ -13,6 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from fastdarts.errors import ConfigError, FastDartsError
+from fastdarts.runs import default_out
 
 # The help of the flags that the search and the training share.
 RUN_HELP = {
@@ -97,7 +98,7 @@ def saved_settings(settings: type, out: str) -> dict:
 
 def run_folder(given: dict, kind: str) -> str:
     """The run folder: ``--out``, else runs/KIND-SPACE (the space given, else rnn's)."""
-    return given.get("out") or f"runs/{kind}-{given.get('space', 'rnn')}"
+    return given.get("out") or default_out(kind, given.get("space", "rnn"))
 
 
 def run_reporting(prog: str, out: str, work: Callable[[], object]) -> int:

@@ -44,6 +44,11 @@ RESUMABLE_CHANGES = frozenset(
 )
 
 
+def default_out(kind: str, space: str) -> str:
+    """A run's folder when ``--out`` is not given: runs/KIND-SPACE."""
+    return f"runs/{kind}-{space}"
+
+
 class RunSettings:
     """Base of a run's settings dataclass (``None`` fields stand for the paper's defaults)."""
 

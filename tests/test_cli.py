@@ -333,6 +333,8 @@ def test_an_interrupt_says_how_to_resume_only_when_there_is_a_checkpoint(tmp_pat
     """The hint names the run folder (without --out, the space's default: not 'SPACE'), and
     offers --resume only once a checkpoint exists."""
     from fastdarts.cli import run_folder, run_reporting
+    from fastdarts.search.config import SearchConfig
+    from fastdarts.train.config import TrainConfig
 
     def interrupted():
         raise KeyboardInterrupt
@@ -340,6 +342,9 @@ def test_an_interrupt_says_how_to_resume_only_when_there_is_a_checkpoint(tmp_pat
     assert run_folder({"space": "cnn"}, "search") == "runs/search-cnn"
     assert run_folder({}, "train") == "runs/train-rnn"
     assert run_folder({"out": "x", "space": "cnn"}, "search") == "x"
+    # The settings' own default (a library user's) is the same folder.
+    assert SearchConfig(space="cnn").resolved().out == "runs/search-cnn"
+    assert TrainConfig().resolved().out == "runs/train-rnn"
     out = tmp_path / "run"
     assert run_reporting("prog", str(out), interrupted) == 130
     assert capsys.readouterr().err == "prog: interrupted before a checkpoint (nothing to resume)\n"

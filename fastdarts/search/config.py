@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
-from fastdarts.runs import SPACES, RunSettings
+from fastdarts.runs import SPACES, RunSettings, default_out
 
 
 @dataclass
@@ -25,7 +25,7 @@ class SearchConfig(RunSettings):
     device: str | None = None
     dtype: str = "float32"
     data: str | None = None
-    out: str = "runs/search"
+    out: str | None = None  # runs/search-SPACE
     resume: bool = False
     backend: str = "reference"
     compat: str | None = None
@@ -75,6 +75,7 @@ class SearchConfig(RunSettings):
             "lr": 20.0 if rnn else 0.025,
             "weight_decay": 5e-7 if rnn else 3e-4,
             "arch_lr": 3e-3 if rnn else 3e-4,
+            "out": default_out("search", self.space),
         }
         filled = self.unset(paper)
         if self.fast:

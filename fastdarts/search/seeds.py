@@ -48,7 +48,7 @@ def run_seeds(cfg: SearchConfig) -> dict | None:
     """One search per seed of ``cfg.seeds``, then the ranking; returns the summary (rank 0)
     or None (the other ranks, which stop once the searches are done)."""
     seeds = parse_seeds(cfg.seeds or "")
-    root = Path(cfg.out)
+    root = Path(cfg.resolved().out)
     if root.exists() and not root.is_dir():
         raise ConfigError(f"--out {root}: a file, not a folder; choose another --out")
     searches = []

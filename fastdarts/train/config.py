@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-from fastdarts.runs import SPACES, RunSettings
+from fastdarts.runs import SPACES, RunSettings, default_out
 
 
 @dataclass
@@ -22,7 +22,7 @@ class TrainConfig(RunSettings):
     seed: int = 0
     device: str | None = None
     data: str | None = None
-    out: str = "runs/train"
+    out: str | None = None  # runs/train-SPACE
     resume: bool = False
     backend: str = "auto"
     threads: int | None = None
@@ -64,6 +64,7 @@ class TrainConfig(RunSettings):
             "batch_size": 64 if rnn else 96,
             "lr": 20.0 if rnn else 0.025,
             "weight_decay": 8e-7 if rnn else 3e-4,
+            "out": default_out("train", self.space),
         }
         filled = self.unset(paper)
         return dataclasses.replace(self, **filled)
