@@ -312,8 +312,20 @@ class ConvMixFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(
-        alpha, shift, acc, route_src, route_out, out_ptr, src_perm, src_ptr, n_out, s0, s1, s2, s3
-    ):
+        alpha: Tensor,
+        shift: Tensor,
+        acc: Tensor | None,
+        route_src: Tensor,
+        route_out: Tensor,
+        out_ptr: Tensor,
+        src_perm: Tensor,
+        src_ptr: Tensor,
+        n_out: int,
+        s0: Tensor,
+        s1: Tensor | None,
+        s2: Tensor | None,
+        s3: Tensor | None,
+    ) -> Tensor:
         srcs = [x for x in (s0, s1, s2, s3) if x is not None]
         return _mix_op(srcs, alpha, shift, acc, route_src, route_out, out_ptr, n_out)
 
@@ -325,7 +337,7 @@ class ConvMixFunction(torch.autograd.Function):
         ctx.save_for_backward(alpha, shift, route_src, route_out, src_perm, src_ptr, s0, s1, s2, s3)
 
     @staticmethod
-    def backward(ctx, grad: Tensor):
+    def backward(ctx, grad: Tensor) -> tuple[Tensor | None, ...]:
         alpha, shift, route_src, route_out, src_perm, src_ptr, *slots = ctx.saved_tensors
         srcs = [x for x in slots if x is not None]
         if torch.is_grad_enabled():
@@ -676,7 +688,16 @@ class DepthwiseFunction(torch.autograd.Function):
     each sample's rows then read its own weights, in the same kernels."""
 
     @staticmethod
-    def forward(x, stride, pads, dils, in_offsets, relu, interleaved, *weights):
+    def forward(
+        x: Tensor,
+        stride: int,
+        pads: list[int],
+        dils: list[int],
+        in_offsets: list[int],
+        relu: bool,
+        interleaved: bool,
+        *weights: Tensor,
+    ) -> Tensor:
         return _dw_op(x, list(weights), stride, pads, dils, in_offsets, relu, interleaved)
 
     @staticmethod
@@ -687,7 +708,7 @@ class DepthwiseFunction(torch.autograd.Function):
         ctx.save_for_backward(x, *weights)
 
     @staticmethod
-    def backward(ctx, grad: Tensor):
+    def backward(ctx, grad: Tensor) -> tuple[Tensor | None, ...]:
         x, *weights = ctx.saved_tensors
         # The weights' gradient only when the engine will use it: not in the α step, which
         # asks autograd.grad for α alone (the reference's convolution nodes skip it there
@@ -813,13 +834,13 @@ class PointwiseFunction(torch.autograd.Function):
     batch, or with per-sample weights into the channels (more groups)."""
 
     @staticmethod
-    def forward(x, weight, groups):
+    def forward(x: Tensor, weight: Tensor, groups: int) -> Tensor:
         return _pw_op(x, weight, groups)
 
     setup_context = staticmethod(_pw_setup_context)
 
     @staticmethod
-    def backward(ctx, grad: Tensor):
+    def backward(ctx, grad: Tensor) -> tuple[Tensor | None, ...]:
         x, weight = ctx.saved_tensors
         want_w = _engine_wants(ctx, 1, 1)  # not in the α step (see DepthwiseFunction)
         if torch.is_grad_enabled():
@@ -919,13 +940,13 @@ class PoolsFunction(torch.autograd.Function):
     torch's pooling backward ops); vmap folds the batch into B."""
 
     @staticmethod
-    def forward(x, stride):
+    def forward(x: Tensor, stride: int) -> Tensor:
         return _pools_op(x, stride)
 
     setup_context = staticmethod(_pools_setup_context)
 
     @staticmethod
-    def backward(ctx, grad: Tensor):
+    def backward(ctx, grad: Tensor) -> tuple[Tensor | None, ...]:
         (x,) = ctx.saved_tensors
         if torch.is_grad_enabled():
             return pools_backward_reference(grad, x, ctx.stride), None
@@ -1008,7 +1029,13 @@ class BatchNormFunction(torch.autograd.Function):
     Function is its autograd.)"""
 
     @staticmethod
-    def forward(x, eps, running_mean, running_var, momentum):
+    def forward(
+        x: Tensor,
+        eps: float,
+        running_mean: Tensor | None,
+        running_var: Tensor | None,
+        momentum: float,
+    ) -> tuple[Tensor, Tensor, Tensor]:
         return _bn_op(x, eps, running_mean, running_var, momentum)
 
     @staticmethod
@@ -1019,7 +1046,7 @@ class BatchNormFunction(torch.autograd.Function):
         ctx.set_materialize_grads(False)  # no zero gradients made for the statistics
 
     @staticmethod
-    def backward(ctx, grad: Tensor | None, _grad_mean, _grad_invstd):
+    def backward(ctx, grad: Tensor | None, _grad_mean, _grad_invstd) -> tuple[Tensor | None, ...]:
         if grad is None:
             return None, None, None, None, None
         x, mean, invstd = ctx.saved_tensors
@@ -1623,7 +1650,7 @@ class _ShareBlock(torch.autograd.Function):
         ctx.c, ctx.dim = inputs[1:]
 
     @staticmethod
-    def backward(ctx, g_whole: Tensor | None, g_block: Tensor | None):
+    def backward(ctx, g_whole: Tensor | None, g_block: Tensor | None) -> tuple[Tensor | None, ...]:
         c, dim = ctx.c, ctx.dim
         if g_block is None:
             return g_whole, None, None
@@ -1664,7 +1691,7 @@ class _SplitNode(torch.autograd.Function):
         ctx.dim = inputs[2]
 
     @staticmethod
-    def backward(ctx, g_node: Tensor, g_rest: Tensor):
+    def backward(ctx, g_node: Tensor, g_rest: Tensor) -> tuple[Tensor | None, ...]:
         return torch.cat([g_node, g_rest], ctx.dim), None, None
 
     @staticmethod

@@ -96,7 +96,7 @@ class CrossEntropyFunction(torch.autograd.Function):
         ctx.samples = inputs[2]
 
     @staticmethod
-    def backward(ctx, grad: Tensor | None, _grad_lse: None):
+    def backward(ctx, grad: Tensor | None, _grad_lse: None) -> tuple[Tensor | None, ...]:
         if grad is None:
             return None, None, None
         logits, targets, lse = ctx.saved_tensors
@@ -108,7 +108,9 @@ class CrossEntropyFunction(torch.autograd.Function):
         return _backward_op(logits, targets, lse, grad), None, None
 
     @staticmethod
-    def jvp(ctx, t_logits: Tensor | None, _t_targets: None, _t_samples: None):
+    def jvp(
+        ctx, t_logits: Tensor | None, _t_targets: None, _t_samples: None
+    ) -> tuple[Tensor | None, ...]:
         """Forward mode (torch.func.jvp, forward-over-reverse), in torch ops: a row's loss
         moves by Σ_v softmax(x)_v t_v − t[target] (the log-sum-exp is not differentiable)."""
         logits, targets, lse = ctx.saved_tensors

@@ -585,7 +585,16 @@ class RecurrentCellFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(bn, inputs, hidden, probs, x_mask, h_mask, w0, *ws):
+    def forward(
+        bn: tuple,
+        inputs: Tensor,
+        hidden: Tensor,
+        probs: Tensor,
+        x_mask: Tensor | None,
+        h_mask: Tensor | None,
+        w0: Tensor,
+        *ws: Tensor,
+    ) -> tuple[Tensor, ...]:
         return tuple(_forward_op(inputs, hidden, probs, x_mask, h_mask, w0, list(ws), *bn))
 
     @staticmethod
@@ -600,7 +609,7 @@ class RecurrentCellFunction(torch.autograd.Function):
         ctx.set_materialize_grads(False)
 
     @staticmethod
-    def backward(ctx, grad: Tensor | None, *_):
+    def backward(ctx, grad: Tensor | None, *_) -> tuple[Tensor | None, ...]:
         saved = ctx.saved_tensors
         if grad is None:
             return (None,) * (7 + ctx.n_nodes)
@@ -665,7 +674,16 @@ class _BatchedCellFunction(torch.autograd.Function):
     samples would update one set of running statistics)."""
 
     @staticmethod
-    def forward(bn, inputs, hidden, probs, x_mask, h_mask, w0, *ws):
+    def forward(
+        bn: tuple,
+        inputs: Tensor,
+        hidden: Tensor,
+        probs: Tensor,
+        x_mask: Tensor | None,
+        h_mask: Tensor | None,
+        w0: Tensor,
+        *ws: Tensor,
+    ) -> tuple[Tensor, ...]:
         n, t, b, _ = inputs.shape
         d, s = hidden.shape[-1], len(ws)
         e = s * (s + 1) // 2
@@ -683,7 +701,7 @@ class _BatchedCellFunction(torch.autograd.Function):
         return _vmap_per_sample(_BatchedCellFunction, info.batch_size, in_dims[1:], bn, tensors)
 
     @staticmethod
-    def backward(ctx, grad: Tensor | None, *_):
+    def backward(ctx, grad: Tensor | None, *_) -> tuple[Tensor | None, ...]:
         saved = ctx.saved_tensors
         if grad is None:
             return (None,) * (7 + ctx.n_nodes)

@@ -160,7 +160,7 @@ class RecurrentMixedFunction(torch.autograd.Function):
         ctx.save_for_backward(*inputs)
 
     @staticmethod
-    def backward(ctx, grad: Tensor):
+    def backward(ctx, grad: Tensor) -> tuple[Tensor | None, ...]:
         states, ch, probs = ctx.saved_tensors
         if torch.is_grad_enabled():
             # create_graph (double backward, exact HVP, torch.func.grad): the kernel is not
