@@ -157,6 +157,41 @@ def resolve_device(name: str | None) -> torch.device:
     return device
 
 
+def resume_backend(setting: str, ran: str | None, resolve: Callable[[str], Any]) -> Any:
+    """The backend a resumed run goes on with: the one its checkpoint says it ran with
+    (``ran``: what ``setting`` resolved to when it started, None in older checkpoints) where
+    that one runs here (``resolve`` raises ConfigError where not), so the run goes on
+    computing what it computed and its optimiser state, laid out per backend, fits; else
+    what ``setting`` resolves to here (:func:`load_task_state` says if the state cannot fit)."""
+    now = resolve(setting)
+    if ran is None or ran == now.name:
+        return now
+    try:
+        before = resolve(ran)
+    except ConfigError:
+        return now
+    if distributed.is_main():
+        print(
+            f"resuming with backend '{ran}', which this run's '{setting}' chose when it started",
+            file=sys.stderr,
+        )
+    return before
+
+
+def load_task_state(task: Any, state: dict, ran: str | None, backend: Any, path: Path) -> None:
+    """``task.load_state_dict(state)``; a ConfigError where ``state``, saved by backend
+    ``ran`` (which does not run here), does not fit ``backend``'s layout."""
+    try:
+        task.load_state_dict(state)
+    except (ValueError, RuntimeError, KeyError) as e:
+        if ran is None or ran == backend.name:
+            raise
+        raise ConfigError(
+            f"{path}: saved by backend '{ran}', which does not run here, and its state does "
+            f"not fit backend '{backend.name}' ({e}); resume it where '{ran}' runs"
+        ) from e
+
+
 def seed_everything(seed: int) -> None:
     """Seed torch's, NumPy's and Python's global generators."""
     torch.manual_seed(seed)
@@ -317,13 +352,22 @@ class EpochRun:
     def _check_saved(self, saved: dict) -> None:
         """A subclass's checks of the checkpoint before its settings are compared."""
 
-    def _accept_equal_backend(self, config: dict, resolve: Callable[[str], object]) -> None:
-        """A backend given on resume that ``resolve`` (on this run's device) makes the one the
-        saved setting makes is the same setting: the run goes on with its saved name (which
-        it keeps saving: ``auto`` given for ``reference`` must not become the run's ``auto``,
-        which another device would resolve otherwise)."""
+    def _resolve(self, name: str, device_type: str) -> Any:
+        """The backend ``name`` resolves to on ``device_type`` for this kind of run."""
+        raise NotImplementedError
+
+    def _accept_equal_backend(self, config: dict) -> None:
+        """A backend given on resume that resolves (on this run's device) to the one the
+        saved setting resolves to is the same setting: the run goes on with its saved name
+        (which it keeps saving: ``auto`` given for ``reference`` must not become the run's
+        ``auto``, which another device would resolve otherwise)."""
         if self.cfg.backend == config.get("backend"):
             return
+        device_type = resolve_device(self.cfg.device).type
+
+        def resolve(name: str) -> Any:
+            return self._resolve(name, device_type)
+
         try:
             before = resolve(config.get("backend"))
         except ConfigError:  # the saved one cannot run here: nothing to be equal to
@@ -359,14 +403,24 @@ class EpochRun:
             "epoch_started": self.epoch_started,
             "epoch_step": self.epoch_step,
             "threads": torch.get_num_threads(),
+            "backend": self.backend.name,  # what the setting resolved to: see resume_backend
             **self._checkpoint_extras(),
         }
         if distributed.is_main():
             atomic_torch_save(state, self.ckpt_path)
         self.last_checkpoint = self.step
 
+    def _backend_to_resume(self, saved: dict | None) -> Any:
+        """The backend the run takes on its device (after :meth:`_prepare`)."""
+        ran = saved.get("backend") if saved else None
+        return resume_backend(
+            self.cfg.backend, ran, lambda name: self._resolve(name, self.device.type)
+        )
+
     def _restore(self, saved: dict) -> None:
-        self.task.load_state_dict(saved["task"])
+        load_task_state(
+            self.task, saved["task"], saved.get("backend"), self.backend, self.ckpt_path
+        )
         set_rng_state(saved["rng"])
         self.step, self.epoch = saved["step"], saved["epoch"]
         self.epoch_started, self.epoch_step = saved["epoch_started"], saved["epoch_step"]

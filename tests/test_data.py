@@ -85,7 +85,7 @@ def serve(monkeypatch: pytest.MonkeyPatch, files: dict[str, bytes]) -> list[floa
 
 def leftovers(folder: Path) -> list[str]:
     """Temporary files or folders a download or extraction left behind."""
-    return [p.name for p in folder.rglob("*") if p.name.endswith((".part", ".old"))]
+    return [p.name for p in folder.rglob("*") if p.name.endswith((".part", ".old", ".tmp"))]
 
 
 # --- PTB ------------------------------------------------------------------------------------
@@ -181,8 +181,12 @@ def test_ptb_download_verifies_and_caches(
     downloaded = load_ptb()
     assert timeouts == [_files.TIMEOUT_S] * 3
     assert torch.equal(downloaded.train, corpus.train) and downloaded.vocab == corpus.vocab
+    umask = os.umask(0o022)
+    os.umask(umask)
     for name in PTB_FILES:
         assert (cache / "ptb" / name).read_bytes() == (PTB_DIR / name).read_bytes()
+        # Readable by the cache's other users, as a plain open() makes it (not mkstemp's 0600).
+        assert (cache / "ptb" / name).stat().st_mode & 0o777 == 0o666 & ~umask
     assert leftovers(cache) == []
     # Now the cache is used without the network.
     monkeypatch.setattr(urllib.request, "urlopen", None)
@@ -420,6 +424,16 @@ def test_cifar_tarball_with_unsafe_member(tmp_path: Path, cache: Path) -> None:
         load_cifar10(str(archive))
     assert not (cache / "escaped.jpg").exists() and not (cache / "cifar10-jpeg").exists()
     assert leftovers(cache) == []
+
+
+def test_a_python_without_tar_filters_refuses_to_extract(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Python before 3.10.12 / 3.11.4 has no extraction filter: one line, nothing written."""
+    monkeypatch.delattr(tarfile, "data_filter")
+    with pytest.raises(DataError, match="cannot extract an archive safely; use Python 3.10.12"):
+        _files.extract_all(tmp_path / "any.tar.gz", tmp_path / "out")
+    assert not (tmp_path / "out").exists()
 
 
 def test_cifar_broken_env_copy_is_named_when_offline(

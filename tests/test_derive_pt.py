@@ -25,6 +25,7 @@ from fastdarts.derive.pt import (
 )
 from fastdarts.errors import ConfigError
 from fastdarts.genotypes import RNN_PRIMITIVES, derive_recurrent, load_genotype, to_dict
+from fastdarts.ops.extension import unavailable_reason
 from fastdarts.runs import TRAIN_KIND, read_checkpoint
 from fastdarts.search.__main__ import main as search
 from fastdarts.spaces import Batch
@@ -237,9 +238,15 @@ def test_pt_refuses_to_overwrite_or_resume_nothing(rnn_run, tmp_path, capsys):
         == 0
     )
     code, _, err = derive_pt(capsys, run, "--eval-batches", "1", "--tune-steps", "1")
-    assert code == 2 and "--resume" in err and len(err.strip().splitlines()) == 1
+    assert code == 2 and len(err.strip().splitlines()) == 1
+    assert "pass --resume to continue it, or delete it to start again" in err
     code, _, err = derive_pt(capsys, run, "--eval-batches", "2", "--tune-steps", "1", "--resume")
     assert code == 2 and "other settings" in err
+    # The search went on after the selection started: that selection is of another supernet.
+    assert search(["--resume", "--out", str(run), "--max-steps", "4"]) == 0
+    code, _, err = derive_pt(capsys, run, "--eval-batches", "1", "--tune-steps", "1", "--resume")
+    assert code == 2 and "started on the search at step 3" in err
+    assert "now at step 4; delete it to start again" in err
 
 
 def test_argmax_writes_the_search_genotype(rnn_run, tmp_path, capsys):
@@ -390,3 +397,26 @@ def test_pt_on_cnn_search_to_the_end(cnn_run, tmp_path, capsys):
         probs = torch.softmax(state["task"]["model"][name], -1)
         assert torch.equal(probs, (probs == 1).to(probs.dtype))
         assert math.isclose(float(probs[:, 1:].sum()), 8.0)  # 2 edges × 4 nodes kept
+
+
+@pytest.mark.skipif(unavailable_reason() is not None, reason="needs the C++ extension")
+def test_pt_takes_the_backend_the_search_ran_with(cnn_run, tmp_path, capsys, monkeypatch):
+    """A search by --backend auto (the fused ops, on the CPU with the C++ kernels) is
+    selected on with the fused ops where auto now picks another; where they cannot run,
+    one line says the search's state does not fit the other backend (not a traceback)."""
+    from fastdarts.ops import backends
+
+    data = json.loads((cnn_run / "config.json").read_text())["data"]
+    run = tmp_path / "auto"
+    args = [*CNN_TINY, "--order", "1", "--max-steps", "1", "--epoch-steps", "1"]
+    assert search([*args, "--backend", "auto", "--data", data, "--out", str(run)]) == 0
+    pt_args = ["--eval-batches", "1", "--tune-steps", "1", "--max-decisions", "1"]
+    monkeypatch.setattr(backends, "AUTO_ORDER", ("reference", "fused"))
+    code, _, err = derive_pt(capsys, copy_run(run, tmp_path / "a"), *pt_args)
+    assert code == 0, err
+    assert "with backend 'fused', which this run's 'auto' chose" in err
+    monkeypatch.setattr(backends, "unavailable_reason", lambda: "not built (test)")
+    code, _, err = derive_pt(capsys, copy_run(run, tmp_path / "b"), *pt_args)
+    assert code == 2
+    assert err.startswith("python -m fastdarts.derive: error: ") and err.count("\n") == 1
+    assert "saved by backend 'fused', which does not run here" in err

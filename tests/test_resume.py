@@ -15,6 +15,7 @@ import pytest
 import torch
 from conftest import CNN_TINY, REPO, RNN_TINY
 
+from fastdarts.ops.extension import unavailable_reason
 from fastdarts.search.__main__ import main
 
 # An epoch boundary (with its evaluation) falls inside each run: epochs of 3 steps.
@@ -85,6 +86,34 @@ def test_stop_then_resume_equals_straight_run(tmp_path, args, steps, stop_at):
     # The resumed run takes its settings from the run folder: no need to repeat them.
     assert main(["--resume", "--out", str(split), "--max-steps", str(steps)]) == 0
     assert_same_run(final_state(straight), final_state(split))
+
+
+@pytest.mark.skipif(unavailable_reason() is not None, reason="needs the C++ extension")
+def test_a_resume_goes_on_with_the_backend_the_run_started_with(tmp_path, capsys, monkeypatch):
+    """The checkpoint records what --backend auto resolved to (the fused backend, on the CPU
+    with the C++ kernels). Where that one still runs but auto now picks another, the run
+    goes on with it, as a straight run; where it cannot run and its state does not fit the
+    other (the fused CNN steps its weights as fewer, stacked tensors), one line says so."""
+    from fastdarts.ops import backends
+
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    args = [*CNN_RUN, "--backend", "auto"]
+    assert main([*args, "--max-steps", "4", "--out", str(straight)]) == 0
+    assert main([*args, "--max-steps", "2", "--out", str(split)]) == 0
+    assert torch.load(split / "checkpoint.pt", weights_only=True)["backend"] == "fused"
+    monkeypatch.setattr(backends, "AUTO_ORDER", ("reference", "fused"))
+    capsys.readouterr()
+    assert main(["--resume", "--out", str(split), "--max-steps", "4"]) == 0
+    assert "with backend 'fused', which this run's 'auto' chose" in capsys.readouterr().err
+    assert_same_run(final_state(straight), final_state(split))
+    assert json.loads((split / "config.json").read_text())["backend"] == "auto"
+
+    monkeypatch.setattr(backends, "AUTO_ORDER", ("fused", "reference"))
+    monkeypatch.setattr(backends, "unavailable_reason", lambda: "not built (test)")
+    assert main(["--resume", "--out", str(split), "--max-steps", "5"]) == 2
+    err = capsys.readouterr().err
+    assert f"{split / 'checkpoint.pt'}: saved by backend 'fused', which does not run here" in err
+    assert err.rstrip().endswith("resume it where 'fused' runs") and err.count("\n") == 1
 
 
 def test_resume_drops_a_torn_last_metrics_line_and_names_a_bad_one(tmp_path, capsys):

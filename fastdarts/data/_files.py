@@ -15,6 +15,7 @@ import http.client
 import os
 import shutil
 import ssl
+import sys
 import tarfile
 import tempfile
 import urllib.error
@@ -27,6 +28,7 @@ from typing import BinaryIO
 from tqdm import tqdm
 
 from ..errors import DataError
+from ..utils import atomic_write
 
 TIMEOUT_S = 30.0
 _CHUNK = 1 << 20
@@ -91,29 +93,13 @@ def check_digest(path: Path, algorithm: str, expected: str, what: str) -> None:
         raise DataError(f"{path}: {algorithm} mismatch (corrupt or not {what}); replace it")
 
 
-@contextlib.contextmanager
-def atomic_write(dest: Path) -> Iterator[BinaryIO]:
-    """Open a temporary file beside ``dest``; it becomes ``dest`` only if the block succeeds."""
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".part")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, dest)
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-
-
 def download(url: str, dest: Path, algorithm: str, expected: str) -> None:
     """Fetch ``url`` into ``dest`` atomically and verify its digest; raise DownloadError."""
     request = urllib.request.Request(url, headers={"User-Agent": "fastdarts"})
-    try:
+
+    def fetch(out: BinaryIO) -> None:
         with (
             urllib.request.urlopen(request, timeout=TIMEOUT_S) as response,
-            atomic_write(dest) as out,
             tqdm(
                 total=getattr(response, "length", None),
                 desc=f"downloading {dest.name}",
@@ -128,11 +114,14 @@ def download(url: str, dest: Path, algorithm: str, expected: str) -> None:
                 out.write(chunk)
                 bar.update(len(chunk))
                 received += len(chunk)
-            if size is not None and received < size:
-                raise DownloadError(f"{url}: connection dropped after {received} of {size} bytes")
-            if digest.hexdigest() != expected:
-                # Raising inside the block makes atomic_write discard the temporary file.
-                raise DownloadError(f"{url}: {algorithm} mismatch")
+        if size is not None and received < size:
+            raise DownloadError(f"{url}: connection dropped after {received} of {size} bytes")
+        if digest.hexdigest() != expected:
+            # Raised inside the write: atomic_write discards the temporary file.
+            raise DownloadError(f"{url}: {algorithm} mismatch")
+
+    try:
+        atomic_write(dest, fetch)
     except urllib.error.HTTPError as e:  # the server answered, with an error
         raise DownloadError(f"{url}: {e}") from e
     except urllib.error.URLError as e:
@@ -168,6 +157,12 @@ def extract_tar_once(archive: Path, dest: Path, stamp: str) -> Path:
 def extract_all(archive: Path, folder: Path) -> None:
     """Extract the tar ``archive`` into ``folder`` (members that would land outside it are
     refused); DataError if it cannot."""
+    if not hasattr(tarfile, "data_filter"):  # Python 3.10.12 and 3.11.4 added the filters
+        raise DataError(
+            f"{archive}: this Python ({sys.version.split()[0]}) cannot extract an archive "
+            "safely; use Python 3.10.12, 3.11.4 or later, or extract it yourself and pass "
+            "--data the folder"
+        )
     try:
         with tarfile.open(archive) as tar:
             members = tqdm(tar, desc=f"extracting {archive.name}", unit=" files", disable=None)

@@ -37,10 +37,13 @@ from tqdm import tqdm
 from fastdarts.data import cifar, ptb
 from fastdarts.errors import ConfigError, DivergedError
 from fastdarts.genotypes import CNN_STEPS, PRIMITIVES, RNN_STEPS, Genotype, save_genotype
+from fastdarts.ops.backends import resolve as resolve_backend
 from fastdarts.runs import (
     load_state_file,
+    load_task_state,
     read_checkpoint,
     resolve_device,
+    resume_backend,
     rng_state,
     seed_everything,
     set_rng_state,
@@ -320,14 +323,19 @@ def run_pt(cfg: PTConfig) -> tuple[Genotype | None, list[dict]]:
         state = _read_state(state_path, cfg)
     elif state_path.exists():
         raise ConfigError(
-            f"{state_path}: a selection was started here; pass --resume to continue it"
+            f"{state_path}: a selection was started here; pass --resume to continue it, or "
+            "delete it to start again"
         )
     threads = search_cfg.threads or saved.get("threads")
     if threads:
         torch.set_num_threads(threads)
     device = resolve_device(search_cfg.device)
-    task = TASKS[space](search_cfg, device, DTYPES[search_cfg.dtype])
-    task.load_state_dict(saved["task"])
+    ran = saved.get("backend")
+    backend = resume_backend(
+        search_cfg.backend, ran, lambda name: resolve_backend(name, space, device.type)
+    )
+    task = TASKS[space](search_cfg, device, DTYPES[search_cfg.dtype], backend=backend)
+    load_task_state(task, saved["task"], ran, backend, run / "checkpoint.pt")
     supernet = TaskSupernet(task, space, cfg.eval_batches)
     tune_steps = cfg.tune_steps if cfg.tune_steps is not None else task.steps_per_epoch()
     seed_everything(cfg.seed)
@@ -336,7 +344,7 @@ def run_pt(cfg: PTConfig) -> tuple[Genotype | None, list[dict]]:
         if state["search_step"] != saved["step"]:
             raise ConfigError(
                 f"{state_path}: started on the search at step {state['search_step']}, but "
-                f"its checkpoint is now at step {saved['step']}; start again without --resume"
+                f"its checkpoint is now at step {saved['step']}; delete it to start again"
             )
         task.load_state_dict(state["task"])
         supernet.epoch = state["epoch"]

@@ -93,8 +93,24 @@ BACKENDS: dict[str, Backend] = {
 AUTO_ORDER = ("fused", "reference")
 
 
-def resolve(name: str, space: str, device_type: str) -> Backend:
-    """The backend to use; ConfigError says why a named one cannot be."""
+def resolve(name: str, space: str, device_type: str, network: str = "search") -> Backend:
+    """The backend to use for ``network`` (the ``search`` supernet or the derived network a
+    ``train`` run trains); ConfigError says why a named one cannot be.
+
+    The derived recurrent network runs each node through the backend's node op: ``fused`` is
+    one kernel per node. ``auto`` takes it on GPUs only (one launch per node instead of a
+    dozen elementwise ones): on the CPU the C++ kernel, which evaluates all four activations
+    (and in the backward the op weights' gradient) for a node that needs one, measured 2-4
+    times slower than the node's few torch ops. The derived convolutional network has one op
+    per edge, where nothing fused applies: it takes the reference, and ``fused`` is an error.
+    """
+    if network == "train" and space == "cnn" and name == "fused":
+        raise ConfigError(
+            "backend 'fused' has no kernel for the cnn evaluation network (one op per edge, "
+            "nothing to fuse); use reference or auto"
+        )
+    if network == "train" and name == "auto" and (space == "cnn" or device_type == "cpu"):
+        name = "reference"
     if name == "auto":
         reasons = {c: BACKENDS[c].why_not(space, device_type) for c in AUTO_ORDER}
         usable = [c for c, reason in reasons.items() if reason is None]

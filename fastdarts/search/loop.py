@@ -25,8 +25,9 @@ import torch
 
 from fastdarts import distributed, genotypes
 from fastdarts.errors import ConfigError
+from fastdarts.ops.backends import Backend
 from fastdarts.ops.backends import resolve as resolve_backend
-from fastdarts.runs import EpochRun, check_settings, resolve_device
+from fastdarts.runs import EpochRun, check_settings
 from fastdarts.search.architect import AMP_MODES, COMPAT_MODES, HVP_MODES
 from fastdarts.search.config import SearchConfig
 from fastdarts.search.tasks import TASKS, SearchTask
@@ -49,8 +50,10 @@ class Searcher(EpochRun):
         self.device = distributed.init(self._prepare(saved))
         if cfg.cuda_graphs and self.device.type != "cuda":
             raise ConfigError(f"--cuda-graphs needs a CUDA device; this run is on {self.device}")
-        self.backend = resolve_backend(cfg.backend, cfg.space, self.device.type)
-        self.task: SearchTask = TASKS[cfg.space](cfg, self.device, DTYPES[cfg.dtype])
+        self.backend = self._backend_to_resume(saved)
+        self.task: SearchTask = TASKS[cfg.space](
+            cfg, self.device, DTYPES[cfg.dtype], backend=self.backend
+        )
         self.history: list[dict] = []
         if saved:
             self._restore(saved)
@@ -119,10 +122,10 @@ class Searcher(EpochRun):
             )
         # A checkpoint from before --sync-bn existed ran without it.
         saved["config"].setdefault("sync_bn", False)
-        device_type = resolve_device(self.cfg.device).type
-        self._accept_equal_backend(
-            saved["config"], lambda b: resolve_backend(b, self.cfg.space, device_type)
-        )
+        self._accept_equal_backend(saved["config"])
+
+    def _resolve(self, name: str, device_type: str) -> Backend:
+        return resolve_backend(name, self.cfg.space, device_type)
 
     def _checkpoint_extras(self) -> dict:
         return {"history": json.dumps(self.history), "world_size": distributed.world_size()}

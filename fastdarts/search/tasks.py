@@ -28,6 +28,7 @@ import torch
 from fastdarts import distributed
 from fastdarts.data import cifar, ptb
 from fastdarts.errors import ConfigError
+from fastdarts.ops.backends import Backend
 from fastdarts.ops.backends import resolve as resolve_backend
 from fastdarts.search.architect import Architect, UnrollRule, autocast
 from fastdarts.search.config import SearchConfig
@@ -54,9 +55,16 @@ class SearchTask:
 
     model: SearchModel
 
-    def __init__(self, cfg: SearchConfig, model: SearchModel, device: torch.device):
+    def __init__(
+        self,
+        cfg: SearchConfig,
+        model: SearchModel,
+        device: torch.device,
+        backend: Backend | None = None,
+    ):
+        """``backend`` (None: ``cfg.backend`` resolved here) runs the model's ops."""
         self.cfg, self.model, self.device = cfg, model, device
-        resolve_backend(cfg.backend, model.space, device.type).apply(model)
+        (backend or resolve_backend(cfg.backend, model.space, device.type)).apply(model)
         if cfg.sync_bn and distributed.active():
             distributed.convert_sync_batchnorm(model)
         self.dtype = next(iter(model.parameters())).dtype
@@ -182,6 +190,7 @@ class RNNTask(SearchTask):
         device: torch.device,
         dtype: torch.dtype,
         corpus: ptb.Corpus | None = None,
+        backend: Backend | None = None,
     ):
         """``corpus`` replaces PTB (benchmarks pass synthetic tokens of the same shape)."""
         corpus = corpus if corpus is not None else ptb.load_ptb(cfg.data)
@@ -191,7 +200,7 @@ class RNNTask(SearchTask):
         model = model.to(device, dtype)
         self.weight_clip = cfg.clip
         self.unroll_clip = cfg.clip
-        super().__init__(cfg, model, device)
+        super().__init__(cfg, model, device, backend)
         # This rank's block of columns (all of them in one process).
         train = ptb.batchify_split(corpus.train, cfg.batch_size, "--batch-size", "train", 3)
         ptb.check_bptt(cfg.bptt, train, "--batch-size")
@@ -296,13 +305,14 @@ class CNNTask(SearchTask):
         device: torch.device,
         dtype: torch.dtype,
         images: cifar.CIFAR10Split | None = None,
+        backend: Backend | None = None,
     ):
         """``images`` replaces CIFAR-10's training set (benchmarks pass synthetic images)."""
         self.images = images if images is not None else cifar.load_cifar10(cfg.data, train=True)
         torch.manual_seed(cfg.seed)
         model = ConvSearchModel(cfg.init_channels, len(self.images.classes), cfg.layers)
         self.momentum, self.weight_clip = cfg.momentum, cfg.grad_clip
-        super().__init__(cfg, model.to(device, dtype), device)
+        super().__init__(cfg, model.to(device, dtype), device, backend)
         self.scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(
             self.weight_optimizer, float(cfg.epochs), eta_min=cfg.lr_min
         )

@@ -15,9 +15,10 @@ import dataclasses
 import json
 
 from fastdarts import genotypes
-from fastdarts.runs import TRAIN_KIND, EpochRun, check_settings, load_state_file, resolve_device
+from fastdarts.ops.backends import Backend, resolve
+from fastdarts.runs import TRAIN_KIND, EpochRun, check_settings, load_state_file
 from fastdarts.train.config import TrainConfig
-from fastdarts.train.tasks import TASKS, resolve_backend
+from fastdarts.train.tasks import TASKS
 from fastdarts.utils import atomic_torch_save, atomic_write_text
 
 
@@ -33,8 +34,8 @@ class Trainer(EpochRun):
         spec = genotype_file if cfg.resume and genotype_file.is_file() else cfg.genotype
         self.genotype = genotypes.load_genotype(spec, cfg.space)
         self.device = self._prepare(saved)
-        self.backend = resolve_backend(cfg.backend, cfg.space, self.device)
-        self.task = TASKS[cfg.space](cfg, self.genotype, self.device)
+        self.backend = self._backend_to_resume(saved)
+        self.task = TASKS[cfg.space](cfg, self.genotype, self.device, self.backend)
         if saved:
             self._restore(saved)
 
@@ -64,8 +65,10 @@ class Trainer(EpochRun):
             ours = genotypes.load_genotype(run_genotype, cfg.space)
             if genotypes.load_genotype(cfg.genotype, cfg.space) == ours:
                 self.cfg = dataclasses.replace(cfg, genotype=config["genotype"])
-        device = resolve_device(cfg.device)
-        self._accept_equal_backend(config, lambda b: resolve_backend(b, cfg.space, device))
+        self._accept_equal_backend(config)
+
+    def _resolve(self, name: str, device_type: str) -> Backend:
+        return resolve(name, self.cfg.space, device_type, "train")
 
     def _checkpoint_extras(self) -> dict:
         return {"kind": TRAIN_KIND}

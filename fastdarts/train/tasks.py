@@ -16,7 +16,6 @@ import torch
 import torch.nn.functional as F
 
 from fastdarts.data import cifar, ptb
-from fastdarts.errors import ConfigError
 from fastdarts.genotypes import ConvGenotype, RecurrentGenotype
 from fastdarts.models import NetworkCIFAR, RNNModel
 from fastdarts.ops.backends import Backend, resolve
@@ -24,26 +23,6 @@ from fastdarts.search.masks import MaskSampler
 from fastdarts.spaces.rnn import DROPOUTS
 from fastdarts.train.config import TrainConfig
 from fastdarts.utils import perplexity
-
-
-def resolve_backend(name: str, space: str, device: torch.device) -> Backend:
-    """The backend the evaluation network runs on; ConfigError says why one cannot be.
-
-    The recurrent network runs each node through the backend's node op: ``fused`` is one
-    kernel per node. ``auto`` takes it on GPUs only (one launch per node instead of a dozen
-    elementwise ones): on the CPU the C++ kernel, which evaluates all four activations (and
-    in the backward the op weights' gradient) for a node that needs one, measured 2-4 times
-    slower than the node's few torch ops. The convolutional network has one op per edge,
-    where nothing fused applies: it takes the reference, and ``fused`` is an error.
-    """
-    if space == "cnn" and name == "fused":
-        raise ConfigError(
-            "backend 'fused' has no kernel for the cnn evaluation network (one op per edge, "
-            "nothing to fuse); use reference or auto"
-        )
-    if name == "auto" and (space == "cnn" or device.type == "cpu"):
-        name = "reference"
-    return resolve(name, space, device.type)
 
 
 def cutout(images: torch.Tensor, length: int, generator: torch.Generator) -> torch.Tensor:
@@ -75,9 +54,16 @@ class RNNTrainTask:
     (over the steps since the switch), which evaluation and the final test then use.
     """
 
-    def __init__(self, cfg: TrainConfig, genotype: RecurrentGenotype, device: torch.device):
+    def __init__(
+        self,
+        cfg: TrainConfig,
+        genotype: RecurrentGenotype,
+        device: torch.device,
+        backend: Backend | None = None,
+    ):
+        """``backend`` (None: ``cfg.backend`` resolved here) runs the cell's nodes."""
         self.cfg, self.device = cfg, device
-        backend = resolve_backend(cfg.backend, "rnn", device)
+        backend = backend or resolve(cfg.backend, "rnn", device.type, "train")
         node_op = backend.rnn_node_op
         # The decoder's loss: the fused backend's kernels where they run, else torch's.
         self.cross_entropy = backend.rnn_cross_entropy or F.cross_entropy
@@ -241,7 +227,15 @@ class CNNTrainTask:
     Nothing fused applies to the network (one op per edge): it runs on the reference ops.
     """
 
-    def __init__(self, cfg: TrainConfig, genotype: ConvGenotype, device: torch.device):
+    def __init__(
+        self,
+        cfg: TrainConfig,
+        genotype: ConvGenotype,
+        device: torch.device,
+        backend: Backend | None = None,
+    ):
+        """``backend``: the reference, whatever is given (``resolve`` refuses the fused one
+        for this network); taken so that both spaces' tasks are built alike."""
         self.cfg, self.device = cfg, device
         self.images = cifar.load_cifar10(cfg.data, train=True)
         self.test_images = cifar.load_cifar10(cfg.data, train=False)
