@@ -58,6 +58,9 @@ def summarize(where: str | Path) -> str:
         except (OSError, json.JSONDecodeError) as e:
             notes.append(f"{path.name}: unreadable ({e})")
             continue
+        if not isinstance(doc, dict) or not isinstance(doc.get("rows", []), list):
+            notes.append(f"{path.name}: not a results file (no rows)")
+            continue
         profiles = doc.get("device_profile") or {}
         for row in doc.get("rows", []):
             kind = next((key for key, _ in TABLES if key in row), None)

@@ -21,6 +21,7 @@ every rank ends with one line saying why it stopped.
 from __future__ import annotations
 
 import datetime
+import math
 import os
 import signal
 from collections.abc import Iterator
@@ -30,7 +31,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from fastdarts.errors import FastDartsError
+from fastdarts.errors import ConfigError, FastDartsError
 
 TIMEOUT_ENV = "FASTDARTS_DIST_TIMEOUT"
 DEFAULT_TIMEOUT_S = 300.0
@@ -79,12 +80,17 @@ def init(device: torch.device) -> torch.device:
     """Join the process group torchrun's environment describes (NCCL for CUDA, gloo for the
     CPU) and return this rank's device (``cuda:LOCAL_RANK`` on GPUs). Without torchrun, or
     when the group exists already, only the device is returned."""
-    if device.type == "cuda" and env_world_size() > 1 and device.index is None:
+    if device.type == "cuda" and env_world_size() > 1:
+        if device.index is not None:  # every rank would take that one GPU
+            raise ConfigError(
+                f"--device {device}: under torchrun each process takes the GPU of its "
+                "LOCAL_RANK; pass --device cuda (or choose GPUs with CUDA_VISIBLE_DEVICES)"
+            )
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
         torch.cuda.set_device(device)
     if env_world_size() <= 1 or dist.is_initialized():
         return device
-    timeout = float(os.environ.get(TIMEOUT_ENV, DEFAULT_TIMEOUT_S))
+    timeout = _timeout_s()
     with _collective("joining the process group", "check MASTER_ADDR/MASTER_PORT"):
         dist.init_process_group(
             "nccl" if device.type == "cuda" else "gloo",
@@ -124,6 +130,20 @@ def _stopped_by_launcher(signum: int, frame: object) -> None:
     )
 
 
+def _timeout_s() -> float:
+    """The collectives' timeout: $FASTDARTS_DIST_TIMEOUT seconds, else 300."""
+    text = os.environ.get(TIMEOUT_ENV)
+    if text is None:
+        return DEFAULT_TIMEOUT_S
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = math.nan
+    if not seconds > 0 or math.isinf(seconds):
+        raise ConfigError(f"{TIMEOUT_ENV}={text!r}: give the timeout in seconds, e.g. 600")
+    return seconds
+
+
 @contextmanager
 def _collective(what: str, hint: str | None = None) -> Iterator[None]:
     """Turn a failed collective (gloo and NCCL raise RuntimeError) into a one-line
@@ -133,10 +153,9 @@ def _collective(what: str, hint: str | None = None) -> Iterator[None]:
         yield
     except RuntimeError as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        timeout = os.environ.get(TIMEOUT_ENV, DEFAULT_TIMEOUT_S)
         hint = hint or (
             "another process of the run stopped, was killed or stalled past the "
-            f"{timeout} s timeout ({TIMEOUT_ENV})"
+            f"{_timeout_s():g} s timeout ({TIMEOUT_ENV})"
         )
         raise PeerFailure(
             f"rank {os.environ.get('RANK', '?')}: {what} failed: {hint} ({first})"
@@ -209,7 +228,8 @@ def global_values(values: list[tuple[torch.Tensor, float]]) -> list[torch.Tensor
 
 def average_buffers(module: nn.Module) -> None:
     """Replace every floating-point buffer (BatchNorm's running statistics) by its mean over
-    ranks, in place; buffers equal on every rank stay as they are."""
+    ranks, in place (buffers equal on every rank stay equal on every rank, up to the
+    rounding of the sum)."""
     if not active():
         return
     buffers = [b for b in module.buffers() if b.is_floating_point()]

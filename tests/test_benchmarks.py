@@ -807,6 +807,8 @@ def test_summary_cli(tmp_path, capsys):
             summary.main([str(tmp_path / f"{name}.json")])
         assert stop.value.code == 2 and message in capsys.readouterr().err
     assert "bad.json: unreadable" in summary.main([str(tmp_path)])
+    (tmp_path / "list.json").write_text("[1, 2]")
+    assert "list.json: not a results file (no rows)" in summary.main([str(tmp_path)])
 
 
 def test_triton_resources_refuses_a_target_it_cannot_compile(capsys):

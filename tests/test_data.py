@@ -431,7 +431,7 @@ def test_a_python_without_tar_filters_refuses_to_extract(
 ) -> None:
     """Python before 3.10.12 / 3.11.4 has no extraction filter: one line, nothing written."""
     monkeypatch.delattr(tarfile, "data_filter")
-    with pytest.raises(DataError, match="cannot extract an archive safely; use Python 3.10.12"):
+    with pytest.raises(DataError, match="cannot extract an archive safely; use Python"):
         _files.extract_all(tmp_path / "any.tar.gz", tmp_path / "out")
     assert not (tmp_path / "out").exists()
 

@@ -411,6 +411,23 @@ def test_shutdown_gives_sigterm_back_its_handler_before(monkeypatch):
         signal.signal(signal.SIGTERM, previous)
 
 
+def test_torchrun_settings_are_checked_before_joining(monkeypatch):
+    """A timeout that is not a number of seconds, or one GPU named for every rank, is one
+    line before any process group is joined."""
+    from fastdarts.errors import ConfigError
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setattr(distributed.dist, "init_process_group", lambda *a, **k: pytest.fail())
+    for bad in ("5min", "0", "-3", "inf", "nan"):
+        monkeypatch.setenv(distributed.TIMEOUT_ENV, bad)
+        with pytest.raises(ConfigError, match=f"FASTDARTS_DIST_TIMEOUT='{bad}': give the"):
+            distributed.init(torch.device("cpu"))
+    monkeypatch.setenv(distributed.TIMEOUT_ENV, "12.5")
+    assert distributed._timeout_s() == 12.5
+    with pytest.raises(ConfigError, match="--device cuda:0: under torchrun each process"):
+        distributed.init(torch.device("cuda", 0))
+
+
 # -- --seeds ---------------------------------------------------------------------------------
 
 
