@@ -145,16 +145,21 @@ def test_averaged_sgd_switch_and_average(tmp_path, capsys):
         switched.append(metrics["asgd"])
     # 4.5 is worse than the best before the last 2 epochs (4.0): switch.
     assert switched == [False, False, False, True]
-    iterates = [[p.detach().clone() for p in task.params]]
-    for _ in range(2):
+    # Evaluation uses torch.optim.ASGD(t0=0, lambd=0)'s average (the paper's script's) of
+    # the same iterates: its `ax` after each of 4 steps, side by side.
+    params = [p.detach().clone().requires_grad_() for p in task.params]
+    asgd = torch.optim.ASGD(params, lr=1.0, t0=0, lambd=0.0)
+    for step in range(4):
         task.step(0)
-        iterates.append([p.detach().clone() for p in task.params])
-    # Evaluation uses the average of the iterates since the switch (ASGD, t0 = 0, λ = 0).
-    assert task.n_averaged == 3
-    for i, avg in enumerate(task.eval_weights()):
-        mean = sum(it[i] for it in iterates) / 3
-        assert torch.allclose(avg, mean, atol=1e-7), i
-        assert not torch.equal(avg, task.params[i])
+        for p, q in zip(params, task.params):
+            p.grad = p.detach() - q.detach()  # steps p to the task's iterate
+        asgd.step()
+        for i, (avg, p) in enumerate(zip(task.eval_weights(), params)):
+            ax = asgd.state[p]["ax"]
+            assert torch.allclose(p, task.params[i]) and torch.allclose(avg, ax, atol=1e-6), i
+        if step >= 2:  # from the third step on, not the latest iterate
+            assert not torch.equal(task.eval_weights()[0], task.params[0])
+    assert task.asgd_steps == 4
 
 
 def test_cutout_squares():

@@ -50,8 +50,9 @@ class RNNTrainTask:
     max_seq_len_delta), rescales the learning rate by seq_len / bptt, and takes one SGD step
     on NLL + TAR with the gradient clipped. After each epoch the validation perplexity is
     measured; once it is worse than the best of all but the last ``nonmono`` epochs, the
-    run switches to averaged SGD: the same steps, plus a running average of the weights
-    (over the steps since the switch), which evaluation and the final test then use.
+    run switches to averaged SGD: the same steps, plus torch's ASGD average of the weights
+    (the mean of the iterates from the second step after the switch on), which evaluation
+    and the final test then use.
     """
 
     def __init__(
@@ -90,7 +91,7 @@ class RNNTrainTask:
         self.pos = 0
         self.hidden = self.model.init_state(cfg.batch_size)
         self.averaged: list[torch.Tensor] | None = None  # ASGD's running average, once on
-        self.n_averaged = 0
+        self.asgd_steps = 0  # steps since the switch
         self.val_history: list[float] = []
         self.best_val = math.inf
 
@@ -122,10 +123,13 @@ class RNNTrainTask:
             group["lr"] = lr
         self.optimizer.step()
         if self.averaged is not None:
-            self.n_averaged += 1
+            # torch.optim.ASGD(t0=0, lambd=0)'s average, which the paper's script switches
+            # to: its factor after step k is 1 / max(1, k - 1), so the average restarts at
+            # the first two steps' weights and is the mean of iterates 2..k from then on.
+            self.asgd_steps += 1
             with torch.no_grad():
                 for avg, p in zip(self.averaged, self.params):
-                    avg.add_(p - avg, alpha=1.0 / self.n_averaged)
+                    avg.add_(p - avg, alpha=1.0 / max(1, self.asgd_steps - 1))
         self.hidden = hiddens[-1].detach()
         self.pos += len(data)
         loss = loss.detach()
@@ -169,7 +173,7 @@ class RNNTrainTask:
             and loss > min(self.val_history[:-nonmono])
         ):
             self.averaged = [p.detach().clone() for p in self.params]
-            self.n_averaged = 1
+            self.asgd_steps = 0
         self.val_history.append(loss)
         averaging = self.averaged is not None
         metrics = {"valid_loss": loss, "valid_ppl": perplexity(loss), "asgd": averaging}
@@ -198,7 +202,7 @@ class RNNTrainTask:
             "pos": self.pos,
             "hidden": self.hidden,
             "averaged": self.averaged,
-            "n_averaged": self.n_averaged,
+            "asgd_steps": self.asgd_steps,
             "val_history": self.val_history,
             "best_val": self.best_val,
         }
@@ -212,7 +216,8 @@ class RNNTrainTask:
         self.hidden = state["hidden"].to(self.device)
         averaged = state["averaged"]
         self.averaged = None if averaged is None else [a.to(self.device) for a in averaged]
-        self.n_averaged = state["n_averaged"]
+        # A checkpoint from before torch's ASGD average counted the switch's weights in.
+        self.asgd_steps = state.get("asgd_steps", state.get("n_averaged", 1) - 1)
         self.val_history = list(state["val_history"])
         self.best_val = state["best_val"]
 
