@@ -420,3 +420,35 @@ def test_pt_takes_the_backend_the_search_ran_with(cnn_run, tmp_path, capsys, mon
     assert code == 2
     assert err.startswith("python -m fastdarts.derive: error: ") and err.count("\n") == 1
     assert "saved by backend 'fused', which does not run here" in err
+
+
+@pytest.mark.parametrize("space", ["rnn", "cnn"])
+def test_fine_tuning_restarts_the_weight_optimizer_at_a_tenth_of_the_lr(
+    space, rnn_run, cnn_run, tmp_path, capsys, monkeypatch
+):
+    """As DARTS-PT's code: no momentum from the search, a tenth of its learning rate (the
+    RNN's rescaled by seq_len / bptt, as its steps are)."""
+    from fastdarts.search.tasks import SearchTask
+
+    seen = []
+    step = SearchTask.weight_step
+
+    def recording(self, batch, lr):
+        seen.append((lr, len(self.weight_optimizer.state), len(batch.inputs)))
+        return step(self, batch, lr)
+
+    monkeypatch.setattr(SearchTask, "weight_step", recording)
+    run = copy_run(rnn_run if space == "rnn" else cnn_run, tmp_path / space)
+    args = ["--eval-batches", "1", "--tune-steps", "2", "--max-decisions", "2"]
+    code, _, err = derive_pt(capsys, run, *args)
+    assert code == 0, err
+    config = json.loads((run / "config.json").read_text())
+    assert len(seen) == 4
+    for lr, _, seq_len in seen:
+        scale = seq_len / config["bptt"] if space == "rnn" else 1.0
+        assert lr == pytest.approx(config["lr"] / 10 * scale)
+    states = [n for _, n, _ in seen]
+    if space == "cnn":  # momentum: the search's buffers dropped, then the tuning's own
+        assert states[0] == 0 and states[1] > 0
+    else:  # plain SGD keeps no state
+        assert states == [0] * 4

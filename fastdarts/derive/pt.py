@@ -17,8 +17,17 @@ zero weight on an entry of -inf, and ``none`` contributes exactly zero to every 
 - projecting an edge onto op k sets its α row to -inf except 0 at k (weights exactly
   one-hot); removing an edge puts all its weight on ``none`` (its output is exactly 0).
 
-Fine-tuning takes the search's own weight steps (its optimiser, data order, dropout
-masks, backend), with α fixed; nothing is stepped on α.
+Fine-tuning takes the search's own weight steps (its data order, dropout masks, backend)
+with the weight optimiser restarted at a tenth of the search's learning rate, as DARTS-PT's
+code does (it resets the optimiser at lr/10; its cosine schedule is made but never stepped,
+so the rate stays there). Where this departs from that code:
+
+- α stays fixed while tuning (DARTS-PT's code goes on stepping α, which then moves only
+  the undecided edges; here the decisions live in α itself);
+- decisions come one at a time in one seeded order over both cells, each followed by
+  ``tune_steps`` steps (default: one epoch), where DARTS-PT's code decides one normal and
+  one reduction edge, then tunes ``proj_intv`` epochs (default 10): pass ``--tune-steps``
+  for a longer tuning.
 """
 
 from __future__ import annotations
@@ -234,7 +243,10 @@ class PTConfig:
 
 class TaskSupernet:
     """The search task's supernet as DARTS-PT uses it: measured on the validation data,
-    fine-tuned with the search's own weight steps (α fixed)."""
+    fine-tuned with the search's own weight steps (α fixed) at ``TUNE_LR`` times its
+    learning rate."""
+
+    TUNE_LR = 0.1
 
     def __init__(self, task: SearchTask, space: str, eval_batches: int | None) -> None:
         self.task, self.space, self.eval_batches = task, space, eval_batches
@@ -263,6 +275,11 @@ class TaskSupernet:
                 count += len(labels)
         return {"loss": total / max(count, 1), "acc": correct / max(count, 1)}
 
+    def restart_optimizer(self) -> None:
+        """Forget the search's momentum (DARTS-PT's reset optimiser): once, before the
+        first decision's tuning."""
+        self.task.weight_optimizer.state.clear()
+
     def tune(self, steps: int) -> None:
         """``steps`` weight steps on the training data, continuing the search's data order."""
         task = self.task
@@ -284,7 +301,8 @@ class TaskSupernet:
         bptt = cfg.bptt if task.rng.random() < 0.95 else cfg.bptt / 2
         seq_len = max(1, int(bptt))
         data, targets = ptb.get_batch(task.train_data, task.pos, seq_len)
-        out = task.weight_step(Batch(data, targets, task.hidden), cfg.lr * seq_len / cfg.bptt)
+        lr = cfg.lr * self.TUNE_LR * seq_len / cfg.bptt
+        out = task.weight_step(Batch(data, targets, task.hidden), lr)
         task.hidden = out.state.detach()
         task.pos += seq_len
         return out.loss.item()
@@ -293,7 +311,7 @@ class TaskSupernet:
         task = self.task
         bs = task.cfg.batch_size
         batch = task._batch(task.order[task.pos : task.pos + bs])
-        out = task.weight_step(batch, task.scheduler.get_last_lr()[0])
+        out = task.weight_step(batch, task.cfg.lr * self.TUNE_LR)
         task.pos += bs
         return out.loss.item()
 
@@ -350,6 +368,8 @@ def run_pt(cfg: PTConfig) -> tuple[Genotype | None, list[dict]]:
         supernet.epoch = state["epoch"]
         records = json.loads(state["records"])
         set_rng_state(state["rng"])
+    else:
+        supernet.restart_optimizer()
     cells = CELLS[space]
     arch = dict(task.model.named_arch_parameters())
     selector = Selector(arch, cells, supernet.evaluate, PRIMITIVES[space], crit)
