@@ -39,6 +39,8 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
+from fastdarts.utils import atomic_write_text
+
 REPO = Path(__file__).resolve().parents[1]
 
 # -- environment --------------------------------------------------------------------------
@@ -549,11 +551,7 @@ KERNEL_ROW_KEYS = (
 def write_json(path: str | os.PathLike, doc: Mapping[str, Any]) -> None:
     """Writes ``doc`` as indented JSON, creating the folder; through a temporary file and a
     rename, so a process stopped mid-write (a time limit) leaves the previous version."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(path.name + ".partial")
-    partial.write_text(json.dumps(doc, indent=2) + "\n")
-    os.replace(partial, path)
+    atomic_write_text(path, json.dumps(doc, indent=2) + "\n")
 
 
 def report(

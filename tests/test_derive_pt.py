@@ -300,6 +300,39 @@ def test_read_checkpoint_says_what_a_file_is(tmp_path, saved, kind, fragment):
         read_checkpoint(path, kind)
 
 
+def test_pt_says_what_is_wrong_with_its_inputs_in_one_line(rnn_run, tmp_path, capsys):
+    """Another space than the search's, a criterion the space has not, a state file that is
+    not one, a search checkpoint without α, and a fine-tuning that diverges."""
+    run = copy_run(rnn_run, tmp_path / "r")
+    quick = ["--eval-batches", "1", "--tune-steps", "1"]
+    cases = [
+        (["--space", "cnn"], "a search of the rnn space, but --space is cnn"),
+        (["--crit", "acc"], "--crit acc: choose loss (rnn, cnn) or acc (cnn)"),
+    ]
+    for extra, fragment in cases:
+        code, _, err = derive_pt(capsys, run, *quick, *extra)
+        assert code == 2 and fragment in err and err.count("\n") == 1, err
+    torch.save({"kind": "something else"}, run / STATE_FILE)
+    code, _, err = derive_pt(capsys, run, *quick, "--resume")
+    assert code == 2 and f"{run / STATE_FILE}: not a DARTS-PT state file" in err
+    (run / STATE_FILE).unlink()
+
+    saved = torch.load(run / "checkpoint.pt", weights_only=True)
+    weights = saved["task"]["model"]
+    torch.save(saved, run / "kept.pt")
+    for name in weights:
+        if not name.startswith("alphas") and weights[name].is_floating_point():
+            weights[name] = torch.full_like(weights[name], math.nan)
+    torch.save(saved, run / "checkpoint.pt")
+    code, _, err = derive_pt(capsys, run, *quick, "--max-decisions", "2")
+    assert code == 3 and "fine-tuning diverged (loss nan)" in err, err
+    saved = torch.load(run / "kept.pt", weights_only=True)
+    del saved["task"]["model"]["alphas_recurrent"]
+    torch.save(saved, run / "checkpoint.pt")
+    assert derive([str(run)]) == 2
+    assert "no α in this search checkpoint (damaged?)" in capsys.readouterr().err
+
+
 def test_read_checkpoint_returns_its_kind(tmp_path):
     with pytest.raises(ConfigError, match=f"{tmp_path / 'best.pt'}: no such file"):
         read_checkpoint(tmp_path / "best.pt", "search")
@@ -318,6 +351,11 @@ def test_read_checkpoint_returns_its_kind(tmp_path):
         (["--run", "/nonexistent", "--method", "pt"], "no checkpoint.pt"),
         (["DARTS_V2", "--space", "rnn", "--method", "pt"], "--method goes with --run"),
         (["--run", "x", "--method", "pt", "--seed", "-1"], "--seed must lie in [0, 2^32)"),
+        (["--run", "x", "--method", "pt", "--tune-steps", "-1"], "must be non-negative, got -1"),
+        (["--run", "x", "--method", "pt", "--max-decisions", "0"], "must be positive, got 0"),
+        (["--run", "x", "--tune-steps", "3"], "--tune-steps goes with --method pt"),
+        (["DARTS_V2", "--space", "cnn", "--resume"], "--resume goes with --method pt"),
+        (["--run", "x", "--method", "argmax", "--order", "sequential"], "--order goes with"),
     ],
 )
 def test_derive_bad_input(capsys, args, fragment):

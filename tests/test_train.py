@@ -150,7 +150,7 @@ def test_averaged_sgd_switch_and_average(tmp_path, capsys):
     params = [p.detach().clone().requires_grad_() for p in task.params]
     asgd = torch.optim.ASGD(params, lr=1.0, t0=0, lambd=0.0)
     for step in range(4):
-        task.step(0)
+        task.step()
         for p, q in zip(params, task.params):
             p.grad = p.detach() - q.detach()  # steps p to the task's iterate
         asgd.step()

@@ -90,8 +90,10 @@ def build_parser() -> OneLineParser:
 def _derive_run(args: argparse.Namespace) -> Genotype | None:
     for flag in ("tune_steps", "eval_batches", "max_decisions", "threads"):
         value = getattr(args, flag)
-        if value is not None and value < (0 if flag == "tune_steps" else 1):
-            raise ConfigError(f"--{flag.replace('_', '-')} must be positive, got {value}")
+        least = 0 if flag == "tune_steps" else 1
+        if value is not None and value < least:
+            kind = "non-negative" if least == 0 else "positive"
+            raise ConfigError(f"--{flag.replace('_', '-')} must be {kind}, got {value}")
     if not 0 <= args.seed < 2**32:
         raise ConfigError(f"--seed must lie in [0, 2^32), got {args.seed}")
     run = Path(args.run)
@@ -106,6 +108,7 @@ def _derive_run(args: argparse.Namespace) -> Genotype | None:
 
     cfg = PTConfig(
         run=str(run),
+        space=args.space,
         out=str(out),
         tune_steps=args.tune_steps,
         eval_batches=args.eval_batches,
@@ -128,13 +131,23 @@ def _derive_run(args: argparse.Namespace) -> Genotype | None:
     return genotype
 
 
+# The flags only DARTS-PT reads: given without --method pt they are refused, not ignored.
+PT_FLAGS = ("tune_steps", "eval_batches", "crit", "order", "seed", "device", "data", "threads")
+PT_FLAGS += ("resume", "max_decisions")
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     try:
         if (args.source is None) == (args.run is None):
             raise ConfigError("give either SOURCE or --run RUN_DIR (see --help)")
         if args.run is None and args.method is not None:
             raise ConfigError("--method goes with --run RUN_DIR (see --help)")
+        if args.method != "pt":
+            given = [f for f in PT_FLAGS if getattr(args, f) != parser.get_default(f)]
+            if given:
+                raise ConfigError(f"--{given[0].replace('_', '-')} goes with --method pt")
         if args.run is not None:
             args.method = args.method or "argmax"
             try:

@@ -223,6 +223,7 @@ class PTConfig:
     """Settings of a DARTS-PT selection on the search run in ``run``."""
 
     run: str
+    space: str | None = None  # the search's space, if given: checked
     out: str | None = None  # genotype JSON (default: RUN/genotype-pt.json)
     tune_steps: int | None = None  # weight steps after each decision (default: one epoch)
     eval_batches: int | None = None  # validation batches per measurement (default: all)
@@ -325,6 +326,10 @@ def run_pt(cfg: PTConfig) -> tuple[Genotype | None, list[dict]]:
     known = {f.name for f in dataclasses.fields(SearchConfig)}
     settings = {k: v for k, v in saved["config"].items() if k in known}
     space = settings["space"]
+    if cfg.space is not None and cfg.space != space:
+        raise ConfigError(
+            f"{run / 'checkpoint.pt'}: a search of the {space} space, but --space is {cfg.space}"
+        )
     for key in ("data", "device", "threads"):
         if getattr(cfg, key) is not None:
             settings[key] = getattr(cfg, key)

@@ -92,7 +92,7 @@ class Trainer(EpochRun):
         self._start_folder()
         if not self.cfg.resume:
             genotypes.save_genotype(self.genotype, self.out / "genotype.json")
-        self._run_epochs(lambda: self.task.step(self.epoch), self._end_epoch)
+        self._run_epochs(self.task.step, self._end_epoch)
         self._final_checkpoint()
         return self._test()
 

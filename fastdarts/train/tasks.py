@@ -105,7 +105,9 @@ class RNNTrainTask:
     def epoch_done(self) -> bool:
         return self.pos >= len(self.train_data) - 2
 
-    def step(self, epoch: int) -> dict[str, torch.Tensor | float]:
+    def step(self) -> dict[str, torch.Tensor | float]:
+        """One SGD step on a sequence of drawn length (the class docstring's); its metrics
+        stay on the device."""
         cfg = self.cfg
         bptt = cfg.bptt if self.rng.random() < 0.95 else cfg.bptt / 2
         seq_len = max(5, int(self.rng.normal(bptt, 5)))
@@ -283,7 +285,9 @@ class CNNTrainTask:
     def epoch_done(self) -> bool:
         return self.pos >= len(self.order)
 
-    def step(self, epoch: int) -> dict[str, torch.Tensor | float]:
+    def step(self) -> dict[str, torch.Tensor | float]:
+        """One SGD step on an augmented batch (crop, flip, cutout), with the auxiliary head's
+        loss; its metrics stay on the device."""
         cfg = self.cfg
         images, labels = self.images.get(self.order[self.pos : self.pos + cfg.batch_size])
         x = cutout(cifar.augment(images, self.generator), cfg.cutout, self.generator)
