@@ -752,6 +752,27 @@ def test_torch_compile_fullgraph_matches_eager(train):
             assert_close(got, want, F64)
 
 
+def test_torch_compile_does_not_recompile_per_batch_size():
+    """The batch size goes dynamic after the first graph, as the reference's does: a cell's
+    ops (several sources, whose shapes are checked alike) compile twice for 5 batch sizes,
+    not once each (the 9th size then failed under fullgraph=True)."""
+    _, cell, _ = make_cell(4, True, False, F64, seed=15, train=False)
+    graphs = []
+
+    def counting(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    torch._dynamo.reset()
+    compiled = torch.compile(cell._ops, fullgraph=True, backend=counting)
+    w = _probs(_gen(45), 14)
+    for b in range(2, 7):
+        states = [torch.randn(b, 4, 6, 6, dtype=F64) for _ in range(2)]
+        with torch.no_grad():
+            assert_close(compiled(states, w), cell._ops(states, w), F64)
+    assert len(graphs) == 2
+
+
 def test_custom_op_registration_passes_opcheck():
     routes, src, alpha, shift, acc = make_mix(_gen(18))
     rs, ro, optr, perm, sptr, n = routes.tables()

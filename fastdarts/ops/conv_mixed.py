@@ -429,8 +429,11 @@ def check_mix_inputs(
         if not isinstance(t, Tensor):
             raise TypeError(f"conv_mix: {name} must be a Tensor, got {type(t).__name__}")
     shapes = [tuple(t.shape) for t in srcs]
+    # Compared, not put in a set: hashing a symbolic size under torch.compile makes it a
+    # constant, and each new batch size a recompilation.
     if len(srcs) > 1 and (
-        any(t.dim() != 4 for t in srcs) or len({(x[0], *x[2:]) for x in shapes}) != 1
+        any(t.dim() != 4 for t in srcs)
+        or any((x[0], *x[2:]) != (shapes[0][0], *shapes[0][2:]) for x in shapes[1:])
     ):
         raise ValueError(f"conv_mix: the sources must be (B, S_t, H, W) alike, got {shapes}")
     src = srcs[0]
