@@ -107,6 +107,7 @@ def worker(args: argparse.Namespace) -> None:
         if launches is not None:
             launches.count_bytes = False  # timing: the stub alone
         (config,) = parse_backends(args.backend)
+        # search_config's first four arguments: every revision's search_step.py has them.
         cfg = search_config(args.space, args.order, args.config, config.overrides())
         task = build_task(cfg, device, DTYPES[args.dtype], args.steps)
         step, sync = step_fn(task), harness.synchronizer(device)
@@ -326,7 +327,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         import torch
 
         from benchmarks import harness
-        from benchmarks.search_step import parse_backends
+        from benchmarks.search_step import parse_backends, row_config
 
         try:
             configs = parse_backends(args.backend)
@@ -334,6 +335,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
             p.error(f"--backend: {e}")
         if len(configs) != 1:
             p.error("--backend takes one configuration")
+        try:
+            row_config(args, configs[0])  # what the search would refuse, before any worktree
+        except ValueError as e:
+            p.error(str(e))
         if args.device == "cuda" and not torch.cuda.is_available():
             p.error("--device cuda: no CUDA device is available here")
         harness.check_json_path(p, args.json)

@@ -54,7 +54,7 @@ from benchmarks.search_step import (
     add_step_arguments,
     build_task,
     parse_backends,
-    search_config,
+    row_config,
     step_fn,
 )
 from fastdarts.errors import ConfigError
@@ -267,7 +267,7 @@ def measure(
 
     with cuda_dispatch(args.depthwise) as launches:
         for config in configs:
-            cfg = search_config(args.space, args.order, args.config, config.overrides())
+            cfg = row_config(args, config)
             # Data for every step run (the lazy first, the count, the timed ones): a task
             # past its data starts a new epoch, whose steps differ (ptb's last is short).
             length = 2 + args.warmup + args.steps
@@ -293,7 +293,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = p.parse_args(argv)
     try:
         for config in parse_backends(args.backends):
-            cfg = search_config(args.space, args.order, args.config, config.overrides())
+            cfg = row_config(args, config)
             # What build_task will ask for: the task is built on the CPU.
             resolve(cfg.backend, cfg.space, "cpu")
     except (ValueError, ConfigError) as e:

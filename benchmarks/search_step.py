@@ -39,6 +39,7 @@ from fastdarts.errors import ConfigError
 from fastdarts.ops.backends import resolve
 from fastdarts.search.__main__ import CHOICES
 from fastdarts.search.config import SearchConfig
+from fastdarts.search.loop import Searcher
 from fastdarts.search.tasks import CNNTask, RNNTask, SearchTask
 
 SCRIPT = "benchmarks/search_step.py"
@@ -195,6 +196,8 @@ def parse_backends(spec: str) -> list[BenchConfig]:
                 f"--backends: unknown configuration {tok!r} (use {', '.join(BUILTIN)} "
                 "or label=--flag,value)"
             )
+    if not configs:
+        raise ValueError("--backends: no configuration given")
     for c in configs:
         c.overrides()  # reject bad flags before anything runs
     names = [c.name for c in configs]
@@ -203,10 +206,24 @@ def parse_backends(spec: str) -> list[BenchConfig]:
     return configs
 
 
-def search_config(space: str, order: int, preset: str, overrides: dict) -> SearchConfig:
-    """The SearchConfig of one row: preset sizes, then the row's own flags."""
-    cfg = SearchConfig(space=space, order=order, **PRESETS[space][preset])
-    return dataclasses.replace(cfg, **overrides).resolved()
+def search_config(
+    space: str, order: int, preset: str, overrides: dict, dtype: str = "float32"
+) -> SearchConfig:
+    """The SearchConfig of one row: preset sizes, then the row's own flags; ConfigError
+    where the search would refuse them (a row must not time a flag that does nothing)."""
+    cfg = SearchConfig(space=space, order=order, dtype=dtype, **PRESETS[space][preset])
+    cfg = dataclasses.replace(cfg, **overrides).resolved()
+    Searcher.validate(cfg)
+    return cfg
+
+
+def row_config(args: argparse.Namespace, config: BenchConfig) -> SearchConfig:
+    """:func:`search_config` of a row of ``--backends`` (``args``: --space, --order, --config,
+    --dtype); ValueError naming the row where the search would refuse it."""
+    try:
+        return search_config(args.space, args.order, args.config, config.overrides(), args.dtype)
+    except ConfigError as e:
+        raise ValueError(f"--backends {config.name}: {e}") from None
 
 
 def unavailable(cfg: SearchConfig, device: torch.device) -> str | None:
@@ -322,13 +339,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         p.error("--time-split profiles the CPU only: not with --device cuda")
     try:
         configs = parse_backends(args.backends)
+        cfgs = {c.name: row_config(args, c) for c in configs}
     except ValueError as e:
         p.error(str(e))  # a usage error, not a traceback
-    graphed = [
-        c.name
-        for c in configs
-        if search_config(args.space, args.order, args.config, c.overrides()).cuda_graphs
-    ]
+    graphed = [c.name for c in configs if cfgs[c.name].cuda_graphs]
     # The memory child runs its own steps (captured and replayed, see _memory_child).
     if graphed and args.device == "cuda" and not args.memory_child and args.warmup < GRAPHS_WARMUP:
         p.error(
@@ -341,7 +355,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def _memory_child(args: argparse.Namespace, device: torch.device) -> None:
     (config,) = parse_backends(args.backends)
-    cfg = search_config(args.space, args.order, args.config, config.overrides())
+    cfg = row_config(args, config)
     # The peak of the steps (with the model, data and optimiser state they hold). Two steps:
     # the first allocates optimiser state, the second runs at steady state; under CUDA
     # graphs four, so that the graph is captured (third) and replayed (fourth) from its pool.
@@ -388,7 +402,7 @@ def main(argv: list[str] | None = None) -> dict:
     dtype = DTYPES[args.dtype]
     configs, skipped, cfgs = [], [], {}
     for config in parse_backends(args.backends):
-        cfg = search_config(args.space, args.order, args.config, config.overrides())
+        cfg = row_config(args, config)
         reason = unavailable(cfg, device)
         if reason:
             skipped.append({"backend": config.name, "flags": list(config.flags), "reason": reason})

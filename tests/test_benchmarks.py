@@ -220,6 +220,26 @@ def test_parse_backends_rejects(spec, message):
         search_step.parse_backends(spec)
 
 
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--order", "1", "--backends", "x=--hvp,exact"], "--backends x: --hvp exact and"),
+        (["--backends", "x=--amp,bf16", "--dtype", "float64"], "with --dtype float64 it does"),
+        (["--space", "cnn", "--backends", "x=--backend,fused,--sync-bn"], "--sync-bn runs with"),
+        (["--backends", "x=--lr,-1"], "--backends x: --lr must be non-negative"),
+        (["--backends", ","], "--backends: no configuration given"),
+    ],
+)
+def test_rows_the_search_would_refuse_are_usage_errors(argv, message, capsys):
+    """A row is not timed doing what the search refuses (a flag that would change nothing,
+    a value out of range): one usage line, before anything runs."""
+    space = [] if "--space" in argv else ["--space", "rnn"]
+    for parse in (search_step.parse_args, cuda_path_ops.parse_args):
+        with pytest.raises(SystemExit) as stop:
+            parse([*space, "--config", "tiny", *argv])
+        assert stop.value.code == 2 and message in capsys.readouterr().err
+
+
 def test_ablation_row_config():
     (config,) = search_step.parse_backends("first=--order,1")
     cfg = search_step.search_config("rnn", 2, "small", config.overrides())
