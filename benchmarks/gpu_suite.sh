@@ -136,7 +136,7 @@ alpha() { # alpha SPACE CONFIG: the α-gradient error of each precision mode
         --config "$2" --device "$DEVICE" --json "$OUT/gpu-alpha-grad-error-$1.json"
 }
 bench gpu-rnn-paper-o2 100 --space rnn --order 2 --steps 3 --warmup 3 --no-memory
-# The CNN also batched: fewer launches (5,586 → 5,010 a small step) but more host time and
+# The CNN also batched: fewer launches (5,586 → 4,906 a small step) but more host time and
 # activation copies, so --fast leaves its w± passes separate until the GPU's time says so.
 bench gpu-cnn-paper-o2 90 --space cnn --order 2 --steps 3 --warmup 3 --no-memory \
     --backends "$BACKENDS,batched=--fast,--batched-fd"
