@@ -1402,6 +1402,12 @@ def test_bad_construction_and_stride_two_shapes():
         MixedOp(0, 1)
     with pytest.raises(TypeError, match="MixedOp: C must be an int, got float"):
         MixedOp(4.0, 1)
+    for stride, kind in ((2.0, "float"), (True, "bool")):
+        with pytest.raises(TypeError, match=f"MixedOp: stride must be an int, got {kind}"):
+            MixedOp(4, stride)
+    # numpy's integers, as the reference takes them: the module holds Python ints.
+    op = MixedOp(np.int64(6), np.int64(2))
+    assert (type(op.C), type(op.stride), op.C, op.stride) == (int, int, 6, 2)
     with pytest.raises(ValueError, match="FusedCellOps: C must be positive, got -2"):
         FusedCellOps(-2, 4, 4, False)
     with pytest.raises(ValueError, match="FusedCellOps: steps must be positive, got 0"):

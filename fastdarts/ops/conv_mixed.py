@@ -41,6 +41,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
+import operator
 from collections.abc import Sequence
 
 import torch
@@ -1560,11 +1561,21 @@ def _autocast(device_type: str) -> bool:
     return torch.is_autocast_enabled(device_type)
 
 
-def _check_channels(who: str, C: int) -> None:
-    if not isinstance(C, int) or isinstance(C, bool):
-        raise TypeError(f"{who}: C must be an int, got {type(C).__name__}")
+def _as_int(who: str, name: str, value: object) -> int:
+    """``value`` as a Python int (numpy's integers too, as the reference's modules take
+    them); TypeError for anything else, a bool or a float included."""
+    if not isinstance(value, bool):
+        with contextlib.suppress(TypeError):
+            return operator.index(value)
+    raise TypeError(f"{who}: {name} must be an int, got {type(value).__name__}")
+
+
+def _check_channels(who: str, C: object) -> int:
+    """``C`` as an int; TypeError or ValueError unless a positive integer."""
+    C = _as_int(who, "C", C)
     if C < 1:
         raise ValueError(f"{who}: C must be positive, got {C}")
+    return C
 
 
 def _check_tensor(who: str, name: str, t: object, C: int, stride: int) -> None:
@@ -1618,7 +1629,7 @@ class MixedOp(FusedEdges):
     """
 
     def __init__(self, C: int, stride: int):
-        _check_channels("MixedOp", C)
+        C, stride = _check_channels("MixedOp", C), _as_int("MixedOp", "stride", stride)
         if stride not in (1, 2):
             raise ValueError(f"MixedOp: stride must be 1 or 2, got {stride}")
         if stride == 2 and C % 2:
@@ -1724,7 +1735,7 @@ class FusedCellOps(FusedEdges):
     """
 
     def __init__(self, C: int, steps: int, multiplier: int, reduction: bool):
-        _check_channels("FusedCellOps", C)
+        C = _check_channels("FusedCellOps", C)
         if steps < 1:
             raise ValueError(f"FusedCellOps: steps must be positive, got {steps}")
         if reduction and C % 2:
