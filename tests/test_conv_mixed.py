@@ -1416,6 +1416,22 @@ def test_bad_construction_and_stride_two_shapes():
         FusedCellOps(5, 4, 4, True)
     with pytest.raises(ValueError, match="stride 2 needs an even H and W"):
         MixedOp(4, 2).double()(torch.randn(2, 4, 5, 6, dtype=F64), _probs(_gen(20)))
+    # One value per channel for a BatchNorm in training: said in the caller's shape, as the
+    # reference's nn.BatchNorm2d says it (a ValueError), with the module left as it was.
+    for stride, shape in ((1, (1, 4, 1, 1)), (2, (1, 4, 2, 2))):
+        op = MixedOp(4, stride).double()
+        before = copy.deepcopy(op.state_dict())
+        x = torch.randn(shape, dtype=F64)
+        with pytest.raises(ValueError, match="more than 1 value per channel"):
+            ReferenceMixedOp(4, stride).double()(x, _probs(_gen(20)))
+        with pytest.raises(ValueError, match=re.escape(f"x {shape} at stride {stride} gives 1")):
+            op(x, _probs(_gen(20)))
+        for name, value in op.state_dict().items():
+            assert torch.equal(value, before[name]), name
+        op.eval()(x, _probs(_gen(20)))  # running statistics: any batch
+    cell = FusedCellOps(4, 4, 4, True).double()
+    with pytest.raises(ValueError, match=re.escape("states[0] (1, 4, 2, 2) at stride 2")):
+        cell([torch.randn(1, 4, 2, 2, dtype=F64)] * 2, _probs(_gen(21), 14))
 
 
 def _cell_inputs(reduction=False):

@@ -1578,8 +1578,11 @@ def _check_channels(who: str, C: object) -> int:
     return C
 
 
-def _check_tensor(who: str, name: str, t: object, C: int, stride: int) -> None:
-    """t is an input state (B, C, H, W): non-empty, H and W even at stride 2."""
+def _check_tensor(
+    who: str, name: str, t: object, C: int, stride: int, training: bool = False
+) -> None:
+    """t is an input state (B, C, H, W): non-empty, H and W even at stride 2, and in
+    training more than one value per channel for the BatchNorms after the stride."""
     if not isinstance(t, Tensor):
         raise TypeError(f"{who}: {name} must be a Tensor, got {type(t).__name__}")
     shape = t.shape
@@ -1590,6 +1593,12 @@ def _check_tensor(who: str, name: str, t: object, C: int, stride: int) -> None:
     if stride == 2 and (shape[2] % 2 or shape[3] % 2):
         # FactorizedReduce's two convolutions (of x and of x[:, :, 1:, 1:]) differ in size.
         raise ValueError(f"{who}: stride 2 needs an even H and W, got {name} {tuple(shape)}")
+    if training and shape[0] * (shape[2] // stride) * (shape[3] // stride) == 1:
+        # As nn.BatchNorm2d, named in the caller's shape rather than the kernel's channels.
+        raise ValueError(
+            f"{who}: training's BatchNorm needs more than 1 value per channel; {name} "
+            f"{tuple(shape)} at stride {stride} gives 1"
+        )
 
 
 def _check_like_module(who: str, name: str, t: Tensor, param: Tensor) -> None:
@@ -1641,7 +1650,7 @@ class MixedOp(FusedEdges):
 
     def forward(self, x: Tensor, weights: Tensor) -> Tensor:
         param = self._parameters["pw1_g0"]
-        _check_tensor("MixedOp", "x", x, self.C, self.stride)
+        _check_tensor("MixedOp", "x", x, self.C, self.stride, self.training)
         _check_like_module("MixedOp", "x", x, param)
         _check_weights("MixedOp", weights, (K,), param)
         return self.run_group(0, [x], self.route_alphas(weights)[0])
@@ -1759,7 +1768,8 @@ class FusedCellOps(FusedEdges):
                 f"FusedCellOps: states must be the cell's 2 preprocessed inputs, got {len(states)}"
             )
         for i, s in enumerate(states):
-            _check_tensor("FusedCellOps", f"states[{i}]", s, C, self._groups[0].stride)
+            stride = self._groups[0].stride
+            _check_tensor("FusedCellOps", f"states[{i}]", s, C, stride, self.training)
             _check_like_module("FusedCellOps", f"states[{i}]", s, param)
         if states[1].shape != states[0].shape:
             raise ValueError(
