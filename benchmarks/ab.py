@@ -324,7 +324,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
             p.error("--cuda-path runs the CUDA code path on the CPU: not with --device cuda")
         # This checkout's benchmarks, to check --backend (a worker imports its own tree's).
         sys.path.insert(0, str(REPO))
-        import torch
 
         from benchmarks import harness
         from benchmarks.search_step import parse_backends, row_config
@@ -339,8 +338,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
             row_config(args, configs[0])  # what the search would refuse, before any worktree
         except ValueError as e:
             p.error(str(e))
-        if args.device == "cuda" and not torch.cuda.is_available():
-            p.error("--device cuda: no CUDA device is available here")
+        harness.check_device(p, args.device)
         harness.check_json_path(p, args.json)
     return args
 

@@ -216,6 +216,7 @@ def main(argv: list[str] | None = None) -> dict:
     harness.add_threads_argument(p)
     p.add_argument("--json", default=None, help="write the results here")
     args = p.parse_args(argv)
+    harness.check_device(p, args.device)
     harness.check_json_path(p, args.json)
     device = harness.setup(args.device, args.threads)
     rows = alpha_grad_errors(args.space, args.config, device, args.radii)

@@ -128,6 +128,13 @@ def positive_float(text: str) -> float:
     return _at_least(text, float, math.ulp(0.0), "a positive number")
 
 
+def check_device(parser: argparse.ArgumentParser, device: str) -> None:
+    """Exits through ``parser.error`` (a usage error, exit 2) for ``--device cuda`` where
+    no CUDA device is."""
+    if device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA device is available here")
+
+
 def check_json_path(parser: argparse.ArgumentParser, path: str | None) -> None:
     """Exits through ``parser.error`` when ``--json PATH`` could not be written: checked
     before the work, so a long run does not end in a traceback and a lost result. Creates

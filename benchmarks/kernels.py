@@ -643,9 +643,8 @@ def _names(known: Sequence[str]) -> Callable[[str], list[str]]:
         names = [n for n in text.split(",") if n]
         unknown = [n for n in names if n not in known]
         if unknown or not names:
-            raise argparse.ArgumentTypeError(
-                f"unknown {', '.join(unknown) or 'nothing given'}; have {', '.join(known)}"
-            )
+            what = f"unknown {', '.join(unknown)}" if unknown else "no name given"
+            raise argparse.ArgumentTypeError(f"{what}; have {', '.join(known)}")
         return names
 
     return parse
@@ -665,7 +664,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--kernels",
         type=_names([k.name for k in KERNELS]),
         default=[k.name for k in KERNELS],
-        help="kernel names, comma-separated (default: all)",
+        help=f"kernel names, comma-separated: {', '.join(k.name for k in KERNELS)} (default: all)",
     )
     # The defaults depend on --device: None stands for the device's.
     p.add_argument(
@@ -687,6 +686,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     harness.add_threads_argument(p)
     p.add_argument("--json", default=None, help="write the results here (after every row)")
     args = p.parse_args(argv)
+    harness.check_device(p, args.device)
     harness.check_json_path(p, args.json)
     return args
 

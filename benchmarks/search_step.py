@@ -349,6 +349,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
             f"--warmup {args.warmup}: {', '.join(graphed)} would be timed before its CUDA "
             f"graph is captured; give --warmup {GRAPHS_WARMUP} or more"
         )
+    harness.check_device(p, args.device)
     harness.check_json_path(p, args.json)
     return args
 

@@ -534,7 +534,7 @@ def test_kernels_write_each_row_as_it_ends(tmp_path, restore_threads, monkeypatc
     "args, message",
     [
         (["--configs", "bogus"], "unknown bogus; have paper, large, tiny"),
-        (["--configs", ","], "unknown nothing given"),
+        (["--configs", ","], "--configs: no name given"),
         (["--kernels", "nope"], "unknown nope; have rnn_node_mixture"),
         (["--repeats", "-1"], "--repeats: expected a positive integer, got '-1'"),
         (["--repeats", "0"], "--repeats: expected a positive integer, got '0'"),
@@ -944,6 +944,16 @@ def test_ab_checks_its_arguments_before_the_worktree(capsys, monkeypatch):
         ab.main(["--base", "HEAD", "--space", "rnn", "--device", "cuda"])
     assert stop.value.code == 2 and not made
     assert "--device cuda: no CUDA device is available here" in capsys.readouterr().err
+    # The other tools say it alike: a usage error, before any work.
+    for start, argv in (
+        (search_step.parse_args, ["--space", "rnn"]),
+        (kernels.parse_args, []),
+        (alpha_grad_error.main, ["--space", "rnn"]),
+    ):
+        with pytest.raises(SystemExit) as stop:
+            start([*argv, "--device", "cuda"])
+        assert stop.value.code == 2, start
+        assert "--device cuda: no CUDA device is available here" in capsys.readouterr().err
 
 
 def test_ab_reports_a_bad_revision_in_one_line():
