@@ -476,24 +476,26 @@ def print_peak_memory(device: torch.device) -> None:
     print(f"{MEMORY_TAG} {peak_memory_mb(device):.3f}", flush=True)
 
 
-def peak_memory_in_subprocess(cmd: Sequence[str], timeout: float | None = None) -> float | None:
-    """Runs ``cmd`` (a child that ends with ``print_peak_memory``) and returns its peak (MiB).
-
-    None, with the reason on stderr, if the child fails: a long benchmark keeps its timings.
-    """
+def peak_memory_in_subprocess(
+    cmd: Sequence[str], timeout: float | None = None
+) -> tuple[float | None, str | None]:
+    """Runs ``cmd`` (a child that ends with ``print_peak_memory``): (its peak in MiB, None),
+    or (None, why) if the child fails, the reason also on stderr: a long benchmark keeps
+    its timings, and its result says why a peak is missing."""
     try:
         done = subprocess.run(
             list(cmd), capture_output=True, text=True, timeout=timeout, cwd=REPO, check=False
         )
     except subprocess.TimeoutExpired:
-        print(f"memory child timed out after {timeout} s: {shlex.join(cmd)}", file=sys.stderr)
-        return None
-    for line in reversed(done.stdout.splitlines()):
-        if line.startswith(MEMORY_TAG):
-            return float(line.split()[1])
-    tail = "\n".join(done.stderr.splitlines()[-5:])
-    print(f"memory child failed (exit {done.returncode}): {tail}", file=sys.stderr)
-    return None
+        why = f"memory child timed out after {timeout} s"
+    else:
+        for line in reversed(done.stdout.splitlines()):
+            if line.startswith(MEMORY_TAG):
+                return float(line.split()[1]), None
+        tail = " | ".join(done.stderr.splitlines()[-5:])
+        why = f"memory child failed (exit {done.returncode}): {tail}"
+    print(f"{why}: {shlex.join(cmd)}", file=sys.stderr)
+    return None, why
 
 
 # -- GPU-hours projection -----------------------------------------------------------------

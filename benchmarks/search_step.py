@@ -461,9 +461,11 @@ def main(argv: list[str] | None = None) -> dict:
         save()
     if not args.no_memory:
         for c, r in zip(configs, rows):
-            r["peak_mem_mb"] = harness.peak_memory_in_subprocess(
+            r["peak_mem_mb"], why = harness.peak_memory_in_subprocess(
                 _memory_cmd(args, c), args.memory_timeout
             )
+            if why is not None:
+                r["peak_mem_error"] = why
             save()
 
     print(harness.markdown_table(rows, COLUMNS))

@@ -366,14 +366,26 @@ def test_search_step_writes_its_timings_before_the_memory_children(
 
     def child(cmd, timeout=None):
         seen.append(json.loads(out.read_text())["rows"])
-        return 123.0
+        return (123.0, None) if len(seen) == 1 else (None, "memory child timed out after 9 s")
 
     monkeypatch.setattr(harness, "peak_memory_in_subprocess", child)
     argv = ["--space", "rnn", "--order", "1", "--config", "tiny", "--steps", "1", "--warmup", "0"]
     search_step.main([*argv, "--threads", "1", "--json", str(out)])
     ((row,),) = seen
     assert row["median_s"] > 0 and row["ops_per_step"] > 0 and row["peak_mem_mb"] is None
-    assert _rows(out)[0]["peak_mem_mb"] == 123.0
+    assert _rows(out)[0]["peak_mem_mb"] == 123.0 and "peak_mem_error" not in _rows(out)[0]
+    # A child that fails leaves its reason in the row, not only on stderr.
+    search_step.main([*argv, "--threads", "1", "--json", str(out)])
+    assert _rows(out)[0]["peak_mem_error"] == "memory child timed out after 9 s"
+    monkeypatch.undo()
+    cmd = [sys.executable, "-c", "import time; time.sleep(30)"]
+    assert harness.peak_memory_in_subprocess(cmd, 0.5) == (
+        None,
+        "memory child timed out after 0.5 s",
+    )
+    cmd = [sys.executable, "-c", "raise SystemExit('no luck')"]
+    peak, why = harness.peak_memory_in_subprocess(cmd)
+    assert peak is None and why == "memory child failed (exit 1): no luck"
 
 
 def test_search_step_reports_the_device_profile(tmp_path, restore_threads, monkeypatch, capsys):
