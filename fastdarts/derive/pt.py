@@ -299,8 +299,7 @@ class TaskSupernet:
     def _rnn_step(self) -> float:
         # The search's weight step (sequence length, lr rescaling, carried state), no α step.
         task, cfg = self.task, self.task.cfg
-        bptt = cfg.bptt if task.rng.random() < 0.95 else cfg.bptt / 2
-        seq_len = max(1, int(bptt))
+        seq_len = task.draw_seq_len()
         data, targets = ptb.get_batch(task.train_data, task.pos, seq_len)
         lr = cfg.lr * self.TUNE_LR * seq_len / cfg.bptt
         out = task.weight_step(Batch(data, targets, task.hidden), lr)

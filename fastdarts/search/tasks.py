@@ -227,11 +227,16 @@ class RNNTask(SearchTask):
     def epoch_done(self) -> bool:
         return self.pos >= len(self.train_data) - 2
 
+    def draw_seq_len(self) -> int:
+        """The next training step's sequence length: bptt, or bptt/2 with probability 0.05
+        (the paper's search script; its learning rate scales by seq_len / bptt)."""
+        bptt = self.cfg.bptt if self.rng.random() < 0.95 else self.cfg.bptt / 2
+        return max(1, int(bptt))
+
     def step(self) -> dict[str, torch.Tensor | float]:
         """One α step and one weight step; the losses stay on the device (0-d tensors)."""
         cfg = self.cfg
-        bptt = cfg.bptt if self.rng.random() < 0.95 else cfg.bptt / 2
-        seq_len = max(1, int(bptt))
+        seq_len = self.draw_seq_len()
         lr = cfg.lr * seq_len / cfg.bptt
         data, targets = ptb.get_batch(self.train_data, self.pos, seq_len)
         vdata, vtargets = ptb.get_batch(
