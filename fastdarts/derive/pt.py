@@ -43,7 +43,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from fastdarts.data import cifar, ptb
+from fastdarts.data import ptb
 from fastdarts.errors import ConfigError, DivergedError
 from fastdarts.genotypes import CNN_STEPS, PRIMITIVES, RNN_STEPS, Genotype, save_genotype
 from fastdarts.ops.backends import resolve as resolve_backend
@@ -258,23 +258,10 @@ class TaskSupernet:
         """rnn: validation loss, BatchNorm on running statistics (as the search reports);
         cnn: loss and accuracy on the α half, BatchNorm on batch statistics and not
         updated (DARTS-PT's choice: running statistics do not fit a perturbed supernet)."""
-        task = self.task
         if self.space == "rnn":
-            return {"loss": task.evaluate(self.eval_batches)["valid_loss"]}
-        model, bs = task.model, task.cfg.batch_size
-        total, correct, count = 0.0, 0, 0
-        model.train()
-        with model.frozen_bn_stats():
-            for n, start in enumerate(range(0, len(task.val_idx), bs)):
-                if self.eval_batches is not None and n >= self.eval_batches:
-                    break
-                images, labels = task.images.get(task.val_idx[start : start + bs])
-                x = cifar.normalize(images, dtype=task.dtype).to(task.device)
-                out = model(Batch(x, labels.to(task.device)))
-                total += out.loss.item() * len(labels)
-                correct += (out.logits.argmax(-1).cpu() == labels).sum().item()
-                count += len(labels)
-        return {"loss": total / max(count, 1), "acc": correct / max(count, 1)}
+            return {"loss": self.task.evaluate(self.eval_batches)["valid_loss"]}
+        measured = self.task.evaluate(self.eval_batches, batch_stats=True)
+        return {"loss": measured["valid_loss"], "acc": measured["valid_acc"]}
 
     def restart_optimizer(self) -> None:
         """Forget the search's momentum (DARTS-PT's reset optimiser): once, before the

@@ -19,6 +19,7 @@ numbers are one process's. Reported losses are the global batch's.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 
@@ -381,22 +382,27 @@ class CNNTask(SearchTask):
         self.scheduler.step()
 
     @torch.no_grad()
-    def evaluate(self, max_batches: int | None = None) -> dict[str, float]:
-        """Accuracy on the α half of the training set, no augmentation, BN running stats."""
-        self.model.eval()
+    def evaluate(
+        self, max_batches: int | None = None, batch_stats: bool = False
+    ) -> dict[str, float]:
+        """Loss and accuracy on the α half of the training set, no augmentation; BatchNorm on
+        its running statistics, or with ``batch_stats`` on each batch's own, the running
+        ones left as they are (DARTS-PT's measurement of a perturbed supernet)."""
+        self.model.train(batch_stats)
         total = torch.zeros((), dtype=torch.float64, device=self.device)
         correct, count = torch.zeros((), dtype=torch.long, device=self.device), 0
         bs = self.cfg.batch_size
-        for n, start in enumerate(range(0, len(self.val_idx), bs)):
-            if max_batches is not None and n >= max_batches:
-                break
-            images, labels = self.images.get(self.val_idx[start : start + bs])
-            x = cifar.normalize(images, dtype=self.dtype).to(self.device)
-            labels = labels.to(self.device)
-            out = self.model(Batch(x, labels))
-            total += out.loss.double() * len(labels)
-            correct += (out.logits.argmax(-1) == labels).sum()
-            count += len(labels)
+        with self.model.frozen_bn_stats() if batch_stats else contextlib.nullcontext():
+            for n, start in enumerate(range(0, len(self.val_idx), bs)):
+                if max_batches is not None and n >= max_batches:
+                    break
+                images, labels = self.images.get(self.val_idx[start : start + bs])
+                x = cifar.normalize(images, dtype=self.dtype).to(self.device)
+                labels = labels.to(self.device)
+                out = self.model(Batch(x, labels))
+                total += out.loss.double() * len(labels)
+                correct += (out.logits.argmax(-1) == labels).sum()
+                count += len(labels)
         self.model.train()
         total_loss, n_correct = torch.stack([total, correct.double()]).tolist()
         return {"valid_loss": total_loss / max(count, 1), "valid_acc": n_correct / max(count, 1)}
