@@ -1408,6 +1408,8 @@ def test_bad_construction_and_stride_two_shapes():
     # numpy's integers, as the reference takes them: the module holds Python ints.
     op = MixedOp(np.int64(6), np.int64(2))
     assert (type(op.C), type(op.stride), op.C, op.stride) == (int, int, 6, 2)
+    assert "C=6, stride=2" in repr(op)
+    assert "C=4, steps=4, multiplier=4, reduction=True" in repr(FusedCellOps(4, 4, 4, True))
     with pytest.raises(ValueError, match="FusedCellOps: C must be positive, got -2"):
         FusedCellOps(-2, 4, 4, False)
     with pytest.raises(ValueError, match="FusedCellOps: steps must be positive, got 0"):

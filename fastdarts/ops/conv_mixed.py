@@ -1648,6 +1648,9 @@ class MixedOp(FusedEdges):
         super().__init__(C, [_Group(C, stride, 1, 1, [("", 0, 0, 0)])])
         self.stride = stride
 
+    def extra_repr(self) -> str:
+        return f"C={self.C}, stride={self.stride}"
+
     def forward(self, x: Tensor, weights: Tensor) -> Tensor:
         param = self._parameters["pw1_g0"]
         _check_tensor("MixedOp", "x", x, self.C, self.stride, self.training)
@@ -1759,7 +1762,14 @@ class FusedCellOps(FusedEdges):
             groups.append(_Group(C, 1, 1, steps - g, edges))
         super().__init__(C, groups)
         self.steps, self.multiplier = steps, multiplier
+        self.reduction = reduction
         self.n_edges = sum(grp.E for grp in groups)
+
+    def extra_repr(self) -> str:
+        return (
+            f"C={self.C}, steps={self.steps}, multiplier={self.multiplier}, "
+            f"reduction={self.reduction}"
+        )
 
     def forward(self, states: list[Tensor], weights: Tensor) -> Tensor:
         states, C, param = list(states), self.C, self._parameters["pw1_g0"]
