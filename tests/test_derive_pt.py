@@ -333,6 +333,26 @@ def test_pt_says_what_is_wrong_with_its_inputs_in_one_line(rnn_run, tmp_path, ca
     assert "no α in this search checkpoint (damaged?)" in capsys.readouterr().err
 
 
+def test_load_task_state_names_a_foreign_backends_state_only(tmp_path, capsys):
+    """A state that does not fit is a ConfigError only when another backend saved it (the
+    one that cannot run here); the same backend's failure is raised as it is. An unchanged
+    backend resumes without a note."""
+    from fastdarts.ops.backends import BACKENDS
+    from fastdarts.runs import load_task_state, resume_backend
+
+    class Stub:
+        def load_state_dict(self, state):
+            raise KeyError("weight_optimizer")
+
+    reference = BACKENDS["reference"]
+    with pytest.raises(KeyError):
+        load_task_state(Stub(), {}, "reference", reference, tmp_path / "c.pt")
+    with pytest.raises(ConfigError, match="saved by backend 'fused', which does not run here"):
+        load_task_state(Stub(), {}, "fused", reference, tmp_path / "c.pt")
+    assert resume_backend("reference", "reference", lambda n: BACKENDS[n]) is reference
+    assert capsys.readouterr().err == ""
+
+
 def test_read_checkpoint_returns_its_kind(tmp_path):
     with pytest.raises(ConfigError, match=f"{tmp_path / 'best.pt'}: no such file"):
         read_checkpoint(tmp_path / "best.pt", "search")
@@ -356,6 +376,8 @@ def test_read_checkpoint_returns_its_kind(tmp_path):
         (["--run", "x", "--tune-steps", "3"], "--tune-steps goes with --method pt"),
         (["DARTS_V2", "--space", "cnn", "--resume"], "--resume goes with --method pt"),
         (["--run", "x", "--method", "argmax", "--order", "sequential"], "--order goes with"),
+        (["DARTS_V2", "--space", "cnn", "--max-decisions", "3"], "--max-decisions goes with"),
+        (["--run", "x", "--method", "pt", "--seed", str(2**32)], "--seed must lie in [0, 2^32)"),
     ],
 )
 def test_derive_bad_input(capsys, args, fragment):
