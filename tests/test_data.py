@@ -251,6 +251,21 @@ def test_a_run_batch_size_past_the_split_is_a_config_error() -> None:
         ptb.batchify_split(torch.arange(14), 5, "--batch-size", "train", 3)
 
 
+def test_check_bptt_bound() -> None:
+    """A training split of 10 rows: epochs step over its first 8, so bptt 8 is the longest
+    accepted and 9 the shortest refused, in one line naming the batch size's option."""
+    train = batchify(torch.arange(50), 5)
+    assert train.shape == (10, 5)
+    ptb.check_bptt(8, train, "--batch-size")
+    for bptt in (9, 10):
+        with pytest.raises(ConfigError) as info:
+            ptb.check_bptt(bptt, train, "--batch-size")
+        assert str(info.value) == (
+            f"--bptt {bptt}: longer than the training split's columns "
+            "(8 tokens to step over at this --batch-size)"
+        )
+
+
 def test_get_batch_shapes_and_tail() -> None:
     source = batchify(torch.arange(20), 2)  # (10, 2)
     data, target = get_batch(source, 0, 4)
@@ -319,6 +334,23 @@ def test_cifar_tree(tmp_path: Path, no_download: None) -> None:
     assert labels.tolist() == [9, 0] and images.shape == (2, 3, 32, 32)
     with pytest.raises(IndexError):
         train.get([20])
+
+
+def test_cifar_get_refuses_indices_outside_the_split(tmp_path: Path) -> None:
+    """Only 0..len-1: a negative index is refused like one past the end (not Python's wrap
+    to the last image), before anything is decoded, in the lazy tree and the binary batches
+    alike."""
+    images = torch.arange(4 * 3 * 32 * 32).reshape(4, 3, 32, 32).to(torch.uint8)
+    split = cifar.CIFAR10Split(images, torch.tensor([3, 1, 4, 1]))
+    got, labels = split.get([3, 0])
+    assert torch.equal(got, images[[3, 0]]) and labels.tolist() == [1, 3]
+    missing = [str(tmp_path / f"{i}.jpg") for i in range(4)]  # decoding any would fail
+    lazy = cifar.CIFAR10Split(torch.empty_like(images), torch.tensor([3, 1, 4, 1]), missing)
+    for bad in ([-1], [0, -4], [4], torch.tensor([[1, -1]])):
+        for data in (split, lazy):
+            with pytest.raises(IndexError, match=r"indices must lie in \[0, 4\)"):
+                data.get(bad)
+    assert not lazy._decoded.any()
 
 
 def test_cifar_tree_search_halves_hold_every_class_equally(tmp_path: Path) -> None:

@@ -17,14 +17,22 @@ from fastdarts.derive.__main__ import main as derive
 from fastdarts.derive.pt import (
     CELLS,
     STATE_FILE,
+    Decision,
     Selector,
     TaskSupernet,
+    harm_key,
     one_hot,
     plan,
     removed_op,
 )
 from fastdarts.errors import ConfigError
-from fastdarts.genotypes import RNN_PRIMITIVES, derive_recurrent, load_genotype, to_dict
+from fastdarts.genotypes import (
+    CNN_PRIMITIVES,
+    RNN_PRIMITIVES,
+    derive_recurrent,
+    load_genotype,
+    to_dict,
+)
 from fastdarts.ops.extension import unavailable_reason
 from fastdarts.runs import TRAIN_KIND, read_checkpoint
 from fastdarts.search.__main__ import main as search
@@ -93,6 +101,115 @@ def test_plan_covers_every_edge_then_every_node():
         nodes = [(d.alpha, d.index) for d in decisions if d.kind == "edge"]
         # Nodes with no more inputs than they keep need no decision.
         assert nodes == [(a, n) for a, s in cells.items() for n in range(1, s.steps)]
+
+
+def test_harm_key_orders_by_loss_or_by_accuracy_then_loss():
+    """Larger = more harmful: the loss; or the lower accuracy, a tie going to the higher loss."""
+    metrics = {"loss": 2.5, "acc": 0.75}
+    assert harm_key(metrics, "loss") == (2.5,)
+    assert harm_key(metrics, "acc") == (-0.75, 2.5)
+
+
+def scripted(alpha: torch.nn.Parameter, scores: list[dict[str, float]]):
+    """An evaluate that answers ``scores`` in turn and records α as each call saw it."""
+    seen = []
+
+    def evaluate() -> dict[str, float]:
+        seen.append(alpha.detach().clone())
+        return scores[len(seen) - 1]
+
+    return evaluate, seen
+
+
+@pytest.mark.parametrize(
+    ("crit", "scores", "chosen"),
+    [
+        # relu and sigmoid tie for the highest loss: the lower index, relu.
+        ("loss", [{"loss": 1.0}, {"loss": 2.0}, {"loss": 2.0}, {"loss": 0.5}], "relu"),
+        # relu and sigmoid tie for the lowest accuracy: the higher loss, sigmoid.
+        (
+            "acc",
+            [
+                {"acc": 0.5, "loss": 9.0},
+                {"acc": 0.25, "loss": 1.0},
+                {"acc": 0.25, "loss": 3.0},
+                {"acc": 0.75, "loss": 0.0},
+            ],
+            "sigmoid",
+        ),
+    ],
+)
+def test_op_decision_breaks_ties(crit, scores, chosen):
+    """Each candidate op's removal is measured in order (that op's weight 0, α restored
+    after); the most harmful removal's op is kept and the edge projected onto it."""
+    torch.manual_seed(0)
+    alpha = torch.nn.Parameter(torch.randn(36, 5, dtype=torch.float64))
+    before = alpha.detach().clone()
+    evaluate, seen = scripted(alpha, scores)
+    selector = Selector({"alphas_recurrent": alpha}, CELLS["rnn"], evaluate, RNN_PRIMITIVES, crit)
+    record = selector.decide(Decision("op", "alphas_recurrent", 3))
+    assert record["candidates"] == ["tanh", "relu", "sigmoid", "identity"]
+    assert record["scores"] == scores and record["chosen"] == [chosen]
+    for k, measured in enumerate(seen, start=1):
+        assert torch.equal(measured[3], removed_op(before[3], k, NONE))
+        assert torch.equal(measured[torch.arange(36) != 3], before[torch.arange(36) != 3])
+    expected = before.clone()
+    expected[3] = one_hot(before[3], RNN_PRIMITIVES.index(chosen))
+    assert torch.equal(alpha.detach(), expected)
+
+
+def test_edge_decision_keeps_the_lower_edges_of_a_tie():
+    """Node 2 of the normal cell (α rows 5..8): removing edge 5 hurts least and 6, 7, 8 tie,
+    so 6 and 7 are kept; 5 and 8 are removed (all weight on none), the rest untouched."""
+    torch.manual_seed(0)
+    cells = CELLS["cnn"]
+    alphas = {name: torch.nn.Parameter(torch.randn(14, 8, dtype=torch.float64)) for name in cells}
+    before = {name: a.detach().clone() for name, a in alphas.items()}
+    evaluate, seen = scripted(alphas["alphas_normal"], [{"loss": x} for x in (1.0, 3.0, 3.0, 3.0)])
+    selector = Selector(alphas, cells, evaluate, CNN_PRIMITIVES, "loss")
+    record = selector.decide(Decision("edge", "alphas_normal", 2))
+    assert record["candidates"] == [5, 6, 7, 8] and record["chosen"] == [6, 7]
+    for e, measured in zip(range(5, 9), seen, strict=True):
+        expected = before["alphas_normal"].clone()
+        expected[e] = one_hot(expected[e], 0)
+        assert torch.equal(measured, expected)
+    expected = before["alphas_normal"].clone()
+    expected[[5, 8]] = one_hot(expected[0], 0)
+    assert torch.equal(alphas["alphas_normal"].detach(), expected)
+    assert torch.equal(alphas["alphas_reduce"].detach(), before["alphas_reduce"])
+
+
+@pytest.mark.parametrize(("space", "batches"), [("rnn", 20), ("cnn", 4)])
+def test_supernet_measures_eval_batches_batches(space, batches):
+    """TaskSupernet's measurement runs the model on ``eval_batches`` validation batches,
+    or on all of them with None."""
+    from test_engine import make_task
+
+    task = make_task(space, 3)
+    calls = []
+    task.model.register_forward_hook(lambda *_: calls.append(1))
+    for eval_batches, want in ((2, 2), (3, 3), (None, batches)):
+        calls.clear()
+        TaskSupernet(task, space, eval_batches).evaluate()
+        assert len(calls) == want, eval_batches
+
+
+def test_tune_zero_steps_leaves_the_task_as_it_was():
+    """tune(0) takes no weight step: weights, data position, carried state and epoch are
+    as they were (one step does move on)."""
+    from test_engine import make_task
+
+    task = make_task("rnn", 3)
+    task.step()
+    weights = {k: v.clone() for k, v in task.model.state_dict().items()}
+    pos, hidden = task.pos, task.hidden.clone()
+    supernet = TaskSupernet(task, "rnn", 1)
+    supernet.tune(0)
+    assert task.pos == pos and torch.equal(task.hidden, hidden) and supernet.epoch == 0
+    for name, value in task.model.state_dict().items():
+        assert torch.equal(value, weights[name]), name
+    supernet.tune(1)
+    assert task.pos > pos
 
 
 @pytest.mark.parametrize("crit", ["loss", "acc"])
@@ -225,6 +342,36 @@ def test_pt_on_rnn_search_is_deterministic_and_resumes_exactly(rnn_run, tmp_path
     assert torch.isinf(alpha).sum() == 36 * 4
     search_ckpt = torch.load(rnn_run / "checkpoint.pt", weights_only=True)
     assert torch.isfinite(search_ckpt["task"]["model"]["alphas_recurrent"]).all()
+
+
+def test_pt_with_zero_tune_steps_only_measures(rnn_run, tmp_path, capsys, monkeypatch):
+    """--tune-steps 0: two decisions run the model only for their measurements, each
+    candidate's on --eval-batches batches (2 decisions × 4 ops × 2), and leave every weight
+    as the search saved it; only the two decided α rows change."""
+    from fastdarts.spaces import RNNSearchModel
+
+    forward = RNNSearchModel.forward
+    calls = []
+
+    def counting(self, batch):
+        calls.append(len(batch.inputs))
+        return forward(self, batch)
+
+    monkeypatch.setattr(RNNSearchModel, "forward", counting)
+    run = copy_run(rnn_run, tmp_path / "r")
+    args = ["--eval-batches", "2", "--tune-steps", "0", "--max-decisions", "2"]
+    code, _, err = derive_pt(capsys, run, *args)
+    assert code == 0, err
+    assert len(calls) == 2 * 4 * 2
+    searched = torch.load(run / "checkpoint.pt", weights_only=True)["task"]
+    state = torch.load(run / STATE_FILE, weights_only=True)["task"]
+    assert state["pos"] == searched["pos"]
+    for name, value in state["model"].items():
+        if name != "alphas_recurrent":
+            assert torch.equal(value, searched["model"][name]), name
+    changed = (state["model"]["alphas_recurrent"] != searched["model"]["alphas_recurrent"]).any(-1)
+    decided = [d.index for d in plan(CELLS["rnn"], seed=0)[:2]]
+    assert changed.nonzero().flatten().tolist() == sorted(decided)
 
 
 def test_pt_refuses_to_overwrite_or_resume_nothing(rnn_run, tmp_path, capsys):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 
 import matplotlib.pyplot as plt
@@ -41,6 +42,76 @@ def test_dot_source_has_every_edge(space, name):
         labelled = sorted(line.split('label="')[1].split('"')[0] for line in edges)
         labelled = [op for op in labelled if op]  # inputs and concat are unlabelled
         assert labelled == sorted(op for op, _ in getattr(genotype, cell))
+
+
+def dot_cells(source: str) -> dict[str, tuple[list[str], list[str], list[tuple[str, str, str]]]]:
+    """Per cluster of a DOT source: node labels, those filled light blue (the cell's inputs
+    and output), and the edges as (from label, to label, op) in the order written."""
+    cells = {}
+    for name, body in re.findall(r"subgraph cluster_(\w+) \{(.*?)\n  \}", source, re.S):
+        nodes = dict(re.findall(r'^    (\w+) \[label="([^"]*)", fillcolor=\w+\];$', body, re.M))
+        blue = re.findall(r'^    \w+ \[label="([^"]*)", fillcolor=lightblue\];$', body, re.M)
+        edges = re.findall(r'^    (\w+) -> (\w+) \[label="([^"]*)"\];$', body, re.M)
+        cells[name] = (list(nodes.values()), blue, [(nodes[a], nodes[b], op) for a, b, op in edges])
+    return cells
+
+
+def test_dot_edges_of_the_published_rnn_cell():
+    """DARTS_V2's recurrent cell edge by edge: x_t and h_{t-1} feed node 0, node j + 1 reads
+    the state the genotype names through its op, and h_t averages nodes 1..8 (not 0)."""
+    labels, blue, edges = dot_cells(genotype_dot(NAMED_GENOTYPES["rnn"]["DARTS_V2"]))["recurrent"]
+    assert labels == ["x_t", "h_{t-1}", *"012345678", "h_t"]
+    assert blue == ["x_t", "h_{t-1}", "h_t"]
+    assert edges == [
+        ("x_t", "0", ""),
+        ("h_{t-1}", "0", ""),
+        ("0", "1", "sigmoid"),
+        ("1", "2", "relu"),
+        ("1", "3", "relu"),
+        ("1", "4", "identity"),
+        ("2", "5", "tanh"),
+        ("5", "6", "sigmoid"),
+        ("3", "7", "tanh"),
+        ("5", "8", "relu"),
+        *[(node, "h_t", "") for node in "12345678"],
+    ]
+
+
+def test_dot_edges_of_the_published_cnn_cells():
+    """DARTS_V2's normal and reduction cells edge by edge: two ops into each of nodes 0..3,
+    input 2 being node 0, and c_k concatenating nodes 0..3."""
+    cells = dot_cells(genotype_dot(NAMED_GENOTYPES["cnn"]["DARTS_V2"]))
+    assert list(cells) == ["normal", "reduce"]
+    a, b = "c_{k-2}", "c_{k-1}"
+    output = [(node, "c_k", "") for node in "0123"]
+    expected = {
+        "normal": [
+            (a, "0", "sep_conv_3x3"),
+            (b, "0", "sep_conv_3x3"),
+            (a, "1", "sep_conv_3x3"),
+            (b, "1", "sep_conv_3x3"),
+            (b, "2", "sep_conv_3x3"),
+            (a, "2", "skip_connect"),
+            (a, "3", "skip_connect"),
+            ("0", "3", "dil_conv_3x3"),
+            *output,
+        ],
+        "reduce": [
+            (a, "0", "max_pool_3x3"),
+            (b, "0", "max_pool_3x3"),
+            ("0", "1", "skip_connect"),
+            (b, "1", "max_pool_3x3"),
+            (a, "2", "max_pool_3x3"),
+            ("0", "2", "skip_connect"),
+            ("0", "3", "skip_connect"),
+            (b, "3", "max_pool_3x3"),
+            *output,
+        ],
+    }
+    for name, (labels, blue, edges) in cells.items():
+        assert labels == [a, b, *"0123", "c_k"]
+        assert blue == [a, b, "c_k"]
+        assert edges == expected[name], name
 
 
 @pytest.mark.skipif(shutil.which("dot") is None, reason="Graphviz dot is not installed")
