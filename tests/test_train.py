@@ -3,19 +3,26 @@ real data, exact resume, averaged SGD, cutout, drop-path and bad input."""
 
 from __future__ import annotations
 
+import copy
 import json
+import math
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from conftest import snapshot
 
-from fastdarts.genotypes import NAMED_GENOTYPES, save_genotype
+from fastdarts.data import cifar
+from fastdarts.genotypes import NAMED_GENOTYPES, ConvGenotype, save_genotype
 from fastdarts.models import NetworkCIFAR, RNNModel
-from fastdarts.models.cnn import drop_path
+from fastdarts.models.cnn import Cell, drop_path
 from fastdarts.ops.backends import BACKENDS
+from fastdarts.search.masks import MaskSampler
 from fastdarts.train.__main__ import main
-from fastdarts.train.tasks import cutout
+from fastdarts.train.config import TrainConfig
+from fastdarts.train.tasks import CNNTrainTask, RNNTrainTask, cutout
 
 RNN_TINY = ["--space", "rnn", "--genotype", "DARTS_V2", "--emsize", "8", "--nhid", "8"]
 RNN_TINY += ["--batch-size", "4", "--bptt", "5", "--eval-batches", "3", "--log-every", "1"]
@@ -162,6 +169,243 @@ def test_averaged_sgd_switch_and_average(tmp_path, capsys):
     assert task.asgd_steps == 4
 
 
+@pytest.fixture
+def float64():
+    """float64 as the default dtype while a test builds its task: a step recomputed by hand
+    in another order of operations then agrees to ~1e-12, far below any slip's effect."""
+    dtype = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(dtype)
+
+
+def rnn_task(**settings) -> RNNTrainTask:
+    """A tiny RNN training task on PTB (8 units, batch 4, bptt 5) on the CPU."""
+    tiny = {"emsize": 8, "nhid": 8, "batch_size": 4, "bptt": 5, "backend": "reference"}
+    cfg = TrainConfig(space="rnn", **tiny, **settings).resolved()
+    return RNNTrainTask(cfg, NAMED_GENOTYPES["rnn"]["DARTS_V2"], torch.device("cpu"))
+
+
+def numpy_copy(rng: np.random.Generator) -> np.random.Generator:
+    copied = np.random.default_rng()
+    copied.bit_generator.state = rng.bit_generator.state
+    return copied
+
+
+def draw_seq_len(rng: np.random.Generator, cfg: TrainConfig) -> int:
+    """The published script's sequence length: around bptt (bptt/2 with probability 0.05)
+    with std 5, truncated, at least 5 and at most bptt + max_seq_len_delta."""
+    mean = cfg.bptt / 2 if rng.random() >= 0.95 else cfg.bptt
+    return min(max(5, int(rng.normal(mean, 5))), cfg.bptt + cfg.max_seq_len_delta)
+
+
+def clipped_sgd(params, grads, lr: float, weight_decay: float, clip: float):
+    """params after one SGD step with weight decay on grads scaled to norm ``clip`` when
+    longer (torch's clip_grad_norm_: factor clip / (norm + 1e-6)); and the grads' norm."""
+    norm = torch.cat([g.flatten() for g in grads]).norm()
+    scale = min(1.0, clip / (norm.item() + 1e-6))
+    new = [p - lr * (scale * g + weight_decay * p) for p, g in zip(params, grads)]
+    return new, norm.item()
+
+
+@pytest.mark.parametrize(
+    ("seed", "clip", "clipped"),
+    [(82, 0.05, True), (0, 100.0, False)],
+    ids=["clipped-half-bptt", "unclipped"],
+)
+def test_rnn_step_recomputed_by_hand(float64, seed, clip, clipped):
+    """Two RNNTrainTask steps equal NLL + TAR, clipped SGD with weight decay at the length-
+    scaled rate, recomputed on a copy of the model with copies of its generators; the
+    second starts where the first left off (rows and hidden state). Seed 82's first
+    length is drawn around bptt/2 (its first uniform draw is 0.998)."""
+    task = rnn_task(seed=seed, clip=clip, lr=3.0, weight_decay=0.01, tar=0.5)
+    cfg = task.cfg
+    model = copy.deepcopy(task.model)
+    rng = numpy_copy(task.rng)
+    sampler = MaskSampler(0)
+    sampler.load_state_dict(task.sampler.state_dict())
+    hidden, pos = task.hidden.clone(), 0
+    for _ in range(2):
+        metrics = task.step()
+        seq_len = draw_seq_len(rng, cfg)
+        data = task.train_data[pos : pos + seq_len]
+        targets = task.train_data[pos + 1 : pos + 1 + seq_len]
+        masks = sampler.draw(model.mask_specs(cfg.batch_size), torch.float32)
+        logits, hiddens = model(data, hidden, masks)
+        nll = F.cross_entropy(logits.reshape(seq_len * cfg.batch_size, -1), targets.flatten())
+        tar = cfg.tar * (hiddens[1:] - hiddens[:-1]).square().mean()
+        params = list(model.parameters())
+        lr = cfg.lr * seq_len / cfg.bptt
+        grads = torch.autograd.grad(nll + tar, params)
+        new, norm = clipped_sgd(params, grads, lr, cfg.weight_decay, cfg.clip)
+        assert (norm > cfg.clip) == clipped
+        with torch.no_grad():
+            for p, value in zip(params, new):
+                p.copy_(value)
+        hidden, pos = hiddens[-1].detach(), pos + seq_len
+        assert metrics["lr"] == lr
+        assert torch.allclose(metrics["loss"], nll, rtol=1e-12, atol=0)
+        assert torch.allclose(metrics["ppl"], nll.exp(), rtol=1e-12, atol=0)
+        for (name, p), q in zip(task.model.named_parameters(), params):
+            assert torch.allclose(p, q, rtol=0, atol=1e-10), name
+        assert task.pos == pos
+        assert torch.allclose(task.hidden, hidden, rtol=0, atol=1e-12)
+
+
+def test_rnn_sequence_lengths_follow_the_published_draw():
+    """Over 80 steps, each step's learning rate (lr · seq_len / bptt) and advance are those
+    of the published length draw from a copy of the task's generator: lengths around bptt
+    and bptt/2, clamped at 5 and at bptt + max_seq_len_delta, all occur."""
+    task = rnn_task(seed=4, max_seq_len_delta=3)
+    cfg = task.cfg
+    rng = numpy_copy(task.rng)
+    lengths = []
+    for _ in range(80):
+        before = task.pos
+        seq_len = draw_seq_len(rng, cfg)
+        assert task.step()["lr"] == cfg.lr * seq_len / cfg.bptt
+        assert task.pos - before == seq_len
+        lengths.append(seq_len)
+    assert {5, 6, 7, 8} <= set(lengths) <= set(range(5, 9))
+
+
+def cnn_task(**settings) -> CNNTrainTask:
+    """A tiny CNN training task on CIFAR-10 (4 channels, 3 cells, batch 2) on the CPU."""
+    tiny = {"init_channels": 4, "layers": 3, "batch_size": 2}
+    cfg = TrainConfig(space="cnn", **tiny, **settings).resolved()
+    return CNNTrainTask(cfg, NAMED_GENOTYPES["cnn"]["DARTS_V2"], torch.device("cpu"))
+
+
+def torch_copy(generator: torch.Generator) -> torch.Generator:
+    return torch.Generator().set_state(generator.get_state())
+
+
+def test_cnn_step_recomputed_by_hand():
+    """Two CNNTrainTask steps of epoch 2 of 4 equal CE + 0.4 · auxiliary CE on the epoch's
+    shuffled, augmented and cut-out images with drop-path 0.6 · 2/4, the gradient clipped,
+    then SGD with momentum and weight decay: recomputed on a copy of the model with copies
+    of the task's generators, weights, BatchNorm statistics and momentum buffers agree."""
+    task = cnn_task(epochs=4, lr=0.1, weight_decay=0.01, grad_clip=0.5, drop_path=0.6, cutout=8)
+    generator = torch_copy(task.generator)
+    task.begin_epoch(2)
+    order = torch.randperm(len(task.images), generator=generator)
+    assert torch.equal(task.order, order)
+    model = copy.deepcopy(task.model)
+    masks = torch_copy(task.sampler.generator)
+    params = list(model.parameters())
+    buffers = [torch.zeros_like(p) for p in params]  # SGD's first step: the gradient
+    for start in (0, 2):
+        metrics = task.step()
+        images, labels = task.images.get(order[start : start + 2])
+        x = cutout(cifar.augment(images, generator), 8, generator)
+        logits, logits_aux = model(x, 0.3, masks)
+        loss = F.cross_entropy(logits, labels)
+        total = loss + 0.4 * F.cross_entropy(logits_aux, labels)
+        grads = torch.autograd.grad(total, params)
+        norm = torch.cat([g.flatten() for g in grads]).norm().item()
+        assert norm > 0.5
+        grads = [g * 0.5 / (norm + 1e-6) + 0.01 * p for g, p in zip(grads, params)]
+        buffers = [0.9 * b + g for b, g in zip(buffers, grads)]
+        with torch.no_grad():
+            for p, b in zip(params, buffers):
+                p.sub_(0.1 * b)
+        assert torch.allclose(metrics["loss"], loss, rtol=1e-6, atol=0)
+        assert metrics["acc"] == (logits.argmax(1) == labels).double().mean()
+        assert metrics["lr"] == 0.1
+        # float32: the two orders of operations differ by up to 1e-6 in the momentum buffers
+        # (entries up to 0.03), the weights by 1e-7; a slip moves them by 1e-4 or more.
+        for name, p in task.model.named_parameters():
+            assert torch.allclose(p, model.get_parameter(name), rtol=1e-5, atol=1e-6), name
+        for (name, p), b in zip(task.model.named_parameters(), buffers):
+            buffer = task.optimizer.state[p]["momentum_buffer"]
+            assert torch.allclose(buffer, b, rtol=1e-4, atol=1e-5), name
+        for name, value in task.model.named_buffers():
+            assert torch.allclose(value, model.get_buffer(name), rtol=1e-5, atol=1e-6), name
+    assert task.pos == 4
+
+
+def test_cnn_schedule_and_test_error():
+    """Drop-path rises as drop_path · epoch / epochs; the learning rate follows the cosine
+    0.5 · lr · (1 + cos(π · epoch / epochs)) to 0 at the last epoch's end; each evaluation
+    (and the test, with test_error = 1 − test_acc) is the test split's first 256 images of
+    a fixed shuffle, recomputed here."""
+    task = cnn_task(epochs=3, lr=0.2, drop_path=0.3)
+    order = torch.randperm(10_000, generator=torch.Generator().manual_seed(0))
+    images, labels = task.test_images.get(order[:256])
+    for epoch in range(3):
+        task.begin_epoch(epoch)
+        assert task.drop_prob == pytest.approx(0.3 * epoch / 3, rel=1e-12, abs=0)
+        lr = 0.5 * 0.2 * (1 + math.cos(math.pi * epoch / 3))
+        assert task.step()["lr"] == pytest.approx(lr, rel=1e-12)
+        assert task.optimizer.param_groups[0]["lr"] == pytest.approx(lr, rel=1e-12)
+        evaluation, improved = task.end_epoch(1)
+        assert not improved
+    assert task.optimizer.param_groups[0]["lr"] == pytest.approx(0, abs=1e-15)
+    with torch.no_grad():
+        logits, _ = task.model.eval()(cifar.normalize(images))
+    task.model.train()
+    loss = F.cross_entropy(logits, labels).item()
+    acc = (logits.argmax(1) == labels).double().mean().item()
+    assert evaluation == pytest.approx({"test_loss": loss, "test_acc": acc}, rel=1e-6)
+    result = task.test(None, 1)
+    assert result == pytest.approx(evaluation | {"test_error": 1 - acc}, rel=1e-6)
+
+
+def test_averaged_sgd_state_survives_a_resume(tmp_path, capsys, monkeypatch):
+    """A run that switches to averaged SGD, stopped 3 steps after the switch and resumed,
+    ends as an uninterrupted one: same ASGD step count, average, best and history of the
+    validation losses, weights and metrics. Validation is scripted (worse at epoch 4's end
+    than before the last 2 epochs: the switch); the test is the real one."""
+    script = [4.0, 5.0, 5.0, 4.5, 4.6, 4.7]
+    perplexity = RNNTrainTask._perplexity
+
+    def scripted(self, source, weights, max_batches):
+        if source is self.valid_data:
+            return script[len(self.val_history)]
+        return perplexity(self, source, weights, max_batches)
+
+    monkeypatch.setattr(RNNTrainTask, "_perplexity", scripted)
+    common = [*RNN_TINY, "--nonmono", "2", "--epochs", "6", "--epoch-steps", "2"]
+    common += ["--checkpoint-every", "2"]
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    assert run(capsys, *common, "--max-steps", "12", "--out", str(straight))[0] == 0
+    assert run(capsys, *common, "--max-steps", "11", "--out", str(split))[0] == 0
+    stopped = torch.load(split / "checkpoint.pt", weights_only=True)["task"]
+    assert stopped["asgd_steps"] == 3 and stopped["val_history"] == script[:5]
+    code, _, err = run(capsys, "--resume", "--out", str(split), "--max-steps", "12")
+    assert code == 0, err
+    a = torch.load(straight / "checkpoint.pt", weights_only=True)["task"]
+    b = torch.load(split / "checkpoint.pt", weights_only=True)["task"]
+    assert a["asgd_steps"] == b["asgd_steps"] == 4
+    assert a["val_history"] == b["val_history"] == script
+    assert a["best_val"] == b["best_val"] == 4.0
+    for avg, other, weight in zip(a["averaged"], b["averaged"], a["model"].values()):
+        assert torch.equal(avg, other) and not torch.equal(avg, weight)
+    for name, tensor in a["model"].items():
+        assert torch.equal(tensor, b["model"][name]), name
+    assert records(straight) == records(split)
+    assert [r["asgd"] for r in records(split) if "asgd" in r] == [False] * 3 + [True] * 3
+
+
+def test_drop_path_spares_identity_edges():
+    """In training, drop-path zeroes (or scales by 1/keep) each example of an op's output,
+    but not of a skip_connect (Identity) edge's, as DARTS: node = s0 + max_pool(s1) · mask,
+    the mask the first draw from the generator; and none of it in evaluation."""
+    edges = [("skip_connect", 0), ("max_pool_3x3", 1)]
+    genotype = ConvGenotype(edges, [2], edges, [2])
+    cell = Cell(genotype, 3, 3, 3, reduction=False, reduction_prev=False)
+    cell.preprocess0 = cell.preprocess1 = torch.nn.Identity()
+    torch.manual_seed(0)
+    s0, s1 = torch.randn(64, 3, 4, 4), torch.randn(64, 3, 4, 4)
+    out = cell(s0, s1, 0.3, torch.Generator().manual_seed(5))
+    keep = torch.empty(64, 1, 1, 1).bernoulli_(0.7, generator=torch.Generator().manual_seed(5))
+    pooled = F.max_pool2d(s1, 3, stride=1, padding=1)
+    assert 0 < keep.sum() < 64
+    assert torch.allclose(out, s0 + pooled * keep / 0.7, rtol=1e-6, atol=1e-6)
+    assert torch.equal(out[keep.flatten() == 0], s0[keep.flatten() == 0])
+    assert torch.equal(cell.eval()(s0, s1, 0.3, torch.Generator()), s0 + pooled)
+
+
 def test_cutout_squares():
     images = torch.ones(64, 3, 32, 32)
     out = cutout(images, 16, torch.Generator().manual_seed(0))
@@ -200,6 +444,9 @@ def test_drop_path_only_in_training():
         ([*CNN_TINY, "--drop-path", "1.5"], ["--drop-path"]),
         ([*CNN_TINY, "--grad-clip", "0"], ["--grad-clip must be positive"]),
         ([*RNN_TINY, "--clip", "0"], ["--clip must be positive"]),
+        # --max-steps 1: were the setting taken, the run would end at once.
+        ([*RNN_TINY, "--max-steps", "1", "--nonmono", "0"], ["--nonmono must be at least 1"]),
+        ([*CNN_TINY, "--max-steps", "1", "--cutout", "-1"], ["--cutout must be non-negative"]),
         (["--space", "rnn", "--genotype", "DARTS_V2", "--device", "cuda:7"], ["cuda"]),
         ([*RNN_TINY, "--batch-size", "4", "--bptt", "300000"], ["--bptt 300000: longer than"]),
     ],
