@@ -28,6 +28,7 @@ from fastdarts.derive.pt import (
 from fastdarts.errors import ConfigError
 from fastdarts.genotypes import (
     CNN_PRIMITIVES,
+    PRIMITIVES,
     RNN_PRIMITIVES,
     derive_recurrent,
     load_genotype,
@@ -585,7 +586,7 @@ def test_pt_on_cnn_search_first_decisions(cnn_run, tmp_path, capsys):
         probs = torch.softmax(state["task"]["model"][name], -1)
         projected += int((probs == 1).any(-1).sum())
     assert projected == 2
-    # Fine-tuning moved the weights (and only them: the other α rows are the search's).
+    # Fine-tuning moved the weights.
     search_model = torch.load(run / "checkpoint.pt", weights_only=True)["task"]["model"]
     assert not torch.equal(state["task"]["model"]["stem.0.weight"], search_model["stem.0.weight"])
 
@@ -659,3 +660,47 @@ def test_fine_tuning_restarts_the_weight_optimizer_at_a_tenth_of_the_lr(
         assert states[0] == 0 and states[1] > 0
     else:  # plain SGD keeps no state
         assert states == [0] * 4
+
+
+@pytest.mark.parametrize(
+    ("space", "order", "backend"),
+    [
+        ("rnn", "1", "reference"),
+        ("rnn", "2", "fused"),
+        ("cnn", "2", "reference"),
+        ("cnn", "1", "fused"),
+    ],
+)
+def test_fine_tuning_steps_alpha_on_the_undecided_edges_only(
+    space, order, backend, cnn_run, tmp_path, capsys
+):
+    """As DARTS-PT's code, tuning takes the search's α steps too (first or second order, on
+    either backend, through α rows of -inf): the undecided rows move, the decided ones stay
+    exactly where the decisions put them, and Adam's state stays finite."""
+    if backend == "fused" and unavailable_reason() is not None:
+        pytest.skip("needs the C++ extension")
+    run = tmp_path / "run"
+    args = [*(RNN_TINY if space == "rnn" else CNN_TINY), "--order", order, "--backend", backend]
+    args += ["--max-steps", "1", "--epoch-steps", "1", "--out", str(run)]
+    if space == "cnn":
+        args += ["--data", json.loads((cnn_run / "config.json").read_text())["data"]]
+    assert search(args) == 0
+    code, _, err = derive_pt(
+        capsys, run, "--eval-batches", "1", "--tune-steps", "2", "--max-decisions", "3"
+    )
+    assert code == 0, err
+    decisions = json.loads((run / "pt_decisions.json").read_text())
+    state = torch.load(run / STATE_FILE, weights_only=True)["task"]
+    searched = torch.load(run / "checkpoint.pt", weights_only=True)["task"]["model"]
+    primitives = PRIMITIVES[space]
+    for name in CELLS[space]:
+        alpha, before = state["model"][name], searched[name]
+        decided = {d["index"]: d["chosen"][0] for d in decisions if d["alpha"] == name}
+        for e in range(len(alpha)):
+            if e in decided:
+                assert torch.equal(alpha[e], one_hot(alpha[e], primitives.index(decided[e]))), e
+            else:
+                assert torch.isfinite(alpha[e]).all() and not torch.equal(alpha[e], before[e]), e
+    for moments in state["arch_optimizer"]["state"].values():
+        assert torch.isfinite(moments["exp_avg"]).all()
+        assert torch.isfinite(moments["exp_avg_sq"]).all()

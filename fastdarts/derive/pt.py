@@ -17,17 +17,17 @@ zero weight on an entry of -inf, and ``none`` contributes exactly zero to every 
 - projecting an edge onto op k sets its α row to -inf except 0 at k (weights exactly
   one-hot); removing an edge puts all its weight on ``none`` (its output is exactly 0).
 
-Fine-tuning takes the search's own weight steps (its data order, dropout masks, backend)
-with the weight optimiser restarted at a tenth of the search's learning rate, as DARTS-PT's
-code does (it resets the optimiser at lr/10; its cosine schedule is made but never stepped,
-so the rate stays there). Where this departs from that code:
+Fine-tuning takes the search's own steps, α then weights (its data order, dropout masks,
+backend, order), with the weight optimiser restarted at a tenth of the search's learning
+rate, as DARTS-PT's code does (it resets the optimiser at lr/10; its cosine schedule is made
+but never stepped, so the rate stays there). α goes on training on the undecided edges; the
+decided rows are held where the decisions put them (their gradient is exactly zero, but
+Adam's weight decay would move them: each α step puts them back).
 
-- α stays fixed while tuning (DARTS-PT's code goes on stepping α, which then moves only
-  the undecided edges; here the decisions live in α itself);
-- decisions come one at a time in one seeded order over both cells, each followed by
-  ``tune_steps`` steps (default: one epoch), where DARTS-PT's code decides one normal and
-  one reduction edge, then tunes ``proj_intv`` epochs (default 10): pass ``--tune-steps``
-  for a longer tuning.
+Where this departs from that code: decisions come one at a time in one seeded order over
+both cells, each followed by ``tune_steps`` steps (default: one epoch), where DARTS-PT's
+code decides one normal and one reduction edge, then tunes ``proj_intv`` epochs (default
+10): pass ``--tune-steps`` for a longer tuning.
 """
 
 from __future__ import annotations
@@ -43,7 +43,6 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from fastdarts.data import ptb
 from fastdarts.errors import ConfigError, DivergedError
 from fastdarts.genotypes import CNN_STEPS, PRIMITIVES, RNN_STEPS, Genotype, save_genotype
 from fastdarts.ops.backends import resolve as resolve_backend
@@ -60,7 +59,6 @@ from fastdarts.runs import (
 from fastdarts.search.config import SearchConfig
 from fastdarts.search.loop import DTYPES
 from fastdarts.search.tasks import TASKS, SearchTask
-from fastdarts.spaces import Batch
 from fastdarts.utils import atomic_torch_save, atomic_write_text
 
 
@@ -225,7 +223,7 @@ class PTConfig:
     run: str
     space: str | None = None  # the search's space, if given: checked
     out: str | None = None  # genotype JSON (default: RUN/genotype-pt.json)
-    tune_steps: int | None = None  # weight steps after each decision (default: one epoch)
+    tune_steps: int | None = None  # search steps after each decision (default: one epoch)
     eval_batches: int | None = None  # validation batches per measurement (default: all)
     crit: str | None = None  # loss or acc (default: loss for rnn, acc for cnn)
     order: str = "random"
@@ -242,16 +240,49 @@ class PTConfig:
         return {k: getattr(self, k) for k in keys}
 
 
+def decided_rows(decision: Decision, cells: dict[str, CellShape]) -> range:
+    """The α rows ``decision`` fixes: its edge, or every incoming edge of its node."""
+    if decision.kind == "op":
+        return range(decision.index, decision.index + 1)
+    return cells[decision.alpha].edges_of(decision.index)
+
+
 class TaskSupernet:
     """The search task's supernet as DARTS-PT uses it: measured on the validation data,
-    fine-tuned with the search's own weight steps (α fixed) at ``TUNE_LR`` times its
-    learning rate."""
+    fine-tuned with the search's own steps (α and weights) at ``TUNE_LR`` times its
+    learning rate, the decided α rows held where the decisions put them."""
 
     TUNE_LR = 0.1
 
     def __init__(self, task: SearchTask, space: str, eval_batches: int | None) -> None:
         self.task, self.space, self.eval_batches = task, space, eval_batches
         self.epoch = 0  # fine-tuning epochs begun (the data order's epoch index)
+        self.arch = dict(task.model.named_arch_parameters())
+        # Per α matrix: which rows are decided (E, 1), and α when the last was (E, K).
+        self.held = {
+            name: torch.zeros(len(a), 1, dtype=torch.bool, device=a.device)
+            for name, a in self.arch.items()
+        }
+        self.held_values = {name: a.detach().clone() for name, a in self.arch.items()}
+        task.arch_optimizer.register_step_post_hook(self._restore_held)
+
+    def hold(self, name: str, rows: range) -> None:
+        """From now on α ``name``'s ``rows`` keep their present values through tuning."""
+        self.held[name][rows.start : rows.stop] = True
+        self.held_values[name] = self.arch[name].detach().clone()
+
+    @torch.no_grad()
+    def _restore_held(self, optimizer: torch.optim.Optimizer, *_) -> None:
+        # After each α step: the decided rows back (-inf entries under Adam's weight decay
+        # become NaN; their gradient is exactly 0, so nothing else moves them) and their
+        # moments zeroed, so the optimiser's state stays finite. No host sync (torch.where).
+        for name, mask in self.held.items():
+            alpha = self.arch[name]
+            alpha.copy_(torch.where(mask, self.held_values[name], alpha))
+            state = optimizer.state.get(alpha, {})
+            for key in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq"):
+                if key in state:
+                    state[key].masked_fill_(mask, 0.0)
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
@@ -269,38 +300,19 @@ class TaskSupernet:
         self.task.weight_optimizer.state.clear()
 
     def tune(self, steps: int) -> None:
-        """``steps`` weight steps on the training data, continuing the search's data order."""
+        """``steps`` search steps (α, then weights), continuing the search's data order."""
         task = self.task
         task.model.train()
         for _ in range(steps):
             if task.epoch_done():
                 self.epoch += 1
                 task.begin_epoch(self.epoch)
-            loss = self._rnn_step() if self.space == "rnn" else self._cnn_step()
+            loss = float(task.step(base_lr=task.cfg.lr * self.TUNE_LR)["loss"])
             if not math.isfinite(loss):
                 raise DivergedError(
                     f"fine-tuning diverged (loss {loss}); lower the search's learning rate "
                     "or --tune-steps"
                 )
-
-    def _rnn_step(self) -> float:
-        # The search's weight step (sequence length, lr rescaling, carried state), no α step.
-        task, cfg = self.task, self.task.cfg
-        seq_len = task.draw_seq_len()
-        data, targets = ptb.get_batch(task.train_data, task.pos, seq_len)
-        lr = cfg.lr * self.TUNE_LR * seq_len / cfg.bptt
-        out = task.weight_step(Batch(data, targets, task.hidden), lr)
-        task.hidden = out.state.detach()
-        task.pos += seq_len
-        return out.loss.item()
-
-    def _cnn_step(self) -> float:
-        task = self.task
-        bs = task.cfg.batch_size
-        batch = task._batch(task.order[task.pos : task.pos + bs])
-        out = task.weight_step(batch, task.cfg.lr * self.TUNE_LR)
-        task.pos += bs
-        return out.loss.item()
 
 
 def run_pt(cfg: PTConfig) -> tuple[Genotype | None, list[dict]]:
@@ -319,6 +331,9 @@ def run_pt(cfg: PTConfig) -> tuple[Genotype | None, list[dict]]:
     for key in ("data", "device", "threads"):
         if getattr(cfg, key) is not None:
             settings[key] = getattr(cfg, key)
+    # Tuning steps eagerly: the α rows it holds change with every decision, which a
+    # captured graph would not see.
+    settings["cuda_graphs"] = False
     search_cfg = SearchConfig(**settings).resolved()
     crit = cfg.crit or ("loss" if space == "rnn" else "acc")
     if crit not in ("loss", "acc") or (crit == "acc" and space == "rnn"):
@@ -362,14 +377,16 @@ def run_pt(cfg: PTConfig) -> tuple[Genotype | None, list[dict]]:
     else:
         supernet.restart_optimizer()
     cells = CELLS[space]
-    arch = dict(task.model.named_arch_parameters())
-    selector = Selector(arch, cells, supernet.evaluate, PRIMITIVES[space], crit)
+    selector = Selector(supernet.arch, cells, supernet.evaluate, PRIMITIVES[space], crit)
     decisions = plan(cells, cfg.seed, cfg.order)
+    for done in decisions[: len(records)]:
+        supernet.hold(done.alpha, decided_rows(done, cells))
     bar = tqdm(total=len(decisions), initial=len(records), desc="DARTS-PT", disable=None)
     for i in range(len(records), len(decisions)):
         if cfg.max_decisions is not None and i >= cfg.max_decisions:
             break
         record = selector.decide(decisions[i])
+        supernet.hold(decisions[i].alpha, decided_rows(decisions[i], cells))
         if i + 1 < len(decisions):
             supernet.tune(tune_steps)
         records.append(record)

@@ -234,11 +234,13 @@ class RNNTask(SearchTask):
         bptt = self.cfg.bptt if self.rng.random() < 0.95 else self.cfg.bptt / 2
         return max(1, int(bptt))
 
-    def step(self) -> dict[str, torch.Tensor | float]:
-        """One α step and one weight step; the losses stay on the device (0-d tensors)."""
+    def step(self, base_lr: float | None = None) -> dict[str, torch.Tensor | float]:
+        """One α step and one weight step; the losses stay on the device (0-d tensors).
+        ``base_lr`` replaces ``--lr`` (DARTS-PT's fine-tuning); either is rescaled by
+        seq_len / bptt."""
         cfg = self.cfg
         seq_len = self.draw_seq_len()
-        lr = cfg.lr * seq_len / cfg.bptt
+        lr = (cfg.lr if base_lr is None else base_lr) * seq_len / cfg.bptt
         data, targets = ptb.get_batch(self.train_data, self.pos, seq_len)
         vdata, vtargets = ptb.get_batch(
             self.search_data, self.pos % (len(self.search_data) - 1), cfg.bptt
@@ -360,12 +362,13 @@ class CNNTask(SearchTask):
         self.val_pos += bs
         return self.val_order[self.val_pos - bs : self.val_pos]
 
-    def step(self) -> dict[str, torch.Tensor | float]:
-        """One α step and one weight step; the losses stay on the device (0-d tensors)."""
+    def step(self, base_lr: float | None = None) -> dict[str, torch.Tensor | float]:
+        """One α step and one weight step; the losses stay on the device (0-d tensors).
+        ``base_lr`` replaces the schedule's learning rate (DARTS-PT's fine-tuning)."""
         bs = self.cfg.batch_size
         train = self._batch(self.order[self.pos : self.pos + bs])
         val = self._batch(self._next_val_indices())
-        lr = self.scheduler.get_last_lr()[0]
+        lr = self.scheduler.get_last_lr()[0] if base_lr is None else base_lr
         val_out, out = self.search_step(train, val, lr)
         self.sync_statistics()
         self.pos += bs
