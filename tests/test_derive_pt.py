@@ -88,20 +88,31 @@ def test_masked_cnn_mixture_is_the_mixture_without_the_op():
     assert torch.equal(op(x, torch.softmax(one_hot(alpha, 0), -1)), torch.zeros_like(x))
 
 
-def test_plan_covers_every_edge_then_every_node():
-    for cells in CELLS.values():
-        decisions = plan(cells, seed=3)
-        ops = [(d.alpha, d.index) for d in decisions if d.kind == "op"]
-        n_edges = sum(shape.n_edges for shape in cells.values())
-        assert sorted(ops) == sorted((a, e) for a, s in cells.items() for e in range(s.n_edges))
-        assert len(ops) == n_edges and ops != sorted(ops)  # shuffled
-        assert decisions[:n_edges] == plan(cells, seed=3)[:n_edges]
-        assert decisions != plan(cells, seed=4)
-        sequential = [(d.alpha, d.index) for d in plan(cells, 3, "sequential") if d.kind == "op"]
-        assert sequential == sorted(sequential, key=lambda x: (list(cells).index(x[0]), x[1]))
-        nodes = [(d.alpha, d.index) for d in decisions if d.kind == "edge"]
+@pytest.mark.parametrize("space", ["rnn", "cnn"])
+def test_plan_decides_in_rounds_every_edge_then_every_node(space):
+    """DARTS-PT's rounds: one edge of every cell per round (a seeded shuffle per cell) until
+    all are decided, then one node of every cell per round; sequential keeps index order."""
+    cells = CELLS[space]
+    decisions = plan(cells, seed=3)
+    assert decisions == plan(cells, seed=3) and decisions != plan(cells, seed=4)
+    rounds = sorted({d.round for d in decisions})
+    assert rounds == list(range(len(rounds)))
+    for r in rounds:  # each round: one decision per cell, of one kind, cells in order
+        members = [d for d in decisions if d.round == r]
+        assert [d.alpha for d in members] == list(cells) and len({d.kind for d in members}) == 1
+    assert [d.round for d in decisions] == sorted(d.round for d in decisions)
+    for name, shape in cells.items():
+        ops = [d.index for d in decisions if d.alpha == name and d.kind == "op"]
+        nodes = [d.index for d in decisions if d.alpha == name and d.kind == "edge"]
         # Nodes with no more inputs than they keep need no decision.
-        assert nodes == [(a, n) for a, s in cells.items() for n in range(1, s.steps)]
+        wanted = [n for n in range(shape.steps) if shape.n_inputs + n > shape.keep]
+        assert sorted(ops) == list(range(shape.n_edges)) and ops != sorted(ops)  # shuffled
+        assert sorted(nodes) == wanted and nodes != wanted
+        kinds = [d.kind for d in decisions if d.alpha == name]
+        assert kinds == ["op"] * shape.n_edges + ["edge"] * len(wanted)
+        sequential = [d.index for d in plan(cells, 3, "sequential") if d.alpha == name]
+        assert sequential == list(range(shape.n_edges)) + wanted
+    assert len(rounds) == {"rnn": 36 + 7, "cnn": 14 + 3}[space]
 
 
 def test_harm_key_orders_by_loss_or_by_accuracy_then_loss():
@@ -148,7 +159,7 @@ def test_op_decision_breaks_ties(crit, scores, chosen):
     before = alpha.detach().clone()
     evaluate, seen = scripted(alpha, scores)
     selector = Selector({"alphas_recurrent": alpha}, CELLS["rnn"], evaluate, RNN_PRIMITIVES, crit)
-    record = selector.decide(Decision("op", "alphas_recurrent", 3))
+    record = selector.decide(Decision("op", "alphas_recurrent", 3, round=0))
     assert record["candidates"] == ["tanh", "relu", "sigmoid", "identity"]
     assert record["scores"] == scores and record["chosen"] == [chosen]
     for k, measured in enumerate(seen, start=1):
@@ -168,7 +179,7 @@ def test_edge_decision_keeps_the_lower_edges_of_a_tie():
     before = {name: a.detach().clone() for name, a in alphas.items()}
     evaluate, seen = scripted(alphas["alphas_normal"], [{"loss": x} for x in (1.0, 3.0, 3.0, 3.0)])
     selector = Selector(alphas, cells, evaluate, CNN_PRIMITIVES, "loss")
-    record = selector.decide(Decision("edge", "alphas_normal", 2))
+    record = selector.decide(Decision("edge", "alphas_normal", 2, round=0))
     assert record["candidates"] == [5, 6, 7, 8] and record["chosen"] == [6, 7]
     for e, measured in zip(range(5, 9), seen, strict=True):
         expected = before["alphas_normal"].clone()
@@ -635,7 +646,8 @@ def test_fine_tuning_restarts_the_weight_optimizer_at_a_tenth_of_the_lr(
     space, rnn_run, cnn_run, tmp_path, capsys, monkeypatch
 ):
     """As DARTS-PT's code: no momentum from the search, a tenth of its learning rate (the
-    RNN's rescaled by seq_len / bptt, as its steps are)."""
+    RNN's rescaled by seq_len / bptt, as its steps are), and tuning only between rounds
+    (two rounds here: 2 RNN decisions, 4 CNN ones)."""
     from fastdarts.search.tasks import SearchTask
 
     seen = []
@@ -647,7 +659,8 @@ def test_fine_tuning_restarts_the_weight_optimizer_at_a_tenth_of_the_lr(
 
     monkeypatch.setattr(SearchTask, "weight_step", recording)
     run = copy_run(rnn_run if space == "rnn" else cnn_run, tmp_path / space)
-    args = ["--eval-batches", "1", "--tune-steps", "2", "--max-decisions", "2"]
+    decisions = "2" if space == "rnn" else "4"
+    args = ["--eval-batches", "1", "--tune-steps", "2", "--max-decisions", decisions]
     code, _, err = derive_pt(capsys, run, *args)
     assert code == 0, err
     config = json.loads((run / "config.json").read_text())
@@ -704,3 +717,36 @@ def test_fine_tuning_steps_alpha_on_the_undecided_edges_only(
     for moments in state["arch_optimizer"]["state"].values():
         assert torch.isfinite(moments["exp_avg"]).all()
         assert torch.isfinite(moments["exp_avg_sq"]).all()
+
+
+@pytest.mark.parametrize(("space", "epochs"), [("rnn", 1), ("cnn", 5)])
+def test_default_tuning_between_rounds(
+    space, epochs, rnn_run, cnn_run, tmp_path, capsys, monkeypatch
+):
+    """Without --tune-steps a round is followed by 5 search epochs on the CNN (DARTS-PT's
+    proj_intv for the DARTS space) and 1 on the RNN."""
+    seen = []
+    monkeypatch.setattr(
+        TaskSupernet, "tune", lambda self, steps: seen.append((steps, self.task.steps_per_epoch()))
+    )
+    run = copy_run(rnn_run if space == "rnn" else cnn_run, tmp_path / space)
+    rounds = 2
+    decisions = rounds * len(CELLS[space])
+    code, _, err = derive_pt(capsys, run, "--eval-batches", "1", "--max-decisions", str(decisions))
+    assert code == 0, err
+    assert [steps for steps, _ in seen] == [epochs * per_epoch for _, per_epoch in seen]
+    assert len(seen) == rounds and seen[0][1] > 1
+
+
+def test_a_selection_started_by_an_older_plan_is_not_resumed(rnn_run, tmp_path, capsys):
+    """A state file from before decisions came in rounds (it records no plan) would resume
+    on another order of decisions: one line says so."""
+    run = copy_run(rnn_run, tmp_path / "r")
+    args = ["--eval-batches", "1", "--tune-steps", "1"]
+    assert derive_pt(capsys, run, *args, "--max-decisions", "1")[0] == 0
+    state = torch.load(run / STATE_FILE, weights_only=True)
+    del state["plan"]
+    torch.save(state, run / STATE_FILE)
+    code, _, err = derive_pt(capsys, run, *args, "--resume")
+    assert code == 2 and err.count("\n") == 1
+    assert "older fastdarts" in err and "delete it to start again" in err

@@ -60,7 +60,9 @@ def build_parser() -> OneLineParser:
     )
     pt = parser.add_argument_group("pt (DARTS-PT) settings")
     pt.add_argument(
-        "--tune-steps", type=int, help="search steps after each decision (default: one epoch)"
+        "--tune-steps",
+        type=int,
+        help="search steps after each round (default: 5 epochs for cnn, 1 for rnn)",
     )
     pt.add_argument(
         "--eval-batches", type=int, help="validation batches per measurement (default: all)"

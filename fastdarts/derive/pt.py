@@ -1,11 +1,12 @@
 """Perturbation-based architecture selection (DARTS-PT; Wang et al., ICLR 2021).
 
 Instead of reading the genotype off α, measure what each op contributes to the trained
-supernet. For each edge in turn (a seeded random order), remove each candidate op and
-measure the validation metric; keep the op whose removal hurts most, project the edge onto
-it, and fine-tune the supernet's weights for a few steps. Then, node by node, remove each
-incoming edge in turn and keep the ``k`` edges whose removal hurts most (1 per node in the
-recurrent cell, 2 in the convolutional one), fine-tuning again after each node.
+supernet. In rounds, each deciding one edge of every cell (a seeded random order per cell):
+remove each candidate op and measure the validation metric; keep the op whose removal hurts
+most and project the edge onto it; then fine-tune the supernet. Once every edge is decided,
+rounds decide one node of every cell: remove each incoming edge in turn and keep the ``k``
+edges whose removal hurts most (1 per node in the recurrent cell, 2 in the convolutional
+one), fine-tuning again after each round.
 
 Everything is done through α, with no change to the supernet code. softmax puts exactly
 zero weight on an entry of -inf, and ``none`` contributes exactly zero to every mixture
@@ -24,10 +25,11 @@ but never stepped, so the rate stays there). α goes on training on the undecide
 decided rows are held where the decisions put them (their gradient is exactly zero, but
 Adam's weight decay would move them: each α step puts them back).
 
-Where this departs from that code: decisions come one at a time in one seeded order over
-both cells, each followed by ``tune_steps`` steps (default: one epoch), where DARTS-PT's
-code decides one normal and one reduction edge, then tunes ``proj_intv`` epochs (default
-10): pass ``--tune-steps`` for a longer tuning.
+Fine-tuning lasts ``tune_steps`` steps; by default 5 epochs for the convolutional cell
+(``proj_intv`` in DARTS-PT's script for the DARTS space) and 1 for the recurrent one, which
+DARTS-PT did not search: its 36 edges make 43 rounds (the convolutional cells take 17).
+DARTS-PT's code also tunes an epoch after the last round, which changes no decision: here
+the selection ends there.
 """
 
 from __future__ import annotations
@@ -91,27 +93,38 @@ CELLS: dict[str, dict[str, CellShape]] = {
 
 @dataclass(frozen=True)
 class Decision:
-    """One selection: the op of edge ``index`` (kind "op") or the edges of node ``index``."""
+    """One selection: the op of edge ``index`` (kind "op") or the edges of node ``index``,
+    in round ``round`` (the supernet is fine-tuned between rounds)."""
 
     kind: str
     alpha: str
     index: int
+    round: int
 
 
 def plan(cells: dict[str, CellShape], seed: int, order: str = "random") -> list[Decision]:
-    """Every op decision (edges in a seeded random order, or in order), then every node's
-    edge decision (nodes in order; nodes with no more inputs than they keep are skipped)."""
-    ops = [Decision("op", name, e) for name, shape in cells.items() for e in range(shape.n_edges)]
-    if order == "random":
-        perm = np.random.default_rng(seed).permutation(len(ops))
-        ops = [ops[i] for i in perm]
-    nodes = [
-        Decision("edge", name, node)
-        for name, shape in cells.items()
-        for node in range(shape.steps)
-        if shape.n_inputs + node > shape.keep
-    ]
-    return ops + nodes
+    """DARTS-PT's rounds: each decides one edge's op in every cell until all are decided,
+    then each decides one node's edges in every cell (nodes with no more inputs than they
+    keep are skipped). Edges and nodes come in a seeded random order per cell (DARTS-PT's
+    random edge decision), or in index order; within a round, cells in ``cells``' order."""
+    rng = np.random.default_rng(seed)
+    decisions: list[Decision] = []
+    for kind in ("op", "edge"):
+        queues = []
+        for name, shape in cells.items():
+            if kind == "op":
+                items = list(range(shape.n_edges))
+            else:
+                items = [n for n in range(shape.steps) if shape.n_inputs + n > shape.keep]
+            if order == "random":
+                items = [items[i] for i in rng.permutation(len(items))]
+            queues.append((name, items))
+        first = decisions[-1].round + 1 if decisions else 0
+        for k in range(max(len(items) for _, items in queues)):
+            decisions += [
+                Decision(kind, n, items[k], first + k) for n, items in queues if k < len(items)
+            ]
+    return decisions
 
 
 def removed_op(row: torch.Tensor, k: int, none: int) -> torch.Tensor:
@@ -214,6 +227,7 @@ class Selector:
 STATE_KIND = "fastdarts-pt"
 STATE_FILE = "pt_state.pt"  # in the run folder: the selection's progress, for --resume
 DECISIONS_FILE = "pt_decisions.json"  # every decision with its candidates' scores
+TUNE_EPOCHS = {"cnn": 5, "rnn": 1}  # fine-tuning between rounds by default (see the top)
 
 
 @dataclass
@@ -223,7 +237,7 @@ class PTConfig:
     run: str
     space: str | None = None  # the search's space, if given: checked
     out: str | None = None  # genotype JSON (default: RUN/genotype-pt.json)
-    tune_steps: int | None = None  # search steps after each decision (default: one epoch)
+    tune_steps: int | None = None  # search steps after each round (default: see the module)
     eval_batches: int | None = None  # validation batches per measurement (default: all)
     crit: str | None = None  # loss or acc (default: loss for rnn, acc for cnn)
     order: str = "random"
@@ -361,8 +375,13 @@ def run_pt(cfg: PTConfig) -> tuple[Genotype | None, list[dict]]:
     task = TASKS[space](search_cfg, device, DTYPES[search_cfg.dtype], backend=backend)
     load_task_state(task, saved["task"], ran, backend, run / "checkpoint.pt")
     supernet = TaskSupernet(task, space, cfg.eval_batches)
-    tune_steps = cfg.tune_steps if cfg.tune_steps is not None else task.steps_per_epoch()
+    tune_steps = cfg.tune_steps
+    if tune_steps is None:
+        tune_steps = TUNE_EPOCHS[space] * task.steps_per_epoch()
     seed_everything(cfg.seed)
+    cells = CELLS[space]
+    decisions = plan(cells, cfg.seed, cfg.order)
+    plan_doc = json.dumps([dataclasses.astuple(d) for d in decisions])
     records: list[dict] = []
     if state is not None:
         if state["search_step"] != saved["step"]:
@@ -370,15 +389,18 @@ def run_pt(cfg: PTConfig) -> tuple[Genotype | None, list[dict]]:
                 f"{state_path}: started on the search at step {state['search_step']}, but "
                 f"its checkpoint is now at step {saved['step']}; delete it to start again"
             )
+        if state.get("plan") != plan_doc:
+            raise ConfigError(
+                f"{state_path}: started by an older fastdarts, which orders the decisions "
+                "otherwise; delete it to start again"
+            )
         task.load_state_dict(state["task"])
         supernet.epoch = state["epoch"]
         records = json.loads(state["records"])
         set_rng_state(state["rng"])
     else:
         supernet.restart_optimizer()
-    cells = CELLS[space]
     selector = Selector(supernet.arch, cells, supernet.evaluate, PRIMITIVES[space], crit)
-    decisions = plan(cells, cfg.seed, cfg.order)
     for done in decisions[: len(records)]:
         supernet.hold(done.alpha, decided_rows(done, cells))
     bar = tqdm(total=len(decisions), initial=len(records), desc="DARTS-PT", disable=None)
@@ -387,12 +409,13 @@ def run_pt(cfg: PTConfig) -> tuple[Genotype | None, list[dict]]:
             break
         record = selector.decide(decisions[i])
         supernet.hold(decisions[i].alpha, decided_rows(decisions[i], cells))
-        if i + 1 < len(decisions):
+        if i + 1 < len(decisions) and decisions[i + 1].round != decisions[i].round:
             supernet.tune(tune_steps)
         records.append(record)
         state = {
             "kind": STATE_KIND,
             "settings": cfg.trajectory(),
+            "plan": plan_doc,
             "search_step": saved["step"],
             "task": task.state_dict(),
             "epoch": supernet.epoch,
