@@ -337,20 +337,27 @@ def test_cifar_tree(tmp_path: Path, no_download: None) -> None:
 
 
 def test_cifar_get_refuses_indices_outside_the_split(tmp_path: Path) -> None:
-    """Only 0..len-1: a negative index is refused like one past the end (not Python's wrap
-    to the last image), before anything is decoded, in the lazy tree and the binary batches
-    alike."""
+    """Only integers in 0..len-1: a negative index is refused like one past the end (not
+    Python's wrap to the last image), before anything is decoded, in the lazy tree and the
+    binary batches alike."""
     images = torch.arange(4 * 3 * 32 * 32).reshape(4, 3, 32, 32).to(torch.uint8)
     split = cifar.CIFAR10Split(images, torch.tensor([3, 1, 4, 1]))
     got, labels = split.get([3, 0])
     assert torch.equal(got, images[[3, 0]]) and labels.tolist() == [1, 3]
     missing = [str(tmp_path / f"{i}.jpg") for i in range(4)]  # decoding any would fail
     lazy = cifar.CIFAR10Split(torch.empty_like(images), torch.tensor([3, 1, 4, 1]), missing)
-    for bad in ([-1], [0, -4], [4], torch.tensor([[1, -1]])):
-        for data in (split, lazy):
+    outside = ([-1], [0, -4], [4], torch.tensor([[1, -1]]))
+    # A mask or floats would otherwise read images 0/1 or truncate.
+    not_integers = (torch.tensor([False, True, False, True]), [1.7], torch.tensor([0.0]))
+    for data in (split, lazy):
+        for bad in outside:
             with pytest.raises(IndexError, match=r"indices must lie in \[0, 4\)"):
                 data.get(bad)
+        for bad in not_integers:
+            with pytest.raises(IndexError, match="indices must be integers"):
+                data.get(bad)
     assert not lazy._decoded.any()
+    assert split.get([])[0].shape == (0, 3, 32, 32)
 
 
 def test_cifar_tree_search_halves_hold_every_class_equally(tmp_path: Path) -> None:

@@ -62,7 +62,12 @@ class CIFAR10Split:
 
     def get(self, indices: Sequence[int] | Tensor) -> tuple[Tensor, Tensor]:
         """Images and labels at ``indices``."""
-        idx = torch.as_tensor(indices, dtype=torch.int64).reshape(-1)
+        idx = torch.as_tensor(indices)
+        kind = idx.dtype
+        if idx.numel() and (kind == torch.bool or kind.is_floating_point or kind.is_complex):
+            # A mask or a float would be read as the indices 0/1 or truncated.
+            raise IndexError(f"CIFAR10Split.get: indices must be integers, got {kind}")
+        idx = idx.to(torch.int64).reshape(-1)
         if not bool(((idx >= 0) & (idx < len(self))).all()):
             raise IndexError(f"CIFAR10Split.get: indices must lie in [0, {len(self)})")
         missing = idx[~self._decoded[idx]].unique()
