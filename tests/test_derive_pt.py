@@ -750,3 +750,27 @@ def test_a_selection_started_by_an_older_plan_is_not_resumed(rnn_run, tmp_path, 
     code, _, err = derive_pt(capsys, run, *args, "--resume")
     assert code == 2 and err.count("\n") == 1
     assert "older fastdarts" in err and "delete it to start again" in err
+
+
+def test_a_cuda_graphs_search_is_tuned_eagerly(tmp_path, capsys, monkeypatch):
+    """The held α rows change with every decision, which a captured step would not see: a
+    search run with --cuda-graphs (on a GPU; its checkpoint says so here) is tuned without."""
+    run = tmp_path / "run"
+    args = [*RNN_TINY, "--order", "1", "--max-steps", "1", "--out", str(run)]
+    assert search(args) == 0
+    saved = torch.load(run / "checkpoint.pt", weights_only=True)
+    saved["config"]["cuda_graphs"] = True
+    torch.save(saved, run / "checkpoint.pt")
+    tasks = []
+    init = TaskSupernet.__init__
+
+    def recording(self, task, *rest):
+        tasks.append(task)
+        init(self, task, *rest)
+
+    monkeypatch.setattr(TaskSupernet, "__init__", recording)
+    code, _, err = derive_pt(
+        capsys, run, "--eval-batches", "1", "--tune-steps", "1", "--max-decisions", "1"
+    )
+    assert code == 0, err
+    assert tasks[0].graphed is None and not tasks[0].cfg.cuda_graphs
