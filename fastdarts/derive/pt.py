@@ -317,7 +317,7 @@ class TaskSupernet:
         """``steps`` search steps (α, then weights), continuing the search's data order."""
         task = self.task
         task.model.train()
-        for _ in range(steps):
+        for _ in tqdm(range(steps), desc="fine-tuning", leave=False, disable=None):
             if task.epoch_done():
                 self.epoch += 1
                 task.begin_epoch(self.epoch)
