@@ -589,7 +589,8 @@ def test_pt_on_cnn_search_first_decisions(cnn_run, tmp_path, capsys):
     code, _, err = derive_pt(capsys, run, *args)
     assert code == 0, err
     decisions = json.loads((run / "pt_decisions.json").read_text())
-    assert [d["kind"] for d in decisions] == ["op", "op"]
+    assert [(d["round"], d["kind"]) for d in decisions] == [(0, "op"), (0, "op")]
+    assert [d["alpha"] for d in decisions] == ["alphas_normal", "alphas_reduce"]
     assert all(len(d["scores"]) == 7 and "acc" in d["scores"][0] for d in decisions)
     state = torch.load(run / STATE_FILE, weights_only=True)
     projected = 0

@@ -213,6 +213,7 @@ class Selector:
                         alpha.data[e] = one_hot(alpha.data[e], self.none)
         names = [self.primitives[k] for k in candidates] if decision.kind == "op" else candidates
         return {
+            "round": decision.round,
             "kind": decision.kind,
             "alpha": decision.alpha,
             "index": decision.index,
