@@ -126,6 +126,23 @@ def cache_env(tmp_path_factory):
         os.environ["FASTDARTS_CACHE"] = old
 
 
+def assert_equal_state(a, b, where: str) -> None:
+    """Nested state (dicts, lists, tensors, numbers) equal exactly; ``where`` names it."""
+    assert type(a) is type(b), where
+    if isinstance(a, dict):
+        assert a.keys() == b.keys(), where
+        for key in a:
+            assert_equal_state(a[key], b[key], f"{where}.{key}")
+    elif isinstance(a, list | tuple):
+        assert len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert_equal_state(x, y, f"{where}[{i}]")
+    elif isinstance(a, torch.Tensor):
+        assert torch.equal(a, b), where
+    else:
+        assert a == b, where
+
+
 def snapshot(folder: Path) -> dict[str, bytes]:
     """Every file's bytes, to check that a failed command left earlier outputs intact."""
     return {p.name: p.read_bytes() for p in sorted(folder.iterdir()) if p.is_file()}

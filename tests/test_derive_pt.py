@@ -10,7 +10,7 @@ import shutil
 
 import pytest
 import torch
-from conftest import CNN_TINY, RNN_TINY
+from conftest import CNN_TINY, RNN_TINY, assert_equal_state
 
 from fastdarts.data import cifar
 from fastdarts.derive.__main__ import main as derive
@@ -113,6 +113,9 @@ def test_plan_decides_in_rounds_every_edge_then_every_node(space):
         sequential = [d.index for d in plan(cells, 3, "sequential") if d.alpha == name]
         assert sequential == list(range(shape.n_edges)) + wanted
     assert len(rounds) == {"rnn": 36 + 7, "cnn": 14 + 3}[space]
+    if space == "cnn":  # each cell draws its own order
+        normal, reduce = ([d.index for d in decisions if d.alpha == name] for name in cells)
+        assert normal != reduce
 
 
 def test_harm_key_orders_by_loss_or_by_accuracy_then_loss():
@@ -351,6 +354,13 @@ def test_pt_on_rnn_search_is_deterministic_and_resumes_exactly(rnn_run, tmp_path
     # The selection projected α onto the genotype; the search's own files are untouched.
     alpha = states[0]["task"]["model"]["alphas_recurrent"]
     assert derive_recurrent(alpha) == genotype
+    # Every node keeps the edge its decision chose: later tuning did not undo one.
+    shape = CELLS["rnn"]["alphas_recurrent"]
+    for record in decisions:
+        if record["kind"] == "edge":
+            (chosen,) = record["chosen"]
+            node = record["index"]
+            assert genotype.recurrent[node][1] == chosen - shape.edges_of(node).start, node
     assert torch.isinf(alpha).sum() == 36 * 4
     search_ckpt = torch.load(rnn_run / "checkpoint.pt", weights_only=True)
     assert torch.isfinite(search_ckpt["task"]["model"]["alphas_recurrent"]).all()
@@ -686,11 +696,14 @@ def test_fine_tuning_restarts_the_weight_optimizer_at_a_tenth_of_the_lr(
     ],
 )
 def test_fine_tuning_steps_alpha_on_the_undecided_edges_only(
-    space, order, backend, cnn_run, tmp_path, capsys
+    space, order, backend, cnn_run, tmp_path, capsys, monkeypatch
 ):
-    """As DARTS-PT's code, tuning takes the search's α steps too (first or second order, on
-    either backend, through α rows of -inf): the undecided rows move, the decided ones stay
-    exactly where the decisions put them, and Adam's state stays finite."""
+    """As DARTS-PT's code, tuning takes α steps too, first order after a search of either
+    order (on either backend, through α rows of -inf), Adam's state carried on from the
+    search: the undecided rows move, the decided ones stay exactly where the decisions put
+    them, and Adam's state stays finite."""
+    from fastdarts.search.architect import Architect
+
     if backend == "fused" and unavailable_reason() is not None:
         pytest.skip("needs the C++ extension")
     run = tmp_path / "run"
@@ -699,10 +712,20 @@ def test_fine_tuning_steps_alpha_on_the_undecided_edges_only(
     if space == "cnn":
         args += ["--data", json.loads((cnn_run / "config.json").read_text())["data"]]
     assert search(args) == 0
+    orders, alpha_step = [], Architect.step
+
+    def recording(self, *args, **kwargs):
+        orders.append(self.order)
+        return alpha_step(self, *args, **kwargs)
+
+    monkeypatch.setattr(Architect, "step", recording)
     code, _, err = derive_pt(
         capsys, run, "--eval-batches", "1", "--tune-steps", "2", "--max-decisions", "3"
     )
     assert code == 0, err
+    planned = plan(CELLS[space], seed=0)
+    tunings = sum(planned[i + 1].round != planned[i].round for i in range(3))
+    assert orders == [1] * 2 * tunings
     decisions = json.loads((run / "pt_decisions.json").read_text())
     state = torch.load(run / STATE_FILE, weights_only=True)["task"]
     searched = torch.load(run / "checkpoint.pt", weights_only=True)["task"]["model"]
@@ -716,6 +739,7 @@ def test_fine_tuning_steps_alpha_on_the_undecided_edges_only(
             else:
                 assert torch.isfinite(alpha[e]).all() and not torch.equal(alpha[e], before[e]), e
     for moments in state["arch_optimizer"]["state"].values():
+        assert float(moments["step"]) == 1 + 2 * tunings  # the search's step, then tuning's
         assert torch.isfinite(moments["exp_avg"]).all()
         assert torch.isfinite(moments["exp_avg_sq"]).all()
 
@@ -737,6 +761,9 @@ def test_default_tuning_between_rounds(
     assert code == 0, err
     assert [steps for steps, _ in seen] == [epochs * per_epoch for _, per_epoch in seen]
     assert len(seen) == rounds and seen[0][1] > 1
+    # The state records the length taken, so a resume under another default is refused.
+    settings = torch.load(run / STATE_FILE, weights_only=True)["settings"]
+    assert settings["tune_steps"] == seen[0][0]
 
 
 def test_a_selection_started_by_an_older_plan_is_not_resumed(rnn_run, tmp_path, capsys):
@@ -775,3 +802,19 @@ def test_a_cuda_graphs_search_is_tuned_eagerly(tmp_path, capsys, monkeypatch):
     )
     assert code == 0, err
     assert tasks[0].graphed is None and not tasks[0].cfg.cuda_graphs
+
+
+def test_pt_on_cnn_resumes_mid_round_exactly(cnn_run, tmp_path, capsys):
+    """Stopped inside a round (after the normal cell's decision), resumed: the same
+    decisions, weights, α and both optimisers' states (SGD momentum, Adam's moments) as
+    an uninterrupted selection."""
+    runs = [copy_run(cnn_run, tmp_path / name) for name in ("a", "b")]
+    args = ["--eval-batches", "1", "--tune-steps", "2"]
+    assert derive_pt(capsys, runs[0], *args, "--max-decisions", "4")[0] == 0
+    assert derive_pt(capsys, runs[1], *args, "--max-decisions", "3")[0] == 0
+    assert derive_pt(capsys, runs[1], *args, "--max-decisions", "4", "--resume")[0] == 0
+    name = "pt_decisions.json"
+    assert (runs[0] / name).read_text() == (runs[1] / name).read_text()
+    a, b = (torch.load(r / STATE_FILE, weights_only=True) for r in runs)
+    assert_equal_state(a, b, "state")
+    assert len(a["task"]["weight_optimizer"]["state"]) > 0  # momentum buffers were compared

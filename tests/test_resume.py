@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import CNN_TINY, REPO, RNN_TINY
+from conftest import CNN_TINY, REPO, RNN_TINY, assert_equal_state
 
 from fastdarts.ops.extension import unavailable_reason
 from fastdarts.search.__main__ import main
@@ -46,26 +46,10 @@ def assert_same_run(a: dict, b: dict) -> None:
     assert a["model"].keys() == b["model"].keys()
     for name, tensor in a["model"].items():
         assert torch.equal(tensor, b["model"][name]), name
-    _assert_equal_state(a["task"], b["task"], "task")
+    assert_equal_state(a["task"], b["task"], "task")
     assert a["genotype"] == b["genotype"]
     assert a["alpha"] == b["alpha"]
     assert a["metrics"] == b["metrics"]
-
-
-def _assert_equal_state(a, b, where: str) -> None:
-    assert type(a) is type(b), where
-    if isinstance(a, dict):
-        assert a.keys() == b.keys(), where
-        for key in a:
-            _assert_equal_state(a[key], b[key], f"{where}.{key}")
-    elif isinstance(a, list | tuple):
-        assert len(a) == len(b), where
-        for i, (x, y) in enumerate(zip(a, b)):
-            _assert_equal_state(x, y, f"{where}[{i}]")
-    elif isinstance(a, torch.Tensor):
-        assert torch.equal(a, b), where
-    else:
-        assert a == b, where
 
 
 @pytest.mark.parametrize(

@@ -19,17 +19,25 @@ zero weight on an entry of -inf, and ``none`` contributes exactly zero to every 
   one-hot); removing an edge puts all its weight on ``none`` (its output is exactly 0).
 
 Fine-tuning takes the search's own steps, α then weights (its data order, dropout masks,
-backend, order), with the weight optimiser restarted at a tenth of the search's learning
-rate, as DARTS-PT's code does (it resets the optimiser at lr/10; its cosine schedule is made
-but never stepped, so the rate stays there). α goes on training on the undecided edges; the
-decided rows are held where the decisions put them (their gradient is exactly zero, but
-Adam's weight decay would move them: each α step puts them back).
+backend), as DARTS-PT's code does: first-order α steps whatever the search's order (its
+architect refuses second order there), the α optimiser's state carried on from the search,
+and the weight optimiser restarted at a tenth of the search's learning rate (it resets the
+optimiser at lr/10; its cosine schedule is made but never stepped, so the rate stays there).
+α goes on training on the undecided edges; the decided rows are held where the decisions
+put them (their gradient is exactly zero, but Adam's weight decay would move them: each α
+step puts them back).
 
 Fine-tuning lasts ``tune_steps`` steps; by default 5 epochs for the convolutional cell
 (``proj_intv`` in DARTS-PT's script for the DARTS space) and 1 for the recurrent one, which
 DARTS-PT did not search: its 36 edges make 43 rounds (the convolutional cells take 17).
 DARTS-PT's code also tunes an epoch after the last round, which changes no decision: here
-the selection ends there.
+the selection ends there. Other departures from that code: it measures on freshly
+augmented (crop, flip) and reshuffled validation batches, here the task's evaluation runs
+unaugmented batches in a fixed order (the same score for the same supernet); an accuracy
+tie goes to the lower index there, here to the higher loss; it removes a node's edges one
+by one, measuring again between removals (which changes nothing but the noise of its
+augmented measurements), here one measurement per edge keeps the ``k`` most harmful; its
+DARTS space leaves ``none`` out (7 ops), this one is DARTS's own (8).
 """
 
 from __future__ import annotations
@@ -346,9 +354,10 @@ def run_pt(cfg: PTConfig) -> tuple[Genotype | None, list[dict]]:
     for key in ("data", "device", "threads"):
         if getattr(cfg, key) is not None:
             settings[key] = getattr(cfg, key)
-    # Tuning steps eagerly: the α rows it holds change with every decision, which a
-    # captured graph would not see.
-    settings["cuda_graphs"] = False
+    # Tuning takes first-order α steps, as DARTS-PT's code does whatever the search took
+    # (its architect refuses second order there), and no captured graph: the α rows it holds
+    # change with every decision, which a graph would not see.
+    settings["order"], settings["cuda_graphs"] = 1, False
     search_cfg = SearchConfig(**settings).resolved()
     crit = cfg.crit or ("loss" if space == "rnn" else "acc")
     if crit not in ("loss", "acc") or (crit == "acc" and space == "rnn"):
@@ -359,7 +368,7 @@ def run_pt(cfg: PTConfig) -> tuple[Genotype | None, list[dict]]:
     state_path = run / STATE_FILE
     state = None
     if cfg.resume:
-        state = _read_state(state_path, cfg)
+        state = _read_state(state_path)
     elif state_path.exists():
         raise ConfigError(
             f"{state_path}: a selection was started here; pass --resume to continue it, or "
@@ -375,10 +384,9 @@ def run_pt(cfg: PTConfig) -> tuple[Genotype | None, list[dict]]:
     )
     task = TASKS[space](search_cfg, device, DTYPES[search_cfg.dtype], backend=backend)
     load_task_state(task, saved["task"], ran, backend, run / "checkpoint.pt")
+    if cfg.tune_steps is None:
+        cfg = dataclasses.replace(cfg, tune_steps=TUNE_EPOCHS[space] * task.steps_per_epoch())
     supernet = TaskSupernet(task, space, cfg.eval_batches)
-    tune_steps = cfg.tune_steps
-    if tune_steps is None:
-        tune_steps = TUNE_EPOCHS[space] * task.steps_per_epoch()
     seed_everything(cfg.seed)
     cells = CELLS[space]
     decisions = plan(cells, cfg.seed, cfg.order)
@@ -394,6 +402,11 @@ def run_pt(cfg: PTConfig) -> tuple[Genotype | None, list[dict]]:
             raise ConfigError(
                 f"{state_path}: started by an older fastdarts, which orders the decisions "
                 "otherwise; delete it to start again"
+            )
+        if state["settings"] != cfg.trajectory():
+            theirs = ", ".join(f"{k}={v!r}" for k, v in state["settings"].items())
+            raise ConfigError(
+                f"{state_path}: started with other settings ({theirs}); resume with those"
             )
         task.load_state_dict(state["task"])
         supernet.epoch = state["epoch"]
@@ -411,7 +424,7 @@ def run_pt(cfg: PTConfig) -> tuple[Genotype | None, list[dict]]:
         record = selector.decide(decisions[i])
         supernet.hold(decisions[i].alpha, decided_rows(decisions[i], cells))
         if i + 1 < len(decisions) and decisions[i + 1].round != decisions[i].round:
-            supernet.tune(tune_steps)
+            supernet.tune(cfg.tune_steps)
         records.append(record)
         state = {
             "kind": STATE_KIND,
@@ -437,13 +450,10 @@ def run_pt(cfg: PTConfig) -> tuple[Genotype | None, list[dict]]:
     return genotype, records
 
 
-def _read_state(path: Path, cfg: PTConfig) -> dict:
+def _read_state(path: Path) -> dict:
     if not path.is_file():
         raise ConfigError(f"--resume: no {STATE_FILE} in {path.parent} to resume from")
     state = load_state_file(path, "DARTS-PT state")
     if not isinstance(state, dict) or state.get("kind") != STATE_KIND:
         raise ConfigError(f"{path}: not a DARTS-PT state file")
-    if state["settings"] != cfg.trajectory():
-        theirs = ", ".join(f"{k}={v!r}" for k, v in state["settings"].items())
-        raise ConfigError(f"{path}: started with other settings ({theirs}); resume with those")
     return state
