@@ -281,7 +281,7 @@ class TaskSupernet:
         self.task, self.space, self.eval_batches = task, space, eval_batches
         self.epoch = 0  # fine-tuning epochs begun (the data order's epoch index)
         self.arch = dict(task.model.named_arch_parameters())
-        # Per α matrix: which rows are decided (E, 1), and α when the last was (E, K).
+        # Per α matrix: which rows are decided (E, 1), and α as the latest decision left it.
         self.held = {
             name: torch.zeros(len(a), 1, dtype=torch.bool, device=a.device)
             for name, a in self.arch.items()
